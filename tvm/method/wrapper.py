@@ -1,0 +1,92 @@
+"""The trainable network: a DiT plus precision, parametrisation and the loss forward.
+
+``TVMWrapper`` holds the DiT as ``self.model``, so its state dict has the authors' keys
+(``model.blocks.0.attn.qkv.weight`` …, TVM.md §9.3). Its ``forward`` computes the per-sample
+loss terms, so that under DDP the JVP, the teacher call and both terms run inside the
+DDP-wrapped forward (TVM.md §5.1 item 13).
+
+Precision (TVM.md §3.9): ``data_type="bf16"`` (or ``"fp16"``) runs every network call under
+CUDA autocast; ``"fp32"`` disables it. On a CPU the wrapper always computes in fp32. Inputs are
+cast to the parameters' dtype (fp32) before the network and outputs to the time tensor's dtype (fp32 in training, float64 in
+the sampler).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+from tvm.method.loss import loss_terms
+from tvm.method.times import StepDraws, apply_label_dropout
+from tvm.models.attention import BACKENDS
+from tvm.models.dit import DiT
+
+DATA_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class TVMWrapper(nn.Module):
+    """DiT + autocast + scaled parametrisation + the TVM loss forward.
+
+    Args:
+        model: the :class:`~tvm.models.dit.DiT`.
+        data_type: ``"bf16"``, ``"fp16"`` or ``"fp32"`` (autocast dtype on CUDA).
+        do_scale_param: κ = w (the paper's scaled parametrisation) instead of 1.
+        detach_jvp: stop the gradient through the tangent ∂_s F (paper's runtime variant).
+        attn_backend: attention for plain forwards (``"sdpa"``).
+        jvp_attn_backend: attention inside the JVP (``"math"`` reference; ``"triton"`` on GPU).
+    """
+
+    def __init__(self, model: DiT, data_type: str = "bf16", do_scale_param: bool = True,
+                 detach_jvp: bool = False, attn_backend: str = "sdpa", jvp_attn_backend: str = "math"):
+        super().__init__()
+        if data_type not in DATA_TYPES:
+            raise ValueError(f"unknown data_type {data_type!r}; allowed: {', '.join(DATA_TYPES)}")
+        for name, backend in (("attn_backend", attn_backend), ("jvp_attn_backend", jvp_attn_backend)):
+            if backend not in BACKENDS:
+                raise ValueError(f"unknown {name} {backend!r}; allowed: {', '.join(BACKENDS)}")
+        if jvp_attn_backend == "sdpa":
+            raise ValueError("jvp_attn_backend='sdpa' is not allowed: PyTorch's fused SDPA kernels have no "
+                             "forward-mode rule; use 'math' or 'triton'")
+        self.model = model
+        self.data_type = data_type
+        self.do_scale_param = do_scale_param
+        self.detach_jvp = detach_jvp
+        self.attn_backend = attn_backend
+        self.jvp_attn_backend = jvp_attn_backend
+
+    @property
+    def label_dim(self) -> int:
+        return self.model.num_classes
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """CUDA autocast in ``data_type``; a no-op for fp32 and on the CPU."""
+        if device.type != "cuda" or self.data_type == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=DATA_TYPES[self.data_type])
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, gap: torch.Tensor, labels: torch.Tensor | None = None,
+                 beta: torch.Tensor | None = None, attn_backend: str | None = None,
+                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``F_θ(x, t, gap, c, β)`` with inputs cast to the parameter dtype (fp32; float64 in
+        tests) and the output to ``out_dtype`` (default: t's dtype, as upstream)."""
+        dtype = self.model.pos_embed.dtype
+        with self.autocast(x.device):
+            out = self.model(
+                x.to(dtype), t.to(dtype), gap.to(dtype), None if labels is None else labels.to(dtype),
+                None if beta is None else beta.to(dtype), attn_backend=attn_backend or self.attn_backend)
+        return out.to(out_dtype or t.dtype)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None, draws: StepDraws,
+                teacher: "TVMWrapper") -> dict[str, torch.Tensor]:
+        """Per-sample loss terms for a batch (TVM.md §1.4); label dropout from ``draws``.
+
+        Args:
+            x: encoded data ``[B, C, R, R]``; labels one-hot ``[B, K]`` or None.
+            draws: this batch's slice of the step's random draws.
+            teacher: the target EMA (called without gradient, in eval mode).
+        Returns:
+            ``{"terminal", "fm", "loss"}``, each ``[B]`` fp32.
+        """
+        labels, beta = apply_label_dropout(labels, draws.beta, draws.drop)
+        return loss_terms(self, teacher, x, draws.noise, draws.t, draws.s, draws.s_prime, labels, beta)

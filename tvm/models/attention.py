@@ -1,0 +1,69 @@
+"""The model's single attention entry point, with a backend switch (TVM.md §3.5, §3.10).
+
+Backends (all take and return ``[B, H, N, D]``):
+
+* ``"math"``   explicit ``softmax(q kᵀ / √D) v``; the reference. It works under
+  ``torch.func.jvp`` and double backward on every device, at O(N²) memory.
+* ``"sdpa"``   ``torch.nn.functional.scaled_dot_product_attention``: the fast path for calls that
+  need no JVP (teacher, flow-matching forward, sampling). PyTorch's fused SDPA kernels have no
+  forward-mode rule, so it must not be used inside ``torch.func.jvp``.
+* ``"triton"`` the fused Triton attention whose forward-mode rule computes the tangent in the same
+  pass and whose backward runs through primal and tangent (``kernels.op.attention_jvp``); CUDA
+  only (or the Triton interpreter).
+
+Upstream casts q, k, v to bf16 before its JVP kernel even in fp32 mode; we never do: in fp32
+mode everything stays fp32. Under autocast, q and k leave the QK-norm in whatever dtype the
+torch version's autocast rule for ``rms_norm`` gives, so the Triton path casts q, k, v to the
+autocast dtype (the kernel needs one operand dtype), as TVM.md §3.9 prescribes.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("math", "sdpa", "triton")
+
+
+def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ·c) v with c = 1/√D, computed with differentiable primitives.
+
+    Under autocast the two matmuls run in the autocast dtype and the softmax in fp32 (its
+    autocast rule), which is the "math attention (fp32 softmax)" reference of the benchmarks.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, v)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
+    """Scaled dot-product attention of ``[B, H, N, D]`` tensors with the default scale 1/√D.
+
+    Args:
+        q, k, v: ``[B, H, N, D]``.
+        backend: one of :data:`BACKENDS`.
+    Returns:
+        ``[B, H, N, D]``.
+    """
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v)
+    if backend == "math":
+        return attention_math(q, k, v)
+    if backend == "triton":
+        from kernels.op import attention_jvp
+
+        dtype = _autocast_dtype(q.device.type)
+        if dtype is not None:
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        else:
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        return attention_jvp(q, k, v)
+    raise ValueError(f"unknown attention backend {backend!r}; allowed: {', '.join(BACKENDS)}")

@@ -1,0 +1,379 @@
+"""DiT with TVM's "semi-Lipschitz" changes (TVM.md §3).
+
+Changes from the original DiT: RMSNorm without affine instead of LayerNorm, QK-norm, RMS
+normalisation of every adaLN modulation chunk ("mod-norm", gates included), spectral
+initialisation of the linear layers, and two extra timestep embedders: one for the gap t − s
+(called ``s_embedder`` for compatibility with the authors' state dicts) and one for the
+guidance β = 1/w.
+
+Parameter names and shapes equal the authors' DiT (TVM.md §9.3), so their state dicts load
+with ``strict=True``. Forward semantics equal theirs: ``F(x, t, gap, labels, β)`` with one-hot
+labels whose all-zero rows mean the null class.
+
+Shapes: ``B`` batch, ``C`` channels, ``R`` resolution, ``p`` patch, ``G = R/p``, ``T = G²``
+tokens, ``D`` hidden size, ``H`` heads, ``d = D/H`` head dim.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tvm.models.attention import attention
+from tvm.models.init import initialize_dit
+
+RMS_EPS = 1e-6
+FREQ_DIM = 256  # sinusoidal feature size of every timestep embedder (TVM.md §3.2)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Width, depth and heads of a DiT variant (TVM.md §3.7)."""
+
+    hidden_size: int
+    depth: int
+    num_heads: int
+    patch_size: int = 2
+
+
+VARIANTS: dict[str, Variant] = {
+    "DiT-XL/2-18h": Variant(hidden_size=1152, depth=28, num_heads=18),
+    "DiT-XL/2": Variant(hidden_size=1152, depth=28, num_heads=16),
+    "DiT-L/2": Variant(hidden_size=1024, depth=24, num_heads=16),
+    "DiT-B/2": Variant(hidden_size=768, depth=12, num_heads=12),
+    "DiT-S/2": Variant(hidden_size=384, depth=12, num_heads=6),
+}
+# The authors' class names (configs' ``network.model_type``) map to the same entries.
+VARIANT_ALIASES: dict[str, str] = {
+    "DiT_XL_2_18h": "DiT-XL/2-18h",
+    "DiT_XL_2": "DiT-XL/2",
+    "DiT_L_2": "DiT-L/2",
+    "DiT_B_2": "DiT-B/2",
+    "DiT_S_2": "DiT-S/2",
+}
+
+
+def resolve_variant(name: str) -> Variant:
+    """Look a variant up by our name or the authors' class name; ValueError if unknown."""
+    key = VARIANT_ALIASES.get(name, name)
+    if key not in VARIANTS:
+        allowed = sorted(VARIANTS) + sorted(VARIANT_ALIASES)
+        raise ValueError(f"unknown model variant {name!r}; allowed: {', '.join(allowed)}")
+    return VARIANTS[key]
+
+
+# ------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def timestep_features(tau: torch.Tensor, dim: int = FREQ_DIM, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of raw scalars τ (TVM.md §3.2, §12 item 7).
+
+    ``[cos(τ f_k), sin(τ f_k)]_{k<dim/2}`` with ``f_k = exp(−ln(max_period)·k/(dim/2))``,
+    computed in float64 and cast to τ's dtype. τ is not rescaled (t, gap, β ∈ [0, 1]).
+
+    Args:
+        tau: ``[B]``.
+    Returns:
+        ``[B, dim]``.
+    """
+    half = dim // 2
+    k = torch.arange(half, dtype=torch.float64, device=tau.device)
+    freqs = torch.exp(-math.log(max_period) * k / half)
+    args = tau.to(torch.float64)[:, None] * freqs[None]
+    feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        feats = torch.cat([feats, torch.zeros_like(feats[:, :1])], dim=-1)
+    return feats.to(tau.dtype)
+
+
+def sincos_pos_embed_2d(hidden_size: int, grid_size: int) -> np.ndarray:
+    """Fixed 2-D sin-cos positional embedding, float64 ``[G², D]`` (TVM.md §3.3, §12 item 6).
+
+    For the token at row i, column j (row-major index ``i·G + j``) the first D/2 channels encode
+    the column j and the last D/2 the row i; each half is ``[sin(pos·ω), cos(pos·ω)]`` with
+    ``ω_k = 10000^{−k/(D/4)}``.
+    """
+    if hidden_size % 4:
+        raise ValueError(f"hidden size {hidden_size} must be divisible by 4 for the 2-D sin-cos embedding")
+    quarter = hidden_size // 4
+    omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
+    rows, cols = np.meshgrid(np.arange(grid_size, dtype=np.float64), np.arange(grid_size, dtype=np.float64), indexing="ij")
+
+    def encode(pos: np.ndarray) -> np.ndarray:
+        args = pos.reshape(-1)[:, None] * omega[None]
+        return np.concatenate([np.sin(args), np.cos(args)], axis=1)
+
+    return np.concatenate([encode(cols), encode(rows)], axis=1)
+
+
+def rms_normalize(x: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
+    """``x · rsqrt(mean(x²) + eps)`` over the last dim, no affine (the mod-norm, TVM.md §3.4).
+
+    Written with elementary ops so that autocast runs the square and rsqrt in fp32 and the
+    product promotes to fp32, as upstream's dtype flow does (TVM.md §3.9).
+    """
+    return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation ``x·(1 + scale) + shift``; x ``[B, T, D]``, shift/scale ``[B, D]``."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def label_indices(labels: torch.Tensor) -> torch.Tensor:
+    """Class index of one-hot rows; all-zero rows map to the null class (TVM.md §3.1 step 1).
+
+    ``argmax([c, 1 − Σc])`` over ``label_dim + 1`` columns: one-hot class k → k, zeros → label_dim.
+    Args:
+        labels: ``[B, label_dim]`` float.
+    Returns:
+        ``[B]`` int64.
+    """
+    null = 1 - labels.sum(dim=1, keepdim=True)
+    return torch.cat([labels, null], dim=1).argmax(dim=1)
+
+
+def _broadcast_batch(v: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+    """Flatten a time/guidance tensor to ``[B]``, repeating a leading-1 tensor (TVM.md §3.1 step 3)."""
+    v = v.reshape(-1) if v.dim() != 1 else v
+    if v.shape[0] == 1 and batch != 1:
+        v = v.expand(batch)
+    if v.shape[0] != batch:
+        raise ValueError(f"{name} has {v.shape[0]} entries; expected 1 or the batch size {batch}")
+    return v
+
+
+# ------------------------------------------------------------------------------------------
+# Modules (names follow the authors' state dict, TVM.md §9.3)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar → ``[B, D]``: sin-cos features then ``Linear(256→D) → SiLU → Linear(D→D)``."""
+
+    def __init__(self, hidden_size: int, freq_dim: int = FREQ_DIM):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, tau: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_features(tau, self.freq_dim))
+
+
+class LabelEmbedder(nn.Module):
+    """Class table with ``num_classes + 1`` rows; the last row is the null class."""
+
+    def __init__(self, num_classes: int, hidden_size: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(label_indices(labels))
+
+
+class PatchEmbed(nn.Module):
+    """``[B, C, R, R]`` → ``[B, T, D]`` by a stride-p convolution, tokens in row-major order."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"resolution {img_size} is not divisible by the patch size {patch_size}")
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.num_patches = (img_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with QK-norm (TVM.md §3.5)."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=RMS_EPS) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=RMS_EPS) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = attention(self.q_norm(q), self.k_norm(k), v, backend)  # [B, H, T, d]
+        return self.proj(out.transpose(1, 2).reshape(B, T, D))
+
+
+class Mlp(nn.Module):
+    """``fc1 (D→4D) → GELU(tanh) → dropout → fc2 (4D→D) → dropout``."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.dropout(F.gelu(self.fc1(x), approximate="tanh"), self.dropout, self.training)
+        return F.dropout(self.fc2(h), self.dropout, self.training)
+
+
+class DiTBlock(nn.Module):
+    """One DiT block with mod-norm'd adaLN (TVM.md §3.4)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True,
+                 mod_norm: bool = True, dropout: float = 0.0):
+        super().__init__()
+        self.mod_norm = mod_norm
+        self.attn = Attention(dim, num_heads, qk_norm=qk_norm)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, attn_backend: str) -> torch.Tensor:
+        m = self.adaLN_modulation(c).unflatten(-1, (6, -1))  # [B, 6, D]
+        if self.mod_norm:
+            m = rms_normalize(m)
+        shift1, scale1, gate1, shift2, scale2, gate2 = m.unbind(1)
+        D = x.shape[-1]
+        x = x + gate1[:, None] * self.attn(modulate(F.rms_norm(x, (D,), eps=RMS_EPS), shift1, scale1), attn_backend)
+        x = x + gate2[:, None] * self.mlp(modulate(F.rms_norm(x, (D,), eps=RMS_EPS), shift2, scale2))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """Mod-norm'd adaLN, RMSNorm, then ``Linear(D → p·p·C)`` (TVM.md §3.6)."""
+
+    def __init__(self, dim: int, patch_size: int, out_channels: int, mod_norm: bool = True):
+        super().__init__()
+        self.mod_norm = mod_norm
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        m = self.adaLN_modulation(c).unflatten(-1, (2, -1))
+        if self.mod_norm:
+            m = rms_normalize(m)
+        shift, scale = m.unbind(1)
+        return self.linear(modulate(F.rms_norm(x, (x.shape[-1],), eps=RMS_EPS), shift, scale))
+
+
+class DiT(nn.Module):
+    """The two-time, guidance-conditioned DiT ``F_θ(x, t, t − s, c, β)`` (TVM.md §3).
+
+    Args:
+        variant: a key of :data:`VARIANTS` or an authors' class name (e.g. ``"DiT_XL_2_18h"``).
+        input_size: latent (or pixel) resolution R.
+        in_channels: C.
+        num_classes: label width; 0 makes an unconditional model (its table holds only the null row).
+        mlp_ratio, qk_norm, mod_norm, learn_guidance, dropout: architecture switches; the
+            defaults are what upstream always runs (TVM.md §3.8).
+        init_type: ``"spectral"`` (default) or ``"xunif"``.
+        time_specinit: spectral init of the timestep embedders (paper Table 6; inert upstream).
+        patch_spectral: divide the patch-embed weight by its top singular value (upstream's
+            intent, lost to an aliasing bug; TVM.md §11 item 2). Default off = upstream result.
+        init: run the initialisation (skip on the meta device or before loading weights).
+    """
+
+    def __init__(self, variant: str = "DiT-XL/2-18h", input_size: int = 32, in_channels: int = 4,
+                 num_classes: int = 1000, *, mlp_ratio: float = 4.0, qk_norm: bool = True,
+                 mod_norm: bool = True, learn_guidance: bool = True, dropout: float = 0.0,
+                 init_type: str = "spectral", time_specinit: bool = False, patch_spectral: bool = False,
+                 init: bool = True, hidden_size: int | None = None, depth: int | None = None,
+                 num_heads: int | None = None, patch_size: int | None = None):
+        super().__init__()
+        spec = resolve_variant(variant)
+        D = hidden_size or spec.hidden_size
+        self.depth = depth or spec.depth
+        self.num_heads = num_heads or spec.num_heads
+        self.patch_size = p = patch_size or spec.patch_size
+        self.variant = variant
+        self.input_size = input_size
+        self.in_channels = self.out_channels = in_channels
+        self.num_classes = num_classes
+        self.hidden_size = D
+        self.learn_guidance = learn_guidance
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        # Registration order = upstream's (it fixes the RNG consumption of default inits).
+        self.s_embedder = TimestepEmbedder(D)
+        if learn_guidance:
+            self.guidance_embedder = TimestepEmbedder(D)
+        self.x_embedder = PatchEmbed(input_size, p, in_channels, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = LabelEmbedder(num_classes, D)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, D), requires_grad=False)
+        self.blocks = nn.ModuleList([
+            DiTBlock(D, self.num_heads, mlp_ratio, qk_norm=qk_norm, mod_norm=mod_norm, dropout=dropout)
+            for _ in range(self.depth)
+        ])
+        self.final_layer = FinalLayer(D, p, in_channels, mod_norm=mod_norm)
+        if init:
+            initialize_dit(self, init_type=init_type, time_specinit=time_specinit, patch_spectral=patch_spectral)
+
+    def unpatchify(self, y: torch.Tensor) -> torch.Tensor:
+        """``[B, T, p·p·C]`` with last-dim order (p_row, p_col, C) → ``[B, C, R, R]`` (TVM.md §3.6)."""
+        B = y.shape[0]
+        p, C = self.patch_size, self.out_channels
+        G = self.input_size // p
+        y = y.reshape(B, G, G, p, p, C).permute(0, 5, 1, 3, 2, 4)
+        return y.reshape(B, C, G * p, G * p)
+
+    def check_inputs(self, x: torch.Tensor, labels: torch.Tensor | None) -> None:
+        """ValueError naming the problem for a wrong input shape, dtype or label width."""
+        expected = (self.in_channels, self.input_size, self.input_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"x has shape {tuple(x.shape)}; expected [B, {expected[0]}, {expected[1]}, {expected[2]}]")
+        if not x.is_floating_point():
+            raise ValueError(f"x has dtype {x.dtype}; expected a floating-point tensor")
+        if labels is not None:
+            if labels.dim() != 2 or labels.shape[1] != self.num_classes:
+                raise ValueError(f"labels have shape {tuple(labels.shape)}; expected [B or 1, {self.num_classes}] "
+                                 "(one-hot rows; all-zero rows mean the null class)")
+            if labels.shape[0] not in (1, x.shape[0]):
+                raise ValueError(f"labels have {labels.shape[0]} rows for a batch of {x.shape[0]}")
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, gap: torch.Tensor, labels: torch.Tensor | None = None,
+                guidance: torch.Tensor | None = None, attn_backend: str = "sdpa") -> torch.Tensor:
+        """``F_θ(x, t, t − s, c, β)`` (TVM.md §3.1).
+
+        Args:
+            x: ``[B, C, R, R]``.
+            t: start time, ``[B]``, ``[1]`` or ``[B, 1, 1, 1]``.
+            gap: ``t − s``, same shapes as t.
+            labels: one-hot ``[B, num_classes]`` (or ``[1, num_classes]``, broadcast); all-zero
+                rows (and None) mean the null class.
+            guidance: β = 1/w, same shapes as t; None skips the guidance embedding.
+            attn_backend: see :mod:`tvm.models.attention`.
+        Returns:
+            ``[B, C, R, R]`` in the compute dtype.
+        """
+        self.check_inputs(x, labels)
+        B = x.shape[0]
+        if labels is None:
+            labels = x.new_zeros(1, self.num_classes)
+        if labels.shape[0] == 1 and B != 1:
+            labels = labels.expand(B, -1)
+        h = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(_broadcast_batch(t, B, "t")) + self.s_embedder(_broadcast_batch(gap, B, "gap"))
+        if self.learn_guidance and guidance is not None:
+            c = c + self.guidance_embedder(_broadcast_batch(guidance, B, "guidance"))
+        c = c + self.y_embedder(labels)
+        for block in self.blocks:
+            h = block(h, c, attn_backend)
+        return self.unpatchify(self.final_layer(h, c))
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts; total includes the frozen ``pos_embed``."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
