@@ -1,0 +1,379 @@
+"""The TVM training loop (TVM.md §5). Reads top to bottom: set-up, then one step, then the
+maintenance at the end of each tick.
+
+What differs from upstream, on purpose (TVM.md §11):
+
+* real gradient accumulation (``batch_gpu`` < batch/world gives the full-batch gradient);
+* each step's random draws are made for the global batch from a generator seeded by
+  (seed, step) and every rank/round takes its positions, like the data sampler: the run does
+  not depend on the number of GPUs or accumulation rounds, and resume is exact;
+* non-finite losses or gradients are never hidden: the step is skipped on device (fused AdamW's
+  ``found_inf``, EMA weight 1) on all ranks alike, counted, and the run stops after
+  ``max_nonfinite_in_row`` (or at once with ``nonfinite_policy=raise``), checked once per tick;
+* one checkpoint format with everything needed to resume, written atomically by rank 0;
+  a run directory that holds checkpoints resumes from the latest one;
+* the length is the paper's (300K iterations) and every tick has the same number of steps.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
+
+from tvm.config import to_container
+from tvm.eval.generate import generate_images, image_classes
+from tvm.eval.grid import save_image_grid
+from tvm.eval.metrics import MetricContext, compute_metric
+from tvm.method.times import StepDraws, draw_step
+from tvm.method.wrapper import TVMWrapper
+from tvm.models.dit import count_parameters
+from tvm.train import distributed
+from tvm.train.build import (build_dataset, build_network, build_optimizer, encoder_from_config, guidance,
+                             time_sampling)
+from tvm.train.checkpoint import CheckpointManager, load_checkpoint, module_state_dict
+from tvm.train.ema import make_ema, update_ema_
+from tvm.train.logging import RunLogger, binned_means, peak_memory_gb, reset_peak_memory, status_line
+from tvm.train.preemption import PreemptionHandler
+from tvm.train.stats import StatsCollector
+
+PEAK_FLOPS = {"cuda": 800e12}  # bf16 dense peak used for MFU (measured on the lent H100)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when non-finite losses/gradients exceed the configured policy."""
+
+
+@dataclass
+class Progress:
+    step: int = 0         # optimizer steps done
+    skipped: int = 0      # steps skipped for non-finite values
+    in_row: int = 0       # consecutive skipped steps at the last check
+
+    def state_dict(self, batch_size: int, steps_per_tick: int) -> dict[str, int]:
+        return {"step": self.step, "nimg": self.step * batch_size, "tick": self.step // steps_per_tick,
+                "skipped": self.skipped, "in_row": self.in_row}
+
+
+@dataclass
+class Batching:
+    """How a global batch is split: ``batch = world · batch_gpu · rounds`` (TVM.md §5.1 item 7)."""
+
+    batch: int
+    world: int
+    batch_gpu: int
+    rounds: int
+
+    @classmethod
+    def from_config(cls, batch: int, batch_gpu: int | None, world: int) -> "Batching":
+        if batch % world:
+            raise ValueError(f"training.batch_size={batch} is not divisible by the world size {world}")
+        per_rank = batch // world
+        batch_gpu = batch_gpu or per_rank
+        if per_rank % batch_gpu:
+            raise ValueError(f"training.batch_size={batch} is not divisible by world size × batch_gpu "
+                             f"= {world} × {batch_gpu}")
+        return cls(batch, world, batch_gpu, per_rank // batch_gpu)
+
+    def positions(self, rank: int, round_: int) -> torch.Tensor:
+        """Positions in the global batch of this rank's micro-batch: the sampler gives rank r the
+        stream positions ``r, r + W, …``, so round j holds ``r + W·(j·b + m)``, m < b."""
+        return rank + self.world * (round_ * self.batch_gpu + torch.arange(self.batch_gpu))
+
+
+def take(draws: StepDraws, index: torch.Tensor) -> StepDraws:
+    return StepDraws(*(getattr(draws, f)[index.to(getattr(draws, f).device)]
+                       for f in ("t", "s", "s_prime", "beta", "noise", "drop")))
+
+
+def resolve_run_dir(cfg: DictConfig) -> Path:
+    """One run, one directory: ``run_dir`` or ``<outputdir>/<name>``."""
+    return Path(cfg.run_dir) if cfg.run_dir else Path(cfg.outputdir) / cfg.name
+
+
+def set_backend_flags(cfg: DictConfig) -> None:
+    """TF32 and cuDNN flags (TVM.md §3.9)."""
+    torch.backends.cuda.matmul.allow_tf32 = cfg.training.enable_tf32
+    torch.backends.cudnn.allow_tf32 = cfg.training.enable_tf32
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+    torch.backends.cudnn.benchmark = cfg.training.cudnn_benchmark
+
+
+def infinite_batches(loader: torch.utils.data.DataLoader):
+    while True:
+        yield from loader
+
+
+def forward_flops(model: torch.nn.Module) -> float:
+    """FLOPs of one forward per image: 2 per multiply-add of the token-wise layers (patch embed,
+    qkv, proj, fc1, fc2, final linear) times the tokens, plus attention's 4·T²·D per block.
+    Per-image layers (embedders, adaLN) are negligible and left out. DiT-XL/2 at 256 px: 236 GFLOP."""
+    T = model.x_embedder.num_patches
+    token_params = model.x_embedder.proj.weight.numel() + model.final_layer.linear.weight.numel()
+    for block in model.blocks:
+        token_params += sum(layer.weight.numel() for layer in
+                            (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2))
+    return 2 * token_params * T + 4 * T * T * model.hidden_size * len(model.blocks)
+
+
+def step_flops(net: TVMWrapper, batch: int) -> float:
+    """≈ 11 forward-equivalents per image (JVP ≈ 3, teacher 2, FM forward 1, backward ≈ 5);
+    2.6 TFLOP per image for DiT-XL/2 at 256 px."""
+    return 11 * forward_flops(net.model) * batch
+
+
+@dataclass
+class RunState:
+    """Everything a checkpoint restores."""
+
+    net: TVMWrapper
+    ema: TVMWrapper
+    teacher: TVMWrapper
+    optimizer: torch.optim.Optimizer
+    progress: Progress
+
+
+def checkpoint_content(state: RunState, cfg: DictConfig, batch: int, steps_per_tick: int) -> dict[str, Any]:
+    return {"net": module_state_dict(state.net), "ema": module_state_dict(state.ema),
+            "ema_target": module_state_dict(state.teacher), "optimizer": state.optimizer.state_dict(),
+            "progress": state.progress.state_dict(batch, steps_per_tick), "config": to_container(cfg)}
+
+
+def restore(state: RunState, ckpt: dict[str, Any], weights_only: bool) -> None:
+    """Load a checkpoint into the run (``weights_only``: fine-tuning transfer of the EMA weights)."""
+    if weights_only:
+        for module in (state.net, state.ema, state.teacher):
+            module.load_state_dict(ckpt["ema"])
+        return
+    state.net.load_state_dict(ckpt["net"])
+    state.ema.load_state_dict(ckpt["ema"])
+    state.teacher.load_state_dict(ckpt["ema_target"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    progress = ckpt["progress"]
+    state.progress = Progress(progress["step"], progress.get("skipped", 0), progress.get("in_row", 0))
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train as configured; returns the final progress and last metrics (for tests)."""
+    # ---------------------------------------------------------------- set-up
+    dist = distributed.init_distributed()
+    device = dist.device
+    set_backend_flags(cfg)
+    tcfg = cfg.training
+    batching = Batching.from_config(tcfg.batch_size, tcfg.batch_gpu, dist.world_size)
+    steps_per_tick = max(1, round(tcfg.kimg_per_tick * 1000 / tcfg.batch_size))
+    total_steps = tcfg.total_ticks * steps_per_tick
+    if tcfg.max_steps is not None:
+        total_steps = min(total_steps, tcfg.max_steps)
+    if tcfg.nonfinite_policy not in ("skip", "raise"):
+        raise ValueError(f"training.nonfinite_policy must be 'skip' or 'raise', got {tcfg.nonfinite_policy!r}")
+    if tcfg.resume and tcfg.transfer:
+        raise ValueError("training.resume and training.transfer are mutually exclusive")
+    seed = distributed.shared_seed(tcfg.seed)
+    run_dir = resolve_run_dir(cfg)
+
+    dataset = build_dataset(cfg.dataset)
+    encoder = encoder_from_config(cfg.encoder)
+    channels = encoder.latent_channels(dataset.num_channels)
+    vae_on_pixels = channels == 4 and dataset.num_channels == 3  # latents are 8x smaller than RGB
+    resolution = dataset.resolution // 8 if vae_on_pixels else dataset.resolution
+    label_dim = dataset.label_dim if cfg.dataset.use_labels else 0
+
+    torch.manual_seed(seed)
+    net = build_network(cfg.network, resolution, channels, label_dim, device)
+    # DDP broadcasts rank 0's weights; the EMAs are copies made after that (TVM.md §1.5).
+    ddp = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
+        if dist.distributed else net
+    state = RunState(net, make_ema(net), make_ema(net), build_optimizer(cfg.optimizer, net.parameters(), device),
+                     Progress())
+    teacher = state.teacher if tcfg.ema_target_beta is not None else None
+    ckpts = CheckpointManager(run_dir, keep_last=tcfg.keep_last,
+                              snapshot_every_steps=tcfg.snapshot_ticks * steps_per_tick)
+    resumed_from = None
+    if tcfg.transfer:
+        restore(state, load_checkpoint(tcfg.transfer, require=("ema",)), weights_only=True)
+    elif tcfg.resume:
+        resumed_from = Path(tcfg.resume)
+        restore(state, load_checkpoint(resumed_from, require=("net", "ema", "ema_target", "optimizer")), False)
+    elif (found := ckpts.load_latest()) is not None:
+        resumed_from, ckpt = found
+        restore(state, ckpt, weights_only=False)
+    progress = state.progress
+    train_net = torch.compile(ddp) if cfg.network.compile else ddp
+
+    sampler = _make_sampler(len(dataset), dist, seed, progress.step * batching.batch)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batching.batch_gpu, sampler=sampler, num_workers=cfg.dataloader.num_workers,
+        pin_memory=cfg.dataloader.pin_memory and device.type == "cuda",
+        prefetch_factor=cfg.dataloader.prefetch_factor if cfg.dataloader.num_workers > 0 else None,
+        persistent_workers=cfg.dataloader.num_workers > 0)
+    batches = infinite_batches(loader)
+
+    logger = RunLogger(run_dir, dist.rank, wandb_mode=cfg.logger.mode, project=cfg.logger.project,
+                       entity=cfg.logger.entity, run_name=cfg.name, config_dict=to_container(cfg))
+    if dist.is_main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    total, trainable = count_parameters(net.model)
+    logger.log(f"run dir {run_dir}; {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable); world "
+               f"{dist.world_size} × batch_gpu {batching.batch_gpu} × {batching.rounds} rounds = {batching.batch}; "
+               f"{steps_per_tick} steps/tick; steps {progress.step} → {total_steps}"
+               + (f"; resumed from {resumed_from}" if resumed_from else ""))
+    times, guide = time_sampling(cfg.loss), guidance(cfg.loss)
+    sample_shape = (channels, resolution, resolution)
+    stats = StatsCollector(device)
+    skipped_dev = torch.zeros((), device=device)       # non-finite steps since the last check
+    in_row_dev = torch.full((), float(progress.in_row), device=device)
+    metric_ctx = MetricContext(encoder=encoder, device=device, seed=cfg.eval.seed, batch_size=64,
+                               detector_url=cfg.eval.detector_url, ref_stats=cfg.eval.ref_stats)
+    flops = step_flops(net, batching.batch)
+    peak = PEAK_FLOPS.get(device.type)
+    preempt = PreemptionHandler(device=device).install()
+    last_metrics: dict[str, float] = {}
+    if progress.step == 0 and tcfg.no_eval_before_tick <= 0 and tcfg.metrics:
+        last_metrics = _evaluate(state.ema, cfg, metric_ctx, logger, 0)
+    preempted = False
+    bar = logger.progress(total_steps, initial=progress.step)
+    tick_start, tick_step0, run_start = time.time(), progress.step, time.time()
+
+    # ---------------------------------------------------------------- the loop
+    while progress.step < total_steps:
+        gen = distributed.step_generator(seed, progress.step, device)
+        draws = draw_step(gen, batching.batch, sample_shape, times, guide, device)
+        net.train()
+        nonfinite_loss = torch.zeros((), device=device)
+        for round_ in range(batching.rounds):
+            images, labels = next(batches)
+            x = encoder.encode(images.to(device, non_blocking=True), generator=gen)
+            labels = labels.to(device) if label_dim else None
+            mine = take(draws, batching.positions(dist.rank, round_))
+            last_round = round_ == batching.rounds - 1
+            with ddp.no_sync() if dist.distributed and not last_round else contextlib.nullcontext():
+                terms = train_net(x, labels, mine, teacher if teacher is not None else net)
+                loss = terms["loss"]
+                nonfinite_loss = torch.maximum(nonfinite_loss, (~torch.isfinite(loss)).any().float())
+                (loss.sum() * (dist.world_size / batching.batch)).backward()
+            stats.report_binned("Loss/terminal_loss", terms["terminal"].detach(), mine.t.flatten())
+            stats.report_binned("Loss/fm_loss", terms["fm"].detach(), mine.t.flatten())
+        distributed.all_reduce_max_(nonfinite_loss)
+        skip = _clip_and_check(net, tcfg.max_grad_norm, nonfinite_loss, stats)
+        state.optimizer.found_inf = skip.float()
+        state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        update_ema_(state.ema, net, tcfg.ema_beta, skip)
+        if tcfg.ema_target_beta is not None:
+            update_ema_(state.teacher, net, tcfg.ema_target_beta, skip)
+        skipped_dev += skip.float()
+        in_row_dev = (in_row_dev + 1) * skip.float()
+        progress.step += 1
+        bar.update(1)
+
+        preempted = preempt.should_stop(progress.step, tcfg.preempt_check_steps)
+        done = progress.step >= total_steps or preempted
+        if progress.step % steps_per_tick and not done:
+            continue
+
+        # ------------------------------------------------------------ maintenance (end of a tick)
+        tick = progress.step // steps_per_tick
+        maint_start = time.time()
+        progress.skipped += int(skipped_dev.item())
+        progress.in_row = int(in_row_dev.item())
+        skipped_dev.zero_()
+        summary = stats.summarize()
+        steps_done = progress.step - tick_step0
+        elapsed = maint_start - tick_start
+        img_per_sec = steps_done * batching.batch / max(elapsed, 1e-9)
+        mfu = flops * steps_done / max(elapsed, 1e-9) / (peak * dist.world_size) if peak else None
+        losses = {"terminal": binned_means(summary, "Loss/terminal_loss"), "fm": binned_means(summary, "Loss/fm_loss")}
+        logger.log(status_line(tick=tick, kimg=progress.step * batching.batch / 1e3, step=progress.step,
+                               sec_per_kimg=elapsed / max(steps_done * batching.batch / 1e3, 1e-9),
+                               img_per_sec=img_per_sec, peak_mem_gb=peak_memory_gb(device), losses=losses, mfu=mfu,
+                               total_sec=time.time() - run_start, sec_per_tick=elapsed)
+                   + (f" skipped {progress.skipped}" if progress.skipped else ""))
+        logger.log_stats(summary, progress.step, tick=tick, img_per_sec=img_per_sec, skipped_steps=progress.skipped,
+                         **({"mfu": mfu} if mfu is not None else {}))
+        reset_peak_memory(device)
+        _check_nonfinite(tcfg, progress)
+
+        if dist.is_main and (tick % tcfg.ckpt_ticks == 0 or done):
+            ckpts.save(checkpoint_content(state, cfg, batching.batch, steps_per_tick), progress.step)
+        if tcfg.do_log_image and (tick % tcfg.sample_ticks == 0 or done) and not preempted:
+            _save_sample_grids(state.ema, encoder, cfg, run_dir, tick, logger, device)
+        if tcfg.metrics and not preempted and tick >= tcfg.no_eval_before_tick and (tick % tcfg.eval_ticks == 0 or done):
+            last_metrics = _evaluate(state.ema, cfg, metric_ctx, logger, progress.step)
+        distributed.barrier()
+        tick_start, tick_step0 = time.time(), progress.step
+        if preempted:
+            logger.log(f"stopping at step {progress.step} on {preempt.signal_name}: checkpoint written, "
+                       "the job can be requeued and will resume from it")
+            break
+    bar.close()
+    preempt.uninstall()
+    logger.close()
+    return {"progress": progress.state_dict(batching.batch, steps_per_tick), "metrics": last_metrics,
+            "run_dir": str(run_dir), "preempted": preempted}
+
+
+# ------------------------------------------------------------------------------ step helpers
+
+def _make_sampler(length: int, dist: distributed.DistContext, seed: int, start: int):
+    from tvm.data.datasets import InfiniteSampler
+
+    return InfiniteSampler(length, rank=dist.rank, world_size=dist.world_size, seed=seed, start_index=start)
+
+
+def _clip_and_check(net: TVMWrapper, max_norm: float | None, nonfinite_loss: torch.Tensor,
+                    stats: StatsCollector) -> torch.Tensor:
+    """Gradient norm (after the DDP all-reduce, so equal on all ranks), optional clipping, and the
+    skip flag ``non-finite loss on any rank or non-finite gradient`` as a 0-dim bool tensor."""
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+    if max_norm is not None:
+        torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+    stats.report("Loss/grad_norm", norm.detach().reshape(1))
+    return (~torch.isfinite(norm)) | (nonfinite_loss > 0)
+
+
+def _check_nonfinite(tcfg: DictConfig, progress: Progress) -> None:
+    """The non-finite policy, checked once per tick (one host sync)."""
+    if tcfg.nonfinite_policy == "raise" and progress.skipped:
+        raise NonFiniteLossError(f"{progress.skipped} step(s) had non-finite losses or gradients by step "
+                                 f"{progress.step} (training.nonfinite_policy=raise); nothing was applied")
+    if progress.in_row >= tcfg.max_nonfinite_in_row:
+        raise NonFiniteLossError(f"{progress.in_row} consecutive steps had non-finite losses or gradients "
+                                 f"(limit training.max_nonfinite_in_row={tcfg.max_nonfinite_in_row}) at step "
+                                 f"{progress.step}; the weights, EMAs and checkpoints hold no NaN")
+
+
+def _save_sample_grids(ema: TVMWrapper, encoder, cfg: DictConfig, run_dir: Path, tick: int, logger: RunLogger,
+                       device: torch.device) -> None:
+    """PNG grids from fixed noise and classes at every configured sampler (rank 0)."""
+    if not distributed.is_main():
+        return
+    n = cfg.training.num_samples
+    num_classes = ema.model.num_classes
+    classes = [i % num_classes for i in range(n)] if num_classes else None
+    for name, sampler_cfg in cfg.sampling.items():
+        images = generate_images(ema, encoder, list(range(n)), steps=sampler_cfg.num_steps,
+                                 cfg=sampler_cfg.cfg_scale, seed=cfg.eval.seed, classes=classes, device=device)
+        path = save_image_grid(images, run_dir / "samples" / f"{name}-tick{tick:06d}.png",
+                               cols=min(n, num_classes) if num_classes else None,
+                               upscale=max(1, 64 // images.shape[-1]))
+        logger.log_images(f"samples/{name}", path, tick)
+
+
+def _evaluate(ema: TVMWrapper, cfg: DictConfig, ctx: MetricContext, logger: RunLogger, step: int) -> dict[str, float]:
+    """Every configured metric at every sampler; appended to ``metrics.jsonl`` by the logger."""
+    ema.eval()
+    results: dict[str, float] = {}
+    for metric in cfg.training.metrics:
+        for name, sampler_cfg in cfg.sampling.items():
+            values = compute_metric(metric, ema, ctx, sampler_cfg.num_steps, sampler_cfg.cfg_scale)
+            results |= {f"{name}_{metric}_{key}": value for key, value in values.items()}
+    logger.log("metrics at step {}: {}".format(step, ", ".join(f"{k} {v:.4g}" for k, v in results.items())))
+    logger.log_stats(results, step, kind="metrics")
+    return results
