@@ -1,0 +1,140 @@
+"""The training loop end to end on the digits (TVM.md §5; issue: accumulation, resume, DDP, bad input)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tvm.config import compose_config
+from tvm.train.checkpoint import CheckpointManager, load_checkpoint
+from tvm.train.loop import NonFiniteLossError, run
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICK = ["network.hidden_size=32", "network.depth=2", "network.num_heads=2", "training.batch_size=16",
+         "training.kimg_per_tick=0.032", "training.ckpt_ticks=1", "training.metrics=[]",
+         "training.do_log_image=false", "training.snapshot_ticks=1000"]
+
+
+def quick_config(run_dir: Path, *extra: str):
+    return compose_config("tiny", QUICK + [f"run_dir={run_dir}", *extra])
+
+
+def final_checkpoint(run_dir: Path) -> dict:
+    path = CheckpointManager(run_dir).latest()
+    assert path is not None, f"no checkpoint in {run_dir}"
+    return load_checkpoint(path)
+
+
+def assert_state_dicts_close(a: dict, b: dict, exact: bool = False, rtol: float = 1e-5, atol: float = 1e-6):
+    assert a.keys() == b.keys()
+    for key in a:
+        if exact:
+            assert torch.equal(a[key], b[key]), key
+        else:
+            torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol, msg=key)
+
+
+def test_run_writes_checkpoints_and_stats(tmp_path):
+    result = run(quick_config(tmp_path, "training.total_ticks=2"))
+    assert result["progress"]["step"] == 4  # 32 images per tick at batch 16 = 2 steps per tick
+    ckpt = final_checkpoint(tmp_path)
+    assert ckpt["progress"] == {"step": 4, "nimg": 64, "tick": 2, "skipped": 0, "in_row": 0}
+    assert {"net", "ema", "ema_target", "optimizer", "config"} <= ckpt.keys()
+    assert (tmp_path / "stats.jsonl").read_text().count("\n") == 2
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "log.txt").is_file()
+
+
+def test_gradient_accumulation_equals_the_full_batch(tmp_path):
+    run(quick_config(tmp_path / "full", "training.total_ticks=2"))
+    run(quick_config(tmp_path / "accum", "training.total_ticks=2", "training.batch_gpu=4"))
+    full, accum = final_checkpoint(tmp_path / "full"), final_checkpoint(tmp_path / "accum")
+    assert_state_dicts_close(full["net"], accum["net"])
+    assert_state_dicts_close(full["ema"], accum["ema"])
+
+
+def test_resume_is_exact(tmp_path):
+    run(quick_config(tmp_path / "straight", "training.total_ticks=3"))
+    run(quick_config(tmp_path / "resumed", "training.total_ticks=1"))
+    result = run(quick_config(tmp_path / "resumed", "training.total_ticks=3"))  # auto-resumes from the latest
+    assert result["progress"]["step"] == 6
+    straight, resumed = final_checkpoint(tmp_path / "straight"), final_checkpoint(tmp_path / "resumed")
+    for name in ("net", "ema", "ema_target"):
+        assert_state_dicts_close(straight[name], resumed[name], exact=True)
+    stats = [(tmp_path / d / "stats.jsonl").read_text().splitlines() for d in ("straight", "resumed")]
+    strip = lambda line: {k: v for k, v in __import__("json").loads(line).items() if "Loss" in k}  # noqa: E731
+    assert [strip(line) for line in stats[0]] == [strip(line) for line in stats[1]]
+
+
+def test_transfer_loads_weights_only(tmp_path):
+    run(quick_config(tmp_path / "src", "training.total_ticks=1"))
+    src = final_checkpoint(tmp_path / "src")
+    path = CheckpointManager(tmp_path / "src").latest()
+    result = run(quick_config(tmp_path / "dst", "training.total_ticks=1", f"training.transfer={path}",
+                              "optimizer.lr=0"))
+    assert result["progress"]["step"] == 2  # a fresh run: counters start at 0
+    dst = final_checkpoint(tmp_path / "dst")
+    for name in ("net", "ema", "ema_target"):  # lr = 0 keeps every copy at the transferred EMA weights
+        assert_state_dicts_close(dst[name], src["ema"], exact=True)
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch):
+    import tvm.train.loop as loop
+
+    real = loop.TVMWrapper.forward
+
+    def poisoned(self, x, labels, draws, teacher):
+        return real(self, x * float("nan"), labels, draws, teacher)
+
+    monkeypatch.setattr(loop.TVMWrapper, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match="consecutive steps had non-finite"):
+        run(quick_config(tmp_path, "training.total_ticks=3", "training.max_nonfinite_in_row=3"))
+    ckpt = final_checkpoint(tmp_path)  # written at tick 1, before the policy stopped the run
+    assert ckpt["progress"]["skipped"] == 2
+    for name in ("net", "ema", "ema_target"):
+        assert all(torch.isfinite(v).all() for v in ckpt[name].values())
+    fresh = run(quick_config(tmp_path / "fresh", "training.total_ticks=0"))
+    assert fresh["progress"]["step"] == 0
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["dataset.class_name=tvm.data.datasets.ImageFolderDataset", "dataset.path=/nonexistent/data.zip"],
+     "/nonexistent/data.zip"),
+    (["dataset.class_name=tvm.data.datasets.ImageFolderDataset"], "dataset.path is not set"),
+    (["training.batch_size=10", "training.batch_gpu=4"], "not divisible by world size × batch_gpu"),
+    (["dataset.resolution=16"], "dataset resolution 8 does not match dataset.resolution=16"),
+    (["loss.cfg=0.5"], "cfg = 0.5 is not allowed"),
+    (["network.model_type=DiT-Q/2"], "unknown model variant 'DiT-Q/2'"),
+])
+def test_bad_input_fails_clearly_without_a_checkpoint(tmp_path, overrides, match):
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        run(quick_config(tmp_path, "training.total_ticks=1", *overrides))
+    assert not list(tmp_path.glob("checkpoint-*"))
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", "--config-name=tiny", "training.bogus_key=1",
+                           f"run_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "training.bogus_key" in proc.stderr
+    assert not list(tmp_path.glob("checkpoint-*"))
+
+
+def torchrun(nproc: int, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
+           "--config-name=tiny", *QUICK, f"run_dir={run_dir}", *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_equals_one_process(tmp_path):
+    for n in (1, 2):
+        proc = torchrun(n, tmp_path / f"w{n}", "training.total_ticks=2")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = final_checkpoint(tmp_path / "w1"), final_checkpoint(tmp_path / "w2")
+    assert_state_dicts_close(one["net"], two["net"])
+    assert_state_dicts_close(one["ema_target"], two["ema_target"])
