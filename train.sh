@@ -12,5 +12,6 @@ NGPUS=$1
 CONFIG=${2%.yaml}
 shift 2
 PORT=$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1]); s.close()')
-cd "$(dirname "$0")"
-exec torchrun --nnodes=1 --nproc_per_node="$NGPUS" --master_port="$PORT" train.py --config-name="$CONFIG" "$@"
+# No cd: relative paths in the overrides (dataset.path, outputdir) stay relative to the caller.
+exec torchrun --nnodes=1 --nproc_per_node="$NGPUS" --master_port="$PORT" "$(dirname "$0")/train.py" \
+  --config-name="$CONFIG" "$@"

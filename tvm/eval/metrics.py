@@ -3,6 +3,11 @@
 Each metric maps (network, encoder, sampler settings) to a dict of numbers; the registry below is
 explicit. Generation is sharded over ranks by image index (:mod:`tvm.eval.generate`), so the
 numbers do not depend on the number of GPUs.
+
+``fid50k_full`` (TVM.md §7.1) differs from upstream on purpose (TVM.md §11 item 15): class
+labels are uniform by default (``label_mode="empirical"`` draws them from the training set's
+label frequencies, as upstream), every image is seeded by its index rather than by rank, and the
+generated-set covariance is unbiased (:mod:`tvm.eval.fid`).
 """
 from __future__ import annotations
 
@@ -13,14 +18,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from tvm.eval.generate import generate_images, image_classes
+from tvm.eval import fid
+from tvm.eval.generate import decoded_resolution, generate_images, image_classes
 from tvm.method.wrapper import TVMWrapper
 from tvm.train import distributed
 
 
 @dataclass
 class MetricContext:
-    """What every metric needs besides the network."""
+    """What every metric needs besides the network. ``batch_size`` is the per-rank generation batch."""
 
     encoder: Any
     device: torch.device
@@ -62,7 +68,53 @@ def digits_metric(net: TVMWrapper, ctx: MetricContext, steps: int, cfg: float) -
     return {"frechet": metrics.frechet(images), "accuracy": metrics.accuracy(images, classes)}
 
 
-METRICS: dict[str, Callable[..., dict[str, float]]] = {"digits": digits_metric}
+@functools.cache
+def _detector(url_or_path: str, device: str) -> fid.Detector:
+    """The Inception detector, loaded once per process; rank 0 first (it may download the file),
+    so that a missing file fails on every rank with fid.py's message saying where to put it."""
+    error = None
+    if distributed.is_main():
+        try:
+            detector = fid.load_inception_detector(url_or_path, device=device)
+        except (OSError, ImportError, ValueError, RuntimeError) as exc:
+            error = exc
+    message = distributed.broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"rank 0 could not load the detector {url_or_path}: {message}")
+    if not distributed.is_main():
+        detector = fid.load_inception_detector(url_or_path, device=device)
+    return detector
+
+
+def fid50k_full_metric(net: TVMWrapper, ctx: MetricContext, steps: int, cfg: float) -> dict[str, float]:
+    """FID of ``ctx.num_images or 50000`` samples against ``ctx.ref_stats`` (TVM.md §7.1).
+
+    Image ``i`` has noise and class seeded by ``(ctx.seed, i)``; rank ``r`` of ``W`` generates the
+    indices ``i ≡ r (mod W)`` and :func:`tvm.eval.fid.compute_fid` gathers the features in index
+    order, so the value does not depend on the number of GPUs.
+    """
+    if not ctx.ref_stats:
+        raise ValueError("fid50k_full needs reference statistics: set eval.ref_stats to the authors' "
+                         "img256.pkl / img512.pkl or an .npz made by scripts/ref_stats.py")
+    if not ctx.detector_url:
+        raise ValueError("fid50k_full needs the Inception detector: set eval.detector_url to its URL or a local file")
+    ref = fid.load_ref_stats(ctx.ref_stats, expected_resolution=decoded_resolution(net, ctx.encoder))
+    detector = _detector(str(ctx.detector_url), str(ctx.device))
+    num_classes = net.model.num_classes
+
+    def generate(indices: range) -> torch.Tensor:
+        classes = image_classes(indices, num_classes, ctx.seed, ctx.label_mode, ctx.class_probs)
+        return generate_images(net, ctx.encoder, indices, steps=steps, cfg=cfg, seed=ctx.seed, classes=classes,
+                               batch_size=ctx.batch_size, device=ctx.device)
+
+    value = fid.compute_fid(generate, detector, ref, num_images=ctx.num_images or 50000, batch_size=ctx.batch_size,
+                            rank=distributed.get_rank(), world_size=distributed.get_world_size(), device=ctx.device)
+    return {"fid": value}
+
+
+METRICS: dict[str, Callable[..., dict[str, float]]] = {"digits": digits_metric, "fid50k_full": fid50k_full_metric}
 
 
 def compute_metric(name: str, net: TVMWrapper, ctx: MetricContext, steps: int, cfg: float) -> dict[str, float]:

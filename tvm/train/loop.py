@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
@@ -29,14 +30,15 @@ from torch.nn.parallel import DistributedDataParallel
 from tvm.config import to_container
 from tvm.eval.generate import generate_images, image_classes
 from tvm.eval.grid import save_image_grid
-from tvm.eval.metrics import MetricContext, compute_metric
+from tvm.eval.metrics import METRICS, MetricContext, compute_metric
 from tvm.method.times import StepDraws, draw_step
 from tvm.method.wrapper import TVMWrapper
 from tvm.models.dit import count_parameters
 from tvm.train import distributed
 from tvm.train.build import (build_dataset, build_network, build_optimizer, encoder_from_config, guidance,
                              time_sampling)
-from tvm.train.checkpoint import CheckpointManager, load_checkpoint, module_state_dict
+from tvm.train.checkpoint import (CheckpointManager, capture_rng_state, load_checkpoint, module_state_dict,
+                                  restore_rng_state)
 from tvm.train.ema import make_ema, update_ema_
 from tvm.train.logging import RunLogger, binned_means, peak_memory_gb, reset_peak_memory, status_line
 from tvm.train.preemption import PreemptionHandler
@@ -138,10 +140,16 @@ class RunState:
     progress: Progress
 
 
-def checkpoint_content(state: RunState, cfg: DictConfig, batch: int, steps_per_tick: int) -> dict[str, Any]:
+def checkpoint_content(state: RunState, cfg: DictConfig, batch: int, steps_per_tick: int,
+                       data: dict[str, int]) -> dict[str, Any]:
+    """Everything to resume exactly. The data position is ``step · batch`` (the sampler's global
+    stream index) and each step's draws derive from (seed, step); the global RNG states are kept
+    for anything else that draws (e.g. dropout)."""
     return {"net": module_state_dict(state.net), "ema": module_state_dict(state.ema),
             "ema_target": module_state_dict(state.teacher), "optimizer": state.optimizer.state_dict(),
-            "progress": state.progress.state_dict(batch, steps_per_tick), "config": to_container(cfg)}
+            "progress": state.progress.state_dict(batch, steps_per_tick),
+            "sampler": {"index": state.progress.step * batch}, "rng": capture_rng_state(),
+            "config": to_container(cfg), "data": data}
 
 
 def restore(state: RunState, ckpt: dict[str, Any], weights_only: bool) -> None:
@@ -156,6 +164,8 @@ def restore(state: RunState, ckpt: dict[str, Any], weights_only: bool) -> None:
     state.optimizer.load_state_dict(ckpt["optimizer"])
     progress = ckpt["progress"]
     state.progress = Progress(progress["step"], progress.get("skipped", 0), progress.get("in_row", 0))
+    if "rng" in ckpt:
+        restore_rng_state(ckpt["rng"])
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -172,6 +182,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         total_steps = min(total_steps, tcfg.max_steps)
     if tcfg.nonfinite_policy not in ("skip", "raise"):
         raise ValueError(f"training.nonfinite_policy must be 'skip' or 'raise', got {tcfg.nonfinite_policy!r}")
+    if cfg.network.data_type == "fp16":
+        raise ValueError("network.data_type=fp16 is not supported for training (it needs loss scaling); use bf16 "
+                         "on GPUs or fp32")
     if tcfg.resume and tcfg.transfer:
         raise ValueError("training.resume and training.transfer are mutually exclusive")
     seed = distributed.shared_seed(tcfg.seed)
@@ -183,6 +196,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     vae_on_pixels = channels == 4 and dataset.num_channels == 3  # latents are 8x smaller than RGB
     resolution = dataset.resolution // 8 if vae_on_pixels else dataset.resolution
     label_dim = dataset.label_dim if cfg.dataset.use_labels else 0
+    data_facts = {"resolution": resolution, "channels": channels, "label_dim": label_dim}
+    for metric in tcfg.metrics:
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r} in training.metrics; allowed: {', '.join(METRICS)}")
+    if "fid50k_full" in tcfg.metrics and not cfg.eval.ref_stats:
+        raise ValueError("training.metrics has fid50k_full but eval.ref_stats is not set (reference statistics, "
+                         "e.g. dataset-refs/img256.pkl or one made by scripts/ref_stats.py)")
 
     torch.manual_seed(seed)
     net = build_network(cfg.network, resolution, channels, label_dim, device)
@@ -228,7 +248,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     stats = StatsCollector(device)
     skipped_dev = torch.zeros((), device=device)       # non-finite steps since the last check
     in_row_dev = torch.full((), float(progress.in_row), device=device)
-    metric_ctx = MetricContext(encoder=encoder, device=device, seed=cfg.eval.seed, batch_size=64,
+    metric_ctx = MetricContext(encoder=encoder, device=device, seed=cfg.eval.seed,
+                               batch_size=max(1, cfg.eval.batch_size // dist.world_size),
+                               num_images=cfg.eval.num_images, label_mode=cfg.eval.label_mode,
+                               class_probs=_class_frequencies(dataset) if cfg.eval.label_mode == "empirical" else None,
                                detector_url=cfg.eval.detector_url, ref_stats=cfg.eval.ref_stats)
     flops = step_flops(net, batching.batch)
     peak = PEAK_FLOPS.get(device.type)
@@ -300,7 +323,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         _check_nonfinite(tcfg, progress)
 
         if dist.is_main and (tick % tcfg.ckpt_ticks == 0 or done):
-            ckpts.save(checkpoint_content(state, cfg, batching.batch, steps_per_tick), progress.step)
+            ckpts.save(checkpoint_content(state, cfg, batching.batch, steps_per_tick, data_facts), progress.step)
         if tcfg.do_log_image and (tick % tcfg.sample_ticks == 0 or done) and not preempted:
             _save_sample_grids(state.ema, encoder, cfg, run_dir, tick, logger, device)
         if tcfg.metrics and not preempted and tick >= tcfg.no_eval_before_tick and (tick % tcfg.eval_ticks == 0 or done):
@@ -319,6 +342,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ step helpers
+
+def _class_frequencies(dataset) -> np.ndarray:
+    """Label frequencies of the training set (upstream's FID label distribution, TVM.md §7.1)."""
+    counts = sum(dataset.get_label(i) for i in range(len(dataset)))
+    return counts / counts.sum()
+
 
 def _make_sampler(length: int, dist: distributed.DistContext, seed: int, start: int):
     from tvm.data.datasets import InfiniteSampler

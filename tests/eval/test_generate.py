@@ -1,0 +1,206 @@
+"""Generation from checkpoints: loading, index sharding, scripts/generate.py (TVM.md §4, §11 item 12)."""
+from __future__ import annotations
+
+import importlib.util
+import multiprocessing
+import os
+import socket
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tvm.config import compose_config
+from tvm.data.encoders import PixelEncoder
+from tvm.eval import generate as gen
+from tvm.eval.checkpoints import data_facts, load_network_for_eval
+from tvm.train import distributed
+from tvm.train.checkpoint import CheckpointError, find_checkpoints, load_checkpoint
+from tvm.train.loop import run
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICK = ["network.hidden_size=32", "network.depth=2", "network.num_heads=2", "training.batch_size=16",
+         "training.kimg_per_tick=0.032", "training.metrics=[]", "training.do_log_image=false",
+         "training.total_ticks=1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run far faster on one thread, and do not stall when the machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_checkpoint(run_dir: Path, *extra: str) -> Path:
+    """One tick (2 steps) of the tiny digits run; returns its checkpoint."""
+    run(compose_config("tiny", QUICK + [f"run_dir={run_dir}", *extra]))
+    return find_checkpoints(run_dir)[0]
+
+
+@pytest.fixture(scope="module")
+def cond_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("cond"))
+
+
+@pytest.fixture(scope="module")
+def uncond_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("uncond"), "dataset.use_labels=false")
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("generate_script", ROOT / "scripts" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _read_pngs(folder: Path, indices) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(folder / f"{i:06d}.png")) for i in indices])
+
+
+# ------------------------------------------------------------------------------ parsing
+
+def test_index_ranges_and_classes() -> None:
+    assert gen.parse_index_ranges("0-3,10,20-21") == [0, 1, 2, 3, 10, 20, 21]
+    assert gen.parse_index_ranges("7") == [7]
+    for bad in ("5-2", "a-b", "1,,2", "0-3,2"):
+        with pytest.raises(ValueError):
+            gen.parse_index_ranges(bad)
+    assert gen.parse_classes("1,2,9", 10) == [1, 2, 9]
+    with pytest.raises(ValueError, match="outside"):
+        gen.parse_classes("10", 10)
+    with pytest.raises(ValueError, match="unconditional"):
+        gen.parse_classes("1", 0)
+    sampling = {"1_step": {"num_steps": 1, "cfg_scale": 2.0}, "4_step": {"num_steps": 4, "cfg_scale": 2.5}}
+    assert gen.default_cfg_scale(sampling, 4) == 2.5
+    assert gen.default_cfg_scale(sampling, 3) == 2.0
+    assert gen.default_cfg_scale({}, 1) == 1.0
+
+
+# ------------------------------------------------------------------------------ checkpoint loading
+
+def test_load_network_for_eval_uses_ema_and_infers_data_facts(cond_ckpt: Path, tmp_path: Path) -> None:
+    net, cfg, step = load_network_for_eval(cond_ckpt, ["network.attn_backend=math"])
+    ckpt = load_checkpoint(cond_ckpt)
+    assert step == ckpt["progress"]["step"] == 2
+    assert not net.training and not any(p.requires_grad for p in net.parameters())
+    assert net.attn_backend == "math" and cfg.network.attn_backend == "math"
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, ckpt["ema"][key]), key
+    assert "data" not in ckpt
+    facts = data_facts(ckpt)
+    assert (facts.resolution, facts.channels, facts.label_dim) == (8, 1, 10)
+    assert data_facts({**ckpt, "data": {"resolution": 4, "channels": 3, "label_dim": 0}}).resolution == 4
+    with pytest.raises(ValueError, match="override"):
+        load_network_for_eval(cond_ckpt, ["network.no_such_key=1"])
+
+
+def test_unreadable_checkpoint_names_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "checkpoint-00000001.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=str(bad)):
+        load_network_for_eval(bad)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_network_for_eval(tmp_path / "missing.pt")
+
+
+def test_upstream_pickle_goes_to_the_compat_loader(cond_ckpt: Path, tmp_path: Path, monkeypatch) -> None:
+    pkl = tmp_path / "network-snapshot-000100.pkl"
+    pkl.write_bytes(b"")
+    cfg = compose_config("tiny")
+    monkeypatch.setitem(sys.modules, "tvm.compat.upstream", None)
+    with pytest.raises(CheckpointError, match="tvm.compat.upstream"):
+        load_network_for_eval(pkl, config=cfg)
+    seen = {}
+    ours, _, _ = load_network_for_eval(cond_ckpt)
+
+    def load_upstream_network(path, config, device):
+        seen.update(path=path, config=config, device=device)
+        return ours
+
+    monkeypatch.setitem(sys.modules, "tvm.compat.upstream",
+                        types.SimpleNamespace(load_upstream_network=load_upstream_network))
+    with pytest.raises(ValueError, match="name the experiment config"):
+        load_network_for_eval(pkl)
+    net, got_cfg, step = load_network_for_eval(pkl, ["loss.cfg=2.0"], config=cfg)
+    assert net is ours and step is None and seen["path"] == pkl and seen["device"] == torch.device("cpu")
+    assert seen["config"].loss.cfg == got_cfg.loss.cfg == 2.0
+
+
+# ------------------------------------------------------------------------------ sharding
+
+def test_sharded_generation_equals_one_rank(cond_ckpt: Path, tmp_path: Path, monkeypatch) -> None:
+    """Two simulated ranks writing a PNG folder give the images of one rank (any batch size)."""
+    net, _, _ = load_network_for_eval(cond_ckpt)
+    encoder, indices = PixelEncoder(), [3, 4, 5, 6, 7, 10, 11]
+    reference = gen.generate_images(net, encoder, indices, steps=2, cfg=1.5, seed=5)
+    gen.generate_to(net, encoder, indices, tmp_path / "one", steps=2, cfg=1.5, seed=5, batch_size=64,
+                    progress=False)
+    monkeypatch.setattr(distributed, "get_world_size", lambda: 2)
+    for rank in (0, 1):
+        monkeypatch.setattr(distributed, "get_rank", lambda rank=rank: rank)
+        gen.generate_to(net, encoder, indices, tmp_path / "two", steps=2, cfg=1.5, seed=5, batch_size=2,
+                        progress=False)
+    one, two = _read_pngs(tmp_path / "one", indices), _read_pngs(tmp_path / "two", indices)
+    np.testing.assert_array_equal(one, reference[:, 0].numpy())
+    np.testing.assert_array_equal(one, two)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [f"{i:06d}.png" for i in indices]
+
+
+# ------------------------------------------------------------------------------ the script
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, argv: list[str]) -> None:
+    """A forked rank: the launcher's environment, then the script's main (exit code = its return)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    sys.exit(_script().main(argv))
+
+
+def test_generate_cli_png_and_npz_two_processes(cond_ckpt: Path, tmp_path: Path) -> None:
+    """Two CPU processes (gloo) write the .npz whose images one process writes as PNGs."""
+    args = ["--ckpt", str(cond_ckpt.parent), "--steps", "2", "--seeds", "0-4,9", "--classes", "1,7"]
+    assert _script().main([*args, "--batch", "4", "--out", str(tmp_path / "png")]) == 0
+    ctx, port = multiprocessing.get_context("fork"), _free_port()
+    argv = [*args, "--batch", "2", "--device", "cpu", "--out", str(tmp_path / "two.npz")]
+    procs = [ctx.Process(target=_rank_main, args=(rank, 2, port, argv)) for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    with np.load(tmp_path / "two.npz") as data:
+        assert sorted(data.files) == ["images", "labels", "seeds"]
+        assert data["images"].shape == (6, 8, 8, 1) and data["images"].dtype == np.uint8
+        np.testing.assert_array_equal(data["seeds"], [0, 1, 2, 3, 4, 9])
+        np.testing.assert_array_equal(data["labels"], [1, 7, 1, 7, 1, 7])
+        np.testing.assert_array_equal(data["images"][..., 0], _read_pngs(tmp_path / "png", [0, 1, 2, 3, 4, 9]))
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_generate_cli_unconditional_unguided(uncond_ckpt: Path, tmp_path: Path, capsys) -> None:
+    script = _script()
+    out = tmp_path / "u.npz"
+    assert script.main(["--ckpt", str(uncond_ckpt), "--steps", "1", "--cfg", "1", "--seeds", "0-5",
+                        "--out", str(out)]) == 0
+    net, _, _ = load_network_for_eval(uncond_ckpt)
+    assert net.model.num_classes == 0
+    with np.load(out) as data:
+        assert sorted(data.files) == ["images", "seeds"]
+        expected = gen.generate_images(net, PixelEncoder(), range(6), steps=1, cfg=1.0, seed=0)
+        np.testing.assert_array_equal(data["images"], expected.permute(0, 2, 3, 1).numpy())
+    assert script.main(["--ckpt", str(uncond_ckpt), "--classes", "1", "--out", str(tmp_path / "x")]) == 1
+    assert "unconditional" in capsys.readouterr().err
+    assert script.main(["--ckpt", str(tmp_path / "nowhere"), "--out", str(tmp_path / "y")]) == 1
+    assert "nowhere" in capsys.readouterr().err

@@ -1,0 +1,132 @@
+"""Evaluate checkpoints: the library behind ``eval.py`` (TVM.md §7.2, §8.1).
+
+``evaluate_checkpoints(cfg)`` takes ``eval.resume`` — one checkpoint, or a run directory whose
+``checkpoint-<step>.pt`` files are evaluated **newest first** (TVM.md §11 item 11: upstream sorted
+oldest first although its README says newest first) — and runs every metric of ``eval.metrics``
+at every sampler of ``sampling`` on each checkpoint's EMA network. Rank 0 appends one JSON line
+per (checkpoint, sampler, metric) to ``<checkpoint's directory>/metrics-eval.jsonl``::
+
+    {"checkpoint", "step", "sampler", "num_steps", "cfg_scale", "metric", "results",
+     "num_images", "num_gpus", "seconds", "timestamp"}
+
+What is taken from where: the network (architecture and EMA weights) from the checkpoint and its
+stored config; the encoder, samplers, ``eval`` settings and (for ``label_mode=empirical``) the
+dataset from the config the user names, so they can be overridden on the command line.
+
+Decisions against upstream (TVM.md §11 items 11, 14, 15, 23): TF32 follows
+``eval.enable_tf32`` (default off, as in training); no sample grids are drawn on rank 0 before
+the last checkpoint's FID (they perturbed its RNG upstream); ``eval.batch_size`` is the global
+generation batch, split over ranks; the results do not depend on the number of GPUs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from tvm.eval.checkpoints import load_network_for_eval
+from tvm.eval.metrics import METRICS, MetricContext, compute_metric
+from tvm.train import distributed
+from tvm.train.build import build_dataset, encoder_from_config
+from tvm.train.checkpoint import CheckpointError, find_checkpoints
+
+__all__ = ["RESULTS_FILE", "evaluate_checkpoints", "class_frequencies", "set_eval_backend_flags"]
+
+RESULTS_FILE = "metrics-eval.jsonl"
+
+
+def set_eval_backend_flags(cfg: DictConfig) -> None:
+    """TF32 per ``eval.enable_tf32`` (upstream forced it on, TVM.md §11 item 14), cuDNN benchmark."""
+    torch.backends.cuda.matmul.allow_tf32 = cfg.enable_tf32
+    torch.backends.cudnn.allow_tf32 = cfg.enable_tf32
+    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+
+
+def class_frequencies(dataset: torch.utils.data.Dataset) -> np.ndarray:
+    """Float64 ``[K]`` label frequencies of a labelled dataset (upstream's FID label distribution)."""
+    if not getattr(dataset, "has_labels", False):
+        raise ValueError("eval.label_mode=empirical needs a labelled dataset (dataset.use_labels=true)")
+    counts = sum(np.asarray(dataset.get_label(i), dtype=np.float64) for i in range(len(dataset)))
+    return counts / counts.sum()
+
+
+def _metric_context(cfg: DictConfig, device: torch.device, world_size: int) -> MetricContext:
+    ecfg = cfg.eval
+    class_probs = class_frequencies(build_dataset(cfg.dataset)) if ecfg.label_mode == "empirical" else None
+    return MetricContext(encoder=encoder_from_config(cfg.encoder), device=device, seed=ecfg.seed,
+                         batch_size=max(1, math.ceil(ecfg.batch_size / world_size)), num_images=ecfg.num_images,
+                         label_mode=ecfg.label_mode, class_probs=class_probs, detector_url=ecfg.detector_url,
+                         ref_stats=ecfg.ref_stats)
+
+
+def _check_encoder(stored: DictConfig, cfg: DictConfig, path: Path) -> None:
+    """The named config must decode with the encoder the checkpoint was trained with."""
+    if stored.encoder.class_name != cfg.encoder.class_name:
+        raise ValueError(f"{path} was trained with encoder {stored.encoder.class_name} but the config names "
+                         f"{cfg.encoder.class_name}; evaluate it with its own experiment config")
+    if stored.encoder != cfg.encoder:
+        warnings.warn(f"{path}: the encoder settings differ from those it was trained with "
+                      f"({OmegaConf.to_container(stored.encoder)} vs {OmegaConf.to_container(cfg.encoder)}); "
+                      "using the named config's", RuntimeWarning, stacklevel=3)
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def evaluate_checkpoints(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Evaluate ``eval.resume`` as configured (module docstring); every rank must call it.
+
+    Returns the records in evaluation order (the same list on every rank).
+
+    Raises:
+        CheckpointError: ``eval.resume`` is missing or holds no checkpoint, or a checkpoint is
+            unreadable (the message names the file).
+        ValueError: ``eval.resume`` unset, an unknown metric, no samplers, or a metric's own
+            configuration error (e.g. ``fid50k_full`` without ``eval.ref_stats``).
+    """
+    ecfg = cfg.eval
+    if not ecfg.resume:
+        raise ValueError("eval.resume is not set: pass a checkpoint file or a run directory (eval.resume=PATH)")
+    unknown = [name for name in ecfg.metrics if name not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown} in eval.metrics; allowed: {', '.join(METRICS)}")
+    if not cfg.sampling:
+        raise ValueError("the config defines no samplers (sampling.<name>.{num_steps, cfg_scale})")
+    paths = find_checkpoints(ecfg.resume)
+    if not paths:
+        raise CheckpointError(f"no checkpoint-<step>.pt files in {ecfg.resume}")
+
+    dist = distributed.init_distributed()
+    set_eval_backend_flags(ecfg)
+    ctx = _metric_context(cfg, dist.device, dist.world_size)
+    records: list[dict[str, Any]] = []
+    for path in paths:
+        net, stored, step = load_network_for_eval(path, device=dist.device, config=cfg)
+        _check_encoder(stored, cfg, path)
+        for metric in ecfg.metrics:
+            for sampler, scfg in cfg.sampling.items():
+                start = time.time()
+                results = compute_metric(metric, net, ctx, scfg.num_steps, scfg.cfg_scale)
+                record = {"checkpoint": str(path), "step": step, "sampler": sampler, "num_steps": scfg.num_steps,
+                          "cfg_scale": scfg.cfg_scale, "metric": metric, "results": results,
+                          "num_images": ecfg.num_images, "num_gpus": dist.world_size,
+                          "seconds": round(time.time() - start, 3), "timestamp": time.time()}
+                records.append(record)
+                if dist.is_main:
+                    _append_jsonl(path.parent / RESULTS_FILE, record)
+                    shown = ", ".join(f"{key} {value:.5g}" for key, value in results.items())
+                    print(f"{path.name} step {step} {sampler} {metric}: {shown} ({record['seconds']:.1f}s)",
+                          flush=True)
+    return records
