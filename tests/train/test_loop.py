@@ -136,5 +136,7 @@ def test_two_process_ddp_equals_one_process(tmp_path):
         proc = torchrun(n, tmp_path / f"w{n}", "training.total_ticks=2")
         assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = final_checkpoint(tmp_path / "w1"), final_checkpoint(tmp_path / "w2")
-    assert_state_dicts_close(one["net"], two["net"])
-    assert_state_dicts_close(one["ema_target"], two["ema_target"])
+    # Sums in another order differ by fp32 rounding, which Adam's normalisation can amplify for
+    # elements with near-zero gradients: allow 1% of a step (lr = 1e-3) in absolute terms.
+    assert_state_dicts_close(one["net"], two["net"], atol=1e-5)
+    assert_state_dicts_close(one["ema_target"], two["ema_target"], atol=1e-5)
