@@ -710,6 +710,8 @@ def checkpoint_from_upstream(path: PathLike, config: DictConfig | str | None = N
     weights = dict(net.state_dict())
     return {"ema": weights, "net": weights, "ema_target": weights, "config": to_container(cfg),
             "progress": {"step": 0, "nimg": 0, "tick": 0},
+            "data": {"resolution": upstream.facts.img_resolution, "channels": upstream.facts.img_channels,
+                     "label_dim": upstream.facts.label_dim},
             "source": {"upstream_pickle": str(path), "sha256": file_sha256(path), "facts": upstream.facts.as_dict()}}
 
 
