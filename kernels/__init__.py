@@ -1,5 +1,12 @@
-"""Triton kernels: fused attention with a forward-mode tangent (see kernels/attention_jvp.py)."""
-from kernels.op import attention_jvp, attention_with_tangent
+"""Triton attention with a fused forward-mode tangent.
+
+* ``kernels.attention_jvp`` — the Triton kernels and launchers (module);
+* ``kernels.op`` — the two faces: ``attention_with_tangent`` (torch.library op, explicit tangents)
+  and ``attention_jvp`` (autograd.Function with a jvp rule; import it from ``kernels.op``, since
+  ``kernels.attention_jvp`` names the kernel module);
+* ``kernels.reference`` — float64-capable math reference.
+"""
+from kernels.op import attention_with_tangent
 from kernels.reference import attention_jvp_math, attention_math
 
-__all__ = ["attention_jvp", "attention_with_tangent", "attention_jvp_math", "attention_math"]
+__all__ = ["attention_with_tangent", "attention_jvp_math", "attention_math"]

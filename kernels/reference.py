@@ -1,0 +1,36 @@
+"""Math reference for attention and its tangent (spec ATTENTION_JVP.md §1.2).
+
+Plain PyTorch ops with an explicit softmax, so it works in any dtype (float64 for ground truth),
+under ``torch.func.jvp`` and under double backward. Tensors are ``[B, H, N, D]``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+
+def attention_math(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None
+) -> torch.Tensor:
+    """O = softmax(c·Q Kᵀ) V with c = scale or 1/√D; O(N²) memory."""
+    c = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.matmul(q, k.transpose(-2, -1)) * c
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
+def attention_jvp_math(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tq: torch.Tensor,
+    tk: torch.Tensor,
+    tv: torch.Tensor,
+    scale: Optional[float] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(O, T) = torch.func.jvp of :func:`attention_math` at (q, k, v) along (tq, tk, tv).
+
+    Differentiable with respect to all six inputs (reverse mode through both outputs).
+    """
+    return torch.func.jvp(lambda a, b, c: attention_math(a, b, c, scale), (q, k, v), (tq, tk, tv))
