@@ -283,13 +283,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             stats.report_binned("Loss/terminal_loss", terms["terminal"].detach(), mine.t.flatten())
             stats.report_binned("Loss/fm_loss", terms["fm"].detach(), mine.t.flatten())
         distributed.all_reduce_max_(nonfinite_loss)
-        skip = _clip_and_check(net, tcfg.max_grad_norm, nonfinite_loss, stats)
-        state.optimizer.found_inf = skip.float()
-        state.optimizer.step()
-        state.optimizer.zero_grad(set_to_none=True)
-        update_ema_(state.ema, net, tcfg.ema_beta, skip)
-        if tcfg.ema_target_beta is not None:
-            update_ema_(state.teacher, net, tcfg.ema_target_beta, skip)
+        skip = apply_update(state, tcfg.max_grad_norm, tcfg.ema_beta, tcfg.ema_target_beta, nonfinite_loss, stats)
         skipped_dev += skip.float()
         in_row_dev = (in_row_dev + 1) * skip.float()
         progress.step += 1
@@ -338,7 +332,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     preempt.uninstall()
     logger.close()
     return {"progress": progress.state_dict(batching.batch, steps_per_tick), "metrics": last_metrics,
-            "run_dir": str(run_dir), "preempted": preempted}
+            "run_dir": str(run_dir), "preempted": preempted,
+            "signal": preempt.signal_name if preempted else None}
 
 
 # ------------------------------------------------------------------------------ step helpers
@@ -355,16 +350,31 @@ def _make_sampler(length: int, dist: distributed.DistContext, seed: int, start: 
     return InfiniteSampler(length, rank=dist.rank, world_size=dist.world_size, seed=seed, start_index=start)
 
 
-def _clip_and_check(net: TVMWrapper, max_norm: float | None, nonfinite_loss: torch.Tensor,
-                    stats: StatsCollector) -> torch.Tensor:
+def grad_norm_and_skip(net: TVMWrapper, max_norm: float | None, nonfinite_loss: torch.Tensor,
+                       stats: StatsCollector | None = None) -> torch.Tensor:
     """Gradient norm (after the DDP all-reduce, so equal on all ranks), optional clipping, and the
     skip flag ``non-finite loss on any rank or non-finite gradient`` as a 0-dim bool tensor."""
     grads = [p.grad for p in net.parameters() if p.grad is not None]
     norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
     if max_norm is not None:
         torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
-    stats.report("Loss/grad_norm", norm.detach().reshape(1))
+    if stats is not None:
+        stats.report("Loss/grad_norm", norm.detach().reshape(1))
     return (~torch.isfinite(norm)) | (nonfinite_loss > 0)
+
+
+def apply_update(state: RunState, max_grad_norm: float | None, ema_beta: float, ema_target_beta: float | None,
+                 nonfinite_loss: torch.Tensor, stats: StatsCollector | None = None) -> torch.Tensor:
+    """Clip, AdamW (skipped on device by fused AdamW's ``found_inf`` when non-finite), then the eval
+    EMA and the teacher EMA in that order (TVM.md §5.2 items 5–9). Returns the skip flag."""
+    skip = grad_norm_and_skip(state.net, max_grad_norm, nonfinite_loss, stats)
+    state.optimizer.found_inf = skip.float()
+    state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    update_ema_(state.ema, state.net, ema_beta, skip)
+    if ema_target_beta is not None:
+        update_ema_(state.teacher, state.net, ema_target_beta, skip)
+    return skip
 
 
 def _check_nonfinite(tcfg: DictConfig, progress: Progress) -> None:
