@@ -160,7 +160,7 @@ def timing_rows(batch: int, n_ctx: int, heads: int = 18, head_dim: int = 64) -> 
 
 def print_timing_table(rows: list[tuple]) -> None:
     print("\n== timing: bf16, H=18, D=64; median ms (TFLOP/s by spec counts); peak GiB of fwd+bwd ==")
-    print(f"| N | B | implementation | fwd ms | fwd TF/s | fwd+bwd ms | fwd+bwd TF/s | peak GiB |")
+    print("| N | B | implementation | fwd ms | fwd TF/s | fwd+bwd ms | fwd+bwd TF/s | peak GiB |")
     print("|---|---|---|---|---|---|---|---|")
     for n_ctx, batch, name, fwd_ms, fwd_tf, total_ms, total_tf, mem in rows:
         print(f"| {n_ctx} | {batch} | {name} | {fwd_ms:.3f} | {fwd_tf:.0f} | {total_ms:.3f} | {total_tf:.0f} | {mem:.2f} |")

@@ -114,6 +114,28 @@ def check_backends(cfg, resolution: int, n: int = 4) -> dict[str, float]:
     return out
 
 
+def measure(kind: str, backend: str, cfg, R: int, x: torch.Tensor, labels: torch.Tensor, args) -> list[tuple]:
+    """Table rows for one step kind (``tvm`` or ``fm``) and JVP attention backend; OOM is a row too."""
+    state = build_state(cfg, R, backend if backend != "-" else "math")
+    step = tvm_step if kind == "tvm" else fm_step
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        times = time_steps(lambda i: step(state, cfg, x, labels, i), args.warmup, args.steps)
+    except torch.OutOfMemoryError:
+        return [(kind, backend, None, None, None, None)]
+    ms = statistics.median(times)
+    flops = (11 if kind == "tvm" else 3) * forward_flops(state.net.model) * args.batch
+    rows = [(kind, backend, ms, args.batch / ms * 1e3, flops / (ms / 1e3) / args.peak,
+             torch.cuda.max_memory_allocated() / 2**30)]
+    if kind == "tvm" and backend == "triton":
+        z = torch.randn(args.sample_batch, 4, R, R, device="cuda")
+        lab = torch.nn.functional.one_hot(torch.randint(0, 1000, (args.sample_batch,), device="cuda"), 1000).float()
+        gen_ms = statistics.median(triton.testing.do_bench(lambda: sample(state.ema, z, lab, 1, 2.0),
+                                                           warmup=50, rep=300, return_mode="all"))
+        rows.append(("1-step gen", f"batch {args.sample_batch}", gen_ms, args.sample_batch / gen_ms * 1e3, None, None))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resolution", type=int, default=256, help="image resolution (256 or 512)")
@@ -138,32 +160,10 @@ def main() -> None:
     rows = []
     x, labels = batch(args.batch, R, 0)
     for kind, backend in [("tvm", b) for b in args.backends.split(",")] + [("fm", "-")]:
-        state = build_state(cfg, R, backend if backend != "-" else "math")
-        fn = (lambda i: tvm_step(state, cfg, x, labels, i)) if kind == "tvm" else (
-            lambda i: fm_step(state, cfg, x, labels, i))
-        torch.cuda.reset_peak_memory_stats()
-        try:
-            times = time_steps(fn, args.warmup, args.steps)
-        except torch.OutOfMemoryError:
-            rows.append((kind, backend, None, None, None, None))
-            del state
-            torch.cuda.empty_cache()
-            continue
-        ms = statistics.median(times)
-        gflops = forward_flops(state.net.model) / 1e9
-        fwd_equiv = 11 if kind == "tvm" else 3
-        flops = fwd_equiv * forward_flops(state.net.model) * args.batch
-        rows.append((kind, backend, ms, args.batch / ms * 1e3, flops / (ms / 1e3) / args.peak,
-                     torch.cuda.max_memory_allocated() / 2**30))
-        if kind == "tvm" and backend == "triton":
-            z = torch.randn(args.sample_batch, 4, R, R, device="cuda")
-            lab = torch.nn.functional.one_hot(torch.randint(0, 1000, (args.sample_batch,), device="cuda"), 1000).float()
-            gen_ms = statistics.median(triton.testing.do_bench(lambda: sample(state.ema, z, lab, 1, 2.0),
-                                                               warmup=50, rep=300, return_mode="all"))
-            rows.append(("1-step gen", f"batch {args.sample_batch}", gen_ms, args.sample_batch / gen_ms * 1e3, None,
-                         None))
-        del state
+        rows += measure(kind, backend, cfg, R, x, labels, args)
         torch.cuda.empty_cache()
+    with torch.device("meta"):
+        gflops = forward_flops(build_network(cfg.network, R, 4, 1000, "meta", init=False).model) / 1e9
 
     print("| step | JVP attention | ms/step | img/s | MFU | peak GiB |")
     print("|---|---|---|---|---|---|")

@@ -35,3 +35,31 @@ def tiny_wrapper(do_scale_param: bool = True, perturb: bool = True, dtype: torch
 
 def one_hot(indices, num_classes: int = 10) -> torch.Tensor:
     return torch.nn.functional.one_hot(torch.as_tensor(indices), num_classes).double()
+
+
+def run_gloo_workers(code: str, world_size: int = 2, timeout: float = 60) -> list[dict]:
+    """Run ``code`` in ``world_size`` fresh processes with torchrun-style env on a free local port.
+
+    Each worker prints one ``RESULT <json>`` line; returns the parsed results in process order.
+    """
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code],
+                         env={**base, "RANK": str(r), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(r),
+                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for r in range(world_size)
+    ]
+    outputs = [p.communicate(timeout=timeout) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outputs]
+    prefix = "RESULT "
+    return [json.loads(line[len(prefix):]) for out, _ in outputs for line in out.splitlines() if line.startswith(prefix)]

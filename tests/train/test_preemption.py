@@ -1,17 +1,14 @@
 """Preemption signal handling and cross-rank stop agreement (tvm/train/preemption.py)."""
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import textwrap
 import time
 
 import pytest
 
+from helpers import run_gloo_workers
 from tvm.train import preemption
 from tvm.train.preemption import PreemptionHandler
 
@@ -90,25 +87,7 @@ _WORKER = textwrap.dedent(
 
 
 def test_ranks_agree_when_one_rank_is_signalled() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _WORKER],
-            env={**base, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
-                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for r in range(2)
-    ]
-    outputs = [p.communicate(timeout=60) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [err for _, err in outputs]
-    results = sorted(
-        (json.loads(line[7:]) for out, _ in outputs for line in out.splitlines() if line.startswith("RESULT ")),
-        key=lambda r: r["rank"],
-    )
+    results = sorted(run_gloo_workers(_WORKER), key=lambda r: r.get("rank", 0))
     assert [r["local"] for r in results] == [False, True]
     expected = [False] * 7 + [True] * 5  # signal at step 6, first check after it at step 8
     assert [r["stops"] for r in results] == [expected, expected]

@@ -1,17 +1,13 @@
 """Device-side training statistics (tvm/train/stats.py)."""
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import run_gloo_workers
 from tvm.train.stats import StatsCollector, time_bins
 
 
@@ -88,22 +84,7 @@ _WORKER = textwrap.dedent(
 
 
 def test_two_process_summarize_matches_global_means() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _WORKER],
-            env={**base, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
-                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for r in range(2)
-    ]
-    outputs = [p.communicate(timeout=60) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [err for _, err in outputs]
-    results = [json.loads(line[7:]) for out, _ in outputs for line in out.splitlines() if line.startswith("RESULT ")]
+    results = sorted(run_gloo_workers(_WORKER), key=lambda r: r.get("rank", 0))
     assert len(results) == 2 and results[0] == results[1]
 
     gen = torch.Generator().manual_seed(0)

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 from tvm.config import to_container
-from tvm.eval.generate import generate_images, image_classes
+from tvm.eval.generate import generate_images
 from tvm.eval.grid import save_image_grid
 from tvm.eval.metrics import METRICS, MetricContext, compute_metric
 from tvm.method.times import StepDraws, draw_step
