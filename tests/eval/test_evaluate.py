@@ -106,7 +106,7 @@ def test_run_directory_newest_first_appends_jsonl(run_dir: Path) -> None:
         (4, "1_step"), (4, "2_step"), (4, "4_step"), (2, "1_step"), (2, "2_step"), (2, "4_step")]
     for record in records:
         assert record.keys() == FIELDS
-        assert record["metric"] == "digits" and record["num_gpus"] == 1 and record["cfg_scale"] == 1.5
+        assert record["metric"] == "digits" and record["num_gpus"] == 1 and record["cfg_scale"] == 2.5
         assert set(record["results"]) == {"frechet", "accuracy"} and math.isfinite(record["results"]["frechet"])
     assert Path(records[0]["checkpoint"]).name == "checkpoint-00000004.pt"
     assert read_lines(run_dir / RESULTS_FILE) == before + records
@@ -125,7 +125,7 @@ def test_fid_with_stand_in_detector_end_to_end(run_dir: Path, fid_files: tuple[P
     assert record["metric"] == "fid50k_full" and record["num_steps"] == 2
     # The same number by hand: 16 images seeded by index, uniform classes, unbiased covariance.
     net, _, _ = load_network_for_eval(ckpt)
-    images = generate_images(net, PixelEncoder(), range(16), steps=2, cfg=1.5, seed=3,
+    images = generate_images(net, PixelEncoder(), range(16), steps=2, cfg=2.5, seed=3,
                              classes=image_classes(range(16), 10, 3))
     stats = fid.FeatureStats(FEATURES)
     stats.update(fid.compute_features(fid.load_inception_detector(str(fid_files[0])), images))

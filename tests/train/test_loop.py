@@ -133,10 +133,10 @@ def torchrun(nproc: int, run_dir: Path, *extra: str) -> subprocess.CompletedProc
 @pytest.mark.slow
 def test_two_process_ddp_equals_one_process(tmp_path):
     for n in (1, 2):
-        proc = torchrun(n, tmp_path / f"w{n}", "training.total_ticks=2")
+        proc = torchrun(n, tmp_path / f"w{n}", "training.total_ticks=2", "optimizer.lr=1e-4")
         assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = final_checkpoint(tmp_path / "w1"), final_checkpoint(tmp_path / "w2")
-    # Sums in another order differ by fp32 rounding, which Adam's normalisation can amplify for
-    # elements with near-zero gradients: allow 1% of a step (lr = 1e-3) in absolute terms.
-    assert_state_dicts_close(one["net"], two["net"], atol=1e-5)
-    assert_state_dicts_close(one["ema_target"], two["ema_target"], atol=1e-5)
+    # Sums in another order differ by fp32 rounding, which Adam's normalisation amplifies for
+    # elements with near-zero gradients (up to a fraction of lr): hence the small learning rate.
+    assert_state_dicts_close(one["net"], two["net"])
+    assert_state_dicts_close(one["ema_target"], two["ema_target"])

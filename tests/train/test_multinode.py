@@ -168,8 +168,6 @@ def test_slurm_job_preempted_requeued_and_resumed_equals_uninterrupted(tmp_path,
     assert_same_weights(final(run_dir), reference, exact=True)
 
 
-@pytest.mark.xfail(reason="needs tvm/train/loop.py's run() to return the signal's name: "
-                          "result['signal'] = preempt.signal_name if preempted else None", strict=False)
 def test_loop_reports_which_signal_stopped_it(tmp_path, monkeypatch):
     """The job requeues on SIGUSR1/SIGUSR2 but not on SIGTERM (scancel): the loop must say which."""
     from tvm.train.loop import run
