@@ -165,6 +165,15 @@ class EvalConfig:
     detector_url: str = ("https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/"
                          "metrics/inception-2015-12-05.pkl")
     ref_stats: Optional[str] = None      # reference statistics (authors' img256.pkl / img512.pkl or .npz)
+    # Optional metrics (tvm/eval/extra_metrics.py): is50k uses detector_url; pr50k3_full needs ref_features
+    # (.npz 'features', scripts/ref_features.py) from pr_detector_url; fd_dinov2 needs DINOv2 locally.
+    pr_detector_url: str = ("https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/"
+                            "metrics/vgg16.pkl")
+    ref_features: Optional[str] = None
+    dinov2: Optional[str] = "facebookresearch/dinov2"  # TorchScript file, local hub checkout, or hub repo (its cache)
+    dinov2_weights: Optional[str] = None     # state dict for a checkout (default <dir or hub>/dinov2_vitl14_pretrain.pth)
+    dinov2_ref_stats: Optional[str] = None   # .npz (mu, sigma); default: ref_stats when it is an EDM2 pickle
+    dinov2_allow_download: bool = False
     num_images: int = 50000
     label_mode: str = "uniform"          # uniform | empirical (upstream: training-set label frequencies)
     enable_tf32: bool = False

@@ -33,7 +33,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tvm.eval.checkpoints import load_network_for_eval
-from tvm.eval.metrics import METRICS, MetricContext, compute_metric
+from tvm.eval.metrics import METRICS, MetricContext, compute_metric, extra_metric_fields
 from tvm.train import distributed
 from tvm.train.build import build_dataset, encoder_from_config
 from tvm.train.checkpoint import CheckpointError, find_checkpoints
@@ -64,7 +64,7 @@ def _metric_context(cfg: DictConfig, device: torch.device, world_size: int) -> M
     return MetricContext(encoder=encoder_from_config(cfg.encoder), device=device, seed=ecfg.seed,
                          batch_size=max(1, math.ceil(ecfg.batch_size / world_size)), num_images=ecfg.num_images,
                          label_mode=ecfg.label_mode, class_probs=class_probs, detector_url=ecfg.detector_url,
-                         ref_stats=ecfg.ref_stats)
+                         ref_stats=ecfg.ref_stats, **extra_metric_fields(ecfg))
 
 
 def _check_encoder(stored: DictConfig, cfg: DictConfig, path: Path) -> None:

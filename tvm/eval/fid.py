@@ -19,8 +19,9 @@ embeds Python source and executes it on load: it is unpickled only when StyleGAN
 and ``torch_utils`` packages are importable (put a StyleGAN3 checkout on ``PYTHONPATH``), and
 only from the configured source. Prefer the TorchScript ``.pt`` file where possible.
 
-Not implemented: Inception Score, precision/recall and FD-DINOv2 (the EDM2 reference pickles'
-``'fd_dinov2'`` entry is read past and ignored).
+Inception Score, precision/recall and FD-DINOv2 live in :mod:`tvm.eval.extra_metrics`; they share
+this module's sharded feature extraction (:func:`generated_features`) and the restricted
+reference-pickle reader (``load_ref_stats(path, key='fd_dinov2')`` for EDM2's DINOv2 entry).
 """
 from __future__ import annotations
 
@@ -60,6 +61,8 @@ __all__ = [
     "compute_features",
     "compute_reference_stats",
     "compute_fid",
+    "generated_features",
+    "broadcast_value",
     "tf32_disabled",
 ]
 
@@ -270,7 +273,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a reference-statistics pickle")
 
 
-def _ref_from_pickle(path: Path) -> RefStats:
+def _ref_from_pickle(path: Path, key: str = "fid") -> RefStats:
     with open(path, "rb") as f:
         try:
             data = _NumpyOnlyUnpickler(f).load()
@@ -278,9 +281,9 @@ def _ref_from_pickle(path: Path) -> RefStats:
             raise ValueError(f"{path}: refused or invalid reference-statistics pickle: {e}") from e
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a dict, got {type(data).__name__}")
-    fid = data.get("fid", data)
+    fid = data.get(key, data if key == "fid" else None)
     if not isinstance(fid, dict) or "mu" not in fid or "sigma" not in fid:
-        raise ValueError(f"{path}: no 'fid': {{'mu', 'sigma'}} entry (EDM2 calculate_metrics ref format)")
+        raise ValueError(f"{path}: no '{key}': {{'mu', 'sigma'}} entry (EDM2 calculate_metrics ref format)")
     num = data.get("num_images")
     res = data.get("resolution")
     return RefStats(fid["mu"], fid["sigma"], None if num is None else int(num), None if res is None else int(res))
@@ -295,11 +298,14 @@ def _ref_from_npz(path: Path) -> RefStats:
         return RefStats(z["mu"], z["sigma"], num, res)
 
 
-def load_ref_stats(path: str | os.PathLike[str], expected_resolution: int | None = None) -> RefStats:
+def load_ref_stats(path: str | os.PathLike[str], expected_resolution: int | None = None, key: str = "fid") -> RefStats:
     """Read reference statistics: EDM2 ``.pkl`` (``{'fid': {'mu', 'sigma'}, ...}``) or ``.npz``.
 
-    Pickles are read with a numpy-only unpickler (no arbitrary globals). When the file records
-    its resolution and ``expected_resolution`` is given, they must agree.
+    Pickles are read with a numpy-only unpickler (no arbitrary globals); ``key`` names the entry
+    (``'fid'``, or ``'fd_dinov2'`` for EDM2's DINOv2 statistics; a pickle without a ``'fid'`` key
+    is read as the bare ``{'mu', 'sigma'}`` dict). An ``.npz`` holds one set of statistics and
+    ``key`` is ignored. When the file records its resolution and ``expected_resolution`` is
+    given, they must agree.
     """
     path = Path(path)
     if not path.is_file():
@@ -307,7 +313,7 @@ def load_ref_stats(path: str | os.PathLike[str], expected_resolution: int | None
     if path.suffix == ".npz":
         ref = _ref_from_npz(path)
     else:
-        ref = _ref_from_pickle(path)
+        ref = _ref_from_pickle(path, key)
     mu = np.asarray(ref.mu, dtype=np.float64)
     sigma = np.asarray(ref.sigma, dtype=np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
@@ -418,6 +424,51 @@ def _gather_interleaved(local: torch.Tensor, num_images: int, rank: int, world_s
     return out
 
 
+def generated_features(
+    generate: Callable[[range], torch.Tensor],
+    features: Callable[[torch.Tensor], torch.Tensor],
+    num_images: int,
+    batch_size: int = 128,
+    rank: int = 0,
+    world_size: int = 1,
+    expected_resolution: int | None = None,
+    progress: bool = True,
+    desc: str = "features",
+) -> torch.Tensor | None:
+    """Per-image outputs of ``features`` on ``num_images`` generated images, sharded over ranks.
+
+    Rank ``r`` of ``W`` handles the sample indices ``i ≡ r (mod W)``, calling
+    ``generate(range(start, stop, W)) -> uint8 [len(range), 3, H, W]`` per batch of at most
+    ``batch_size`` indices, then ``features(images) -> [len(range), D]``. The rows are gathered
+    to rank 0 in sample-index order (float32 ``[num_images, D]`` on the CPU); other ranks get
+    ``None``. TF32 is off inside. With ``torch.distributed`` initialised all ranks must call it.
+    Shared by FID, FD-DINOv2, Inception Score and precision/recall (:mod:`tvm.eval.extra_metrics`).
+    """
+    if num_images < max(1, world_size):
+        raise ValueError(f"num_images must be at least max(1, world_size={world_size}), got {num_images}")
+    indices = range(rank, num_images, world_size)
+    chunks = [indices[k : k + batch_size] for k in range(0, len(indices), batch_size)]
+    feats: list[torch.Tensor] = []
+    with tf32_disabled():
+        for chunk in tqdm(chunks, desc=desc, unit="batch", disable=not progress or rank != 0):
+            images = _check_images(generate(chunk), len(chunk))
+            if expected_resolution is not None and images.shape[-1] != expected_resolution:
+                raise ValueError(
+                    f"generated images are {images.shape[-1]}px but the reference statistics are for {expected_resolution}px"
+                )
+            feats.append(features(images).to(torch.float32))
+    local = torch.cat(feats)
+    return _gather_interleaved(local, num_images, rank, world_size)
+
+
+def broadcast_value(value: float | None, rank: int, world_size: int, device: torch.device | str = "cpu") -> float:
+    """Rank 0's float64 ``value`` on every rank (others pass ``None``)."""
+    out = torch.full((), float("nan") if value is None or rank != 0 else value, dtype=torch.float64, device=device)
+    if world_size > 1:
+        dist.broadcast(out, src=0)
+    return float(out)
+
+
 def compute_fid(
     generate: Callable[[range], torch.Tensor],
     detector: Detector,
@@ -437,33 +488,25 @@ def compute_fid(
     ``batch_size`` indices; ``generate`` must seed each sample by its index (not by rank) so the
     image set is independent of ``W``. Features are gathered to rank 0 in sample-index order, so
     the statistics use exactly ``num_images`` features accumulated in the same order for any
-    ``W``. TF32 is off inside. With ``torch.distributed`` initialised, all ranks must call this
-    and all return the same value (broadcast from rank 0).
+    ``W`` (:func:`generated_features`). TF32 is off inside. With ``torch.distributed``
+    initialised, all ranks must call this and all return the same value (broadcast from rank 0).
+
+    Any detector with the Inception call signature works, e.g. the DINOv2 wrapper of
+    :mod:`tvm.eval.extra_metrics` for FD-DINOv2.
 
     Args:
         unbiased: generated-set covariance with ``N − 1`` (default; upstream used ``N``).
     """
     if num_images < max(2, world_size):
         raise ValueError(f"num_images must be at least max(2, world_size={world_size}), got {num_images}")
-    indices = range(rank, num_images, world_size)
-    chunks = [indices[k : k + batch_size] for k in range(0, len(indices), batch_size)]
-    feats: list[torch.Tensor] = []
-    with tf32_disabled():
-        for chunk in tqdm(chunks, desc="FID features", unit="batch", disable=not progress or rank != 0):
-            images = _check_images(generate(chunk), len(chunk))
-            if ref.resolution is not None and images.shape[-1] != ref.resolution:
-                raise ValueError(
-                    f"generated images are {images.shape[-1]}px but the reference statistics are for {ref.resolution}px"
-                )
-            feats.append(compute_features(detector, images, device))
-    local = torch.cat(feats)
-    gathered = _gather_interleaved(local, num_images, rank, world_size)
-    value = torch.full((), float("nan"), dtype=torch.float64, device=device)
+    gathered = generated_features(
+        generate, lambda images: compute_features(detector, images, device), num_images, batch_size, rank, world_size,
+        expected_resolution=ref.resolution, progress=progress, desc="FID features",
+    )
+    value = None
     if gathered is not None:
         stats = FeatureStats(gathered.shape[1])
         stats.update(gathered)
         mu, sigma = stats.mean_cov(unbiased=unbiased)
-        value.fill_(frechet_distance(mu, sigma, ref.mu, ref.sigma))
-    if world_size > 1:
-        dist.broadcast(value, src=0)
-    return float(value)
+        value = frechet_distance(mu, sigma, ref.mu, ref.sigma)
+    return broadcast_value(value, rank, world_size, device)

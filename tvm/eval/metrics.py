@@ -8,17 +8,25 @@ numbers do not depend on the number of GPUs.
 labels are uniform by default (``label_mode="empirical"`` draws them from the training set's
 label frequencies, as upstream), every image is seeded by its index rather than by rank, and the
 generated-set covariance is unbiased (:mod:`tvm.eval.fid`).
+
+Optional metrics (:mod:`tvm.eval.extra_metrics`), run only where their networks are available:
+``is50k`` (Inception Score, ``eval.detector_url``), ``pr50k3_full`` (precision/recall, k = 3,
+against ``eval.ref_features`` computed with ``eval.pr_detector_url``) and ``fd_dinov2`` (Fréchet
+distance of DINOv2 ViT-L/14 features, ``eval.dinov2``, against ``eval.dinov2_ref_stats`` or the
+``'fd_dinov2'`` entry of an EDM2 ``eval.ref_stats`` pickle). All share the index-sharded
+generation of ``fid50k_full`` (:func:`index_generator`, :func:`tvm.eval.fid.generated_features`).
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
 
-from tvm.eval import fid
+from tvm.eval import extra_metrics, fid
 from tvm.eval.generate import decoded_resolution, generate_images, image_classes
 from tvm.method.wrapper import TVMWrapper
 from tvm.train import distributed
@@ -37,6 +45,12 @@ class MetricContext:
     class_probs: np.ndarray | None = None
     detector_url: str | None = None
     ref_stats: str | None = None
+    ref_features: str | None = None         # pr50k3_full: .npz with 'features' (extra_metrics.save_ref_features)
+    pr_detector_url: str | None = None      # pr50k3_full: feature network (StyleGAN's VGG-16), as detector_url
+    dinov2: str | None = None               # fd_dinov2: TorchScript file, local hub checkout or hub repo name
+    dinov2_weights: str | None = None       # fd_dinov2: local state dict for a hub checkout
+    dinov2_ref_stats: str | None = None     # fd_dinov2: .npz (mu, sigma) or EDM2 pkl; default: ref_stats if a pkl
+    dinov2_allow_download: bool = False
 
 
 def sharded_generate(net: TVMWrapper, ctx: MetricContext, num_images: int, steps: int, cfg: float
@@ -68,24 +82,79 @@ def digits_metric(net: TVMWrapper, ctx: MetricContext, steps: int, cfg: float) -
     return {"frechet": metrics.frechet(images), "accuracy": metrics.accuracy(images, classes)}
 
 
-@functools.cache
-def _detector(url_or_path: str, device: str) -> fid.Detector:
-    """The Inception detector, loaded once per process; rank 0 first (it may download the file),
-    so that a missing file fails on every rank with fid.py's message saying where to put it."""
+T = TypeVar("T")
+
+
+def _rank0_first(load: Callable[[], T], what: str) -> T:
+    """``load()`` on rank 0 first (it may download), then on the others; a failure on rank 0 is
+    raised on every rank (rank 0 with its own exception and message saying where to put files)."""
     error = None
     if distributed.is_main():
         try:
-            detector = fid.load_inception_detector(url_or_path, device=device)
+            loaded = load()
         except (OSError, ImportError, ValueError, RuntimeError) as exc:
             error = exc
     message = distributed.broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
     if error is not None:
         raise error
     if message is not None:
-        raise RuntimeError(f"rank 0 could not load the detector {url_or_path}: {message}")
+        raise RuntimeError(f"rank 0 could not load {what}: {message}")
     if not distributed.is_main():
-        detector = fid.load_inception_detector(url_or_path, device=device)
-    return detector
+        loaded = load()
+    return loaded
+
+
+@functools.cache
+def _detector(url_or_path: str, device: str) -> fid.Detector:
+    """The Inception detector, loaded once per process; rank 0 first (it may download the file),
+    so that a missing file fails on every rank with fid.py's message saying where to put it."""
+    return _rank0_first(lambda: fid.load_inception_detector(url_or_path, device=device),
+                        f"the detector {url_or_path}")
+
+
+@functools.cache
+def _dinov2(source: str, weights: str | None, allow_download: bool, device: str) -> extra_metrics.DINOv2Detector:
+    """DINOv2, loaded once per process, rank 0 first (:func:`tvm.eval.extra_metrics.load_dinov2`)."""
+    return _rank0_first(lambda: extra_metrics.load_dinov2(source, device=device, weights=weights,
+                                                          allow_download=allow_download), f"DINOv2 {source}")
+
+
+def index_generator(net: TVMWrapper, ctx: MetricContext, steps: int, cfg: float) -> Callable[[range], torch.Tensor]:
+    """``generate(indices) -> uint8 [len(indices), 3, H, W]``: image ``i`` has noise and class
+    seeded by ``(ctx.seed, i)`` whatever the rank, so the image set does not depend on ``W``."""
+    num_classes = net.model.num_classes
+
+    def generate(indices: range) -> torch.Tensor:
+        classes = image_classes(indices, num_classes, ctx.seed, ctx.label_mode, ctx.class_probs)
+        return generate_images(net, ctx.encoder, indices, steps=steps, cfg=cfg, seed=ctx.seed, classes=classes,
+                               batch_size=ctx.batch_size, device=ctx.device)
+
+    return generate
+
+
+def _generated(net: TVMWrapper, ctx: MetricContext, steps: int, cfg: float, features: Callable[[torch.Tensor], torch.Tensor],
+               num_images: int, expected_resolution: int | None, desc: str) -> torch.Tensor | None:
+    """``features`` of ``num_images`` generated images, sharded by index, gathered on rank 0 (else None)."""
+    return fid.generated_features(index_generator(net, ctx, steps, cfg), features, num_images,
+                                  batch_size=ctx.batch_size, rank=distributed.get_rank(),
+                                  world_size=distributed.get_world_size(), expected_resolution=expected_resolution,
+                                  desc=desc)
+
+
+def _on_rank0(compute: Callable[[torch.Tensor], dict[str, float]], gathered: torch.Tensor | None) -> dict[str, float]:
+    """``compute(gathered)`` on rank 0, its result (or its error, re-raised) on every rank."""
+    values, error = None, None
+    if gathered is not None:
+        try:
+            values = compute(gathered)
+        except (ValueError, RuntimeError) as exc:
+            error = exc
+    message = distributed.broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"rank 0 failed: {message}")
+    return distributed.broadcast_object(values)
 
 
 def fid50k_full_metric(net: TVMWrapper, ctx: MetricContext, steps: int, cfg: float) -> dict[str, float]:
@@ -102,19 +171,99 @@ def fid50k_full_metric(net: TVMWrapper, ctx: MetricContext, steps: int, cfg: flo
         raise ValueError("fid50k_full needs the Inception detector: set eval.detector_url to its URL or a local file")
     ref = fid.load_ref_stats(ctx.ref_stats, expected_resolution=decoded_resolution(net, ctx.encoder))
     detector = _detector(str(ctx.detector_url), str(ctx.device))
-    num_classes = net.model.num_classes
-
-    def generate(indices: range) -> torch.Tensor:
-        classes = image_classes(indices, num_classes, ctx.seed, ctx.label_mode, ctx.class_probs)
-        return generate_images(net, ctx.encoder, indices, steps=steps, cfg=cfg, seed=ctx.seed, classes=classes,
-                               batch_size=ctx.batch_size, device=ctx.device)
-
-    value = fid.compute_fid(generate, detector, ref, num_images=ctx.num_images or 50000, batch_size=ctx.batch_size,
+    value = fid.compute_fid(index_generator(net, ctx, steps, cfg), detector, ref, num_images=ctx.num_images or 50000, batch_size=ctx.batch_size,
                             rank=distributed.get_rank(), world_size=distributed.get_world_size(), device=ctx.device)
     return {"fid": value}
 
 
-METRICS: dict[str, Callable[..., dict[str, float]]] = {"digits": digits_metric, "fid50k_full": fid50k_full_metric}
+IS_SPLITS = 10
+PR_K = 3
+
+
+def is50k_metric(net: TVMWrapper, ctx: MetricContext, steps: int, cfg: float) -> dict[str, float]:
+    """Inception Score (10 splits) of ``ctx.num_images or 50000`` samples: ``is_mean``, ``is_std``.
+
+    Needs a detector that gives class probabilities from ``detector(images, return_features=False)``
+    (NVIDIA's StyleGAN3 Inception, ``eval.detector_url``; see
+    :func:`tvm.eval.extra_metrics.detector_probabilities`).
+    """
+    if not ctx.detector_url:
+        raise ValueError("is50k needs the Inception detector: set eval.detector_url to its URL or a local file")
+    num_images = ctx.num_images or 50000
+    if num_images < IS_SPLITS:
+        raise ValueError(f"is50k needs at least {IS_SPLITS} images (one per split), got eval.num_images={num_images}")
+    detector = _detector(str(ctx.detector_url), str(ctx.device))
+    probs = _generated(net, ctx, steps, cfg, lambda images: extra_metrics.detector_probabilities(detector, images, ctx.device),
+                       num_images, None, "IS probabilities")
+
+    def score(probs: torch.Tensor) -> dict[str, float]:
+        mean, std = extra_metrics.inception_score(probs, splits=IS_SPLITS)
+        return {"is_mean": mean, "is_std": std}
+
+    return _on_rank0(score, probs)
+
+
+def pr50k3_full_metric(net: TVMWrapper, ctx: MetricContext, steps: int, cfg: float) -> dict[str, float]:
+    """Precision and recall (Kynkäänniemi et al. 2019, k = 3) of ``ctx.num_images or 50000``
+    samples against all reference features in ``ctx.ref_features``, both from the network
+    ``ctx.pr_detector_url`` (StyleGAN's VGG-16 by default; the reference file must come from the same
+    network). Distances are computed on rank 0 (``ctx.device``) in float64."""
+    if not ctx.ref_features:
+        raise ValueError("pr50k3_full needs reference features: set eval.ref_features to an .npz made by "
+                         "scripts/ref_features.py (with the network of eval.pr_detector_url)")
+    if not ctx.pr_detector_url:
+        raise ValueError("pr50k3_full needs a feature network: set eval.pr_detector_url to its URL or a local file")
+    ref = extra_metrics.load_ref_features(ctx.ref_features, expected_resolution=decoded_resolution(net, ctx.encoder))
+    num_images = ctx.num_images or 50000
+    if min(num_images, len(ref.features)) <= PR_K:
+        raise ValueError(f"pr50k3_full needs more than {PR_K} generated and reference images, got {num_images} and "
+                         f"{len(ref.features)}")
+    detector = _detector(str(ctx.pr_detector_url), str(ctx.device))
+    gen = _generated(net, ctx, steps, cfg, lambda images: fid.compute_features(detector, images, ctx.device),
+                     num_images, ref.resolution, "PR features")
+
+    def pr(gen: torch.Tensor) -> dict[str, float]:
+        if gen.shape[1] != ref.features.shape[1]:
+            raise ValueError(f"{ctx.ref_features}: reference features are {ref.features.shape[1]}-d but "
+                             f"{ctx.pr_detector_url} gives {gen.shape[1]}-d features")
+        precision, recall = extra_metrics.precision_recall(ref.features, gen, k=PR_K, device=ctx.device)
+        return {"precision": precision, "recall": recall}
+
+    return _on_rank0(pr, gen)
+
+
+def _dinov2_ref_path(ctx: MetricContext) -> str:
+    if ctx.dinov2_ref_stats:
+        return ctx.dinov2_ref_stats
+    if ctx.ref_stats and Path(ctx.ref_stats).suffix != ".npz":
+        return ctx.ref_stats  # EDM2's pickle holds 'fid' and 'fd_dinov2' entries
+    raise ValueError("fd_dinov2 needs DINOv2 reference statistics: set eval.dinov2_ref_stats to an .npz made by "
+                     "scripts/ref_features.py --dinov2, or eval.ref_stats to an EDM2 pickle with an 'fd_dinov2' entry")
+
+
+def fd_dinov2_metric(net: TVMWrapper, ctx: MetricContext, steps: int, cfg: float) -> dict[str, float]:
+    """Fréchet distance of DINOv2 ViT-L/14 features (unbiased covariances) of ``ctx.num_images or
+    50000`` samples against ``ctx.dinov2_ref_stats`` (``.npz`` ``mu``/``sigma``, or an EDM2 pickle's
+    ``'fd_dinov2'`` entry read by the numpy-only unpickler). Sharded exactly as ``fid50k_full``."""
+    ref_path = _dinov2_ref_path(ctx)
+    if not ctx.dinov2:
+        raise ValueError("fd_dinov2 needs DINOv2: set eval.dinov2 to a local checkout, a TorchScript file or "
+                         f"{extra_metrics.DINOV2_HUB_REPO} (its torch.hub cache)")
+    ref = fid.load_ref_stats(ref_path, expected_resolution=decoded_resolution(net, ctx.encoder), key="fd_dinov2")
+    detector = _dinov2(str(ctx.dinov2), ctx.dinov2_weights, bool(ctx.dinov2_allow_download), str(ctx.device))
+    value = fid.compute_fid(index_generator(net, ctx, steps, cfg), detector, ref, num_images=ctx.num_images or 50000,
+                            batch_size=ctx.batch_size, rank=distributed.get_rank(),
+                            world_size=distributed.get_world_size(), device=ctx.device)
+    return {"fd_dinov2": value}
+
+
+METRICS: dict[str, Callable[..., dict[str, float]]] = {
+    "digits": digits_metric,
+    "fid50k_full": fid50k_full_metric,
+    "is50k": is50k_metric,
+    "pr50k3_full": pr50k3_full_metric,
+    "fd_dinov2": fd_dinov2_metric,
+}
 
 
 def compute_metric(name: str, net: TVMWrapper, ctx: MetricContext, steps: int, cfg: float) -> dict[str, float]:
@@ -122,3 +271,10 @@ def compute_metric(name: str, net: TVMWrapper, ctx: MetricContext, steps: int, c
     if name not in METRICS:
         raise ValueError(f"unknown metric {name!r}; allowed: {', '.join(METRICS)}")
     return METRICS[name](net, ctx, steps, cfg)
+
+
+def extra_metric_fields(eval_cfg: Any) -> dict[str, Any]:
+    """The :class:`MetricContext` fields of the optional metrics, from an ``eval`` config section
+    (absent keys keep their defaults, so older configs still work)."""
+    keys = ("ref_features", "pr_detector_url", "dinov2", "dinov2_weights", "dinov2_ref_stats", "dinov2_allow_download")
+    return {key: eval_cfg.get(key) for key in keys if eval_cfg.get(key) is not None}

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tvm.config import to_container
 from tvm.eval.generate import generate_images
 from tvm.eval.grid import save_image_grid
-from tvm.eval.metrics import METRICS, MetricContext, compute_metric
+from tvm.eval.metrics import METRICS, MetricContext, compute_metric, extra_metric_fields
 from tvm.method.times import StepDraws, draw_step
 from tvm.method.wrapper import TVMWrapper
 from tvm.models.dit import count_parameters
@@ -252,7 +252,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                batch_size=max(1, cfg.eval.batch_size // dist.world_size),
                                num_images=cfg.eval.num_images, label_mode=cfg.eval.label_mode,
                                class_probs=_class_frequencies(dataset) if cfg.eval.label_mode == "empirical" else None,
-                               detector_url=cfg.eval.detector_url, ref_stats=cfg.eval.ref_stats)
+                               detector_url=cfg.eval.detector_url, ref_stats=cfg.eval.ref_stats,
+                               **extra_metric_fields(cfg.eval))
     flops = step_flops(net, batching.batch)
     peak = PEAK_FLOPS.get(device.type)
     preempt = PreemptionHandler(device=device).install()
