@@ -5,8 +5,7 @@
   and ``attention_jvp`` (autograd.Function with a jvp rule; import it from ``kernels.op``, since
   ``kernels.attention_jvp`` names the kernel module);
 * ``kernels.reference`` — float64-capable math reference.
-"""
-from kernels.op import attention_with_tangent
-from kernels.reference import attention_jvp_math, attention_math
 
-__all__ = ["attention_with_tangent", "attention_jvp_math", "attention_math"]
+Nothing is imported here, so that ``kernels.reference`` (the model's math attention) works
+without Triton installed; Triton is needed only by ``kernels.attention_jvp`` and ``kernels.op``.
+"""

@@ -94,14 +94,20 @@ def _rank0_first(load: Callable[[], T], what: str) -> T:
             loaded = load()
         except (OSError, ImportError, ValueError, RuntimeError) as exc:
             error = exc
+    _raise_on_every_rank(error, f"could not load {what}")
+    if not distributed.is_main():
+        loaded = load()
+    return loaded
+
+
+def _raise_on_every_rank(error: Exception | None, what: str) -> None:
+    """Share rank 0's error (or its absence) with every rank: rank 0 re-raises its own exception,
+    the others raise a RuntimeError quoting it, so a misconfiguration never leaves ranks hanging."""
     message = distributed.broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
     if error is not None:
         raise error
     if message is not None:
-        raise RuntimeError(f"rank 0 could not load {what}: {message}")
-    if not distributed.is_main():
-        loaded = load()
-    return loaded
+        raise RuntimeError(f"rank 0 {what}: {message}")
 
 
 @functools.cache
@@ -149,11 +155,7 @@ def _on_rank0(compute: Callable[[torch.Tensor], dict[str, float]], gathered: tor
             values = compute(gathered)
         except (ValueError, RuntimeError) as exc:
             error = exc
-    message = distributed.broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
-    if error is not None:
-        raise error
-    if message is not None:
-        raise RuntimeError(f"rank 0 failed: {message}")
+    _raise_on_every_rank(error, "failed")
     return distributed.broadcast_object(values)
 
 

@@ -2,8 +2,9 @@
 
 Backends (all take and return ``[B, H, N, D]``):
 
-* ``"math"``   explicit ``softmax(q kᵀ / √D) v``; the reference. It works under
-  ``torch.func.jvp`` and double backward on every device, at O(N²) memory.
+* ``"math"``   explicit ``softmax(q kᵀ / √D) v`` (``kernels.reference.attention_math``); the
+  reference. It works under ``torch.func.jvp`` and double backward on every device, at O(N²)
+  memory; under autocast its matmuls run in the autocast dtype and the softmax in fp32.
 * ``"sdpa"``   ``torch.nn.functional.scaled_dot_product_attention``: the fast path for calls that
   need no JVP (teacher, flow-matching forward, sampling). PyTorch's fused SDPA kernels have no
   forward-mode rule, so it must not be used inside ``torch.func.jvp``.
@@ -18,24 +19,12 @@ autocast dtype (the kernel needs one operand dtype), as TVM.md §3.9 prescribes.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
+from kernels.reference import attention_math
+
 BACKENDS = ("math", "sdpa", "triton")
-
-
-def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q kᵀ·c) v with c = 1/√D, computed with differentiable primitives.
-
-    Under autocast the two matmuls run in the autocast dtype and the softmax in fp32 (its
-    autocast rule), which is the "math attention (fp32 softmax)" reference of the benchmarks.
-    """
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
-    probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs, v)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
