@@ -63,3 +63,49 @@ def run_gloo_workers(code: str, world_size: int = 2, timeout: float = 60) -> lis
     assert all(p.returncode == 0 for p in procs), [err for _, err in outputs]
     prefix = "RESULT "
     return [json.loads(line[len(prefix):]) for out, _ in outputs for line in out.splitlines() if line.startswith(prefix)]
+
+
+# Overrides that make the tiny config a seconds-long run (2 steps per tick, no metrics or grids).
+QUICK_TINY = ["network.hidden_size=32", "network.depth=2", "network.num_heads=2", "training.batch_size=16",
+              "training.kimg_per_tick=0.032", "training.metrics=[]", "training.do_log_image=false"]
+
+
+def fork_ranks(fn, world_size: int = 2, timeout: float = 120) -> None:
+    """Run ``fn(rank)`` in ``world_size`` forked processes with torchrun-style env on a free local
+    port (gloo), and assert that every one exits with code 0."""
+    import multiprocessing
+    import os
+
+    from tvm.train.slurm import free_port
+
+    port = free_port()
+
+    def main(rank: int) -> None:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        fn(rank)
+
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=main, args=(rank,)) for rank in range(world_size)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=timeout)
+    assert [proc.exitcode for proc in procs] == [0] * world_size
+
+
+def evaluate_on_ranks(cfg, out_dir, world_size: int = 2) -> list[list[dict]]:
+    """``evaluate_checkpoints(cfg)`` in forked gloo ranks; each rank's records, in rank order."""
+    import json
+    from pathlib import Path
+
+    from tvm.eval.evaluate import evaluate_checkpoints
+    from tvm.train import distributed
+
+    def evaluate(rank: int) -> None:
+        distributed.init_distributed(device="cpu")
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(evaluate_checkpoints(cfg)))
+        distributed.cleanup()
+
+    fork_ranks(evaluate, world_size)
+    return [json.loads(Path(out_dir, f"rank{rank}.json").read_text()) for rank in range(world_size)]

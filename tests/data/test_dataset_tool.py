@@ -91,24 +91,6 @@ def test_convert_errors(tmp_path: Path) -> None:
         main(["convert", "--source", str(src), "--dest", "x", "--resolution", "16x32"])
 
 
-@pytest.fixture(scope="module")
-def tiny_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    )
-    path = tmp_path_factory.mktemp("vae") / "tiny-sd-vae"
-    vae.save_pretrained(path)
-    return path
-
-
 def test_encode_sharded_resumable_with_stats(tmp_path: Path, tiny_vae_dir: Path) -> None:
     from diffusers import AutoencoderKL
 

@@ -14,26 +14,6 @@ RAW_MEAN = torch.tensor(RAW_MEAN_256, dtype=torch.float32).view(1, 4, 1, 1)
 RAW_STD = torch.tensor(RAW_STD_256, dtype=torch.float32).view(1, 4, 1, 1)
 
 
-@pytest.fixture(scope="module")
-def tiny_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An SD-VAE-shaped AutoencoderKL (4 down/up blocks, 4 latent channels, factor 8), tiny widths."""
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    )
-    path = tmp_path_factory.mktemp("vae") / "tiny-sd-vae"
-    vae.save_pretrained(path)
-    return path
-
-
 def _pixels(n: int = 3, res: int = 16, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (n, 3, res, res), generator=g, dtype=torch.uint8)

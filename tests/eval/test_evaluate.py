@@ -7,7 +7,6 @@ import multiprocessing
 import os
 import runpy
 import shutil
-import socket
 import sys
 import urllib.error
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 import torch
 from omegaconf import DictConfig, open_dict
 
+from helpers import QUICK_TINY, evaluate_on_ranks
 from tvm.config import compose_config
 from tvm.data.digits import DigitsDataset
 from tvm.data.encoders import PixelEncoder
@@ -27,9 +27,7 @@ from tvm.train.checkpoint import CheckpointError
 from tvm.train.loop import run
 
 ROOT = Path(__file__).resolve().parents[2]
-QUICK = ["network.hidden_size=32", "network.depth=2", "network.num_heads=2", "training.batch_size=16",
-         "training.kimg_per_tick=0.032", "training.metrics=[]", "training.do_log_image=false",
-         "training.total_ticks=2", "training.ckpt_ticks=1"]
+QUICK = QUICK_TINY + ["training.total_ticks=2", "training.ckpt_ticks=1"]
 FIELDS = {"checkpoint", "step", "sampler", "num_steps", "cfg_scale", "metric", "results", "num_images", "num_gpus",
           "seconds", "timestamp"}
 FEATURES = 8  # the real detector gives 2048; scipy's sqrtm of a 2048×2048 matrix takes ~1 min on 2 cores
@@ -48,15 +46,6 @@ class StandInDetector(torch.nn.Module):
     def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
         pooled = torch.nn.functional.interpolate(x.to(torch.float32) / 255.0, size=(8, 8), mode="area")
         return torch.tanh((pooled.flatten(1) - 0.5) @ self.proj / 4)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run far faster on one thread, and do not stall when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -138,23 +127,6 @@ def test_fid_with_stand_in_detector_end_to_end(run_dir: Path, fid_files: tuple[P
     assert math.isfinite(empirical["results"]["fid"])
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _rank_evaluate(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    from tvm.train import distributed
-
-    distributed.init_distributed(device="cpu")
-    records = evaluate_checkpoints(only_samplers(compose_config("tiny", overrides), "1_step"))
-    Path(out, f"rank{rank}.json").write_text(json.dumps(records))
-    distributed.cleanup()
-
-
 def test_two_ranks_give_the_one_rank_numbers(run_dir: Path, fid_files: tuple[Path, Path], tmp_path: Path) -> None:
     """Sharding by image index: 2 processes (gloo) reproduce the 1-process metrics, uneven split included."""
     shutil.copy(run_dir / "checkpoint-00000004.pt", tmp_path / "checkpoint-00000004.pt")
@@ -162,15 +134,7 @@ def test_two_ranks_give_the_one_rank_numbers(run_dir: Path, fid_files: tuple[Pat
                  "eval.metrics=[digits,fid50k_full]", f"eval.detector_url={fid_files[0]}",
                  f"eval.ref_stats={fid_files[1]}"]
     one = evaluate_checkpoints(only_samplers(compose_config("tiny", overrides), "1_step"))
-    ctx, port = multiprocessing.get_context("fork"), _free_port()
-    procs = [ctx.Process(target=_rank_evaluate, args=(rank, 2, port, overrides, str(tmp_path))) for rank in range(2)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=120)
-    assert [proc.exitcode for proc in procs] == [0, 0]
-    for rank in range(2):
-        two = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for two in evaluate_on_ranks(only_samplers(compose_config("tiny", overrides), "1_step"), tmp_path):
         assert [r["num_gpus"] for r in two] == [2, 2]
         for a, b in zip(one, two):
             assert a["metric"] == b["metric"]

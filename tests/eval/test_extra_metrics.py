@@ -3,14 +3,10 @@ their registered forms is50k, pr50k3_full, fd_dinov2 (tvm/eval/metrics.py)."""
 from __future__ import annotations
 
 import io
-import json
 import math
-import multiprocessing
-import os
 import pickle
 import runpy
 import shutil
-import socket
 import textwrap
 import zipfile
 from pathlib import Path
@@ -22,6 +18,7 @@ import scipy.stats
 import torch
 from omegaconf import DictConfig, open_dict
 
+from helpers import QUICK_TINY, evaluate_on_ranks
 from tvm.config import compose_config
 from tvm.data.datasets import ImageFolderDataset
 from tvm.data.digits import DigitsDataset
@@ -36,20 +33,10 @@ from tvm.train.loop import run
 FEATURES = 8
 CLASSES = 5
 DINO_DIM = 6
-QUICK = ["network.hidden_size=32", "network.depth=2", "network.num_heads=2", "training.batch_size=16",
-         "training.kimg_per_tick=0.032", "training.metrics=[]", "training.do_log_image=false",
-         "training.total_ticks=1", "training.ckpt_ticks=1"]
+QUICK = QUICK_TINY + ["training.total_ticks=1", "training.ckpt_ticks=1"]
 
 # Stand-in networks are TorchScript, the format NVIDIA ships, which recent torch deprecates.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch\\.jit:DeprecationWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------- stand-in networks
@@ -430,37 +417,12 @@ def test_registered_metrics_configuration_errors(ckpt: Path, files: dict[str, Pa
     assert {"is50k", "pr50k3_full", "fd_dinov2"} <= set(metrics.METRICS)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _rank_evaluate(rank: int, world: int, port: int, cfg: DictConfig, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    from tvm.train import distributed
-
-    distributed.init_distributed(device="cpu")
-    records = evaluate_checkpoints(cfg)
-    Path(out, f"rank{rank}.json").write_text(json.dumps(records))
-    distributed.cleanup()
-
-
 def test_two_ranks_give_the_one_rank_numbers(ckpt: Path, files: dict[str, Path], tmp_path: Path) -> None:
     """Sharding by image index: 2 gloo processes reproduce the 1-process numbers (uneven split: 21 images)."""
     shutil.copy(ckpt, tmp_path / ckpt.name)
     cfg = eval_cfg(tmp_path / ckpt.name, files, "eval.num_images=21", "eval.batch_size=6")
     one = evaluate_checkpoints(cfg)
-    ctx, port = multiprocessing.get_context("fork"), _free_port()
-    procs = [ctx.Process(target=_rank_evaluate, args=(rank, 2, port, cfg, str(tmp_path))) for rank in range(2)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=120)
-    assert [proc.exitcode for proc in procs] == [0, 0]
-    for rank in range(2):
-        two = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for two in evaluate_on_ranks(cfg, tmp_path):
         assert [r["metric"] for r in two] == [r["metric"] for r in one]
         assert [r["num_gpus"] for r in two] == [2, 2, 2] and [r["num_gpus"] for r in one] == [1, 1, 1]
         for a, b in zip(one, two):

@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import importlib.util
-import multiprocessing
-import os
-import socket
 import sys
 import types
 from pathlib import Path
@@ -14,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import QUICK_TINY, fork_ranks
 from tvm.config import compose_config
 from tvm.data.encoders import PixelEncoder
 from tvm.eval import generate as gen
@@ -23,18 +21,7 @@ from tvm.train.checkpoint import CheckpointError, find_checkpoints, load_checkpo
 from tvm.train.loop import run
 
 ROOT = Path(__file__).resolve().parents[2]
-QUICK = ["network.hidden_size=32", "network.depth=2", "network.num_heads=2", "training.batch_size=16",
-         "training.kimg_per_tick=0.032", "training.metrics=[]", "training.do_log_image=false",
-         "training.total_ticks=1"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run far faster on one thread, and do not stall when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+QUICK = QUICK_TINY + ["training.total_ticks=1"]
 
 
 def tiny_checkpoint(run_dir: Path, *extra: str) -> Path:
@@ -155,31 +142,12 @@ def test_sharded_generation_equals_one_rank(cond_ckpt: Path, tmp_path: Path, mon
 
 # ------------------------------------------------------------------------------ the script
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _rank_main(rank: int, world: int, port: int, argv: list[str]) -> None:
-    """A forked rank: the launcher's environment, then the script's main (exit code = its return)."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    sys.exit(_script().main(argv))
-
-
 def test_generate_cli_png_and_npz_two_processes(cond_ckpt: Path, tmp_path: Path) -> None:
     """Two CPU processes (gloo) write the .npz whose images one process writes as PNGs."""
     args = ["--ckpt", str(cond_ckpt.parent), "--steps", "2", "--seeds", "0-4,9", "--classes", "1,7"]
     assert _script().main([*args, "--batch", "4", "--out", str(tmp_path / "png")]) == 0
-    ctx, port = multiprocessing.get_context("fork"), _free_port()
     argv = [*args, "--batch", "2", "--device", "cpu", "--out", str(tmp_path / "two.npz")]
-    procs = [ctx.Process(target=_rank_main, args=(rank, 2, port, argv)) for rank in range(2)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=120)
-    assert [proc.exitcode for proc in procs] == [0, 0]
+    fork_ranks(lambda rank: sys.exit(_script().main(argv)))  # a rank's exit code = the script's return
     with np.load(tmp_path / "two.npz") as data:
         assert sorted(data.files) == ["images", "labels", "seeds"]
         assert data["images"].shape == (6, 8, 8, 1) and data["images"].dtype == np.uint8

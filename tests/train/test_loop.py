@@ -9,14 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import QUICK_TINY
 from tvm.config import compose_config
 from tvm.train.checkpoint import CheckpointManager, load_checkpoint
 from tvm.train.loop import NonFiniteLossError, run
 
 ROOT = Path(__file__).resolve().parents[2]
-QUICK = ["network.hidden_size=32", "network.depth=2", "network.num_heads=2", "training.batch_size=16",
-         "training.kimg_per_tick=0.032", "training.ckpt_ticks=1", "training.metrics=[]",
-         "training.do_log_image=false", "training.snapshot_ticks=1000"]
+QUICK = QUICK_TINY + ["training.ckpt_ticks=1", "training.snapshot_ticks=1000"]
 
 
 def quick_config(run_dir: Path, *extra: str):

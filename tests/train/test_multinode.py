@@ -25,6 +25,7 @@ from submitit.core.utils import DelayedSubmission
 from submitit.slurm.test_slurm import mocked_slurm
 
 import launch
+from helpers import QUICK_TINY
 from tvm.config import compose_config
 from tvm.train.checkpoint import CheckpointManager, load_checkpoint
 from tvm.train.slurm import free_port
@@ -32,9 +33,7 @@ from tvm.train.slurm import free_port
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-QUICK = ["network.hidden_size=32", "network.depth=2", "network.num_heads=2", "training.batch_size=16",
-         "training.kimg_per_tick=0.032", "training.ckpt_ticks=1", "training.metrics=[]",
-         "training.do_log_image=false", "training.snapshot_ticks=1000"]
+QUICK = QUICK_TINY + ["training.ckpt_ticks=1", "training.snapshot_ticks=1000"]
 TOTAL_STEPS = 8  # 4 ticks of 2 steps
 # lr 1e-4 (the paper's; tiny uses 1e-3): Adam turns fp32 reduction-order noise in near-zero gradients
 # into updates of up to ~lr, so the two-node comparison needs a small lr to hold at fp32 tolerance.
