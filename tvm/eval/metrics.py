@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -273,6 +273,18 @@ def compute_metric(name: str, net: TVMWrapper, ctx: MetricContext, steps: int, c
     if name not in METRICS:
         raise ValueError(f"unknown metric {name!r}; allowed: {', '.join(METRICS)}")
     return METRICS[name](net, ctx, steps, cfg)
+
+
+def check_reference_files(metrics: Sequence[str], net: TVMWrapper, ctx: MetricContext) -> None:
+    """Read the reference statistics that ``metrics`` will use and check them against the images the
+    network makes (exists, format, resolution when recorded), so that a wrong file is an error naming
+    it when training starts rather than at its first evaluation, possibly hours later. Cheap: only the
+    ``mu``/``sigma`` files (``fid50k_full``, ``fd_dinov2``) are read; networks are not loaded."""
+    resolution = decoded_resolution(net, ctx.encoder)
+    if "fid50k_full" in metrics and ctx.ref_stats:
+        fid.load_ref_stats(ctx.ref_stats, expected_resolution=resolution)
+    if "fd_dinov2" in metrics:
+        fid.load_ref_stats(_dinov2_ref_path(ctx), expected_resolution=resolution, key="fd_dinov2")
 
 
 def extra_metric_fields(eval_cfg: Any) -> dict[str, Any]:

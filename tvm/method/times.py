@@ -22,6 +22,8 @@ Guidance (``Guidance``): a fixed ``cfg`` (β = 1/cfg); a range ``[min_cfg, max_c
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -91,9 +93,11 @@ def truncated_logit_normal(u: torch.Tensor, upper_logit: torch.Tensor, mean: flo
 
     ``p = u·Φ(a)``, ``z = Φ⁻¹(p) = mean + std·√2·erfinv(2p − 1)`` (TVM.md §2 item 3); p = 0 gives 0.
     """
-    normal = torch.distributions.Normal(torch.tensor(mean, device=u.device), torch.tensor(std, device=u.device))
-    p = u * normal.cdf(upper_logit)
-    return torch.sigmoid(normal.icdf(p))
+    # Φ and Φ⁻¹ written out with the operation order of torch.distributions.Normal (same values),
+    # without its argument validation, which reads tensors back to the host (a GPU sync per step).
+    cdf_upper = 0.5 * (1 + torch.erf((upper_logit - mean) * (1.0 / std) / math.sqrt(2)))
+    p = u * cdf_upper
+    return torch.sigmoid(mean + std * torch.erfinv(2 * p - 1) * math.sqrt(2))
 
 
 def sample_times(gen: torch.Generator, n: int, cfg: TimeSampling, device: torch.device | str = "cpu"

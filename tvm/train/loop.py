@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,20 +28,22 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
+from tvm.compiling import compile_model
 from tvm.config import to_container
 from tvm.eval.generate import generate_images
 from tvm.eval.grid import save_image_grid
-from tvm.eval.metrics import METRICS, MetricContext, compute_metric, extra_metric_fields
+from tvm.eval.metrics import METRICS, MetricContext, check_reference_files, compute_metric, extra_metric_fields
 from tvm.method.times import StepDraws, draw_step
 from tvm.method.wrapper import TVMWrapper
 from tvm.models.dit import count_parameters
 from tvm.train import distributed
 from tvm.train.build import (build_dataset, build_network, build_optimizer, encoder_from_config, guidance,
                              time_sampling)
-from tvm.train.checkpoint import (CheckpointManager, capture_rng_state, load_checkpoint, module_state_dict,
-                                  restore_rng_state)
+from tvm.train.checkpoint import (CheckpointError, CheckpointManager, CheckpointWriteError, capture_rng_state,
+                                  load_checkpoint, module_state_dict, restore_rng_state)
 from tvm.train.ema import make_ema, update_ema_
-from tvm.train.logging import RunLogger, binned_means, peak_memory_gb, reset_peak_memory, status_line
+from tvm.train.logging import (RunLogger, binned_means, peak_memory_gb, reset_peak_memory, sanitize_config,
+                               status_line)
 from tvm.train.preemption import PreemptionHandler
 from tvm.train.stats import StatsCollector
 
@@ -149,19 +152,66 @@ def checkpoint_content(state: RunState, cfg: DictConfig, batch: int, steps_per_t
             "ema_target": module_state_dict(state.teacher), "optimizer": state.optimizer.state_dict(),
             "progress": state.progress.state_dict(batch, steps_per_tick),
             "sampler": {"index": state.progress.step * batch}, "rng": capture_rng_state(),
-            "config": to_container(cfg), "data": data}
+            "config": sanitize_config(to_container(cfg)), "data": data}
 
 
-def restore(state: RunState, ckpt: dict[str, Any], weights_only: bool) -> None:
-    """Load a checkpoint into the run (``weights_only``: fine-tuning transfer of the EMA weights)."""
+def _weights_mismatch(module: torch.nn.Module, weights: dict[str, Any]) -> str:
+    """What differs between a module and a state dict: the first key of each kind and the counts."""
+    own = module.state_dict()
+    shapes = [k for k in own if k in weights and tuple(own[k].shape) != tuple(getattr(weights[k], "shape", ()))]
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    parts = []
+    if shapes:
+        key = shapes[0]
+        parts.append(f"{key} is {list(weights[key].shape)} in the checkpoint but {list(own[key].shape)} here"
+                     + (f" ({len(shapes)} keys differ in shape)" if len(shapes) > 1 else ""))
+    if missing:
+        parts.append(f"{len(missing)} keys missing, e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[0]}")
+    return "; ".join(parts)
+
+
+def _config_differences(stored: Any, cfg: DictConfig | None, section: str = "network") -> list[str]:
+    """``network.<key>: <stored> in the checkpoint, <current> here`` for every differing key of a section."""
+    if cfg is None or not isinstance(stored, dict) or not isinstance(stored.get(section), dict):
+        return []
+    current = to_container(cfg).get(section) or {}
+    return [f"{section}.{key}: {stored[section].get(key)!r} in the checkpoint, {value!r} here"
+            for key, value in current.items() if key in stored[section] and stored[section][key] != value]
+
+
+def restore(state: RunState, ckpt: dict[str, Any], weights_only: bool, path: Path | str = "<checkpoint>",
+            cfg: DictConfig | None = None) -> None:
+    """Load a checkpoint into the run (``weights_only``: fine-tuning transfer of the EMA weights).
+
+    Weights of another model size or data shape raise ``CheckpointError`` naming ``path``, the
+    first mismatching parameter and the ``network.*`` settings that differ from ``cfg``.
+    """
+    def load(module: torch.nn.Module, name: str) -> None:
+        try:
+            module.load_state_dict(ckpt[name])
+        except RuntimeError as exc:
+            differences = _config_differences(ckpt.get("config"), cfg)
+            raise CheckpointError(
+                f"{path}: its {name!r} weights do not fit the network this run builds "
+                f"({_weights_mismatch(module, ckpt[name]) or str(exc).splitlines()[0]})"
+                + (f"; config differences: {', '.join(differences)}" if differences else "")
+                + "; it was written for another model size or data shape: use the config it was trained with, "
+                "or another run directory") from exc
+
     if weights_only:
         for module in (state.net, state.ema, state.teacher):
-            module.load_state_dict(ckpt["ema"])
+            load(module, "ema")
         return
-    state.net.load_state_dict(ckpt["net"])
-    state.ema.load_state_dict(ckpt["ema"])
-    state.teacher.load_state_dict(ckpt["ema_target"])
-    state.optimizer.load_state_dict(ckpt["optimizer"])
+    load(state.net, "net")
+    load(state.ema, "ema")
+    load(state.teacher, "ema_target")
+    try:
+        state.optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: its optimizer state does not fit this run's optimizer ({exc})") from exc
     progress = ckpt["progress"]
     state.progress = Progress(progress["step"], progress.get("skipped", 0), progress.get("in_row", 0))
     if "rng" in ckpt:
@@ -169,7 +219,27 @@ def restore(state: RunState, ckpt: dict[str, Any], weights_only: bool) -> None:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train as configured; returns the final progress and last metrics (for tests)."""
+    """Train as configured; returns the final progress and last metrics (for tests).
+
+    However the run ends, an exception included, the signal handlers it replaced are restored and
+    its log is closed, with the error as its last line (a process that outlives a failed run, e.g.
+    submitit's job runner, must not keep ignoring SIGTERM/SIGUSR2).
+    """
+    with contextlib.ExitStack() as cleanup:
+        return _run(cfg, cleanup)
+
+
+def _log_error(logger: RunLogger) -> Callable[..., None]:
+    """An ``ExitStack`` exit callback that writes the exception ending the run to the log (best effort)."""
+    def log(kind: type[BaseException] | None, error: BaseException | None, _traceback: Any) -> None:
+        if kind is not None:
+            with contextlib.suppress(Exception):  # e.g. the disk that is full also holds log.txt
+                logger.log(f"run stopped by {kind.__name__}: {error}")
+    return log
+
+
+def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
+    """The body of :func:`run`; ``cleanup`` undoes what must not outlive the run."""
     # ---------------------------------------------------------------- set-up
     dist = distributed.init_distributed()
     device = dist.device
@@ -216,15 +286,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                               snapshot_every_steps=tcfg.snapshot_ticks * steps_per_tick)
     resumed_from = None
     if tcfg.transfer:
-        restore(state, load_checkpoint(tcfg.transfer, require=("ema",)), weights_only=True)
+        restore(state, load_checkpoint(tcfg.transfer, require=("ema",)), True, tcfg.transfer, cfg)
     elif tcfg.resume:
         resumed_from = Path(tcfg.resume)
-        restore(state, load_checkpoint(resumed_from, require=("net", "ema", "ema_target", "optimizer")), False)
+        restore(state, load_checkpoint(resumed_from, require=("net", "ema", "ema_target", "optimizer")), False,
+                resumed_from, cfg)
     elif (found := ckpts.load_latest()) is not None:
         resumed_from, ckpt = found
-        restore(state, ckpt, weights_only=False)
+        restore(state, ckpt, False, resumed_from, cfg)
     progress = state.progress
-    train_net = torch.compile(ddp) if cfg.network.compile else ddp
+    train_net = compile_model(ddp) if cfg.network.compile else ddp
 
     sampler = _make_sampler(len(dataset), dist, seed, progress.step * batching.batch)
     loader = torch.utils.data.DataLoader(
@@ -234,10 +305,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         persistent_workers=cfg.dataloader.num_workers > 0)
     batches = infinite_batches(loader)
 
-    logger = RunLogger(run_dir, dist.rank, wandb_mode=cfg.logger.mode, project=cfg.logger.project,
-                       entity=cfg.logger.entity, run_name=cfg.name, config_dict=to_container(cfg))
+    # Secrets come from the environment only; a value that reached the config (e.g. through
+    # ${oc.env:WANDB_API_KEY}) is redacted from everything written or sent (TVM.md §5.8).
+    logger = RunLogger(run_dir, dist.rank, wandb_mode=cfg.logger.mode, project=sanitize_config(cfg.logger.project),
+                       entity=sanitize_config(cfg.logger.entity), run_name=sanitize_config(cfg.name),
+                       config_dict=to_container(cfg))
+    cleanup.callback(logger.close)
+    cleanup.push(_log_error(logger))
     if dist.is_main:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        (run_dir / "config.yaml").write_text(sanitize_config(OmegaConf.to_yaml(cfg)))
     total, trainable = count_parameters(net.model)
     logger.log(f"run dir {run_dir}; {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable); world "
                f"{dist.world_size} × batch_gpu {batching.batch_gpu} × {batching.rounds} rounds = {batching.batch}; "
@@ -248,15 +324,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     stats = StatsCollector(device)
     skipped_dev = torch.zeros((), device=device)       # non-finite steps since the last check
     in_row_dev = torch.full((), float(progress.in_row), device=device)
+    longest_dev = in_row_dev.clone()                   # longest run of skipped steps since the last check
     metric_ctx = MetricContext(encoder=encoder, device=device, seed=cfg.eval.seed,
                                batch_size=max(1, cfg.eval.batch_size // dist.world_size),
                                num_images=cfg.eval.num_images, label_mode=cfg.eval.label_mode,
                                class_probs=_class_frequencies(dataset) if cfg.eval.label_mode == "empirical" else None,
                                detector_url=cfg.eval.detector_url, ref_stats=cfg.eval.ref_stats,
                                **extra_metric_fields(cfg.eval))
+    check_reference_files(tcfg.metrics, net, metric_ctx)  # a wrong file fails now, not at the first evaluation
     flops = step_flops(net, batching.batch)
     peak = PEAK_FLOPS.get(device.type)
     preempt = PreemptionHandler(device=device).install()
+    cleanup.callback(preempt.uninstall)
     last_metrics: dict[str, float] = {}
     if progress.step == 0 and tcfg.no_eval_before_tick <= 0 and tcfg.metrics:
         last_metrics = _evaluate(state.ema, cfg, metric_ctx, logger, 0)
@@ -287,6 +366,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         skip = apply_update(state, tcfg.max_grad_norm, tcfg.ema_beta, tcfg.ema_target_beta, nonfinite_loss, stats)
         skipped_dev += skip.float()
         in_row_dev = (in_row_dev + 1) * skip.float()
+        torch.maximum(longest_dev, in_row_dev, out=longest_dev)
         progress.step += 1
         bar.update(1)
 
@@ -298,9 +378,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         # ------------------------------------------------------------ maintenance (end of a tick)
         tick = progress.step // steps_per_tick
         maint_start = time.time()
-        progress.skipped += int(skipped_dev.item())
-        progress.in_row = int(in_row_dev.item())
+        counts = torch.stack((skipped_dev, in_row_dev, longest_dev)).tolist()  # the tick's one host sync for them
+        skipped, progress.in_row, longest = (int(v) for v in counts)
+        progress.skipped += skipped
         skipped_dev.zero_()
+        longest_dev.copy_(in_row_dev)
         summary = stats.summarize()
         steps_done = progress.step - tick_step0
         elapsed = maint_start - tick_start
@@ -315,10 +397,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         logger.log_stats(summary, progress.step, tick=tick, img_per_sec=img_per_sec, skipped_steps=progress.skipped,
                          **({"mfu": mfu} if mfu is not None else {}))
         reset_peak_memory(device)
-        _check_nonfinite(tcfg, progress)
+        _check_nonfinite(tcfg, progress, longest)
 
-        if dist.is_main and (tick % tcfg.ckpt_ticks == 0 or done):
-            ckpts.save(checkpoint_content(state, cfg, batching.batch, steps_per_tick, data_facts), progress.step)
+        if tick % tcfg.ckpt_ticks == 0 or done:
+            _save_checkpoint(ckpts, lambda: checkpoint_content(state, cfg, batching.batch, steps_per_tick, data_facts),
+                             progress.step)
         if tcfg.do_log_image and (tick % tcfg.sample_ticks == 0 or done) and not preempted:
             _save_sample_grids(state.ema, encoder, cfg, run_dir, tick, logger, device)
         if tcfg.metrics and not preempted and tick >= tcfg.no_eval_before_tick and (tick % tcfg.eval_ticks == 0 or done):
@@ -378,15 +461,37 @@ def apply_update(state: RunState, max_grad_norm: float | None, ema_beta: float, 
     return skip
 
 
-def _check_nonfinite(tcfg: DictConfig, progress: Progress) -> None:
-    """The non-finite policy, checked once per tick (one host sync)."""
+def _check_nonfinite(tcfg: DictConfig, progress: Progress, longest_in_row: int = 0) -> None:
+    """The non-finite policy, checked once per tick (one host sync). ``longest_in_row`` is the longest
+    run of consecutive skipped steps since the last check: a run of K in mid-tick followed by good
+    steps must stop the run too, not only K in a row at the end of the tick."""
     if tcfg.nonfinite_policy == "raise" and progress.skipped:
         raise NonFiniteLossError(f"{progress.skipped} step(s) had non-finite losses or gradients by step "
                                  f"{progress.step} (training.nonfinite_policy=raise); nothing was applied")
-    if progress.in_row >= tcfg.max_nonfinite_in_row:
-        raise NonFiniteLossError(f"{progress.in_row} consecutive steps had non-finite losses or gradients "
-                                 f"(limit training.max_nonfinite_in_row={tcfg.max_nonfinite_in_row}) at step "
+    in_row = max(progress.in_row, longest_in_row)
+    if in_row >= tcfg.max_nonfinite_in_row:
+        raise NonFiniteLossError(f"{in_row} consecutive steps had non-finite losses or gradients "
+                                 f"(limit training.max_nonfinite_in_row={tcfg.max_nonfinite_in_row}) by step "
                                  f"{progress.step}; the weights, EMAs and checkpoints hold no NaN")
+
+
+def _save_checkpoint(ckpts: CheckpointManager, content: Callable[[], dict[str, Any]], step: int) -> None:
+    """Rank 0 writes the checkpoint of ``step``; a failure there (disk full, unwritable directory) is
+    raised on every rank alike, so that no rank waits at the next collective until the process-group
+    timeout. The previous checkpoint stays intact (atomic write). One small collective per checkpoint."""
+    error: Exception | None = None
+    if distributed.is_main():
+        try:
+            ckpts.save(content(), step)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks have been told
+            error = exc
+    shared = distributed.broadcast_object(None if error is None else (f"{type(error).__name__}: {error}",
+                                                                      getattr(error, "errno", None)))
+    if error is not None:
+        raise error
+    if shared is not None:
+        raise CheckpointWriteError(f"rank 0 could not write checkpoint {ckpts.path_for(step)}: {shared[0]}",
+                                   ckpts.path_for(step), shared[1])
 
 
 def _save_sample_grids(ema: TVMWrapper, encoder, cfg: DictConfig, run_dir: Path, tick: int, logger: RunLogger,
