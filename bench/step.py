@@ -7,12 +7,15 @@ random weights so that every path carries signal), and times, with CUDA events a
 
 * the full TVM step — loss with its JVP, teacher forward, backward, gradient norm (+ clipping at
   512 px), fused AdamW, eval-EMA and teacher-EMA updates (``tvm.train.loop.apply_update``) — for
-  each JVP attention backend (the Triton kernel and the math reference);
-* a plain flow-matching step of the same model (one forward, backward, the same update);
-* 1-step generation at batch 256 (network only, no VAE decode).
+  each ``--variants`` entry ``JVPMODE:ATTENTION[:compile]``: ``autograd`` (torch.func.jvp through
+  the plain forward, upstream's method) or ``explicit`` (tangents propagated through the layers),
+  the JVP attention ``triton`` (fused kernel) or ``math``, optionally ``torch.compile``d as a
+  whole (``:compile``) or block by block (``:blocks``, regional compilation);
+* a plain flow-matching step of the same model (one forward, backward, the same update) and
+* 1-step generation at batch 256 (network only, no VAE decode), each ``--plain`` way.
 
-It first checks that the Triton path computes the same loss and gradients as the math path
-(bf16 autocast, small batch). FLOPs: one forward of the token-wise layers plus attention
+It first checks that each variant computes the same loss and gradients as the reference
+(autograd JVP, math attention; bf16 autocast, small batch). FLOPs: one forward of the token-wise layers plus attention
 (``tvm.train.loop.forward_flops``; 236 GFLOP per image at 256 px); a TVM step counts 11 forward
 equivalents per image, a flow-matching step 3. MFU uses ``--peak`` (800 TFLOP/s, the bf16 rate
 measured on the lent H100).
@@ -26,6 +29,7 @@ import statistics
 import torch
 import triton
 
+from tvm.compiling import allow_tracing_this_package, compile_model
 from tvm.config import compose_config
 from tvm.method.loss import interpolate
 from tvm.method.sampler import sample
@@ -35,9 +39,9 @@ from tvm.train.ema import make_ema
 from tvm.train.loop import Progress, RunState, apply_update, forward_flops
 
 
-def build_state(cfg, resolution: int, jvp_backend: str, seed: int = 0) -> RunState:
+def build_state(cfg, resolution: int, variant: str = "autograd:math", seed: int = 0) -> RunState:
     torch.manual_seed(seed)
-    cfg.network.jvp_attn_backend = jvp_backend
+    cfg.network.jvp_mode, cfg.network.jvp_attn_backend = variant.split(":")[:2]
     net = build_network(cfg.network, resolution, 4, 1000, device="cuda")
     with torch.no_grad():  # give the zero-initialised layers signal
         for name, p in net.named_parameters():
@@ -54,21 +58,21 @@ def batch(n: int, resolution: int, seed: int):
     return x, labels
 
 
-def tvm_step(state: RunState, cfg, x, labels, step: int) -> torch.Tensor:
+def tvm_step(state: RunState, cfg, x, labels, step: int, net=None) -> torch.Tensor:
     gen = torch.Generator(device="cuda").manual_seed(step)
     draws = draw_step(gen, x.shape[0], tuple(x.shape[1:]), time_sampling(cfg.loss), guidance(cfg.loss), "cuda")
-    loss = state.net(x, labels, draws, state.teacher)["loss"]
+    loss = (state.net if net is None else net)(x, labels, draws, state.teacher)["loss"]
     loss.mean().backward()
     apply_update(state, cfg.training.max_grad_norm, cfg.training.ema_beta, cfg.training.ema_target_beta,
                  (~torch.isfinite(loss)).any().float())
     return loss.detach()
 
 
-def fm_step(state: RunState, cfg, x, labels, step: int) -> torch.Tensor:
+def fm_step(state: RunState, cfg, x, labels, step: int, net=None) -> torch.Tensor:
     gen = torch.Generator(device="cuda").manual_seed(step)
     draws = draw_step(gen, x.shape[0], tuple(x.shape[1:]), time_sampling(cfg.loss), guidance(cfg.loss), "cuda")
     x_t = interpolate(x, draws.noise, draws.t)
-    F = state.net.velocity(x_t, draws.t, torch.zeros_like(draws.t), labels, draws.beta)
+    F = (state.net if net is None else net).velocity(x_t, draws.t, torch.zeros_like(draws.t), labels, draws.beta)
     loss = ((F - (draws.noise - x)) ** 2).flatten(1).mean(1)
     loss.mean().backward()
     apply_update(state, cfg.training.max_grad_norm, cfg.training.ema_beta, cfg.training.ema_target_beta,
@@ -95,45 +99,68 @@ def grads_of(state: RunState) -> torch.Tensor:
     return torch.cat([p.grad.float().flatten() for p in state.net.parameters() if p.grad is not None])
 
 
-def check_backends(cfg, resolution: int, n: int = 4) -> dict[str, float]:
-    """Relative difference of loss and gradients, Triton vs math JVP attention, same weights/draws."""
-    out = {}
+def check_variants(cfg, resolution: int, variants: list[str], n: int = 4) -> dict[str, dict[str, float]]:
+    """Relative difference of loss and gradients of each variant vs autograd JVP with math attention."""
     x, labels = batch(n, resolution, 1)
-    results = {}
-    for backend in ("math", "triton"):
-        state = build_state(cfg, resolution, backend)
+
+    def loss_and_grads(variant: str) -> tuple[torch.Tensor, torch.Tensor]:
+        state = build_state(cfg, resolution, variant)
+        net = prepare(state, "tvm", variant.rsplit(":", 1)[-1])
         gen = torch.Generator(device="cuda").manual_seed(7)
         draws = draw_step(gen, n, tuple(x.shape[1:]), time_sampling(cfg.loss), guidance(cfg.loss), "cuda")
-        loss = state.net(x, labels, draws, state.teacher)["loss"]
+        loss = net(x, labels, draws, state.teacher)["loss"]
         loss.mean().backward()
-        results[backend] = (loss.detach(), grads_of(state))
-        del state
-    (l_m, g_m), (l_t, g_t) = results["math"], results["triton"]
-    out["loss_rel"] = float((l_t - l_m).norm() / l_m.norm())
-    out["grad_rel"] = float((g_t - g_m).norm() / g_m.norm())
+        return loss.detach(), grads_of(state)
+
+    l_ref, g_ref = loss_and_grads("autograd:math")
+    out = {}
+    for variant in variants:
+        l_v, g_v = loss_and_grads(variant)
+        out[variant] = {"loss_rel": float((l_v - l_ref).norm() / l_ref.norm()),
+                        "grad_rel": float((g_v - g_ref).norm() / g_ref.norm())}
+        torch.cuda.empty_cache()
     return out
 
 
-def measure(kind: str, backend: str, cfg, R: int, x: torch.Tensor, labels: torch.Tensor, args) -> list[tuple]:
-    """Table rows for one step kind (``tvm`` or ``fm``) and JVP attention backend; OOM is a row too."""
-    state = build_state(cfg, R, backend if backend != "-" else "math")
-    step = tvm_step if kind == "tvm" else fm_step
+def prepare(state: RunState, kind: str, how: str):
+    """The network to call for ``how`` = eager | compile | blocks (see :func:`measure`)."""
+    if how == "compile" and kind == "tvm":
+        return compile_model(state.net)
+    if how == "compile":
+        allow_tracing_this_package()
+        (state.ema if kind == "gen" else state.net).model.compile()
+    elif how == "blocks":
+        for module in (state.net, state.teacher, state.ema):
+            module.model.compile_blocks()
+    return state.net
+
+
+def measure(kind: str, variant: str, cfg, R: int, x: torch.Tensor, labels: torch.Tensor, args) -> list[tuple]:
+    """Table rows for one step kind (``tvm``, ``fm`` or ``gen``) and variant; OOM is a row too.
+
+    ``variant``: for ``tvm`` ``JVPMODE:ATTENTION[:compile|:blocks]``; for ``fm``/``gen`` ``eager``,
+    ``compile`` (the whole DiT forward, or for ``tvm`` the whole loss forward) or ``blocks``
+    (regional: each DiT block compiled in place, online net, teacher and EMA).
+    """
+    state = build_state(cfg, R, variant if kind == "tvm" else "explicit:triton")
+    net = prepare(state, kind, variant.rsplit(":", 1)[-1])
     torch.cuda.reset_peak_memory_stats()
     try:
-        times = time_steps(lambda i: step(state, cfg, x, labels, i), args.warmup, args.steps)
+        if kind == "gen":
+            z = torch.randn(args.sample_batch, 4, R, R, device="cuda")
+            lab = torch.nn.functional.one_hot(torch.randint(0, 1000, (args.sample_batch,), device="cuda"), 1000)
+            times = time_steps(lambda i: sample(state.ema, z, lab.float(), 1, 2.0), args.warmup, max(args.steps, 20))
+            ms = statistics.median(times)
+            return [("1-step gen", f"batch {args.sample_batch}, {variant}", ms,
+                     args.sample_batch / ms * 1e3, None, torch.cuda.max_memory_allocated() / 2**30)]
+        step = tvm_step if kind == "tvm" else fm_step
+        times = time_steps(lambda i: step(state, cfg, x, labels, i, net), args.warmup, args.steps)
     except torch.OutOfMemoryError:
-        return [(kind, backend, None, None, None, None)]
+        return [(kind, variant, None, None, None, None)]
     ms = statistics.median(times)
     flops = (11 if kind == "tvm" else 3) * forward_flops(state.net.model) * args.batch
-    rows = [(kind, backend, ms, args.batch / ms * 1e3, flops / (ms / 1e3) / args.peak,
+    return [(kind, variant, ms, args.batch / ms * 1e3, flops / (ms / 1e3) / args.peak,
              torch.cuda.max_memory_allocated() / 2**30)]
-    if kind == "tvm" and backend == "triton":
-        z = torch.randn(args.sample_batch, 4, R, R, device="cuda")
-        lab = torch.nn.functional.one_hot(torch.randint(0, 1000, (args.sample_batch,), device="cuda"), 1000).float()
-        gen_ms = statistics.median(triton.testing.do_bench(lambda: sample(state.ema, z, lab, 1, 2.0),
-                                                           warmup=50, rep=300, return_mode="all"))
-        rows.append(("1-step gen", f"batch {args.sample_batch}", gen_ms, args.sample_batch / gen_ms * 1e3, None, None))
-    return rows
 
 
 def main() -> None:
@@ -142,9 +169,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="per-GPU batch")
     parser.add_argument("--steps", type=int, default=8, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--backends", default="triton,math", help="JVP attention backends to time")
+    parser.add_argument("--variants", default="autograd:triton,explicit:triton,explicit:triton:blocks",
+                        help="TVM step variants JVPMODE:ATTENTION[:compile|:blocks], comma-separated")
+    parser.add_argument("--plain", default="eager,blocks",
+                        help="flow-matching step and generation: eager, compile, blocks ('' for none)")
     parser.add_argument("--peak", type=float, default=800e12, help="peak FLOP/s for MFU")
-    parser.add_argument("--no-check", action="store_true", help="skip the Triton-vs-math check")
+    parser.add_argument("--check", default="autograd:triton,explicit:triton,explicit:triton:blocks",
+                        help="variants to check against autograd:math first ('' for none)")
     parser.add_argument("--sample-batch", type=int, default=256, help="batch of the 1-step generation timing")
     args = parser.parse_args()
 
@@ -154,18 +185,22 @@ def main() -> None:
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; config {config}, latent {R}x{R}, "
           f"batch {args.batch}")
-    if not args.no_check:
-        print("# check (bf16, batch 4): Triton vs math JVP attention:", check_backends(cfg, R))
+    variants = [v for v in args.variants.split(",") if v]
+    if args.check:
+        for variant, diff in check_variants(cfg, R, [v for v in variants if v in args.check.split(",")]).items():
+            print(f"# check (bf16, batch 4) {variant} vs autograd:math: {diff}", flush=True)
 
     rows = []
     x, labels = batch(args.batch, R, 0)
-    for kind, backend in [("tvm", b) for b in args.backends.split(",")] + [("fm", "-")]:
-        rows += measure(kind, backend, cfg, R, x, labels, args)
+    plain = [(kind, how) for kind in ("fm", "gen") for how in args.plain.split(",") if how]
+    for kind, variant in [("tvm", v) for v in variants] + plain:
+        rows += measure(kind, variant, cfg, R, x, labels, args)
+        print("#", rows[-1], flush=True)
         torch.cuda.empty_cache()
     with torch.device("meta"):
         gflops = forward_flops(build_network(cfg.network, R, 4, 1000, "meta", init=False).model) / 1e9
 
-    print("| step | JVP attention | ms/step | img/s | MFU | peak GiB |")
+    print("| step | variant | ms/step | img/s | MFU | peak GiB |")
     print("|---|---|---|---|---|---|")
     for kind, backend, ms, ips, mfu, mem in rows:
         if ms is None:
@@ -174,7 +209,7 @@ def main() -> None:
         print(f"| {kind} | {backend} | {ms:.1f} | {ips:.1f} | {'' if mfu is None else f'{mfu:.1%}'} | "
               f"{'' if mem is None else f'{mem:.1f}'} |")
     tvm = {b: ms for k, b, ms, *_ in rows if k == "tvm" and ms}
-    fm = next((ms for k, _, ms, *_ in rows if k == "fm" and ms), None)
+    fm = next((ms for k, b, ms, *_ in rows if k == "fm" and b == "eager" and ms), None)
     if fm:
         print("# TVM/plain step-time ratio:", {b: round(v / fm, 2) for b, v in tvm.items()})
     print(f"# forward FLOPs per image {gflops:.0f} GFLOP; TVM step = 11, FM step = 3 forward equivalents")

@@ -20,6 +20,29 @@ def attention_math(
     return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
+def attention_tangent_math(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tq: torch.Tensor,
+    tk: torch.Tensor,
+    tv: torch.Tensor,
+    scale: Optional[float] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(O, T) with the tangent written out (spec §1.2), as plain differentiable ops.
+
+    ``S = c·Q Kᵀ``, ``P = softmax(S)``, ``O = P V``; ``Ṡ = c·(Q̇ Kᵀ + Q K̇ᵀ)``,
+    ``μ = rowsum(P ⊙ Ṡ)``, ``T = (P ⊙ (Ṡ − μ)) V + P V̇``. The primal uses the ops of
+    :func:`attention_math`; O(N²) memory.
+    """
+    c = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.matmul(q, k.transpose(-2, -1)) * c
+    p = torch.softmax(scores, dim=-1)
+    d_scores = (torch.matmul(tq, k.transpose(-2, -1)) + torch.matmul(q, tk.transpose(-2, -1))) * c
+    centred = p * (d_scores - (p * d_scores).sum(dim=-1, keepdim=True))
+    return torch.matmul(p, v), torch.matmul(centred, v) + torch.matmul(p, tv)
+
+
 def attention_jvp_math(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -88,6 +88,7 @@ class NetworkConfig:
     compile: bool = False                # torch.compile the online network (CUDA)
     attn_backend: str = "sdpa"           # plain forwards: sdpa | math
     jvp_attn_backend: str = "auto"       # inside the JVP: auto (triton on CUDA, math on CPU) | math | triton
+    jvp_mode: str = "explicit"           # ∂F/∂s by explicit tangents through the layers | autograd (torch.func.jvp)
 
 
 @dataclass

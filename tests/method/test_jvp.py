@@ -69,7 +69,7 @@ def test_flow_map_and_derivative_formulas_with_and_without_scaling():
         x, t, s, labels, beta = setup_batch(net, cfg=2.0)
         fn = velocity_fn(net, x, t, labels, beta)
         k = kappa(beta, scale)
-        f_ts, dfds = df_ds(fn, x, t, s, k)
+        f_ts, dfds = df_ds(lambda s_: velocity_and_ds(fn, s_), x, t, s, k)
         F, dF = velocity_and_ds(fn, s)
         w = 2.0 if scale else 1.0
         torch.testing.assert_close(f_ts, x + (s - t) * w * F)
@@ -84,7 +84,7 @@ def test_t_equal_s_gives_the_instantaneous_velocity():
     net = tiny_wrapper()
     x, t, _, labels, beta = setup_batch(net)
     fn = velocity_fn(net, x, t, labels, beta)
-    f_ts, dfds = df_ds(fn, x, t, t.clone(), kappa(beta, True))
+    f_ts, dfds = df_ds(lambda s_: velocity_and_ds(fn, s_), x, t, t.clone(), kappa(beta, True))
     torch.testing.assert_close(f_ts, x)
     F0 = net.velocity(x, t, torch.zeros_like(t), labels, beta, attn_backend="math", out_dtype=D64)
     torch.testing.assert_close(dfds, F0 / beta)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from helpers import one_hot, tiny_wrapper
+from tvm.method.jvp import velocity_and_ds
 from tvm.method.loss import loss_terms
 from tvm.method.times import StepDraws, apply_label_dropout
 
@@ -23,12 +24,14 @@ class OracleNet:
     x0: torch.Tensor
     do_scale_param: bool = False
     detach_jvp: bool = False
-    jvp_attn_backend: str = "math"
     calls: list = field(default_factory=list)
 
     def velocity(self, x, t, gap, labels, beta, attn_backend=None, out_dtype=D64):
         self.calls.append(dict(x=x, t=t, gap=gap, labels=labels, beta=beta))
         return (x - self.x0) / t.view(-1, 1, 1, 1) + 0 * gap.view(-1, 1, 1, 1)
+
+    def velocity_and_ds(self, x, t, s, labels, beta):
+        return velocity_and_ds(lambda s_: self.velocity(x, t, t - s_, labels, beta), s)
 
 
 def oracle_inputs(n=5):

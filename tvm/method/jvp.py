@@ -10,8 +10,10 @@ tangents are 0 upstream, so they are simply closed over here, which gives the sa
 without propagating zero tangents). Inside the network the gap ``t − s`` then carries tangent
 −1, so ``∂_s F = −∂F/∂gap``.
 
-:func:`df_ds` is the one place that computes this, so that a faster implementation (explicit
-tangent propagation, a fused kernel) can replace the reference and be tested against it.
+Two implementations give ``(F, ∂_s F)``: :func:`velocity_and_ds` here, ``torch.func.jvp`` through
+the plain forward (the reference, upstream's method), and explicit tangent propagation
+(``DiT.forward_with_tangent``, selected by ``TVMWrapper(jvp_mode="explicit")``). :func:`df_ds`
+turns either into the flow map and its derivative.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Callable
 import torch
 
 Velocity = Callable[[torch.Tensor], torch.Tensor]
+VelocityAndDs = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def flow_map(x: torch.Tensor, F: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
@@ -45,18 +48,18 @@ def velocity_and_ds(velocity_of_s: Velocity, s: torch.Tensor) -> tuple[torch.Ten
     return torch.func.jvp(velocity_of_s, (s,), (torch.ones_like(s),))
 
 
-def df_ds(velocity_of_s: Velocity, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
+def df_ds(velocity_and_ds_of_s: VelocityAndDs, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
           kappa: torch.Tensor | float, detach_tangent: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(f_{t→s}(x), d f/d s)`` for a batch (TVM.md §1.3).
 
     Args:
-        velocity_of_s: as in :func:`velocity_and_ds`.
+        velocity_and_ds_of_s: ``s ↦ (F, ∂_s F)`` (e.g. ``lambda s: velocity_and_ds(fn, s)``).
         x: ``[B, C, R, R]``; t, s: ``[B, 1, 1, 1]``; kappa: ``[B, 1, 1, 1]`` or a float.
         detach_tangent: the paper's "detach JVP" variant: stop the gradient through ∂_s F only.
     Returns:
         ``f_ts`` and ``dfds``, both ``[B, C, R, R]``.
     """
-    F, dF_ds = velocity_and_ds(velocity_of_s, s)
+    F, dF_ds = velocity_and_ds_of_s(s)
     if detach_tangent:
         dF_ds = dF_ds.detach()
     return flow_map(x, F, t, s, kappa), flow_map_derivative(F, dF_ds, t, s, kappa)

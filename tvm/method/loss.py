@@ -29,11 +29,13 @@ class VelocityNet(Protocol):
 
     do_scale_param: bool
     detach_jvp: bool
-    jvp_attn_backend: str
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, gap: torch.Tensor, labels: torch.Tensor | None,
                  beta: torch.Tensor | None, attn_backend: str | None = None,
                  out_dtype: torch.dtype | None = None) -> torch.Tensor: ...
+
+    def velocity_and_ds(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, labels: torch.Tensor | None,
+                        beta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def kappa(beta: torch.Tensor, do_scale_param: bool) -> torch.Tensor | float:
@@ -71,10 +73,8 @@ def loss_terms(net: VelocityNet, teacher: VelocityNet, x: torch.Tensor, noise: t
     x_t = interpolate(x, noise, t)
     x_sp = interpolate(x, noise, s_prime)
 
-    def velocity_of_s(s_: torch.Tensor) -> torch.Tensor:
-        return net.velocity(x_t, t, t - s_, labels, beta, attn_backend=net.jvp_attn_backend)
-
-    f_ts, dfds = df_ds(velocity_of_s, x_t, t, s, k, detach_tangent=net.detach_jvp)
+    f_ts, dfds = df_ds(lambda s_: net.velocity_and_ds(x_t, t, s_, labels, beta), x_t, t, s, k,
+                       detach_tangent=net.detach_jvp)
 
     with torch.no_grad():
         null = None if labels is None else torch.zeros_like(labels)

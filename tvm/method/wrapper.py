@@ -17,12 +17,14 @@ import contextlib
 import torch
 import torch.nn as nn
 
+from tvm.method.jvp import velocity_and_ds
 from tvm.method.loss import loss_terms
 from tvm.method.times import StepDraws, apply_label_dropout
 from tvm.models.attention import BACKENDS
 from tvm.models.dit import DiT
 
 DATA_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+JVP_MODES = ("explicit", "autograd")
 
 
 class TVMWrapper(nn.Module):
@@ -35,13 +37,19 @@ class TVMWrapper(nn.Module):
         detach_jvp: stop the gradient through the tangent ∂_s F (paper's runtime variant).
         attn_backend: attention for plain forwards (``"sdpa"``).
         jvp_attn_backend: attention inside the JVP (``"math"`` reference; ``"triton"`` on GPU).
+        jvp_mode: how ``∂_s F`` is computed: ``"explicit"`` tangent propagation through the layers
+            (``DiT.forward_with_tangent``; one ordinary graph, compiles) or ``"autograd"``
+            (``torch.func.jvp`` through the plain forward, upstream's method; eager only).
     """
 
     def __init__(self, model: DiT, data_type: str = "bf16", do_scale_param: bool = True,
-                 detach_jvp: bool = False, attn_backend: str = "sdpa", jvp_attn_backend: str = "math"):
+                 detach_jvp: bool = False, attn_backend: str = "sdpa", jvp_attn_backend: str = "math",
+                 jvp_mode: str = "explicit"):
         super().__init__()
         if data_type not in DATA_TYPES:
             raise ValueError(f"unknown data_type {data_type!r}; allowed: {', '.join(DATA_TYPES)}")
+        if jvp_mode not in JVP_MODES:
+            raise ValueError(f"unknown jvp_mode {jvp_mode!r}; allowed: {', '.join(JVP_MODES)}")
         for name, backend in (("attn_backend", attn_backend), ("jvp_attn_backend", jvp_attn_backend)):
             if backend not in BACKENDS:
                 raise ValueError(f"unknown {name} {backend!r}; allowed: {', '.join(BACKENDS)}")
@@ -54,6 +62,7 @@ class TVMWrapper(nn.Module):
         self.detach_jvp = detach_jvp
         self.attn_backend = attn_backend
         self.jvp_attn_backend = jvp_attn_backend
+        self.jvp_mode = jvp_mode
 
     @property
     def label_dim(self) -> int:
@@ -76,6 +85,23 @@ class TVMWrapper(nn.Module):
                 x.to(dtype), t.to(dtype), gap.to(dtype), None if labels is None else labels.to(dtype),
                 None if beta is None else beta.to(dtype), attn_backend=attn_backend or self.attn_backend)
         return out.to(out_dtype or t.dtype)
+
+    def velocity_and_ds(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, labels: torch.Tensor | None,
+                        beta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(F_θ(x, t, t − s, c, β), ∂_s F)`` in t's dtype (TVM.md §1.3), by ``jvp_mode``.
+
+        Both outputs are differentiable w.r.t. the parameters; the attention is ``jvp_attn_backend``.
+        """
+        if self.jvp_mode == "autograd":
+            return velocity_and_ds(
+                lambda s_: self.velocity(x, t, t - s_, labels, beta, attn_backend=self.jvp_attn_backend), s)
+        dtype = self.model.pos_embed.dtype
+        gap = (t - s).to(dtype)
+        with self.autocast(x.device):
+            F, dF = self.model.forward_with_tangent(
+                x.to(dtype), t.to(dtype), gap, -torch.ones_like(gap), None if labels is None else labels.to(dtype),
+                None if beta is None else beta.to(dtype), attn_backend=self.jvp_attn_backend)
+        return F.to(t.dtype), dF.to(t.dtype)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None, draws: StepDraws,
                 teacher: "TVMWrapper") -> dict[str, torch.Tensor]:

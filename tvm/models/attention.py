@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.reference import attention_math
+from kernels.reference import attention_math, attention_tangent_math
 
 BACKENDS = ("math", "sdpa", "triton")
 
@@ -49,10 +49,31 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     if backend == "triton":
         from kernels.op import attention_jvp
 
-        dtype = _autocast_dtype(q.device.type)
-        if dtype is not None:
-            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        else:
-            k, v = k.to(q.dtype), v.to(q.dtype)
-        return attention_jvp(q, k, v)
+        return attention_jvp(*_kernel_operands(q, k, v))
     raise ValueError(f"unknown attention backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+
+
+def _kernel_operands(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Cast the Triton kernel's operands to one dtype: the autocast dtype, else the first's."""
+    dtype = _autocast_dtype(tensors[0].device.type) or tensors[0].dtype
+    return [x.to(dtype) for x in tensors]
+
+
+def attention_with_tangent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.Tensor, tk: torch.Tensor,
+                           tv: torch.Tensor, backend: str = "math") -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention and its tangent along ``(tq, tk, tv)``: ``(O, T)``, all ``[B, H, N, D]``.
+
+    For explicit tangent propagation (``tvm.models.tangent``). Backends: ``"math"``
+    (``kernels.reference.attention_tangent_math``, the formula written out) and ``"triton"``
+    (the fused op ``kernels.op.attention_with_tangent``, one forward and one backward kernel
+    pair for both outputs, traced by ``torch.compile`` without a graph break). SDPA computes no
+    tangent and is refused.
+    """
+    if backend == "math":
+        return attention_tangent_math(q, k, v, tq, tk, tv)
+    if backend == "triton":
+        from kernels.op import attention_with_tangent as fused
+
+        return fused(*_kernel_operands(q, k, v, tq, tk, tv))
+    allowed = "math, triton"
+    raise ValueError(f"attention backend {backend!r} computes no tangent; allowed: {allowed}")

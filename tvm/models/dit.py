@@ -10,6 +10,10 @@ Parameter names and shapes equal the authors' DiT (TVM.md §9.3), so their state
 with ``strict=True``. Forward semantics equal theirs: ``F(x, t, gap, labels, β)`` with one-hot
 labels whose all-zero rows mean the null class.
 
+Every module also has ``forward_with_tangent``, which carries a tangent along (each layer maps
+``(x, ẋ)`` to ``(y, ẏ)``, rules in :mod:`tvm.models.tangent`): ``DiT.forward_with_tangent`` gives
+F and ``∂F/∂gap·ġap`` in one ordinary graph, the fast replacement for ``torch.func.jvp``.
+
 Shapes: ``B`` batch, ``C`` channels, ``R`` resolution, ``p`` patch, ``G = R/p``, ``T = G²``
 tokens, ``D`` hidden size, ``H`` heads, ``d = D/H`` head dim.
 """
@@ -23,7 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tvm.models.attention import attention
+from tvm.models import tangent
+from tvm.models.attention import attention, attention_with_tangent
 from tvm.models.init import initialize_dit
 
 RMS_EPS = 1e-6
@@ -89,6 +94,19 @@ def timestep_features(tau: torch.Tensor, dim: int = FREQ_DIM, max_period: float 
     if dim % 2:
         feats = torch.cat([feats, torch.zeros_like(feats[:, :1])], dim=-1)
     return feats.to(tau.dtype)
+
+
+def timestep_features_derivative(tau: torch.Tensor, dim: int = FREQ_DIM, max_period: float = 10000.0
+                                 ) -> torch.Tensor:
+    """``d/dτ`` of :func:`timestep_features`: ``[−f_k sin(τ f_k), f_k cos(τ f_k)]``, float64 ``[B, dim]``."""
+    half = dim // 2
+    k = torch.arange(half, dtype=torch.float64, device=tau.device)
+    freqs = torch.exp(-math.log(max_period) * k / half)
+    args = tau.to(torch.float64)[:, None] * freqs[None]
+    feats = torch.cat([-freqs * torch.sin(args), freqs * torch.cos(args)], dim=-1)
+    if dim % 2:
+        feats = torch.cat([feats, torch.zeros_like(feats[:, :1])], dim=-1)
+    return feats
 
 
 def sincos_pos_embed_2d(hidden_size: int, grid_size: int) -> np.ndarray:
@@ -163,6 +181,14 @@ class TimestepEmbedder(nn.Module):
     def forward(self, tau: torch.Tensor) -> torch.Tensor:
         return self.mlp(timestep_features(tau, self.freq_dim))
 
+    def forward_with_tangent(self, tau: torch.Tensor, dtau: torch.Tensor) -> tangent.Pair:
+        """Features' tangent ``[−f·sin(τf), f·cos(τf)]·τ̇`` (float64, like the features), then the MLP."""
+        feats = timestep_features(tau, self.freq_dim)
+        dfeats = timestep_features_derivative(tau, self.freq_dim) * dtau.to(torch.float64)[:, None]
+        fc1, _, fc2 = self.mlp
+        h, dh = tangent.silu(*tangent.linear(feats, dfeats.to(tau.dtype), fc1.weight, fc1.bias))
+        return tangent.linear(h, dh, fc2.weight, fc2.bias)
+
 
 class LabelEmbedder(nn.Module):
     """Class table with ``num_classes + 1`` rows; the last row is the null class."""
@@ -212,6 +238,23 @@ class Attention(nn.Module):
         out = attention(self.q_norm(q), self.k_norm(k), v, backend)  # [B, H, T, d]
         return self.proj(out.transpose(1, 2).reshape(B, T, D))
 
+    def _qk_norm(self, norm: nn.Module, x: torch.Tensor, dx: torch.Tensor) -> tangent.Pair:
+        if isinstance(norm, nn.Identity):
+            return x, dx
+        return tangent.rms_norm(x, dx, norm.eps, norm.weight)
+
+    def forward_with_tangent(self, x: torch.Tensor, dx: torch.Tensor, backend: str) -> tangent.Pair:
+        B, T, D = x.shape
+        heads = (B, T, 3, self.num_heads, self.head_dim)
+        qkv, dqkv = tangent.linear(x, dx, self.qkv.weight, self.qkv.bias)
+        q, k, v = qkv.reshape(heads).permute(2, 0, 3, 1, 4)
+        dq, dk, dv = dqkv.reshape(heads).permute(2, 0, 3, 1, 4)
+        q, dq = self._qk_norm(self.q_norm, q, dq)
+        k, dk = self._qk_norm(self.k_norm, k, dk)
+        out, dout = attention_with_tangent(q, k, v, dq, dk, dv, backend)  # [B, H, T, d] each
+        merge = lambda a: a.transpose(1, 2).reshape(B, T, D)  # noqa: E731
+        return tangent.linear(merge(out), merge(dout), self.proj.weight, self.proj.bias)
+
 
 class Mlp(nn.Module):
     """``fc1 (D→4D) → GELU(tanh) → dropout → fc2 (4D→D) → dropout``."""
@@ -226,6 +269,12 @@ class Mlp(nn.Module):
         h = F.dropout(F.gelu(self.fc1(x), approximate="tanh"), self.dropout, self.training)
         return F.dropout(self.fc2(h), self.dropout, self.training)
 
+    def forward_with_tangent(self, x: torch.Tensor, dx: torch.Tensor) -> tangent.Pair:
+        h, dh = tangent.gelu_tanh(*tangent.linear(x, dx, self.fc1.weight, self.fc1.bias))
+        h, dh = tangent.dropout(h, dh, self.dropout, self.training)
+        y, dy = tangent.linear(h, dh, self.fc2.weight, self.fc2.bias)
+        return tangent.dropout(y, dy, self.dropout, self.training)
+
 
 class DiTBlock(nn.Module):
     """One DiT block with mod-norm'd adaLN (TVM.md §3.4)."""
@@ -238,7 +287,12 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, attn_backend: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, attn_backend: str, dx: torch.Tensor | None = None,
+                dc: torch.Tensor | None = None) -> torch.Tensor | tangent.Pair:
+        """The block; with tangents ``dx``, ``dc`` given, :meth:`forward_with_tangent` (one entry
+        point, so that ``block.compile()`` compiles both)."""
+        if dx is not None:
+            return self.forward_with_tangent(x, dx, c, dc, attn_backend)
         m = self.adaLN_modulation(c).unflatten(-1, (6, -1))  # [B, 6, D]
         if self.mod_norm:
             m = rms_normalize(m)
@@ -247,6 +301,26 @@ class DiTBlock(nn.Module):
         x = x + gate1[:, None] * self.attn(modulate(F.rms_norm(x, (D,), eps=RMS_EPS), shift1, scale1), attn_backend)
         x = x + gate2[:, None] * self.mlp(modulate(F.rms_norm(x, (D,), eps=RMS_EPS), shift2, scale2))
         return x
+
+    def forward_with_tangent(self, x: torch.Tensor, dx: torch.Tensor, c: torch.Tensor, dc: torch.Tensor,
+                             attn_backend: str) -> tangent.Pair:
+        m = modulation_with_tangent(self.adaLN_modulation, c, dc, 6, self.mod_norm)
+        shift1, scale1, gate1, shift2, scale2, gate2 = m
+        h = tangent.modulate(*tangent.rms_norm(x, dx, RMS_EPS), shift1, scale1)
+        x, dx = tangent.gated_residual(x, dx, gate1, self.attn.forward_with_tangent(*h, attn_backend))
+        h = tangent.modulate(*tangent.rms_norm(x, dx, RMS_EPS), shift2, scale2)
+        return tangent.gated_residual(x, dx, gate2, self.mlp.forward_with_tangent(*h))
+
+
+def modulation_with_tangent(ada_ln: nn.Sequential, c: torch.Tensor, dc: torch.Tensor, chunks: int,
+                            mod_norm: bool) -> list[tangent.Pair]:
+    """The adaLN chunks ``[(m_i, ṁ_i)]``, each ``[B, D]``: SiLU → Linear, then mod-norm per chunk."""
+    _, lin = ada_ln
+    m, dm = tangent.linear(*tangent.silu(c, dc), lin.weight, lin.bias)
+    m, dm = m.unflatten(-1, (chunks, -1)), dm.unflatten(-1, (chunks, -1))
+    if mod_norm:
+        m, dm = tangent.rms_normalize(m, dm, RMS_EPS)
+    return list(zip(m.unbind(1), dm.unbind(1)))
 
 
 class FinalLayer(nn.Module):
@@ -264,6 +338,12 @@ class FinalLayer(nn.Module):
             m = rms_normalize(m)
         shift, scale = m.unbind(1)
         return self.linear(modulate(F.rms_norm(x, (x.shape[-1],), eps=RMS_EPS), shift, scale))
+
+    def forward_with_tangent(self, x: torch.Tensor, dx: torch.Tensor, c: torch.Tensor, dc: torch.Tensor
+                             ) -> tangent.Pair:
+        shift, scale = modulation_with_tangent(self.adaLN_modulation, c, dc, 2, self.mod_norm)
+        h, dh = tangent.modulate(*tangent.rms_norm(x, dx, RMS_EPS), shift, scale)
+        return tangent.linear(h, dh, self.linear.weight, self.linear.bias)
 
 
 class DiT(nn.Module):
@@ -319,6 +399,15 @@ class DiT(nn.Module):
         if init:
             initialize_dit(self, init_type=init_type, time_specinit=time_specinit, patch_spectral=patch_spectral)
 
+    def compile_blocks(self, **kwargs) -> None:
+        """``torch.compile`` each block in place (regional compilation: one compiled graph per
+        path, reused by all blocks; the state dict is unchanged). ``kwargs`` go to ``compile``."""
+        from tvm.compiling import allow_tracing_this_package
+
+        allow_tracing_this_package()
+        for block in self.blocks:
+            block.compile(**kwargs)
+
     def unpatchify(self, y: torch.Tensor) -> torch.Tensor:
         """``[B, T, p·p·C]`` with last-dim order (p_row, p_col, C) → ``[B, C, R, R]`` (TVM.md §3.6)."""
         B = y.shape[0]
@@ -341,6 +430,21 @@ class DiT(nn.Module):
             if labels.shape[0] not in (1, x.shape[0]):
                 raise ValueError(f"labels have {labels.shape[0]} rows for a batch of {x.shape[0]}")
 
+    def _embed(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, guidance: torch.Tensor | None,
+               gap_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens ``h`` ``[B, T, D]`` and conditioning ``c`` ``[B, D]`` (TVM.md §3.1 steps 1–3)
+        from checked inputs and the gap's embedding ``[B, D]``."""
+        B = x.shape[0]
+        if labels is None:
+            labels = x.new_zeros(1, self.num_classes)
+        if labels.shape[0] == 1 and B != 1:
+            labels = labels.expand(B, -1)
+        h = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(_broadcast_batch(t, B, "t")) + gap_embedding
+        if self.learn_guidance and guidance is not None:
+            c = c + self.guidance_embedder(_broadcast_batch(guidance, B, "guidance"))
+        return h, c + self.y_embedder(labels)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, gap: torch.Tensor, labels: torch.Tensor | None = None,
                 guidance: torch.Tensor | None = None, attn_backend: str = "sdpa") -> torch.Tensor:
         """``F_θ(x, t, t − s, c, β)`` (TVM.md §3.1).
@@ -357,19 +461,30 @@ class DiT(nn.Module):
             ``[B, C, R, R]`` in the compute dtype.
         """
         self.check_inputs(x, labels)
-        B = x.shape[0]
-        if labels is None:
-            labels = x.new_zeros(1, self.num_classes)
-        if labels.shape[0] == 1 and B != 1:
-            labels = labels.expand(B, -1)
-        h = self.x_embedder(x) + self.pos_embed
-        c = self.t_embedder(_broadcast_batch(t, B, "t")) + self.s_embedder(_broadcast_batch(gap, B, "gap"))
-        if self.learn_guidance and guidance is not None:
-            c = c + self.guidance_embedder(_broadcast_batch(guidance, B, "guidance"))
-        c = c + self.y_embedder(labels)
+        h, c = self._embed(x, t, labels, guidance, self.s_embedder(_broadcast_batch(gap, x.shape[0], "gap")))
         for block in self.blocks:
             h = block(h, c, attn_backend)
         return self.unpatchify(self.final_layer(h, c))
+
+    def forward_with_tangent(self, x: torch.Tensor, t: torch.Tensor, gap: torch.Tensor, gap_tangent: torch.Tensor,
+                             labels: torch.Tensor | None = None, guidance: torch.Tensor | None = None,
+                             attn_backend: str = "math") -> tangent.Pair:
+        """``(F, Ḟ)`` with ``Ḟ = ∂F/∂gap · ġap``: the JVP along the gap alone (x, t, c, β fixed).
+
+        Same arguments as :meth:`forward`, plus ``gap_tangent`` (shapes as gap; −1 gives ``∂_s F``
+        for gap = t − s). ``attn_backend`` must compute a tangent: ``"math"`` or ``"triton"``.
+        F equals :meth:`forward`'s output; both outputs are differentiable w.r.t. the parameters.
+        """
+        self.check_inputs(x, labels)
+        B = x.shape[0]
+        c_gap, dc = self.s_embedder.forward_with_tangent(_broadcast_batch(gap, B, "gap"),
+                                                         _broadcast_batch(gap_tangent, B, "gap_tangent"))
+        h, c = self._embed(x, t, labels, guidance, c_gap)
+        dh = torch.zeros_like(h)
+        for block in self.blocks:
+            h, dh = block(h, c, attn_backend, dh, dc)
+        out, dout = self.final_layer.forward_with_tangent(h, dh, c, dc)
+        return self.unpatchify(out), self.unpatchify(dout)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -1,0 +1,54 @@
+"""torch.compile over this package (tvm/compiling.py, DiT.compile_blocks)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from helpers import one_hot, tiny_wrapper
+from tvm.compiling import allow_tracing_this_package, compile_model
+from tvm.method.times import Guidance, TimeSampling, draw_step
+
+
+def loss_and_grads(net, teacher, call=None):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 2, 8, 8, generator=gen)
+    draws = draw_step(gen, 4, (2, 8, 8), TimeSampling(), Guidance(cfg=2.0), "cpu")
+    loss = (net if call is None else call)(x, one_hot([0, 1, 2, 3]).float(), draws, teacher)["loss"]
+    loss.sum().backward()
+    grads = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+    net.zero_grad()
+    return loss.detach(), grads
+
+
+def test_package_is_taken_off_dynamos_skip_list():
+    from torch._dynamo import trace_rules
+
+    allow_tracing_this_package()
+    import tvm.models.dit as dit
+
+    assert not trace_rules.check_file(dit.__file__).skipped
+
+
+def test_whole_loss_compiles_without_graph_breaks_and_equals_eager():
+    net = tiny_wrapper(dtype=torch.float32)
+    teacher = copy.deepcopy(net).eval().requires_grad_(False)
+    ref = loss_and_grads(net, teacher)
+    compiled = compile_model(net, backend="aot_eager", fullgraph=True)  # fullgraph: a break raises
+    out = loss_and_grads(net, teacher, compiled)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-7)
+
+
+def test_regional_compilation_reuses_one_graph_per_path_and_equals_eager():
+    from torch._dynamo.utils import counters
+
+    net = tiny_wrapper(dtype=torch.float32, depth=3)
+    teacher = copy.deepcopy(net).eval().requires_grad_(False)
+    ref = loss_and_grads(net, teacher)
+    for module in (net, teacher):
+        module.model.compile_blocks(backend="aot_eager", fullgraph=True)
+    counters.clear()
+    out = loss_and_grads(net, teacher)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-7)
+    assert 0 < counters["stats"]["unique_graphs"] <= 4  # tangent, plain, no-grad teacher; not per block
+    assert "model.blocks.0.attn.qkv.weight" in net.state_dict()  # state dict keys unchanged
