@@ -7,7 +7,8 @@
    autograd.Function under torch.func.jvp), bf16/fp16 at several shapes and fp32 at one shape.
    The naive bf16 math JVP is listed for comparison.
 2. Timing (median of CUDA-event timings after warm-up), H=18, D=64, N ∈ {256, 1024},
-   B ∈ {32, 64}, bf16 inputs ~N(0,1): our op, our autograd.Function under torch.func.jvp, math
+   B ∈ {32, 64}, bf16 inputs ~N(0,1): our op (with launch plans, and with FAST_LAUNCH off, i.e.
+   Triton's dispatch on every launch), our autograd.Function under torch.func.jvp, math
    attention under torch.func.jvp, and SDPA without JVP; forward and forward+backward, peak memory
    of forward+backward, TFLOP/s by the spec's counts (ATTENTION_JVP.md §3.1 with u = N²·D per
    batch·head: JVP forward 12u, JVP forward+backward 42u; SDPA forward 4u, forward+backward 14u).
@@ -65,9 +66,13 @@ def accuracy_rows(shape: tuple[int, int, int, int], dtype: torch.dtype, faces: d
     reference = outputs_and_grads(attention_jvp_math, [x.double() for x in inputs], grad_o, grad_t)
     rows = []
     for face_name, attention in faces.items():
+        # The first call takes Triton's dispatch path and records launch plans; the second one
+        # launches through the plans. Both must give bitwise the same outputs (deterministic kernels).
+        first = outputs_and_grads(attention, inputs, grad_o, grad_t)
         outputs = outputs_and_grads(attention, inputs, grad_o, grad_t)
+        repeat = all(torch.equal(a, b) for a, b in zip(first, outputs))
         errors = [relative_error(out, ref) for out, ref in zip(outputs, reference)]
-        rows.append((face_name, str(dtype).replace("torch.", ""), shape, errors))
+        rows.append((face_name, str(dtype).replace("torch.", ""), shape, errors, repeat))
     return rows
 
 
@@ -82,16 +87,19 @@ def run_accuracy() -> bool:
         ((1, 4, 256, 64), torch.float32, {"op": attention_with_tangent}),
     ]
     print("== accuracy: ||out - ref|| / ||ref|| vs float64 on the same inputs ==")
-    print(f"{'face':9} {'dtype':9} {'shape':18} " + " ".join(f"{n:>8}" for n in OUTPUT_NAMES) + "  ok")
+    print(f"{'face':9} {'dtype':9} {'shape':18} " + " ".join(f"{n:>8}" for n in OUTPUT_NAMES)
+          + "  ok  repeat-identical")
     all_ok = True
     for shape, dtype, faces in cases:
-        for face, dtype_name, shape_, errors in accuracy_rows(shape, dtype, faces):
+        for face, dtype_name, shape_, errors, repeat in accuracy_rows(shape, dtype, faces):
             limit = ACCURACY_LIMITS[dtype]
             ok = all(e <= limit for e in errors)
             if not face.startswith("math"):
-                all_ok &= ok
+                all_ok &= ok and repeat
             cells = " ".join(f"{e:8.1e}" for e in errors)
-            print(f"{face:9} {dtype_name:9} {str(shape_):18} {cells}  {'yes' if ok else 'NO'}", flush=True)
+            print(f"{face:9} {dtype_name:9} {str(shape_):18} {cells}  {'yes' if ok else 'NO'}  "
+                  f"{'yes' if repeat else 'NO'}", flush=True)
+    print(f"launch plans recorded: {len(kernels_module._PLANS)}")
     return all_ok
 
 
@@ -140,8 +148,19 @@ def timing_rows(batch: int, n_ctx: int, heads: int = 18, head_dim: int = 64) -> 
                 fn(*inputs)
         return run
 
+    def dispatch_path(fn):
+        def run():
+            kernels_module.FAST_LAUNCH = False
+            try:
+                fn()
+            finally:
+                kernels_module.FAST_LAUNCH = True
+        return run
+
     variants = [
         ("ours: op", no_grad(attention_with_tangent), jvp_fwd_bwd(attention_with_tangent), 12, 42),
+        ("ours: op, no plans", dispatch_path(no_grad(attention_with_tangent)),
+         dispatch_path(jvp_fwd_bwd(attention_with_tangent)), 12, 42),
         ("ours: func.jvp", no_grad(with_func_jvp), jvp_fwd_bwd(with_func_jvp), 12, 42),
         ("math func.jvp", no_grad(attention_jvp_math), jvp_fwd_bwd(attention_jvp_math), 12, 42),
         ("SDPA (no JVP)", no_grad(lambda q, k, v, *_: F.scaled_dot_product_attention(q, k, v)), sdpa_fwd_bwd, 4, 14),
@@ -154,7 +173,8 @@ def timing_rows(batch: int, n_ctx: int, heads: int = 18, head_dim: int = 64) -> 
         total_ms = median_ms(fwd_bwd, warmup, iters)
         mem = peak_gib(fwd_bwd)
         rows.append((n_ctx, batch, name, fwd_ms, fwd_units * u / fwd_ms / 1e9, total_ms, total_units * u / total_ms / 1e9, mem))
-        print(f"  timed N={n_ctx} B={batch} {name}", flush=True)
+        print(f"  timed N={n_ctx} B={batch} {name}: fwd {fwd_ms:.3f} ms, fwd+bwd {total_ms:.3f} ms, "
+              f"peak {mem:.2f} GiB", flush=True)
     return rows
 
 
@@ -187,8 +207,13 @@ def print_kernel_profile(batch: int, n_ctx: int, heads: int = 18, head_dim: int 
     print_host_overhead()
 
 
-def print_host_overhead(calls: int = 200) -> None:
-    """Host µs per call on a tiny shape, where the GPU work is far shorter than the launch."""
+def print_host_overhead(calls: int = 300) -> None:
+    """Host µs per call on a tiny shape, where the GPU work is far shorter than the launch.
+
+    Each case runs with launch plans (the default) and through Triton's dispatch path
+    (``FAST_LAUNCH = False``: autotuner and JIT on every call, as before the plans), next to
+    floors that no launcher can go below (an empty autograd.Function, SDPA).
+    """
     inputs = [torch.randn(1, 1, 64, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(6)]
     grad = torch.randn_like(inputs[0])
     fwd = kernels_module.attention_jvp_forward(*inputs)
@@ -200,21 +225,53 @@ def print_host_overhead(calls: int = 200) -> None:
             torch.autograd.grad((o, t), inputs, (grad, grad))
         return run
 
-    cases = {
-        "forward launcher (1 kernel)": lambda: kernels_module.attention_jvp_forward(*inputs),
-        "backward launcher (2 kernels)": lambda: kernels_module.attention_jvp_backward(*inputs, *fwd, grad, grad),
-        "attention_with_tangent fwd+bwd": op_step(attention_with_tangent),
-        "tvm::attention_jvp_fwd fwd+bwd": op_step(custom_op),
-    }
-    print("\n== host time per call (tiny shape) ==")
-    for name, fn in cases.items():
+    class Identity(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, tq, tk, tv):
+            return q.view_as(q), k.view_as(k)
+
+        @staticmethod
+        def backward(ctx, go, gt):
+            return go, gt, go, gt, go, gt
+
+    def sdpa_step():
+        o = F.scaled_dot_product_attention(*inputs[:3])
+        torch.autograd.grad(o, inputs[:3], grad)
+
+    def timed(fn) -> float:
         fn()
         torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-        print(f"{name:32} {(time.perf_counter() - start) / calls * 1e6:7.1f} us")
+        return (time.perf_counter() - start) / calls * 1e6
+
+    cases = {
+        "forward launcher (1 kernel)": lambda: kernels_module.attention_jvp_forward(*inputs),
+        "backward launcher (2 kernels)": lambda: kernels_module.attention_jvp_backward(*inputs, *fwd, grad, grad),
+        "attention_with_tangent fwd+bwd": op_step(attention_with_tangent),
+        "tvm::attention_jvp_fwd fwd+bwd": op_step(custom_op),
+        "func.jvp(attention_jvp) fwd+bwd": op_step(with_func_jvp),
+    }
+    floors = {
+        "input key (6 tensors)": lambda: kernels_module._input_key(tuple(inputs)),
+        "torch.empty_like": lambda: torch.empty_like(grad),
+        "empty autograd.Function fwd+bwd": op_step(Identity.apply),
+        "SDPA fwd+bwd (no JVP)": sdpa_step,
+    }
+    print("\n== host time per call (tiny shape 1x1x64x64, us) ==")
+    print(f"{'case':34} {'plans':>8} {'no plans':>9}")
+    for name, fn in cases.items():
+        with_plans = timed(fn)
+        kernels_module.FAST_LAUNCH = False
+        try:
+            without = timed(fn)
+        finally:
+            kernels_module.FAST_LAUNCH = True
+        print(f"{name:34} {with_plans:8.1f} {without:9.1f}")
+    for name, fn in floors.items():
+        print(f"{name:34} {timed(fn):8.1f}")
 
 
 def print_best_configs() -> None:

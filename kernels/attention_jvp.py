@@ -80,17 +80,29 @@ _BWD_KV_CONFIGS = [
     _config(32, 128, 8, 2),
     _config(32, 32, 4, 1),
 ]
+# Extra candidates tried only for short sequences (N ≤ 512) with D_PAD ≤ 64, where each program's
+# loop runs a few iterations and pipelining depth and warp count weigh differently.
+_SMALL_N_FWD = [_config(64, 64, 4, 2), _config(64, 64, 4, 4), _config(64, 32, 4, 2), _config(128, 64, 8, 2)]
+_SMALL_N_BWD_Q = [_config(64, 32, 4, 2), _config(64, 32, 8, 3), _config(64, 64, 4, 3), _config(64, 16, 4, 3)]
+_SMALL_N_BWD_KV = [_config(32, 64, 4, 3), _config(32, 64, 8, 2), _config(16, 64, 4, 2), _config(64, 64, 8, 2)]
+_SMALL_N_ONLY = _SMALL_N_FWD + _SMALL_N_BWD_Q + _SMALL_N_BWD_KV
+_FWD_CONFIGS += _SMALL_N_FWD
+_BWD_Q_CONFIGS += _SMALL_N_BWD_Q
+_BWD_KV_CONFIGS += _SMALL_N_BWD_KV
 _FP32_CONFIG = (32, 32)
 
 
 def _prune(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
-    """Keep the small fp32 tile for 32/64-bit inputs, and tiles of ≤ 64 rows for D_PAD = 128."""
+    """Keep the small fp32 tile for 32/64-bit inputs, tiles of ≤ 64 rows for D_PAD = 128, and the
+    short-sequence candidates only for N ≤ 512 and D_PAD ≤ 64."""
     args = {**named_args, **kwargs}
     if args["Q"].dtype in (torch.float32, torch.float64):
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == _FP32_CONFIG]
     kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != _FP32_CONFIG]
     if args["D_PAD"] > 64:
         kept = [c for c in kept if c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64]
+    if args["N_CTX"] > 512 or args["D_PAD"] > 64:
+        kept = [c for c in kept if not any(c is extra for extra in _SMALL_N_ONLY)]
     return kept
 
 
@@ -221,15 +233,20 @@ def _attention_jvp_fwd_kernel(
 @_autotune(_BWD_Q_CONFIGS)
 @triton.jit
 def _attention_jvp_bwd_q_kernel(
-    Q, K, V, TQ, TK, TV, O, T, GO, GT, LSE2, MU, DELTA_P, DELTA_G, GQ, GTQ,
+    Q, K, V, TQ, TK, TV, O, T, GO, GT, LSE2, MU, DELTA, GQ, GTQ,
     sb, sh, sn,
     H, N_CTX,
     SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HAS_GO: tl.constexpr, HAS_GT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid (cdiv(N, BLOCK_M), B·H). Writes δP, δG (per row) and gQ, gtQ (gtQ only with HAS_GT)."""
+    """Grid (cdiv(N, BLOCK_M), B·H). Writes δP, δG (rows of DELTA[0], DELTA[1]) and gQ, gtQ.
+
+    DELTA is a ``[2, B, H, N]`` buffer (``[1, B, H, N]`` without HAS_GT); gtQ only with HAS_GT.
+    """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    DELTA_P = DELTA
+    DELTA_G = DELTA + tl.num_programs(1).to(tl.int64) * N_CTX
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, D_PAD)
     k_base = _head_base(K, pid_bh, H, sb, sh)
@@ -299,7 +316,7 @@ def _attention_jvp_bwd_q_kernel(
 @_autotune(_BWD_KV_CONFIGS)
 @triton.jit
 def _attention_jvp_bwd_kv_kernel(
-    Q, K, V, TQ, TK, TV, GO, GT, LSE2, MU, DELTA_P, DELTA_G, GK, GV, GTK, GTV,
+    Q, K, V, TQ, TK, TV, GO, GT, LSE2, MU, DELTA, GK, GV, GTK, GTV,
     sb, sh, sn,
     H, N_CTX,
     SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -307,10 +324,13 @@ def _attention_jvp_bwd_kv_kernel(
 ):
     """Grid (cdiv(N, BLOCK_N), B·H); loops over query blocks of BLOCK_M rows.
 
-    Writes gK, gV and, with HAS_GT, gtK, gtV. All four gradient tensors share one layout.
+    Reads δP, δG from DELTA (written by pass Q). Writes gK, gV and, with HAS_GT, gtK, gtV
+    (contiguous).
     """
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    DELTA_P = DELTA
+    DELTA_G = DELTA + tl.num_programs(1).to(tl.int64) * N_CTX
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, D_PAD)
     q_base = _head_base(Q, pid_bh, H, sb, sh)
@@ -373,6 +393,136 @@ def _attention_jvp_bwd_kv_kernel(
 
 
 # --------------------------------------------------------------------------------------------
+# Launch plans: host time per call
+# --------------------------------------------------------------------------------------------
+#
+# A launch through Triton's autotuner and JIT costs tens of µs of host time (autotuner key,
+# argument binding and specialisation, cache lookup, launch metadata): more than the GPU time of
+# a small attention call. So the first call with a given input signature goes through them (they
+# pick the config and compile), and the launcher records the compiled kernel, its grid and its
+# trailing arguments (integers and constexpr values) in a plan. Later calls with the same
+# signature launch the compiled kernel directly through ``CompiledKernel.run``, with the
+# argument list that ``JITFunction.run`` and ``CompiledKernel.__getitem__`` pass it (the same in
+# Triton 3.6 to 3.9). Anything unexpected while making a plan leaves that signature on the
+# dispatch path, which is always correct.
+#
+# A plan's key holds everything the JIT specialises on: shape and strides (all the kernels'
+# integer arguments derive from them), dtype, device, flags and scale, and it is made only when
+# every pointer the caller passes is 16-byte aligned (Triton specialises on that); outputs are
+# fresh allocations, so their alignment and layout follow from the key. Set
+# ``TVM_ATTENTION_FAST_LAUNCH=0`` (or ``FAST_LAUNCH = False``) to always take the dispatch path.
+
+FAST_LAUNCH = os.environ.get("TVM_ATTENTION_FAST_LAUNCH", "1") != "0"
+_PLANS: dict[tuple, Any] = {}
+try:  # launch hooks (profilers) live here since Triton 3.4; without it no plans are made
+    from triton import knobs as _triton_knobs
+
+    _RUNTIME_KNOBS = _triton_knobs.runtime
+except (ImportError, AttributeError):
+    _RUNTIME_KNOBS = None
+
+
+def _hook_set(hook: Any) -> bool:
+    """Whether a Triton launch hook would do anything (since 3.6 an empty HookChain by default)."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+class _Launch:
+    """A compiled kernel with its grid and trailing arguments; ``self(*pointers)`` launches it.
+
+    The kernel's full argument list is ``(*pointers, *tail)``: the pointer arguments come first in
+    every kernel here, then the integers and the constexpr values (``tail``). Under the
+    interpreter the same argument list goes to the interpreted function.
+    """
+
+    __slots__ = ("grid", "tail", "compiled", "launcher", "function", "packed", "device", "stream", "interpreted")
+
+    def __init__(self, grid: tuple[int, int, int], tail: tuple, compiled: Any, device: int, interpreted: Any) -> None:
+        self.grid, self.tail, self.compiled, self.device, self.interpreted = grid, tail, compiled, device, interpreted
+        if interpreted is None:
+            self.launcher = compiled.run
+            self.function = compiled.function
+            self.packed = compiled.packed_metadata
+            self.stream = triton.runtime.driver.active.get_current_stream
+
+    def __call__(self, *pointers: Any) -> None:
+        if self.interpreted is not None:
+            self.interpreted[self.grid](*pointers, *self.tail)
+            return
+        grid = self.grid
+        stream = self.stream(self.device)
+        enter, leave = _RUNTIME_KNOBS.launch_enter_hook, _RUNTIME_KNOBS.launch_exit_hook
+        if _hook_set(enter) or _hook_set(leave):  # e.g. a profiler: same metadata as the JIT path
+            args = (*pointers, *self.tail)
+            metadata = self.compiled.launch_metadata(grid, stream, *args)
+            self.launcher(*grid, stream, self.function, self.packed, metadata, enter, leave, *args)
+        else:
+            self.launcher(grid[0], grid[1], grid[2], stream, self.function, self.packed, None, None, None,
+                          *pointers, *self.tail)
+
+
+def _launch_and_record(kernel: Any, grid_fn: Any, pointers: tuple, ints: tuple, constexprs: dict, device: int,
+                       record: bool) -> Optional[_Launch]:
+    """Launch through the autotuner and the JIT; with ``record``, return a plan for later calls."""
+    bound: list[dict[str, Any]] = []
+
+    def grid(meta: dict[str, Any]) -> tuple[int, ...]:
+        bound.append(meta)  # all arguments by name, the config's meta-parameters included
+        return grid_fn(meta)
+
+    compiled = kernel[grid](*pointers, *ints, **constexprs)
+    if not record or not bound:
+        return None
+    try:
+        meta = bound[-1]  # the launch that ran last is the chosen config's
+        names = list(kernel.arg_names)  # signature order
+        if len(names) != len(meta) or len(names) <= len(pointers) + len(ints):
+            return None
+        launch_grid = tuple(grid_fn(meta))
+        launch_grid = launch_grid + (1,) * (3 - len(launch_grid))
+        tail = (*ints, *(meta[name] for name in names[len(pointers) + len(ints):]))
+        if is_interpreting():
+            return _Launch(launch_grid, tail, None, device, kernel.fn)
+        if _RUNTIME_KNOBS is None:
+            return None
+        if hasattr(compiled, "result"):
+            compiled = compiled.result()
+        if getattr(compiled, "function", None) is None or not hasattr(compiled, "packed_metadata"):
+            return None
+        return _Launch(launch_grid, tail, compiled, device, None)
+    except Exception:  # an unknown Triton internals layout: stay on the dispatch path
+        return None
+
+
+def _input_key(tensors: tuple) -> Optional[tuple]:
+    """(shape, strides, dtype, device) shared by all tensors, or None (no plan for this call).
+
+    None when layouts, dtypes or devices differ, when a pointer is not 16-byte aligned, when the
+    tensors are on the CPU outside the interpreter, or for non-tensors (validation then raises).
+    """
+    if not FAST_LAUNCH:
+        return None
+    first = tensors[0]
+    try:
+        shape, stride, dtype, device = first.shape, first.stride(), first.dtype, first.get_device()
+        pointers = first.data_ptr()
+        for x in tensors[1:]:
+            if x.shape != shape or x.stride() != stride or x.dtype != dtype or x.get_device() != device:
+                return None
+            pointers |= x.data_ptr()
+    except (AttributeError, TypeError, RuntimeError):
+        return None
+    if pointers & 15:
+        return None
+    if device < 0:
+        if not is_interpreting():
+            return None
+    elif torch.cuda.current_device() != device:
+        return None
+    return shape, stride, dtype, device
+
+
+# --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
 
@@ -406,8 +556,13 @@ def _kernel_dtype_args(dtype: torch.dtype, head_dim: int) -> dict[str, Any]:
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Allocation of every kernel output (tests replace it to poison outputs with NaN)."""
+    """Allocation of the row statistics (tests replace it to poison outputs with NaN)."""
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _empty_like(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor shaped like x: the [B, H, N, D] outputs (tests replace it too)."""
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _layout(x: torch.Tensor) -> tuple[int, ...]:
@@ -429,11 +584,9 @@ def _shared_layout(*tensors: torch.Tensor) -> list[torch.Tensor]:
 
 def _contiguous(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x as a contiguous tensor of dtype (outputs and upstream gradients use this layout)."""
+    if x.dtype == dtype and x.is_contiguous():
+        return x
     return x.to(dtype).contiguous()
-
-
-def _bhn_strides(x: torch.Tensor) -> tuple[int, int, int]:
-    return x.stride(0), x.stride(1), x.stride(2)
 
 
 def check_inputs(names: tuple[str, ...], *tensors: torch.Tensor) -> None:
@@ -471,6 +624,67 @@ def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
 
+_INPUT_NAMES = ("q", "k", "v", "tq", "tk", "tv")
+
+
+class _ForwardPlan(NamedTuple):
+    launch: _Launch
+    stats_shape: tuple[int, int, int]
+    stats_dtype: torch.dtype
+    device: torch.device
+
+
+class _BackwardPlan(NamedTuple):
+    launch_q: _Launch
+    launch_kv: _Launch
+    delta_shape: tuple[int, int, int, int]
+    stats_dtype: torch.dtype
+    device: torch.device
+
+
+def _forward(inputs: tuple, has_tangent: bool, scale: Optional[float]) -> tuple[ForwardResult, Optional[tuple]]:
+    """Forward on (q, k, v[, tq, tk, tv]); also returns the input key (None: no plan applies)."""
+    key = _input_key(inputs)
+    if key is not None:
+        plan = _PLANS.get(("fwd", key, has_tangent, scale))
+        if plan is not None:
+            q = inputs[0]
+            o = _empty_like(q)
+            lse2 = _empty(plan.stats_shape, plan.stats_dtype, plan.device)
+            if has_tangent:
+                t = _empty_like(q)
+                mu = _empty(plan.stats_shape, plan.stats_dtype, plan.device)
+                plan.launch(*inputs, o, t, lse2, mu)
+                return ForwardResult(o, t, lse2, mu), key
+            plan.launch(q, inputs[1], inputs[2], q, inputs[1], inputs[2], o, o, lse2, lse2)
+            return ForwardResult(o, None, lse2, None), key
+
+    check_inputs(_INPUT_NAMES[: len(inputs)], *inputs)
+    shared = _shared_layout(*inputs)
+    record = key is not None and all(a is b for a, b in zip(shared, inputs))
+    q, k, v, *rest = shared
+    tq, tk, tv = rest if has_tangent else (q, k, v)
+    batch, heads, n_ctx, head_dim = q.shape
+    o = _empty_like(q)
+    t = _empty_like(q) if has_tangent else o
+    stats_dtype = _acc_dtype(q.dtype)
+    lse2 = _empty((batch, heads, n_ctx), stats_dtype, q.device)
+    mu = _empty(lse2.shape, stats_dtype, q.device) if has_tangent else lse2
+
+    def grid(meta: dict[str, Any]) -> tuple[int, int]:
+        return triton.cdiv(n_ctx, meta["BLOCK_M"]), batch * heads
+
+    constexprs = dict(SCALE=default_scale(head_dim) if scale is None else float(scale), HAS_TANGENT=has_tangent,
+                      **_kernel_dtype_args(q.dtype, head_dim))
+    launch = _launch_and_record(
+        _attention_jvp_fwd_kernel, grid, (q, k, v, tq, tk, tv, o, t, lse2, mu),
+        (*q.stride()[:3], heads, n_ctx), constexprs, q.get_device(), record,
+    )
+    if launch is not None:
+        _PLANS[("fwd", key, has_tangent, scale)] = _ForwardPlan(launch, (batch, heads, n_ctx), stats_dtype, q.device)
+    return ForwardResult(o, t if has_tangent else None, lse2, mu if has_tangent else None), key
+
+
 def attention_jvp_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -485,32 +699,97 @@ def attention_jvp_forward(
     All tensors are ``[B, H, N, D]`` of one dtype and device. Without tangents this is a plain
     flash forward (4u FLOPs); with them the fused primal+tangent forward (12u, spec §3.1).
     """
-    tangents = (tq, tk, tv)
-    has_tangent = all(x is not None for x in tangents)
-    if any(x is not None for x in tangents) and not has_tangent:
-        raise ValueError("attention_jvp: give all of tq, tk, tv or none of them")
-    names = ("q", "k", "v", "tq", "tk", "tv") if has_tangent else ("q", "k", "v")
-    inputs = [q, k, v, *tangents] if has_tangent else [q, k, v]
-    check_inputs(names, *inputs)
-    q, k, v, *rest = _shared_layout(*inputs)
-    tq, tk, tv = rest if has_tangent else (q, k, v)
+    if tq is not None and tk is not None and tv is not None:
+        return _forward((q, k, v, tq, tk, tv), True, scale)[0]
+    if tq is None and tk is None and tv is None:
+        return _forward((q, k, v), False, scale)[0]
+    raise ValueError("attention_jvp: give all of tq, tk, tv or none of them")
+
+
+def _backward(
+    inputs: tuple,
+    key: Optional[tuple],
+    o: torch.Tensor,
+    t: Optional[torch.Tensor],
+    lse2: torch.Tensor,
+    mu: Optional[torch.Tensor],
+    grad_o: Optional[torch.Tensor],
+    grad_t: Optional[torch.Tensor],
+    scale: Optional[float],
+) -> tuple:
+    """Backward on ``inputs`` = (q, k, v[, tq, tk, tv]) (6 with grad_t); ``key`` from ``_input_key``.
+
+    The caller passes ``key`` = ``_input_key(inputs)`` (or the key the forward returned for the
+    same, unmodified tensors), or None to have it computed.
+    """
+    has_go = grad_o is not None
+    has_gt = grad_t is not None
+    q = inputs[0]
+    dtype = q.dtype
+    o = _contiguous(o, dtype)
+    grad_o = _contiguous(grad_o, dtype) if has_go else o
+    if has_gt:
+        t, grad_t = _contiguous(t, dtype), _contiguous(grad_t, dtype)
+    else:
+        t, grad_t, mu = o, o, lse2
+    if key is not None and FAST_LAUNCH and not (
+        (o.data_ptr() | t.data_ptr() | grad_o.data_ptr() | grad_t.data_ptr() | lse2.data_ptr() | mu.data_ptr()) & 15
+    ):
+        plan = _PLANS.get(("bwd", key, has_go, has_gt, scale))
+        if plan is not None and lse2.dtype == plan.stats_dtype and mu.dtype == plan.stats_dtype:
+            # Allocate what pass Q writes, launch it, then allocate the rest while it runs.
+            delta = _empty(plan.delta_shape, plan.stats_dtype, plan.device)
+            gq = _empty_like(q)
+            if has_gt:
+                gtq = _empty_like(q)
+                plan.launch_q(*inputs, o, t, grad_o, grad_t, lse2, mu, delta, gq, gtq)
+                gk, gv, gtk, gtv = _empty_like(q), _empty_like(q), _empty_like(q), _empty_like(q)
+                plan.launch_kv(*inputs, grad_o, grad_t, lse2, mu, delta, gk, gv, gtk, gtv)
+                return gq, gk, gv, gtq, gtk, gtv
+            k, v = inputs[1], inputs[2]
+            plan.launch_q(q, k, v, q, k, v, o, t, grad_o, grad_t, lse2, mu, delta, gq, gq)
+            gk, gv = _empty_like(q), _empty_like(q)
+            plan.launch_kv(q, k, v, q, k, v, grad_o, grad_t, lse2, mu, delta, gk, gv, gk, gv)
+            return gq, gk, gv, None, None, None
+    else:
+        key = None
+
+    check_inputs(_INPUT_NAMES[: len(inputs)], *inputs)
+    shared = _shared_layout(*inputs)
+    record = key is not None and all(a is b for a, b in zip(shared, inputs))
+    q, k, v, *rest = shared
+    tq, tk, tv = rest if has_gt else (q, k, v)
     batch, heads, n_ctx, head_dim = q.shape
-    scale = default_scale(head_dim) if scale is None else float(scale)
+    stats_dtype = _acc_dtype(dtype)
+    delta_shape = (2 if has_gt else 1, batch, heads, n_ctx)
+    delta = _empty(delta_shape, stats_dtype, q.device)
+    grads = [_empty_like(q) for _ in range(6 if has_gt else 3)]
+    gq, gk, gv = grads[:3]
+    gtq, gtk, gtv = grads[3:] if has_gt else (gq, gk, gv)
+    constexprs = dict(SCALE=default_scale(head_dim) if scale is None else float(scale), HAS_GO=has_go,
+                      HAS_GT=has_gt, **_kernel_dtype_args(dtype, head_dim))
+    ints = (*q.stride()[:3], heads, n_ctx)
+    record = record and lse2.dtype == stats_dtype and mu.dtype == stats_dtype
 
-    o = _empty(q.shape, q.dtype, q.device)
-    t = _empty(q.shape, q.dtype, q.device) if has_tangent else o
-    lse2 = _empty((batch, heads, n_ctx), _acc_dtype(q.dtype), q.device)
-    mu = _empty(lse2.shape, lse2.dtype, q.device) if has_tangent else lse2
-
-    def grid(meta: dict[str, Any]) -> tuple[int, int]:
+    def grid_q(meta: dict[str, Any]) -> tuple[int, int]:
         return triton.cdiv(n_ctx, meta["BLOCK_M"]), batch * heads
 
-    _attention_jvp_fwd_kernel[grid](
-        q, k, v, tq, tk, tv, o, t, lse2, mu,
-        *_bhn_strides(q), heads, n_ctx, SCALE=scale,
-        HAS_TANGENT=has_tangent, **_kernel_dtype_args(q.dtype, head_dim),
+    def grid_kv(meta: dict[str, Any]) -> tuple[int, int]:
+        return triton.cdiv(n_ctx, meta["BLOCK_N"]), batch * heads
+
+    launch_q = _launch_and_record(
+        _attention_jvp_bwd_q_kernel, grid_q, (q, k, v, tq, tk, tv, o, t, grad_o, grad_t, lse2, mu, delta, gq, gtq),
+        ints, constexprs, q.get_device(), record,
     )
-    return ForwardResult(o, t if has_tangent else None, lse2, mu if has_tangent else None)
+    launch_kv = _launch_and_record(
+        _attention_jvp_bwd_kv_kernel, grid_kv, (q, k, v, tq, tk, tv, grad_o, grad_t, lse2, mu, delta, gk, gv, gtk, gtv),
+        ints, constexprs, q.get_device(), record,
+    )
+    if launch_q is not None and launch_kv is not None:
+        _PLANS[("bwd", key, has_go, has_gt, scale)] = _BackwardPlan(launch_q, launch_kv, delta_shape, stats_dtype, q.device)
+    if has_gt:
+        return gq, gk, gv, gtq, gtk, gtv
+    return gq, gk, gv, None, None, None
 
 
 def attention_jvp_backward(
@@ -537,43 +816,10 @@ def attention_jvp_backward(
     """
     if grad_o is None and grad_t is None:
         raise ValueError("attention_jvp_backward: at least one of grad_o, grad_t is required")
-    has_go = grad_o is not None
-    has_gt = grad_t is not None
-    if has_gt and any(x is None for x in (tq, tk, tv, t, mu)):
-        raise ValueError("attention_jvp_backward: grad_t needs tq, tk, tv, t and mu")
-    if has_gt:
-        q, k, v, tq, tk, tv = _shared_layout(q, k, v, tq, tk, tv)
-        t, grad_t = _contiguous(t, q.dtype), _contiguous(grad_t, q.dtype)
+    if grad_t is not None:
+        if any(x is None for x in (tq, tk, tv, t, mu)):
+            raise ValueError("attention_jvp_backward: grad_t needs tq, tk, tv, t and mu")
+        inputs = (q, k, v, tq, tk, tv)
     else:
-        q, k, v = _shared_layout(q, k, v)
-        tq, tk, tv, t, grad_t = q, k, v, o, o
-    o = _contiguous(o, q.dtype)
-    grad_o = _contiguous(grad_o, q.dtype) if has_go else o
-    mu = mu if has_gt else lse2
-    batch, heads, n_ctx, head_dim = q.shape
-    scale = default_scale(head_dim) if scale is None else float(scale)
-
-    delta_p = _empty(lse2.shape, lse2.dtype, q.device)
-    delta_g = _empty(lse2.shape, lse2.dtype, q.device) if has_gt else delta_p
-    grads = [_empty(q.shape, q.dtype, q.device) for _ in range(6 if has_gt else 3)]
-    gq, gk, gv = grads[:3]
-    gtq, gtk, gtv = grads[3:] if has_gt else (gq, gk, gv)
-    constexprs = dict(HAS_GO=has_go, HAS_GT=has_gt, **_kernel_dtype_args(q.dtype, head_dim))
-
-    def grid_q(meta: dict[str, Any]) -> tuple[int, int]:
-        return triton.cdiv(n_ctx, meta["BLOCK_M"]), batch * heads
-
-    def grid_kv(meta: dict[str, Any]) -> tuple[int, int]:
-        return triton.cdiv(n_ctx, meta["BLOCK_N"]), batch * heads
-
-    _attention_jvp_bwd_q_kernel[grid_q](
-        q, k, v, tq, tk, tv, o, t, grad_o, grad_t, lse2, mu, delta_p, delta_g, gq, gtq,
-        *_bhn_strides(q), heads, n_ctx, SCALE=scale, **constexprs,
-    )
-    _attention_jvp_bwd_kv_kernel[grid_kv](
-        q, k, v, tq, tk, tv, grad_o, grad_t, lse2, mu, delta_p, delta_g, gk, gv, gtk, gtv,
-        *_bhn_strides(q), heads, n_ctx, SCALE=scale, **constexprs,
-    )
-    if has_gt:
-        return gq, gk, gv, gtq, gtk, gtv
-    return gq, gk, gv, None, None, None
+        inputs = (q, k, v)
+    return _backward(inputs, _input_key(inputs), o, t, lse2, mu, grad_o, grad_t, scale)

@@ -7,6 +7,15 @@ from tvm.models.dit import DiT
 from tvm.method.wrapper import TVMWrapper
 
 
+def single_thread():
+    """Generator fixture body: torch on one thread for the scope (tiny models run far faster, do not
+    stall on a busy machine, and forked trials match in-process runs bit for bit)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_dit(num_classes: int = 10, input_size: int = 8, in_channels: int = 2, depth: int = 2, hidden: int = 32,
              heads: int = 4, **kwargs) -> DiT:
     return DiT("DiT-S/2", input_size=input_size, in_channels=in_channels, num_classes=num_classes,

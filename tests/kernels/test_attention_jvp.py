@@ -29,7 +29,11 @@ def poisoned_outputs(monkeypatch):
     def nan_empty(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
+    def nan_empty_like(x):
+        return torch.full(x.shape, float("nan"), dtype=x.dtype, device=x.device)
+
     monkeypatch.setattr(kernel_module, "_empty", nan_empty)
+    monkeypatch.setattr(kernel_module, "_empty_like", nan_empty_like)
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -250,3 +254,125 @@ def test_faces_under_ddp(face, tmp_path):
             assert relative_error(g, ref) < 1e-12
     finally:
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------ launch plans (host fast path)
+
+
+def _count_dispatches(monkeypatch):
+    """Counts launches that go through Triton's autotuner/JIT rather than a recorded plan."""
+    calls = []
+    original = kernel_module._launch_and_record
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernel_module, "_launch_and_record", counting)
+    return calls
+
+
+@pytest.mark.parametrize("grads", ["both", "o_only", "t_only"])
+def test_launch_plans_repeat_dispatch_results(monkeypatch, grads):
+    """The second call launches through the recorded plans and gives bitwise the same outputs."""
+    calls = _count_dispatches(monkeypatch)
+    kernel_module._PLANS.clear()
+    inputs, grad_o, grad_t = random_inputs((2, 3, 23, 16), torch.float64, seed=10)
+    grad_o = None if grads == "t_only" else grad_o
+    grad_t = None if grads == "o_only" else grad_t
+
+    def run():
+        fwd = attention_jvp_forward(*inputs)
+        return [fwd.o, fwd.t, *attention_jvp_backward(*inputs, *fwd, grad_o, grad_t)]
+
+    first = run()
+    assert len(calls) == 3 and len(kernel_module._PLANS) == 2
+    second = run()
+    assert len(calls) == 3, "second call did not use the launch plans"
+    for a, b in zip(first, second):
+        assert (a is None and b is None) or torch.equal(a, b)
+    expected = reference(inputs, grad_o, grad_t)
+    outputs = [torch.zeros_like(inputs[0]) if g is None else g for g in second]
+    assert_close(outputs, expected, torch.float64)
+
+    monkeypatch.setattr(kernel_module, "FAST_LAUNCH", False)
+    third = run()
+    assert len(calls) == 6
+    for a, b in zip(first, third):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_launch_plan_tail_matches_kernel_signature(monkeypatch):
+    """A plan's argument list is the kernel's full signature with the config's meta-parameters."""
+    kernel_module._PLANS.clear()
+    inputs, _, _ = random_inputs((1, 2, 12, 16), torch.float64, seed=11)
+    attention_jvp_forward(*inputs)
+    (key, plan), = kernel_module._PLANS.items()
+    kernel = kernel_module._attention_jvp_fwd_kernel
+    names = kernel.arg_names
+    launch = plan.launch
+    assert 10 + len(launch.tail) == len(names)
+    by_name = dict(zip(names[10:], launch.tail))
+    assert by_name["N_CTX"] == 12 and by_name["H"] == 2 and by_name["HAS_TANGENT"] is True
+    assert (by_name["sb"], by_name["sh"], by_name["sn"]) == inputs[0].stride()[:3]
+    assert by_name["SCALE"] == pytest.approx(0.25) and by_name["HEAD_DIM"] == 16
+    assert by_name["BLOCK_M"] == 16 and by_name["BLOCK_N"] == 16
+    assert launch.grid == (1, 2, 1)
+
+
+def test_inputs_without_a_plan_take_the_dispatch_path(monkeypatch):
+    """Unaligned pointers, differing layouts or dtypes: no plan, same results as before."""
+    calls = _count_dispatches(monkeypatch)
+    kernel_module._PLANS.clear()
+    base = torch.randn(6 * 2 * 2 * 9 * 16 + 1, dtype=torch.float64)
+    unaligned = [base[1 + i * 576: 1 + (i + 1) * 576].view(2, 2, 9, 16) for i in range(6)]
+    assert unaligned[0].data_ptr() % 16 != 0
+    assert kernel_module._input_key(tuple(unaligned)) is None
+    transposed = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in unaligned]
+    mixed = [unaligned[0].contiguous(), *transposed[1:]]
+    assert kernel_module._input_key(tuple(mixed)) is None
+    for inputs in (unaligned, mixed, unaligned):
+        fwd = attention_jvp_forward(*inputs)
+        assert_close([fwd.o, fwd.t], list(attention_jvp_math(*inputs)), torch.float64, ("O", "T"))
+    assert len(calls) == 3 and not kernel_module._PLANS
+
+
+def test_launch_hooks_and_arguments_of_a_compiled_plan(monkeypatch):
+    """The GPU branch of a plan: CompiledKernel.run gets the JIT path's argument list."""
+
+    class Chain:  # like triton.knobs' HookChain
+        def __init__(self):
+            self.calls = []
+
+        def __call__(self, metadata):
+            for call in self.calls:
+                call(metadata)
+
+    class Knobs:
+        launch_enter_hook = Chain()
+        launch_exit_hook = Chain()
+
+    class Compiled:
+        function, packed_metadata = "function", ("packed",)
+
+        def __init__(self):
+            self.launched = []
+
+        def run(self, *args):
+            self.launched.append(args)
+
+        def launch_metadata(self, grid, stream, *args):
+            return ("metadata", grid, stream, len(args))
+
+    monkeypatch.setattr(kernel_module, "_RUNTIME_KNOBS", Knobs)
+    compiled = Compiled()
+    launch = object.__new__(kernel_module._Launch)
+    launch.grid, launch.tail, launch.compiled, launch.device, launch.interpreted = (3, 4, 1), (7, 8), compiled, 0, None
+    launch.launcher, launch.function, launch.packed = compiled.run, compiled.function, compiled.packed_metadata
+    launch.stream = lambda device: 1000 + device
+    launch("a", "b")
+    assert compiled.launched[-1] == (3, 4, 1, 1000, "function", ("packed",), None, None, None, "a", "b", 7, 8)
+    Knobs.launch_enter_hook.calls.append(print)
+    launch("a", "b")
+    assert compiled.launched[-1] == (3, 4, 1, 1000, "function", ("packed",), ("metadata", (3, 4, 1), 1000, 4),
+                                     Knobs.launch_enter_hook, Knobs.launch_exit_hook, "a", "b", 7, 8)

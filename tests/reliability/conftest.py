@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import single_thread
+
 sys.path.insert(0, str(Path(__file__).parent))  # makes fault_tools.py importable
 
 from fault_tools import RUN, in_process_run, load_final  # noqa: E402
@@ -69,13 +71,7 @@ def pytest_terminal_summary(terminalreporter) -> None:
                                            sort_keys=True) + "\n")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run far faster on one thread (and forked trials then match in-process runs bit for bit)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = pytest.fixture(autouse=True, scope="module", name="one_thread")(single_thread)
 
 
 @pytest.fixture(scope="session")
