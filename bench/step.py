@@ -39,9 +39,11 @@ from tvm.train.ema import make_ema
 from tvm.train.loop import Progress, RunState, apply_update, forward_flops
 
 
-def build_state(cfg, resolution: int, variant: str = "autograd:math", seed: int = 0) -> RunState:
+def build_state(cfg, resolution: int, variant: str = "autograd:math", recompute: str = "none", seed: int = 0
+                ) -> RunState:
     torch.manual_seed(seed)
     cfg.network.jvp_mode, cfg.network.jvp_attn_backend = variant.split(":")[:2]
+    cfg.network.recompute = recompute if cfg.network.jvp_mode == "explicit" else "none"
     net = build_network(cfg.network, resolution, 4, 1000, device="cuda")
     with torch.no_grad():  # give the zero-initialised layers signal
         for name, p in net.named_parameters():
@@ -99,12 +101,13 @@ def grads_of(state: RunState) -> torch.Tensor:
     return torch.cat([p.grad.float().flatten() for p in state.net.parameters() if p.grad is not None])
 
 
-def check_variants(cfg, resolution: int, variants: list[str], n: int = 4) -> dict[str, dict[str, float]]:
+def check_variants(cfg, resolution: int, variants: list[str], recompute: str, n: int = 4
+                   ) -> dict[str, dict[str, float]]:
     """Relative difference of loss and gradients of each variant vs autograd JVP with math attention."""
     x, labels = batch(n, resolution, 1)
 
     def loss_and_grads(variant: str) -> tuple[torch.Tensor, torch.Tensor]:
-        state = build_state(cfg, resolution, variant)
+        state = build_state(cfg, resolution, variant, recompute)
         net = prepare(state, "tvm", variant.rsplit(":", 1)[-1])
         gen = torch.Generator(device="cuda").manual_seed(7)
         draws = draw_step(gen, n, tuple(x.shape[1:]), time_sampling(cfg.loss), guidance(cfg.loss), "cuda")
@@ -118,6 +121,7 @@ def check_variants(cfg, resolution: int, variants: list[str], n: int = 4) -> dic
         l_v, g_v = loss_and_grads(variant)
         out[variant] = {"loss_rel": float((l_v - l_ref).norm() / l_ref.norm()),
                         "grad_rel": float((g_v - g_ref).norm() / g_ref.norm())}
+        torch._dynamo.reset()
         torch.cuda.empty_cache()
     return out
 
@@ -142,7 +146,10 @@ def measure(kind: str, variant: str, cfg, R: int, x: torch.Tensor, labels: torch
     ``compile`` (the whole DiT forward, or for ``tvm`` the whole loss forward) or ``blocks``
     (regional: each DiT block compiled in place, online net, teacher and EMA).
     """
-    state = build_state(cfg, R, variant if kind == "tvm" else "explicit:triton")
+    if kind == "tvm":
+        state = build_state(cfg, R, variant, args.recompute)
+    else:
+        state = build_state(cfg, R, "explicit:triton")
     net = prepare(state, kind, variant.rsplit(":", 1)[-1])
     torch.cuda.reset_peak_memory_stats()
     try:
@@ -173,6 +180,8 @@ def main() -> None:
                         help="TVM step variants JVPMODE:ATTENTION[:compile|:blocks], comma-separated")
     parser.add_argument("--plain", default="eager,blocks",
                         help="flow-matching step and generation: eager, compile, blocks ('' for none)")
+    parser.add_argument("--recompute", default="none", choices=["none", "fm", "all"],
+                        help="network.recompute (activation checkpointing) of the explicit-JVP TVM rows")
     parser.add_argument("--peak", type=float, default=800e12, help="peak FLOP/s for MFU")
     parser.add_argument("--check", default="autograd:triton,explicit:triton,explicit:triton:blocks",
                         help="variants to check against autograd:math first ('' for none)")
@@ -184,10 +193,11 @@ def main() -> None:
     R = args.resolution // 8
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; config {config}, latent {R}x{R}, "
-          f"batch {args.batch}")
+          f"batch {args.batch}, recompute {args.recompute}")
     variants = [v for v in args.variants.split(",") if v]
     if args.check:
-        for variant, diff in check_variants(cfg, R, [v for v in variants if v in args.check.split(",")]).items():
+        checked = [v for v in variants if v in args.check.split(",")]
+        for variant, diff in check_variants(cfg, R, checked, args.recompute).items():
             print(f"# check (bf16, batch 4) {variant} vs autograd:math: {diff}", flush=True)
 
     rows = []
@@ -196,6 +206,7 @@ def main() -> None:
     for kind, variant in [("tvm", v) for v in variants] + plain:
         rows += measure(kind, variant, cfg, R, x, labels, args)
         print("#", rows[-1], flush=True)
+        torch._dynamo.reset()  # drop compiled code of the finished variant (its cache entries and memory)
         torch.cuda.empty_cache()
     with torch.device("meta"):
         gflops = forward_flops(build_network(cfg.network, R, 4, 1000, "meta", init=False).model) / 1e9

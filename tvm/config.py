@@ -85,7 +85,9 @@ class NetworkConfig:
     data_type: str = "bf16"              # CUDA autocast dtype: bf16 | fp16 | fp32 (CPU always fp32)
     detach_jvp: bool = False
     do_scale_param: bool = True
-    compile: bool = False                # torch.compile the online network (CUDA)
+    compile: bool = False                # torch.compile the training forward (CUDA), see compile_scope
+    compile_scope: str = "blocks"        # blocks: each DiT block, regional (fast to compile) | full: the whole loss forward
+    recompute: str = "none"              # activation checkpointing: none | fm (FM-branch forward) | all (+ JVP blocks)
     attn_backend: str = "sdpa"           # plain forwards: sdpa | math
     jvp_attn_backend: str = "auto"       # inside the JVP: auto (triton on CUDA, math on CPU) | math | triton
     jvp_mode: str = "explicit"           # ∂F/∂s by explicit tangents through the layers | autograd (torch.func.jvp)

@@ -16,6 +16,7 @@ import contextlib
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from tvm.method.jvp import velocity_and_ds
 from tvm.method.loss import loss_terms
@@ -25,6 +26,7 @@ from tvm.models.dit import DiT
 
 DATA_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 JVP_MODES = ("explicit", "autograd")
+RECOMPUTE = ("none", "fm", "all")
 
 
 class TVMWrapper(nn.Module):
@@ -40,16 +42,25 @@ class TVMWrapper(nn.Module):
         jvp_mode: how ``∂_s F`` is computed: ``"explicit"`` tangent propagation through the layers
             (``DiT.forward_with_tangent``; one ordinary graph, compiles) or ``"autograd"``
             (``torch.func.jvp`` through the plain forward, upstream's method; eager only).
+        recompute: activation checkpointing, trading compute for memory in training forwards:
+            ``"none"``; ``"fm"`` recomputes the flow-matching branch's forward in the backward
+            (+1 of the step's ~11 forward equivalents); ``"all"`` also recomputes each block of the
+            JVP branch (explicit mode; +2 more). Values and gradients are unchanged.
     """
 
     def __init__(self, model: DiT, data_type: str = "bf16", do_scale_param: bool = True,
                  detach_jvp: bool = False, attn_backend: str = "sdpa", jvp_attn_backend: str = "math",
-                 jvp_mode: str = "explicit"):
+                 jvp_mode: str = "explicit", recompute: str = "none"):
         super().__init__()
         if data_type not in DATA_TYPES:
             raise ValueError(f"unknown data_type {data_type!r}; allowed: {', '.join(DATA_TYPES)}")
         if jvp_mode not in JVP_MODES:
             raise ValueError(f"unknown jvp_mode {jvp_mode!r}; allowed: {', '.join(JVP_MODES)}")
+        if recompute not in RECOMPUTE:
+            raise ValueError(f"unknown recompute {recompute!r}; allowed: {', '.join(RECOMPUTE)}")
+        if recompute == "all" and jvp_mode != "explicit":
+            raise ValueError("recompute='all' needs jvp_mode='explicit' (torch.func.jvp cannot run through "
+                             "activation checkpointing); use recompute='fm'")
         for name, backend in (("attn_backend", attn_backend), ("jvp_attn_backend", jvp_attn_backend)):
             if backend not in BACKENDS:
                 raise ValueError(f"unknown {name} {backend!r}; allowed: {', '.join(BACKENDS)}")
@@ -63,6 +74,7 @@ class TVMWrapper(nn.Module):
         self.attn_backend = attn_backend
         self.jvp_attn_backend = jvp_attn_backend
         self.jvp_mode = jvp_mode
+        self.recompute = recompute
 
     @property
     def label_dim(self) -> int:
@@ -78,12 +90,22 @@ class TVMWrapper(nn.Module):
                  beta: torch.Tensor | None = None, attn_backend: str | None = None,
                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """``F_θ(x, t, gap, c, β)`` with inputs cast to the parameter dtype (fp32; float64 in
-        tests) and the output to ``out_dtype`` (default: t's dtype, as upstream)."""
+        tests) and the output to ``out_dtype`` (default: t's dtype, as upstream). With gradients
+        enabled and ``recompute`` set, its activations are recomputed in the backward."""
+        checkpoint = self.recompute != "none" and torch.is_grad_enabled()
+        return self._velocity(x, t, gap, labels, beta, attn_backend or self.attn_backend, out_dtype, checkpoint)
+
+    def _velocity(self, x: torch.Tensor, t: torch.Tensor, gap: torch.Tensor, labels: torch.Tensor | None,
+                  beta: torch.Tensor | None, attn_backend: str, out_dtype: torch.dtype | None,
+                  checkpoint: bool) -> torch.Tensor:
         dtype = self.model.pos_embed.dtype
+        args = (x.to(dtype), t.to(dtype), gap.to(dtype), None if labels is None else labels.to(dtype),
+                None if beta is None else beta.to(dtype), attn_backend)
         with self.autocast(x.device):
-            out = self.model(
-                x.to(dtype), t.to(dtype), gap.to(dtype), None if labels is None else labels.to(dtype),
-                None if beta is None else beta.to(dtype), attn_backend=attn_backend or self.attn_backend)
+            if checkpoint:
+                out = torch.utils.checkpoint.checkpoint(self.model, *args, use_reentrant=False)
+            else:
+                out = self.model(*args)
         return out.to(out_dtype or t.dtype)
 
     def velocity_and_ds(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, labels: torch.Tensor | None,
@@ -94,13 +116,14 @@ class TVMWrapper(nn.Module):
         """
         if self.jvp_mode == "autograd":
             return velocity_and_ds(
-                lambda s_: self.velocity(x, t, t - s_, labels, beta, attn_backend=self.jvp_attn_backend), s)
+                lambda s_: self._velocity(x, t, t - s_, labels, beta, self.jvp_attn_backend, None, False), s)
         dtype = self.model.pos_embed.dtype
         gap = (t - s).to(dtype)
         with self.autocast(x.device):
             F, dF = self.model.forward_with_tangent(
                 x.to(dtype), t.to(dtype), gap, -torch.ones_like(gap), None if labels is None else labels.to(dtype),
-                None if beta is None else beta.to(dtype), attn_backend=self.jvp_attn_backend)
+                None if beta is None else beta.to(dtype), attn_backend=self.jvp_attn_backend,
+                recompute_blocks=self.recompute == "all")
         return F.to(t.dtype), dF.to(t.dtype)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None, draws: StepDraws,

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from tvm.models import tangent
 from tvm.models.attention import attention, attention_with_tangent
@@ -468,12 +469,14 @@ class DiT(nn.Module):
 
     def forward_with_tangent(self, x: torch.Tensor, t: torch.Tensor, gap: torch.Tensor, gap_tangent: torch.Tensor,
                              labels: torch.Tensor | None = None, guidance: torch.Tensor | None = None,
-                             attn_backend: str = "math") -> tangent.Pair:
+                             attn_backend: str = "math", recompute_blocks: bool = False) -> tangent.Pair:
         """``(F, Ḟ)`` with ``Ḟ = ∂F/∂gap · ġap``: the JVP along the gap alone (x, t, c, β fixed).
 
         Same arguments as :meth:`forward`, plus ``gap_tangent`` (shapes as gap; −1 gives ``∂_s F``
         for gap = t − s). ``attn_backend`` must compute a tangent: ``"math"`` or ``"triton"``.
         F equals :meth:`forward`'s output; both outputs are differentiable w.r.t. the parameters.
+        ``recompute_blocks``: keep only each block's inputs and recompute its activations in the
+        backward (activation checkpointing; same values and gradients).
         """
         self.check_inputs(x, labels)
         B = x.shape[0]
@@ -482,7 +485,10 @@ class DiT(nn.Module):
         h, c = self._embed(x, t, labels, guidance, c_gap)
         dh = torch.zeros_like(h)
         for block in self.blocks:
-            h, dh = block(h, c, attn_backend, dh, dc)
+            if recompute_blocks and torch.is_grad_enabled():
+                h, dh = torch.utils.checkpoint.checkpoint(block, h, c, attn_backend, dh, dc, use_reentrant=False)
+            else:
+                h, dh = block(h, c, attn_backend, dh, dc)
         out, dout = self.final_layer.forward_with_tangent(h, dh, c, dc)
         return self.unpatchify(out), self.unpatchify(dout)
 

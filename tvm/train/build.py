@@ -82,7 +82,7 @@ def build_network(cfg: DictConfig, resolution: int, channels: int, label_dim: in
                 patch_spectral=cfg.patch_spectral, init=init, **arch)
     device = torch.device(device)
     return TVMWrapper(model, data_type=cfg.data_type, do_scale_param=cfg.do_scale_param, detach_jvp=cfg.detach_jvp,
-                      attn_backend=cfg.attn_backend, jvp_mode=cfg.jvp_mode,
+                      attn_backend=cfg.attn_backend, jvp_mode=cfg.jvp_mode, recompute=cfg.recompute,
                       jvp_attn_backend=resolve_jvp_backend(cfg.jvp_attn_backend, device)).to(device)
 
 

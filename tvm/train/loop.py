@@ -295,7 +295,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         resumed_from, ckpt = found
         restore(state, ckpt, False, resumed_from, cfg)
     progress = state.progress
-    train_net = compile_model(ddp) if cfg.network.compile else ddp
+    train_net = _compiled(ddp, state, cfg.network.compile_scope) if cfg.network.compile else ddp
 
     sampler = _make_sampler(len(dataset), dist, seed, progress.step * batching.batch)
     loader = torch.utils.data.DataLoader(
@@ -445,6 +445,22 @@ def grad_norm_and_skip(net: TVMWrapper, max_norm: float | None, nonfinite_loss: 
     if stats is not None:
         stats.report("Loss/grad_norm", norm.detach().reshape(1))
     return (~torch.isfinite(norm)) | (nonfinite_loss > 0)
+
+
+COMPILE_SCOPES = ("blocks", "full")
+
+
+def _compiled(ddp: torch.nn.Module, state: RunState, scope: str) -> torch.nn.Module:
+    """The training forward under ``torch.compile`` (``network.compile_scope``): ``blocks`` compiles
+    each DiT block of the online net, the teacher and the EMA in place (regional compilation);
+    ``full`` compiles the whole DDP-wrapped loss forward."""
+    if scope == "full":
+        return compile_model(ddp)
+    if scope != "blocks":
+        raise ValueError(f"unknown network.compile_scope {scope!r}; allowed: {', '.join(COMPILE_SCOPES)}")
+    for wrapper in (state.net, state.teacher, state.ema):
+        wrapper.model.compile_blocks()
+    return ddp
 
 
 def apply_update(state: RunState, max_grad_norm: float | None, ema_beta: float, ema_target_beta: float | None,
