@@ -85,7 +85,7 @@ class NetworkConfig:
     data_type: str = "bf16"              # CUDA autocast dtype: bf16 | fp16 | fp32 (CPU always fp32)
     detach_jvp: bool = False
     do_scale_param: bool = True
-    compile: bool = False                # torch.compile the training forward (CUDA), see compile_scope
+    compile: bool = False                # torch.compile the training forward, see compile_scope (configs/base.yaml: true)
     compile_scope: str = "blocks"        # blocks: each DiT block, regional (fast to compile) | full: the whole loss forward
     recompute: str = "none"              # activation checkpointing: none | fm (FM-branch forward) | all (+ JVP blocks)
     attn_backend: str = "sdpa"           # plain forwards: sdpa | math

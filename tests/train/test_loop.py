@@ -139,3 +139,15 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     # elements with near-zero gradients (up to a fraction of lr): hence the small learning rate.
     assert_state_dicts_close(one["net"], two["net"])
     assert_state_dicts_close(one["ema_target"], two["ema_target"])
+
+
+def test_unknown_compile_scope_is_refused_by_name():
+    from tvm.train.loop import _compiled
+
+    with pytest.raises(ValueError, match="network.compile_scope 'everything'"):
+        _compiled(torch.nn.Linear(1, 1), None, "everything")
+
+
+def test_imagenet_configs_compile_and_the_cpu_default_does_not():
+    assert compose_config("im256_w2").network.compile and compose_config("im512_w2p5").network.compile
+    assert not compose_config("tiny").network.compile

@@ -455,6 +455,7 @@ def _compiled(ddp: torch.nn.Module, state: RunState, scope: str) -> torch.nn.Mod
     each DiT block of the online net, the teacher and the EMA in place (regional compilation);
     ``full`` compiles the whole DDP-wrapped loss forward."""
     if scope == "full":
+        torch._dynamo.config.optimize_ddp = False  # one graph for forward and backward, as upstream
         return compile_model(ddp)
     if scope != "blocks":
         raise ValueError(f"unknown network.compile_scope {scope!r}; allowed: {', '.join(COMPILE_SCOPES)}")
