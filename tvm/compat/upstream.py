@@ -55,6 +55,7 @@ from tvm.config import Config, compose_config, to_container
 from tvm.method.wrapper import DATA_TYPES, TVMWrapper
 from tvm.models.dit import VARIANT_ALIASES, VARIANTS, resolve_variant
 from tvm.train.build import build_network
+from tvm.train.checkpoint import state_dict_differences
 
 PathLike = str | Path
 OPTIMIZED_MODULE = "torch._dynamo.eval_frame.OptimizedModule"
@@ -659,10 +660,8 @@ def _listing(title: str, items: list[str], limit: int = 10) -> str:
 def check_state_dict(expected: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor],
                      source: str = "<pickle>") -> None:
     """UpstreamFormatError listing missing, unexpected and shape-mismatched keys, if any."""
-    missing = [key for key in expected if key not in params]
-    unexpected = [key for key in params if key not in expected]
-    mismatched = [f"{key}: file {list(params[key].shape)} vs ours {list(value.shape)}"
-                  for key, value in expected.items() if key in params and params[key].shape != value.shape]
+    missing, unexpected, mismatched = state_dict_differences(expected, params)
+    mismatched = [f"{key}: file {list(params[key].shape)} vs ours {list(expected[key].shape)}" for key in mismatched]
     if missing or unexpected or mismatched:
         raise UpstreamFormatError(
             f"{source} does not fit the network built from the config:"

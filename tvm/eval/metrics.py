@@ -94,20 +94,10 @@ def _rank0_first(load: Callable[[], T], what: str) -> T:
             loaded = load()
         except (OSError, ImportError, ValueError, RuntimeError) as exc:
             error = exc
-    _raise_on_every_rank(error, f"could not load {what}")
+    distributed.raise_on_every_rank(error, lambda message, _: RuntimeError(f"rank 0 could not load {what}: {message}"))
     if not distributed.is_main():
         loaded = load()
     return loaded
-
-
-def _raise_on_every_rank(error: Exception | None, what: str) -> None:
-    """Share rank 0's error (or its absence) with every rank: rank 0 re-raises its own exception,
-    the others raise a RuntimeError quoting it, so a misconfiguration never leaves ranks hanging."""
-    message = distributed.broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
-    if error is not None:
-        raise error
-    if message is not None:
-        raise RuntimeError(f"rank 0 {what}: {message}")
 
 
 @functools.cache
@@ -155,7 +145,7 @@ def _on_rank0(compute: Callable[[torch.Tensor], dict[str, float]], gathered: tor
             values = compute(gathered)
         except (ValueError, RuntimeError) as exc:
             error = exc
-    _raise_on_every_rank(error, "failed")
+    distributed.raise_on_every_rank(error, lambda message, _: RuntimeError(f"rank 0 failed: {message}"))
     return distributed.broadcast_object(values)
 
 

@@ -87,24 +87,25 @@ def timestep_features(tau: torch.Tensor, dim: int = FREQ_DIM, max_period: float 
     Returns:
         ``[B, dim]``.
     """
-    half = dim // 2
-    k = torch.arange(half, dtype=torch.float64, device=tau.device)
-    freqs = torch.exp(-math.log(max_period) * k / half)
-    args = tau.to(torch.float64)[:, None] * freqs[None]
-    feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        feats = torch.cat([feats, torch.zeros_like(feats[:, :1])], dim=-1)
-    return feats.to(tau.dtype)
+    return _sinusoids(tau, dim, max_period, derivative=False).to(tau.dtype)
 
 
 def timestep_features_derivative(tau: torch.Tensor, dim: int = FREQ_DIM, max_period: float = 10000.0
                                  ) -> torch.Tensor:
     """``d/dτ`` of :func:`timestep_features`: ``[−f_k sin(τ f_k), f_k cos(τ f_k)]``, float64 ``[B, dim]``."""
+    return _sinusoids(tau, dim, max_period, derivative=True)
+
+
+def _sinusoids(tau: torch.Tensor, dim: int, max_period: float, derivative: bool) -> torch.Tensor:
+    """Float64 ``[cos(τf), sin(τf)]`` or its τ-derivative ``[−f sin(τf), f cos(τf)]``, zero-padded to odd dim."""
     half = dim // 2
     k = torch.arange(half, dtype=torch.float64, device=tau.device)
     freqs = torch.exp(-math.log(max_period) * k / half)
     args = tau.to(torch.float64)[:, None] * freqs[None]
-    feats = torch.cat([-freqs * torch.sin(args), freqs * torch.cos(args)], dim=-1)
+    if derivative:
+        feats = torch.cat([-freqs * torch.sin(args), freqs * torch.cos(args)], dim=-1)
+    else:
+        feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         feats = torch.cat([feats, torch.zeros_like(feats[:, :1])], dim=-1)
     return feats

@@ -100,6 +100,16 @@ def strip_wrapper_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return cleaned
 
 
+def state_dict_differences(expected: Mapping[str, Any], given: Mapping[str, Any]
+                           ) -> tuple[list[str], list[str], list[str]]:
+    """Keys of ``given`` against ``expected``: (missing, unexpected, shape-mismatched), in order."""
+    missing = [key for key in expected if key not in given]
+    unexpected = [key for key in given if key not in expected]
+    mismatched = [key for key, value in expected.items()
+                  if key in given and tuple(getattr(given[key], "shape", ())) != tuple(value.shape)]
+    return missing, unexpected, mismatched
+
+
 def module_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """State dict of the unwrapped module with canonical (prefix-free) parameter names."""
     return strip_wrapper_prefixes(unwrap_module(module).state_dict())

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -304,6 +304,18 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     holder = [obj if get_rank() == src else None]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def raise_on_every_rank(error: Exception | None, remote_error: Callable[[str, int | None], Exception]) -> None:
+    """Share rank 0's error (or its absence) with every rank, so that a failure there never leaves
+    the other ranks waiting at the next collective: rank 0 re-raises its own exception, the others
+    raise ``remote_error(message, errno)`` built from rank 0's ``"Type: message"`` and OS errno."""
+    shared = broadcast_object(None if error is None else (f"{type(error).__name__}: {error}",
+                                                          getattr(error, "errno", None)))
+    if error is not None:
+        raise error
+    if shared is not None:
+        raise remote_error(*shared)
 
 
 def all_gather_object(obj: Any) -> list[Any]:

@@ -40,7 +40,7 @@ from tvm.train import distributed
 from tvm.train.build import (build_dataset, build_network, build_optimizer, encoder_from_config, guidance,
                              time_sampling)
 from tvm.train.checkpoint import (CheckpointError, CheckpointManager, CheckpointWriteError, capture_rng_state,
-                                  load_checkpoint, module_state_dict, restore_rng_state)
+                                  load_checkpoint, module_state_dict, restore_rng_state, state_dict_differences)
 from tvm.train.ema import make_ema, update_ema_
 from tvm.train.logging import (RunLogger, binned_means, peak_memory_gb, reset_peak_memory, sanitize_config,
                                status_line)
@@ -158,9 +158,7 @@ def checkpoint_content(state: RunState, cfg: DictConfig, batch: int, steps_per_t
 def _weights_mismatch(module: torch.nn.Module, weights: dict[str, Any]) -> str:
     """What differs between a module and a state dict: the first key of each kind and the counts."""
     own = module.state_dict()
-    shapes = [k for k in own if k in weights and tuple(own[k].shape) != tuple(getattr(weights[k], "shape", ()))]
-    missing = [k for k in own if k not in weights]
-    unexpected = [k for k in weights if k not in own]
+    missing, unexpected, shapes = state_dict_differences(own, weights)
     parts = []
     if shapes:
         key = shapes[0]
@@ -502,13 +500,9 @@ def _save_checkpoint(ckpts: CheckpointManager, content: Callable[[], dict[str, A
             ckpts.save(content(), step)
         except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks have been told
             error = exc
-    shared = distributed.broadcast_object(None if error is None else (f"{type(error).__name__}: {error}",
-                                                                      getattr(error, "errno", None)))
-    if error is not None:
-        raise error
-    if shared is not None:
-        raise CheckpointWriteError(f"rank 0 could not write checkpoint {ckpts.path_for(step)}: {shared[0]}",
-                                   ckpts.path_for(step), shared[1])
+    path = ckpts.path_for(step)
+    distributed.raise_on_every_rank(error, lambda message, errno: CheckpointWriteError(
+        f"rank 0 could not write checkpoint {path}: {message}", path, errno))
 
 
 def _save_sample_grids(ema: TVMWrapper, encoder, cfg: DictConfig, run_dir: Path, tick: int, logger: RunLogger,
