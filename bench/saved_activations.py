@@ -1,11 +1,17 @@
 """Bytes kept for the backward by one TVM loss forward, per ``network.recompute`` mode (CPU proxy).
 
     PYTHONPATH=. python bench/saved_activations.py [--variant DiT-XL/2-18h] [--resolution 32] [--batch 1]
+        [--budgets 1.0,0.7,0.5]
 
 Runs the loss forward (explicit-tangent JVP with math attention, teacher, flow-matching branch)
-eagerly in fp32 on the CPU with random weights and sums the sizes of the distinct storages autograd
-saves (saved-tensor hooks; parameters excluded, a storage saved twice counted once). This predicts the *relative* effect of activation recomputation
-on GPU memory; compiled graphs and bf16 storage change the absolute numbers.
+in fp32 on the CPU with random weights and sums the sizes of the distinct storages autograd
+saves (saved-tensor hooks; parameters excluded, a storage saved twice counted once), and counts
+the FLOPs of the backward, recomputation included (``FlopCounterMode``, matrix products). Rows: eager per
+``network.recompute`` mode, then regionally compiled blocks (``network.compile_scope=blocks``)
+per ``network.compile_memory_budget``, partitioned as Inductor would partition them (backend
+``aot_eager_decomp_partition``: the same decomposition and min-cut partitioner, no code
+generation). This predicts the *relative* effect on GPU memory; bf16 storage and Inductor's
+kernels change the absolute numbers.
 """
 from __future__ import annotations
 
@@ -13,13 +19,16 @@ import argparse
 import copy
 
 import torch
+import torch._functorch.config as functorch_config
+from torch.utils.flop_counter import FlopCounterMode
 
+from tvm.compiling import set_activation_memory_budget
 from tvm.method.times import Guidance, TimeSampling, draw_step
 from tvm.method.wrapper import TVMWrapper
 from tvm.models.dit import DiT
 
 
-def saved_bytes(net: TVMWrapper, teacher: TVMWrapper, batch: int, resolution: int) -> int:
+def saved_bytes_and_flops(net: TVMWrapper, teacher: TVMWrapper, batch: int, resolution: int) -> tuple[int, int]:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 4, resolution, resolution, generator=gen)
     labels = torch.nn.functional.one_hot(torch.randint(0, 1000, (batch,), generator=gen), 1000).float()
@@ -35,8 +44,10 @@ def saved_bytes(net: TVMWrapper, teacher: TVMWrapper, batch: int, resolution: in
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = net(x, labels, draws, teacher)["loss"].sum()
-    del loss
-    return sum(storages.values())
+    with FlopCounterMode(display=False) as flops:  # not around the forward: Dynamo would not compile under it
+        loss.backward()
+    net.zero_grad(set_to_none=True)
+    return sum(storages.values()), flops.get_total_flops()
 
 
 def main() -> None:
@@ -44,6 +55,8 @@ def main() -> None:
     parser.add_argument("--variant", default="DiT-XL/2-18h")
     parser.add_argument("--resolution", type=int, default=32, help="latent resolution")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--budgets", default="1.0,0.8,0.7,0.5",
+                        help="network.compile_memory_budget values of the compiled rows ('' for none)")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = DiT(args.variant, input_size=args.resolution, in_channels=4, num_classes=1000, init=False)
@@ -51,14 +64,22 @@ def main() -> None:
         for p in model.parameters():
             p.normal_(0, 0.02)
     teacher = TVMWrapper(copy.deepcopy(model), data_type="fp32").eval().requires_grad_(False)
-    print(f"| {args.variant}, latent {args.resolution}, batch {args.batch} | saved GiB | vs none |")
-    print("|---|---|---|")
+    print(f"| {args.variant}, latent {args.resolution}, batch {args.batch} | saved GiB | vs eager | backward GFLOP |")
+    print("|---|---|---|---|")
+    rows = [(f"eager, recompute={mode}", mode, None) for mode in ("none", "fm", "all")]
+    rows += [(f"blocks compiled, budget={b:g}", "none", b) for b in map(float, args.budgets.split(",") if args.budgets else [])]
     base = None
-    for mode in ("none", "fm", "all"):
+    for name, mode, budget in rows:
         net = TVMWrapper(model, data_type="fp32", recompute=mode)
-        gib = saved_bytes(net, teacher, args.batch, args.resolution) / 2**30
-        base = base or gib
-        print(f"| recompute={mode} | {gib:.3f} | {gib / base:.0%} |", flush=True)
+        if budget is not None:
+            torch._dynamo.reset()
+            set_activation_memory_budget(budget)
+            for m in (model, teacher.model):
+                m.compile_blocks(backend="aot_eager_decomp_partition")
+        saved, flops = saved_bytes_and_flops(net, teacher, args.batch, args.resolution)
+        base = base or saved
+        print(f"| {name} | {saved / 2**30:.3f} | {saved / base:.0%} | {flops / 1e9:.0f} |", flush=True)
+    functorch_config.activation_memory_budget = 1.0
 
 
 if __name__ == "__main__":

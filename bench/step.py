@@ -7,10 +7,11 @@ random weights so that every path carries signal), and times, with CUDA events a
 
 * the full TVM step — loss with its JVP, teacher forward, backward, gradient norm (+ clipping at
   512 px), fused AdamW, eval-EMA and teacher-EMA updates (``tvm.train.loop.apply_update``) — for
-  each ``--variants`` entry ``JVPMODE:ATTENTION[:compile]``: ``autograd`` (torch.func.jvp through
-  the plain forward, upstream's method) or ``explicit`` (tangents propagated through the layers),
-  the JVP attention ``triton`` (fused kernel) or ``math``, optionally ``torch.compile``d as a
-  whole (``:compile``) or block by block (``:blocks``, regional compilation);
+  each ``--variants`` entry ``JVPMODE:ATTENTION[:compile|:blocks][:recompute=R][:budget=B]``:
+  ``autograd`` (torch.func.jvp through the plain forward, upstream's method) or ``explicit``
+  (tangents propagated through the layers), the JVP attention ``triton`` (fused kernel) or
+  ``math``, optionally ``torch.compile``d as a whole (``:compile``) or block by block (``:blocks``,
+  regional compilation), with ``network.recompute`` R and ``network.compile_memory_budget`` B;
 * a plain flow-matching step of the same model (one forward, backward, the same update) and
 * 1-step generation at batch 256 (network only, no VAE decode), each ``--plain`` way.
 
@@ -23,13 +24,14 @@ measured on the lent H100).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import statistics
 
 import torch
 import triton
 
-from tvm.compiling import allow_tracing_this_package, compile_model
+from tvm.compiling import allow_tracing_this_package, compile_model, set_activation_memory_budget
 from tvm.config import compose_config
 from tvm.method.loss import interpolate
 from tvm.method.sampler import sample
@@ -39,11 +41,32 @@ from tvm.train.ema import make_ema
 from tvm.train.loop import Progress, RunState, apply_update, forward_flops
 
 
-def build_state(cfg, resolution: int, variant: str = "autograd:math", recompute: str = "none", seed: int = 0
-                ) -> RunState:
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A TVM step variant ``JVPMODE:ATTENTION[:HOW][:recompute=R][:budget=B]``, e.g.
+    ``explicit:triton:blocks:budget=0.5``: ``HOW`` = eager | compile | blocks, ``R`` =
+    ``network.recompute``, ``B`` = ``network.compile_memory_budget``."""
+    jvp_mode: str
+    attention: str
+    how: str = "eager"
+    recompute: str = "none"
+    budget: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str, recompute: str = "none") -> "Variant":
+        fields = text.split(":")
+        options = dict(f.split("=", 1) for f in fields[2:] if "=" in f)
+        how = next((f for f in fields[2:] if "=" not in f), "eager")
+        unknown = set(options) - {"recompute", "budget"}
+        if len(fields) < 2 or unknown or how not in ("eager", "compile", "blocks"):
+            raise SystemExit(f"bad variant {text!r}: JVPMODE:ATTENTION[:eager|compile|blocks][:recompute=R][:budget=B]")
+        return cls(fields[0], fields[1], how, options.get("recompute", recompute), float(options.get("budget", 1.0)))
+
+
+def build_state(cfg, resolution: int, variant: Variant = Variant("autograd", "math"), seed: int = 0) -> RunState:
     torch.manual_seed(seed)
-    cfg.network.jvp_mode, cfg.network.jvp_attn_backend = variant.split(":")[:2]
-    cfg.network.recompute = recompute if cfg.network.jvp_mode == "explicit" else "none"
+    cfg.network.jvp_mode, cfg.network.jvp_attn_backend = variant.jvp_mode, variant.attention
+    cfg.network.recompute = variant.recompute if variant.jvp_mode == "explicit" else "none"
     net = build_network(cfg.network, resolution, 4, 1000, device="cuda")
     with torch.no_grad():  # give the zero-initialised layers signal
         for name, p in net.named_parameters():
@@ -107,8 +130,9 @@ def check_variants(cfg, resolution: int, variants: list[str], recompute: str, n:
     x, labels = batch(n, resolution, 1)
 
     def loss_and_grads(variant: str) -> tuple[torch.Tensor, torch.Tensor]:
-        state = build_state(cfg, resolution, variant, recompute)
-        net = prepare(state, "tvm", variant.rsplit(":", 1)[-1])
+        parsed = Variant.parse(variant, recompute)
+        state = build_state(cfg, resolution, parsed)
+        net = prepare(state, "tvm", parsed.how, parsed.budget)
         gen = torch.Generator(device="cuda").manual_seed(7)
         draws = draw_step(gen, n, tuple(x.shape[1:]), time_sampling(cfg.loss), guidance(cfg.loss), "cuda")
         loss = net(x, labels, draws, state.teacher)["loss"]
@@ -126,8 +150,10 @@ def check_variants(cfg, resolution: int, variants: list[str], recompute: str, n:
     return out
 
 
-def prepare(state: RunState, kind: str, how: str):
-    """The network to call for ``how`` = eager | compile | blocks (see :func:`measure`)."""
+def prepare(state: RunState, kind: str, how: str, budget: float = 1.0):
+    """The network to call for ``how`` = eager | compile | blocks (see :func:`measure`), its
+    compiled graphs keeping ``budget`` of their activations for the backward."""
+    set_activation_memory_budget(budget)
     if how == "compile" and kind == "tvm":
         return compile_model(state.net)
     if how == "compile":
@@ -142,15 +168,17 @@ def prepare(state: RunState, kind: str, how: str):
 def measure(kind: str, variant: str, cfg, R: int, x: torch.Tensor, labels: torch.Tensor, args) -> list[tuple]:
     """Table rows for one step kind (``tvm``, ``fm`` or ``gen``) and variant; OOM is a row too.
 
-    ``variant``: for ``tvm`` ``JVPMODE:ATTENTION[:compile|:blocks]``; for ``fm``/``gen`` ``eager``,
-    ``compile`` (the whole DiT forward, or for ``tvm`` the whole loss forward) or ``blocks``
-    (regional: each DiT block compiled in place, online net, teacher and EMA).
+    ``variant``: for ``tvm`` a :class:`Variant`; for ``fm``/``gen`` ``eager``, ``compile`` (the
+    whole DiT forward, or for ``tvm`` the whole loss forward) or ``blocks`` (regional: each DiT
+    block compiled in place, online net, teacher and EMA).
     """
     if kind == "tvm":
-        state = build_state(cfg, R, variant, args.recompute)
+        parsed = Variant.parse(variant, args.recompute)
+        state = build_state(cfg, R, parsed)
+        net = prepare(state, kind, parsed.how, parsed.budget)
     else:
-        state = build_state(cfg, R, "explicit:triton")
-    net = prepare(state, kind, variant.rsplit(":", 1)[-1])
+        state = build_state(cfg, R, Variant("explicit", "triton"))
+        net = prepare(state, kind, variant)
     torch.cuda.reset_peak_memory_stats()
     try:
         if kind == "gen":
@@ -177,17 +205,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--variants", default="autograd:triton,explicit:triton,explicit:triton:blocks",
-                        help="TVM step variants JVPMODE:ATTENTION[:compile|:blocks], comma-separated")
+                        help="TVM step variants JVPMODE:ATTENTION[:compile|:blocks][:recompute=R][:budget=B], "
+                             "comma-separated (B: network.compile_memory_budget)")
     parser.add_argument("--plain", default="eager,blocks",
                         help="flow-matching step and generation: eager, compile, blocks ('' for none)")
     parser.add_argument("--recompute", default="none", choices=["none", "fm", "all"],
-                        help="network.recompute (activation checkpointing) of the explicit-JVP TVM rows")
+                        help="network.recompute (activation checkpointing) of explicit-JVP TVM rows without "
+                             "their own recompute=")
     parser.add_argument("--peak", type=float, default=800e12, help="peak FLOP/s for MFU")
     parser.add_argument("--check", default="autograd:triton,explicit:triton,explicit:triton:blocks",
                         help="variants to check against autograd:math first ('' for none)")
     parser.add_argument("--sample-batch", type=int, default=256, help="batch of the 1-step generation timing")
     args = parser.parse_args()
 
+    # Every shape gets its own static graph, as in training (fixed per-GPU batch): otherwise the
+    # check's batch-4 compile makes Dynamo recompile the timed batch with a dynamic batch size,
+    # whose partition (and so its memory) differs from the one training gets.
+    torch._dynamo.config.automatic_dynamic_shapes = False
     config = "im256_w2" if args.resolution == 256 else "im512_w2p25"
     cfg = compose_config(config)
     R = args.resolution // 8

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
+import torch._functorch.config as functorch_config
 
 from helpers import one_hot, tiny_wrapper
-from tvm.compiling import allow_tracing_this_package, compile_model
+from tvm.compiling import allow_tracing_this_package, compile_model, set_activation_memory_budget
 from tvm.method.times import Guidance, TimeSampling, draw_step
 
 
@@ -52,3 +54,38 @@ def test_regional_compilation_reuses_one_graph_per_path_and_equals_eager():
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-7)
     assert 0 < counters["stats"]["unique_graphs"] <= 4  # tangent, plain, no-grad teacher; not per block
     assert "model.blocks.0.attn.qkv.weight" in net.state_dict()  # state dict keys unchanged
+
+
+def test_memory_budget_recomputes_in_the_backward_without_changing_the_function():
+    def saved_and_result(budget: float):
+        torch._dynamo.reset()
+        net = tiny_wrapper(dtype=torch.float32, depth=2)
+        teacher = copy.deepcopy(net).eval().requires_grad_(False)
+        net.model.compile_blocks(backend="aot_eager_decomp_partition")  # the partitioner Inductor uses
+        params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+        saved: dict[int, int] = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        previous = functorch_config.activation_memory_budget
+        try:
+            set_activation_memory_budget(budget)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                result = loss_and_grads(net, teacher)
+        finally:
+            functorch_config.activation_memory_budget = previous
+        return sum(saved.values()), result
+
+    full, ref = saved_and_result(1.0)
+    low, out = saved_and_result(0.3)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-7)
+    assert low < 0.6 * full, (low, full)  # 0.39 here
+
+
+def test_memory_budget_outside_zero_one_is_refused():
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="compile_memory_budget must be in"):
+            set_activation_memory_budget(bad)

@@ -6,6 +6,9 @@ and runs it eagerly: a compiled model here would silently compile nothing.
 :func:`allow_tracing_this_package` takes this package's directory off Dynamo's skip list (once;
 a warning where the internals differ); :func:`compile_model` does that, then ``torch.compile``.
 Call the former before ``nn.Module.compile()``.
+
+:func:`set_activation_memory_budget` sets how much of its activations a compiled graph keeps for
+the backward (``network.compile_memory_budget``).
 """
 from __future__ import annotations
 
@@ -32,6 +35,22 @@ def allow_tracing_this_package() -> bool:
     skip_dirs[:] = kept
     recompile()
     return removed
+
+
+def set_activation_memory_budget(budget: float) -> None:
+    """Fraction of the activations each compiled forward keeps for its backward (process-wide).
+
+    1.0 is PyTorch's default min-cut partition; below it the partitioner recomputes, in the
+    backward, the ops that are cheapest by FLOP count (pointwise and normalisation chains first,
+    matrix products last) until the saved bytes fit ``budget`` × the default's; 0 recomputes
+    everything. Values and gradients are unchanged. Read when a graph is compiled (its first call),
+    so set it before that.
+    """
+    if not 0.0 <= budget <= 1.0:
+        raise ValueError(f"network.compile_memory_budget must be in [0, 1], got {budget}")
+    import torch._functorch.config as functorch_config
+
+    functorch_config.activation_memory_budget = float(budget)
 
 
 def compile_model(fn: Any, **kwargs: Any) -> Any:

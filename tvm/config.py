@@ -87,7 +87,8 @@ class NetworkConfig:
     do_scale_param: bool = True
     compile: bool = False                # torch.compile the training forward, see compile_scope (configs/base.yaml: true)
     compile_scope: str = "blocks"        # blocks: each DiT block, regional (fast to compile) | full: the whole loss forward
-    recompute: str = "none"              # activation checkpointing: none | fm (FM-branch forward) | all (+ JVP blocks)
+    compile_memory_budget: float = 1.0   # fraction of activations compiled graphs keep for the backward (1 = default partition; less recomputes cheap ops)
+    recompute: str = "none"              # activation checkpointing: none | fm (FM-branch forward; does not lower the peak) | all (+ JVP blocks)
     attn_backend: str = "sdpa"           # plain forwards: sdpa | math
     jvp_attn_backend: str = "auto"       # inside the JVP: auto (triton on CUDA, math on CPU) | math | triton
     jvp_mode: str = "explicit"           # ∂F/∂s by explicit tangents through the layers | autograd (torch.func.jvp)

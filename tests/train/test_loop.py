@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from helpers import QUICK_TINY
 from tvm.config import compose_config
@@ -144,10 +145,28 @@ def test_two_process_ddp_equals_one_process(tmp_path):
 def test_unknown_compile_scope_is_refused_by_name():
     from tvm.train.loop import _compiled
 
+    network = OmegaConf.create({"compile_scope": "everything", "compile_memory_budget": 1.0})
     with pytest.raises(ValueError, match="network.compile_scope 'everything'"):
-        _compiled(torch.nn.Linear(1, 1), None, "everything")
+        _compiled(torch.nn.Linear(1, 1), None, network)
+
+
+def test_compiled_training_sets_the_memory_budget_and_static_shapes(monkeypatch):
+    import torch._functorch.config as functorch_config
+
+    from tvm.train.loop import _compiled
+
+    monkeypatch.setattr(functorch_config, "activation_memory_budget", 1.0)
+    monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", True)
+    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)
+    network = OmegaConf.create({"compile_scope": "full", "compile_memory_budget": 0.7})
+    _compiled(torch.nn.Linear(1, 1), None, network)
+    assert functorch_config.activation_memory_budget == 0.7
+    assert not torch._dynamo.config.automatic_dynamic_shapes
+    with pytest.raises(ValueError, match="compile_memory_budget must be in"):
+        _compiled(torch.nn.Linear(1, 1), None, OmegaConf.create({"compile_scope": "full", "compile_memory_budget": 7}))
 
 
 def test_imagenet_configs_compile_and_the_cpu_default_does_not():
     assert compose_config("im256_w2").network.compile and compose_config("im512_w2p5").network.compile
     assert not compose_config("tiny").network.compile
+    assert compose_config("im256_w2").network.compile_memory_budget == 0.7  # 31 GiB at b32 (docs/benchmarks.md)

@@ -44,8 +44,11 @@ class TVMWrapper(nn.Module):
             (``torch.func.jvp`` through the plain forward, upstream's method; eager only).
         recompute: activation checkpointing, trading compute for memory in training forwards:
             ``"none"``; ``"fm"`` recomputes the flow-matching branch's forward in the backward
-            (+1 of the step's ~11 forward equivalents); ``"all"`` also recomputes each block of the
-            JVP branch (explicit mode; +2 more). Values and gradients are unchanged.
+            (+1 of the step's ~11 forward equivalents; it keeps fewer bytes but not a lower peak,
+            since that branch runs last and so is recomputed first, while the JVP branch's
+            activations are all held); ``"all"`` also recomputes each block of the JVP branch
+            (explicit mode; +2 more). Values and gradients are unchanged. With compilation,
+            ``network.compile_memory_budget`` is the better lever (docs/benchmarks.md).
     """
 
     def __init__(self, model: DiT, data_type: str = "bf16", do_scale_param: bool = True,
