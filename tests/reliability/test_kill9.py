@@ -60,19 +60,19 @@ def test_kill_9_at_random_moments_loses_at_most_one_interval(tmp_path: Path, ref
         else:
             assert wait_for(lambda: probe.saving.value != IDLE, 60, proc) or not proc.is_alive(), child_log(out)
             proc.join(timeout=rng.uniform(0.0, 0.25))
-        if not proc.is_alive():  # the run ended before the kill: a completed chain, not a fault trial
-            assert proc.exitcode == 0, child_log(out)
+        if proc.is_alive():
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join(timeout=30)
+        if proc.exitcode == 0:  # the run ended before the kill: a completed chain, not a fault trial
             assert latest_step(run_dir) == TOTAL_STEPS
             diff = same_training_state(load_final(run_dir), reference)
             assert diff == [], f"chain {chain} differs from the uninterrupted run: {diff[:5]}"
             chain += 1
             run_dir = tmp_path / f"chain{chain}"
             continue
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.join(timeout=30)
         kinds.pop(0)
         trial += 1
-        assert proc.exitcode == -signal.SIGKILL
+        assert proc.exitcode == -signal.SIGKILL, child_log(out)
         done, stage = probe.steps.value, probe.saving.value
         during_write += stage != IDLE
         on_disk = load_every_checkpoint(run_dir)  # every file under a final name is complete
