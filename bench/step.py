@@ -130,9 +130,7 @@ def check_variants(cfg, resolution: int, variants: list[str], recompute: str, n:
     x, labels = batch(n, resolution, 1)
 
     def loss_and_grads(variant: str) -> tuple[torch.Tensor, torch.Tensor]:
-        parsed = Variant.parse(variant, recompute)
-        state = build_state(cfg, resolution, parsed)
-        net = prepare(state, "tvm", parsed.how, parsed.budget)
+        state, net = tvm_state(cfg, resolution, variant, recompute)
         gen = torch.Generator(device="cuda").manual_seed(7)
         draws = draw_step(gen, n, tuple(x.shape[1:]), time_sampling(cfg.loss), guidance(cfg.loss), "cuda")
         loss = net(x, labels, draws, state.teacher)["loss"]
@@ -165,6 +163,13 @@ def prepare(state: RunState, kind: str, how: str, budget: float = 1.0):
     return state.net
 
 
+def tvm_state(cfg, resolution: int, variant: str, recompute: str) -> tuple[RunState, torch.nn.Module]:
+    """The run state of a TVM step variant (text, see :class:`Variant`) and the network to call."""
+    parsed = Variant.parse(variant, recompute)
+    state = build_state(cfg, resolution, parsed)
+    return state, prepare(state, "tvm", parsed.how, parsed.budget)
+
+
 def measure(kind: str, variant: str, cfg, R: int, x: torch.Tensor, labels: torch.Tensor, args) -> list[tuple]:
     """Table rows for one step kind (``tvm``, ``fm`` or ``gen``) and variant; OOM is a row too.
 
@@ -173,9 +178,7 @@ def measure(kind: str, variant: str, cfg, R: int, x: torch.Tensor, labels: torch
     block compiled in place, online net, teacher and EMA).
     """
     if kind == "tvm":
-        parsed = Variant.parse(variant, args.recompute)
-        state = build_state(cfg, R, parsed)
-        net = prepare(state, kind, parsed.how, parsed.budget)
+        state, net = tvm_state(cfg, R, variant, args.recompute)
     else:
         state = build_state(cfg, R, Variant("explicit", "triton"))
         net = prepare(state, kind, variant)

@@ -627,61 +627,58 @@ def default_scale(head_dim: int) -> float:
 _INPUT_NAMES = ("q", "k", "v", "tq", "tk", "tv")
 
 
+def _six(inputs: tuple) -> tuple:
+    """(q, k, v, tq, tk, tv); without tangents q, k, v stand in for them (the kernels skip them)."""
+    return inputs if len(inputs) == 6 else (*inputs, *inputs)
+
+
+def _validated(inputs: tuple, key: Optional[tuple]) -> tuple[tuple, bool]:
+    """The dispatch path's inputs: validated, in one shared layout, as six (see :func:`_six`); and
+    whether a plan may be recorded for ``key`` (only when no input had to be copied)."""
+    check_inputs(_INPUT_NAMES[: len(inputs)], *inputs)
+    shared = _shared_layout(*inputs)
+    record = key is not None and all(a is b for a, b in zip(shared, inputs))
+    return _six(tuple(shared)), record
+
+
 class _ForwardPlan(NamedTuple):
     launch: _Launch
-    stats_shape: tuple[int, int, int]
-    stats_dtype: torch.dtype
-    device: torch.device
 
 
 class _BackwardPlan(NamedTuple):
     launch_q: _Launch
     launch_kv: _Launch
-    delta_shape: tuple[int, int, int, int]
-    stats_dtype: torch.dtype
-    device: torch.device
 
 
 def _forward(inputs: tuple, has_tangent: bool, scale: Optional[float]) -> tuple[ForwardResult, Optional[tuple]]:
-    """Forward on (q, k, v[, tq, tk, tv]); also returns the input key (None: no plan applies)."""
-    key = _input_key(inputs)
-    if key is not None:
-        plan = _PLANS.get(("fwd", key, has_tangent, scale))
-        if plan is not None:
-            q = inputs[0]
-            o = _empty_like(q)
-            lse2 = _empty(plan.stats_shape, plan.stats_dtype, plan.device)
-            if has_tangent:
-                t = _empty_like(q)
-                mu = _empty(plan.stats_shape, plan.stats_dtype, plan.device)
-                plan.launch(*inputs, o, t, lse2, mu)
-                return ForwardResult(o, t, lse2, mu), key
-            plan.launch(q, inputs[1], inputs[2], q, inputs[1], inputs[2], o, o, lse2, lse2)
-            return ForwardResult(o, None, lse2, None), key
+    """Forward on (q, k, v[, tq, tk, tv]); also returns the input key (None: no plan applies).
 
-    check_inputs(_INPUT_NAMES[: len(inputs)], *inputs)
-    shared = _shared_layout(*inputs)
-    record = key is not None and all(a is b for a, b in zip(shared, inputs))
-    q, k, v, *rest = shared
-    tq, tk, tv = rest if has_tangent else (q, k, v)
+    With a recorded plan for these inputs' key, the compiled kernel is launched directly (the
+    inputs passed validation when the plan was made); else through the autotuner and the JIT.
+    """
+    key = _input_key(inputs)
+    plan_key = ("fwd", key, has_tangent, scale)
+    plan = _PLANS.get(plan_key) if key is not None else None
+    six, record = (_six(inputs), False) if plan is not None else _validated(inputs, key)
+    q = six[0]
     batch, heads, n_ctx, head_dim = q.shape
+    stats_dtype = _acc_dtype(q.dtype)
     o = _empty_like(q)
     t = _empty_like(q) if has_tangent else o
-    stats_dtype = _acc_dtype(q.dtype)
     lse2 = _empty((batch, heads, n_ctx), stats_dtype, q.device)
     mu = _empty(lse2.shape, stats_dtype, q.device) if has_tangent else lse2
+    if plan is not None:
+        plan.launch(*six, o, t, lse2, mu)
+    else:
+        def grid(meta: dict[str, Any]) -> tuple[int, int]:
+            return triton.cdiv(n_ctx, meta["BLOCK_M"]), batch * heads
 
-    def grid(meta: dict[str, Any]) -> tuple[int, int]:
-        return triton.cdiv(n_ctx, meta["BLOCK_M"]), batch * heads
-
-    constexprs = dict(SCALE=default_scale(head_dim) if scale is None else float(scale), HAS_TANGENT=has_tangent,
-                      **_kernel_dtype_args(q.dtype, head_dim))
-    launch = _launch_and_record(
-        _attention_jvp_fwd_kernel, grid, (q, k, v, tq, tk, tv, o, t, lse2, mu),
-        (*q.stride()[:3], heads, n_ctx), constexprs, q.get_device(), record,
-    )
-    if launch is not None:
-        _PLANS[("fwd", key, has_tangent, scale)] = _ForwardPlan(launch, (batch, heads, n_ctx), stats_dtype, q.device)
+        constexprs = dict(SCALE=default_scale(head_dim) if scale is None else float(scale), HAS_TANGENT=has_tangent,
+                          **_kernel_dtype_args(q.dtype, head_dim))
+        launch = _launch_and_record(_attention_jvp_fwd_kernel, grid, (*six, o, t, lse2, mu),
+                                    (*q.stride()[:3], heads, n_ctx), constexprs, q.get_device(), record)
+        if launch is not None:
+            _PLANS[plan_key] = _ForwardPlan(launch)
     return ForwardResult(o, t if has_tangent else None, lse2, mu if has_tangent else None), key
 
 
@@ -720,73 +717,58 @@ def _backward(
     """Backward on ``inputs`` = (q, k, v[, tq, tk, tv]) (6 with grad_t); ``key`` from ``_input_key``.
 
     The caller passes ``key`` = ``_input_key(inputs)`` (or the key the forward returned for the
-    same, unmodified tensors), or None to have it computed.
+    same, unmodified tensors), or None to have it computed. A recorded plan applies when the
+    outputs, statistics and upstream gradients are 16-byte aligned and the statistics have the
+    accumulation dtype (as when the plan was made).
     """
     has_go = grad_o is not None
     has_gt = grad_t is not None
-    q = inputs[0]
-    dtype = q.dtype
+    dtype = inputs[0].dtype
+    stats_dtype = _acc_dtype(dtype)
     o = _contiguous(o, dtype)
     grad_o = _contiguous(grad_o, dtype) if has_go else o
     if has_gt:
         t, grad_t = _contiguous(t, dtype), _contiguous(grad_t, dtype)
     else:
         t, grad_t, mu = o, o, lse2
-    if key is not None and FAST_LAUNCH and not (
-        (o.data_ptr() | t.data_ptr() | grad_o.data_ptr() | grad_t.data_ptr() | lse2.data_ptr() | mu.data_ptr()) & 15
-    ):
-        plan = _PLANS.get(("bwd", key, has_go, has_gt, scale))
-        if plan is not None and lse2.dtype == plan.stats_dtype and mu.dtype == plan.stats_dtype:
-            # Allocate what pass Q writes, launch it, then allocate the rest while it runs.
-            delta = _empty(plan.delta_shape, plan.stats_dtype, plan.device)
-            gq = _empty_like(q)
-            if has_gt:
-                gtq = _empty_like(q)
-                plan.launch_q(*inputs, o, t, grad_o, grad_t, lse2, mu, delta, gq, gtq)
-                gk, gv, gtk, gtv = _empty_like(q), _empty_like(q), _empty_like(q), _empty_like(q)
-                plan.launch_kv(*inputs, grad_o, grad_t, lse2, mu, delta, gk, gv, gtk, gtv)
-                return gq, gk, gv, gtq, gtk, gtv
-            k, v = inputs[1], inputs[2]
-            plan.launch_q(q, k, v, q, k, v, o, t, grad_o, grad_t, lse2, mu, delta, gq, gq)
-            gk, gv = _empty_like(q), _empty_like(q)
-            plan.launch_kv(q, k, v, q, k, v, grad_o, grad_t, lse2, mu, delta, gk, gv, gk, gv)
-            return gq, gk, gv, None, None, None
-    else:
+    if key is not None and (not FAST_LAUNCH or lse2.dtype != stats_dtype or mu.dtype != stats_dtype or (
+            o.data_ptr() | t.data_ptr() | grad_o.data_ptr() | grad_t.data_ptr() | lse2.data_ptr() | mu.data_ptr()) & 15):
         key = None
-
-    check_inputs(_INPUT_NAMES[: len(inputs)], *inputs)
-    shared = _shared_layout(*inputs)
-    record = key is not None and all(a is b for a, b in zip(shared, inputs))
-    q, k, v, *rest = shared
-    tq, tk, tv = rest if has_gt else (q, k, v)
+    plan_key = ("bwd", key, has_go, has_gt, scale)
+    plan = _PLANS.get(plan_key) if key is not None else None
+    six, record = (_six(inputs), False) if plan is not None else _validated(inputs, key)
+    q = six[0]
     batch, heads, n_ctx, head_dim = q.shape
-    stats_dtype = _acc_dtype(dtype)
-    delta_shape = (2 if has_gt else 1, batch, heads, n_ctx)
-    delta = _empty(delta_shape, stats_dtype, q.device)
-    grads = [_empty_like(q) for _ in range(6 if has_gt else 3)]
-    gq, gk, gv = grads[:3]
-    gtq, gtk, gtv = grads[3:] if has_gt else (gq, gk, gv)
     constexprs = dict(SCALE=default_scale(head_dim) if scale is None else float(scale), HAS_GO=has_go,
                       HAS_GT=has_gt, **_kernel_dtype_args(dtype, head_dim))
     ints = (*q.stride()[:3], heads, n_ctx)
-    record = record and lse2.dtype == stats_dtype and mu.dtype == stats_dtype
 
-    def grid_q(meta: dict[str, Any]) -> tuple[int, int]:
-        return triton.cdiv(n_ctx, meta["BLOCK_M"]), batch * heads
+    # Allocate what pass Q writes, launch it, then allocate the rest while it runs.
+    delta = _empty((2 if has_gt else 1, batch, heads, n_ctx), stats_dtype, q.device)
+    gq = _empty_like(q)
+    gtq = _empty_like(q) if has_gt else gq
+    pass_q = (*six, o, t, grad_o, grad_t, lse2, mu, delta, gq, gtq)
+    if plan is not None:
+        plan.launch_q(*pass_q)
+    else:
+        def grid_q(meta: dict[str, Any]) -> tuple[int, int]:
+            return triton.cdiv(n_ctx, meta["BLOCK_M"]), batch * heads
 
-    def grid_kv(meta: dict[str, Any]) -> tuple[int, int]:
-        return triton.cdiv(n_ctx, meta["BLOCK_N"]), batch * heads
+        launch_q = _launch_and_record(_attention_jvp_bwd_q_kernel, grid_q, pass_q, ints, constexprs, q.get_device(),
+                                      record)
+    gk, gv = _empty_like(q), _empty_like(q)
+    gtk, gtv = (_empty_like(q), _empty_like(q)) if has_gt else (gk, gv)
+    pass_kv = (*six, grad_o, grad_t, lse2, mu, delta, gk, gv, gtk, gtv)
+    if plan is not None:
+        plan.launch_kv(*pass_kv)
+    else:
+        def grid_kv(meta: dict[str, Any]) -> tuple[int, int]:
+            return triton.cdiv(n_ctx, meta["BLOCK_N"]), batch * heads
 
-    launch_q = _launch_and_record(
-        _attention_jvp_bwd_q_kernel, grid_q, (q, k, v, tq, tk, tv, o, t, grad_o, grad_t, lse2, mu, delta, gq, gtq),
-        ints, constexprs, q.get_device(), record,
-    )
-    launch_kv = _launch_and_record(
-        _attention_jvp_bwd_kv_kernel, grid_kv, (q, k, v, tq, tk, tv, grad_o, grad_t, lse2, mu, delta, gk, gv, gtk, gtv),
-        ints, constexprs, q.get_device(), record,
-    )
-    if launch_q is not None and launch_kv is not None:
-        _PLANS[("bwd", key, has_go, has_gt, scale)] = _BackwardPlan(launch_q, launch_kv, delta_shape, stats_dtype, q.device)
+        launch_kv = _launch_and_record(_attention_jvp_bwd_kv_kernel, grid_kv, pass_kv, ints, constexprs,
+                                       q.get_device(), record)
+        if launch_q is not None and launch_kv is not None:
+            _PLANS[plan_key] = _BackwardPlan(launch_q, launch_kv)
     if has_gt:
         return gq, gk, gv, gtq, gtk, gtv
     return gq, gk, gv, None, None, None

@@ -15,9 +15,13 @@ def attention_math(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None
 ) -> torch.Tensor:
     """O = softmax(c·Q Kᵀ) V with c = scale or 1/√D; O(N²) memory."""
+    return torch.matmul(torch.softmax(_scaled_scores(q, k, scale)[0], dim=-1), v)
+
+
+def _scaled_scores(q: torch.Tensor, k: torch.Tensor, scale: Optional[float]) -> tuple[torch.Tensor, float]:
+    """(S = c·Q Kᵀ, c) with c = scale or 1/√D."""
     c = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = torch.matmul(q, k.transpose(-2, -1)) * c
-    return torch.matmul(torch.softmax(scores, dim=-1), v)
+    return torch.matmul(q, k.transpose(-2, -1)) * c, c
 
 
 def attention_tangent_math(
@@ -35,8 +39,7 @@ def attention_tangent_math(
     ``μ = rowsum(P ⊙ Ṡ)``, ``T = (P ⊙ (Ṡ − μ)) V + P V̇``. The primal uses the ops of
     :func:`attention_math`; O(N²) memory.
     """
-    c = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = torch.matmul(q, k.transpose(-2, -1)) * c
+    scores, c = _scaled_scores(q, k, scale)
     p = torch.softmax(scores, dim=-1)
     d_scores = (torch.matmul(tq, k.transpose(-2, -1)) + torch.matmul(q, tk.transpose(-2, -1))) * c
     centred = p * (d_scores - (p * d_scores).sum(dim=-1, keepdim=True))

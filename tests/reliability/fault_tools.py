@@ -153,26 +153,34 @@ class Probe:
         return probe
 
 
-class SlowFile:
+class FileWrapper:
+    """An open file whose methods subclasses replace to inject a fault; the rest pass through, and
+    leaving its ``with`` block closes the file."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+    def __enter__(self) -> FileWrapper:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._handle.close()
+
+
+class SlowFile(FileWrapper):
     """A file whose writes take ``seconds_per_mb`` (a slow or remote disk), so that a checkpoint
     write lasts long enough for a kill or a signal to land inside it."""
 
     def __init__(self, handle: Any, seconds_per_mb: float) -> None:
-        self._handle = handle
+        super().__init__(handle)
         self._delay = seconds_per_mb / 2**20
 
     def write(self, data: bytes) -> int:
         time.sleep(len(data) * self._delay)
         return self._handle.write(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._handle, name)
-
-    def __enter__(self) -> SlowFile:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._handle.close()
 
 
 def _instrument(probe: Probe, slow_disk_s_per_mb: float | None) -> None:

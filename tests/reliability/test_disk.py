@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import torch
 
-from fault_tools import in_process_run, load_final, same_training_state, temp_files, watchdog
+from fault_tools import FileWrapper, in_process_run, load_final, same_training_state, temp_files, watchdog
 from helpers import QUICK_TINY, fork_ranks
 from tvm.train import checkpoint as ckpt
 from tvm.train.checkpoint import CheckpointManager, CheckpointWriteError
@@ -90,18 +90,9 @@ class DiskFault:
         elif kind == "full at close":
             real_open = open
 
-            class FailingClose:
-                def __init__(self, handle: Any) -> None:
-                    self._handle = handle
-
-                def __getattr__(self, name: str) -> Any:
-                    return getattr(self._handle, name)
-
-                def __enter__(self) -> FailingClose:
-                    return self
-
+            class FailingClose(FileWrapper):
                 def __exit__(self, *exc_info: object) -> None:
-                    self._handle.close()
+                    super().__exit__(*exc_info)
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
             monkeypatch.setattr(ckpt, "open", lambda *a, **k: FailingClose(real_open(*a, **k)) if self.armed

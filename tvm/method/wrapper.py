@@ -101,9 +101,7 @@ class TVMWrapper(nn.Module):
     def _velocity(self, x: torch.Tensor, t: torch.Tensor, gap: torch.Tensor, labels: torch.Tensor | None,
                   beta: torch.Tensor | None, attn_backend: str, out_dtype: torch.dtype | None,
                   checkpoint: bool) -> torch.Tensor:
-        dtype = self.model.pos_embed.dtype
-        args = (x.to(dtype), t.to(dtype), gap.to(dtype), None if labels is None else labels.to(dtype),
-                None if beta is None else beta.to(dtype), attn_backend)
+        args = (*self._param_dtype(x, t, gap, labels, beta), attn_backend)
         with self.autocast(x.device):
             if checkpoint:
                 out = torch.utils.checkpoint.checkpoint(self.model, *args, use_reentrant=False)
@@ -120,14 +118,17 @@ class TVMWrapper(nn.Module):
         if self.jvp_mode == "autograd":
             return velocity_and_ds(
                 lambda s_: self._velocity(x, t, t - s_, labels, beta, self.jvp_attn_backend, None, False), s)
-        dtype = self.model.pos_embed.dtype
-        gap = (t - s).to(dtype)
+        x_, t_, gap, labels_, beta_ = self._param_dtype(x, t, t - s, labels, beta)
         with self.autocast(x.device):
             F, dF = self.model.forward_with_tangent(
-                x.to(dtype), t.to(dtype), gap, -torch.ones_like(gap), None if labels is None else labels.to(dtype),
-                None if beta is None else beta.to(dtype), attn_backend=self.jvp_attn_backend,
+                x_, t_, gap, -torch.ones_like(gap), labels_, beta_, attn_backend=self.jvp_attn_backend,
                 recompute_blocks=self.recompute == "all")
         return F.to(t.dtype), dF.to(t.dtype)
+
+    def _param_dtype(self, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """The network inputs cast to the parameters' dtype (None stays None)."""
+        dtype = self.model.pos_embed.dtype
+        return [None if x is None else x.to(dtype) for x in tensors]
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None, draws: StepDraws,
                 teacher: "TVMWrapper") -> dict[str, torch.Tensor]:
