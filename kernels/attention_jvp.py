@@ -641,6 +641,11 @@ def _validated(inputs: tuple, key: Optional[tuple]) -> tuple[tuple, bool]:
     return _six(tuple(shared)), record
 
 
+def _grid(n_ctx: int, batch_heads: int, block: str) -> Any:
+    """Grid function (cdiv(N, meta[block]), B·H): one program per ``block`` rows of one head."""
+    return lambda meta: (triton.cdiv(n_ctx, meta[block]), batch_heads)
+
+
 class _ForwardPlan(NamedTuple):
     launch: _Launch
 
@@ -670,12 +675,9 @@ def _forward(inputs: tuple, has_tangent: bool, scale: Optional[float]) -> tuple[
     if plan is not None:
         plan.launch(*six, o, t, lse2, mu)
     else:
-        def grid(meta: dict[str, Any]) -> tuple[int, int]:
-            return triton.cdiv(n_ctx, meta["BLOCK_M"]), batch * heads
-
         constexprs = dict(SCALE=default_scale(head_dim) if scale is None else float(scale), HAS_TANGENT=has_tangent,
                           **_kernel_dtype_args(q.dtype, head_dim))
-        launch = _launch_and_record(_attention_jvp_fwd_kernel, grid, (*six, o, t, lse2, mu),
+        launch = _launch_and_record(_attention_jvp_fwd_kernel, _grid(n_ctx, batch * heads, "BLOCK_M"), (*six, o, t, lse2, mu),
                                     (*q.stride()[:3], heads, n_ctx), constexprs, q.get_device(), record)
         if launch is not None:
             _PLANS[plan_key] = _ForwardPlan(launch)
@@ -751,22 +753,16 @@ def _backward(
     if plan is not None:
         plan.launch_q(*pass_q)
     else:
-        def grid_q(meta: dict[str, Any]) -> tuple[int, int]:
-            return triton.cdiv(n_ctx, meta["BLOCK_M"]), batch * heads
-
-        launch_q = _launch_and_record(_attention_jvp_bwd_q_kernel, grid_q, pass_q, ints, constexprs, q.get_device(),
-                                      record)
+        launch_q = _launch_and_record(_attention_jvp_bwd_q_kernel, _grid(n_ctx, batch * heads, "BLOCK_M"), pass_q,
+                                      ints, constexprs, q.get_device(), record)
     gk, gv = _empty_like(q), _empty_like(q)
     gtk, gtv = (_empty_like(q), _empty_like(q)) if has_gt else (gk, gv)
     pass_kv = (*six, grad_o, grad_t, lse2, mu, delta, gk, gv, gtk, gtv)
     if plan is not None:
         plan.launch_kv(*pass_kv)
     else:
-        def grid_kv(meta: dict[str, Any]) -> tuple[int, int]:
-            return triton.cdiv(n_ctx, meta["BLOCK_N"]), batch * heads
-
-        launch_kv = _launch_and_record(_attention_jvp_bwd_kv_kernel, grid_kv, pass_kv, ints, constexprs,
-                                       q.get_device(), record)
+        launch_kv = _launch_and_record(_attention_jvp_bwd_kv_kernel, _grid(n_ctx, batch * heads, "BLOCK_N"), pass_kv,
+                                       ints, constexprs, q.get_device(), record)
         if launch_q is not None and launch_kv is not None:
             _PLANS[plan_key] = _BackwardPlan(launch_q, launch_kv)
     if has_gt:
