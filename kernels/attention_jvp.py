@@ -677,8 +677,9 @@ def _forward(inputs: tuple, has_tangent: bool, scale: Optional[float]) -> tuple[
     else:
         constexprs = dict(SCALE=default_scale(head_dim) if scale is None else float(scale), HAS_TANGENT=has_tangent,
                           **_kernel_dtype_args(q.dtype, head_dim))
-        launch = _launch_and_record(_attention_jvp_fwd_kernel, _grid(n_ctx, batch * heads, "BLOCK_M"), (*six, o, t, lse2, mu),
-                                    (*q.stride()[:3], heads, n_ctx), constexprs, q.get_device(), record)
+        launch = _launch_and_record(_attention_jvp_fwd_kernel, _grid(n_ctx, batch * heads, "BLOCK_M"),
+                                    (*six, o, t, lse2, mu), (*q.stride()[:3], heads, n_ctx), constexprs,
+                                    q.get_device(), record)
         if launch is not None:
             _PLANS[plan_key] = _ForwardPlan(launch)
     return ForwardResult(o, t if has_tangent else None, lse2, mu if has_tangent else None), key
