@@ -24,9 +24,13 @@ measured on the lent H100).
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import datetime
+import json
+import os
 import statistics
+import tempfile
 
 import torch
 import triton
@@ -51,16 +55,19 @@ class Variant:
     how: str = "eager"
     recompute: str = "none"
     budget: float = 1.0
+    mode: str | None = None  # torch.compile mode, e.g. reduce-overhead (CUDA graphs) or max-autotune-no-cudagraphs
 
     @classmethod
     def parse(cls, text: str, recompute: str = "none") -> "Variant":
         fields = text.split(":")
         options = dict(f.split("=", 1) for f in fields[2:] if "=" in f)
         how = next((f for f in fields[2:] if "=" not in f), "eager")
-        unknown = set(options) - {"recompute", "budget"}
+        unknown = set(options) - {"recompute", "budget", "mode"}
         if len(fields) < 2 or unknown or how not in ("eager", "compile", "blocks"):
-            raise SystemExit(f"bad variant {text!r}: JVPMODE:ATTENTION[:eager|compile|blocks][:recompute=R][:budget=B]")
-        return cls(fields[0], fields[1], how, options.get("recompute", recompute), float(options.get("budget", 1.0)))
+            raise SystemExit(f"bad variant {text!r}: "
+                             "JVPMODE:ATTENTION[:eager|compile|blocks][:recompute=R][:budget=B][:mode=M]")
+        return cls(fields[0], fields[1], how, options.get("recompute", recompute), float(options.get("budget", 1.0)),
+                   options.get("mode"))
 
 
 def build_state(cfg, resolution: int, variant: Variant = Variant("autograd", "math"), seed: int = 0) -> RunState:
@@ -84,6 +91,7 @@ def batch(n: int, resolution: int, seed: int):
 
 
 def tvm_step(state: RunState, cfg, x, labels, step: int, net=None) -> torch.Tensor:
+    torch.compiler.cudagraph_mark_step_begin()  # as the loop does (matters for compile mode reduce-overhead)
     gen = torch.Generator(device="cuda").manual_seed(step)
     draws = draw_step(gen, x.shape[0], tuple(x.shape[1:]), time_sampling(cfg.loss), guidance(cfg.loss), "cuda")
     loss = (state.net if net is None else net)(x, labels, draws, state.teacher)["loss"]
@@ -94,6 +102,7 @@ def tvm_step(state: RunState, cfg, x, labels, step: int, net=None) -> torch.Tens
 
 
 def fm_step(state: RunState, cfg, x, labels, step: int, net=None) -> torch.Tensor:
+    torch.compiler.cudagraph_mark_step_begin()
     gen = torch.Generator(device="cuda").manual_seed(step)
     draws = draw_step(gen, x.shape[0], tuple(x.shape[1:]), time_sampling(cfg.loss), guidance(cfg.loss), "cuda")
     x_t = interpolate(x, draws.noise, draws.t)
@@ -118,6 +127,95 @@ def time_steps(fn, warmup: int, steps: int) -> list[float]:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return times
+
+
+# Kernel-name rules for the profile's categories, first match wins (names as cuBLAS/cuBLASLt,
+# Inductor, PyTorch's ATen and our Triton kernels print them on Hopper).
+KERNEL_CATEGORIES = (
+    ("attention (ours, JVP)", ("_attention_jvp",)),
+    ("attention (SDPA)", ("flash", "fmha", "efficient_attention", "attention")),
+    ("GEMM", ("gemm", "nvjet", "xmma", "cutlass", "matmul", "sm90_", "splitk", "cublas")),
+    ("optimizer + EMAs", ("adam", "multi_tensor", "foreach", "lerp")),
+    ("elementwise / normalisation (Inductor)", ("triton_",)),
+    ("elementwise / normalisation (ATen)", ("elementwise", "reduce", "vectorized", "norm", "copy", "fill",
+                                            "cat", "index", "gather", "scatter", "softmax")),
+)
+
+
+def kernel_category(name: str) -> str:
+    lower = name.lower()
+    return next((category for category, keys in KERNEL_CATEGORIES if any(k in lower for k in keys)), "other")
+
+
+def _busy_ms(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of ``(start, end)`` intervals (µs in, ms out): GPU time with any kernel running."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total / 1e3
+
+
+def phase_times(state: RunState, cfg, x, labels, net, warmup: int, steps: int) -> dict[str, float]:
+    """Median ms of the step's phases (CUDA events between them, no host syncs inside a step):
+    loss forward, backward, and the update (norm, AdamW, both EMAs)."""
+    phases = collections.defaultdict(list)
+    for i in range(warmup + steps):
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+        gen = torch.Generator(device="cuda").manual_seed(i)
+        draws = draw_step(gen, x.shape[0], tuple(x.shape[1:]), time_sampling(cfg.loss), guidance(cfg.loss), "cuda")
+        events[0].record()
+        loss = net(x, labels, draws, state.teacher)["loss"]
+        events[1].record()
+        loss.mean().backward()
+        events[2].record()
+        apply_update(state, cfg.training.max_grad_norm, cfg.training.ema_beta, cfg.training.ema_target_beta,
+                     (~torch.isfinite(loss)).any().float())
+        events[3].record()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            for name, a, b in (("forward", 0, 1), ("backward", 1, 2), ("update", 2, 3)):
+                phases[name].append(events[a].elapsed_time(events[b]))
+    return {name: statistics.median(v) for name, v in phases.items()}
+
+
+def profile(cfg, R: int, variant: str, x, labels, args) -> None:
+    """Where the time of one TVM step goes: kernel time by category (torch.profiler over
+    ``args.steps`` steps, per step), the phases, and the host gap = step time − GPU busy time."""
+    state, net = tvm_state(cfg, R, variant, args.recompute)
+    wall = statistics.median(time_steps(lambda i: tvm_step(state, cfg, x, labels, i, net), args.warmup, args.steps))
+    phases = phase_times(state, cfg, x, labels, net, 1, args.steps)
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for i in range(args.steps):
+            tvm_step(state, cfg, x, labels, 100 + i, net)
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            trace = json.load(f)
+    kernels = [e for e in trace["traceEvents"] if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+               and "dur" in e]
+    by_category: dict[str, float] = collections.defaultdict(float)
+    by_name: dict[str, float] = collections.defaultdict(float)
+    for e in kernels:
+        by_category[kernel_category(e["name"])] += e["dur"] / 1e3 / args.steps
+        by_name[e["name"]] += e["dur"] / 1e3 / args.steps
+    busy = _busy_ms([(e["ts"], e["ts"] + e["dur"]) for e in kernels]) / args.steps
+    print(f"# profile of {variant}: step {wall:.1f} ms (median of {args.steps}, unprofiled); GPU busy "
+          f"{busy:.1f} ms/step; {len(kernels) / args.steps:.0f} kernels/step")
+    print("| category | ms/step | share of step |\n|---|---|---|")
+    for category, ms in sorted(by_category.items(), key=lambda kv: -kv[1]):
+        print(f"| {category} | {ms:.1f} | {ms / wall:.1%} |")
+    print(f"| host gaps (step − GPU busy) | {wall - busy:.1f} | {(wall - busy) / wall:.1%} |")
+    print("| phase (CUDA events) | ms/step |\n|---|---|")
+    for name, ms in phases.items():
+        print(f"| {name} | {ms:.1f} |")
+    print("# top kernels (ms/step):")
+    for name, ms in sorted(by_name.items(), key=lambda kv: -kv[1])[:25]:
+        print(f"#   {ms:7.2f}  [{kernel_category(name)}] {name[:110]}")
 
 
 def grads_of(state: RunState) -> torch.Tensor:
@@ -148,18 +246,19 @@ def check_variants(cfg, resolution: int, variants: list[str], recompute: str, n:
     return out
 
 
-def prepare(state: RunState, kind: str, how: str, budget: float = 1.0):
+def prepare(state: RunState, kind: str, how: str, budget: float = 1.0, mode: str | None = None):
     """The network to call for ``how`` = eager | compile | blocks (see :func:`measure`), its
-    compiled graphs keeping ``budget`` of their activations for the backward."""
+    compiled graphs keeping ``budget`` of their activations for the backward, compiled in ``mode``."""
     set_activation_memory_budget(budget)
+    options = {"mode": mode} if mode else {}
     if how == "compile" and kind == "tvm":
-        return compile_model(state.net)
+        return compile_model(state.net, **options)
     if how == "compile":
         allow_tracing_this_package()
-        (state.ema if kind == "gen" else state.net).model.compile()
+        (state.ema if kind == "gen" else state.net).model.compile(**options)
     elif how == "blocks":
         for module in (state.net, state.teacher, state.ema):
-            module.model.compile_blocks()
+            module.model.compile_blocks(**options)
     return state.net
 
 
@@ -167,7 +266,7 @@ def tvm_state(cfg, resolution: int, variant: str, recompute: str) -> tuple[RunSt
     """The run state of a TVM step variant (text, see :class:`Variant`) and the network to call."""
     parsed = Variant.parse(variant, recompute)
     state = build_state(cfg, resolution, parsed)
-    return state, prepare(state, "tvm", parsed.how, parsed.budget)
+    return state, prepare(state, "tvm", parsed.how, parsed.budget, parsed.mode)
 
 
 def measure(kind: str, variant: str, cfg, R: int, x: torch.Tensor, labels: torch.Tensor, args) -> list[tuple]:
@@ -181,7 +280,8 @@ def measure(kind: str, variant: str, cfg, R: int, x: torch.Tensor, labels: torch
         state, net = tvm_state(cfg, R, variant, args.recompute)
     else:
         state = build_state(cfg, R, Variant("explicit", "triton"))
-        net = prepare(state, kind, variant)
+        how, _, mode = variant.partition(":mode=")
+        net = prepare(state, kind, how, mode=mode or None)
     torch.cuda.reset_peak_memory_stats()
     try:
         if kind == "gen":
@@ -211,7 +311,8 @@ def main() -> None:
                         help="TVM step variants JVPMODE:ATTENTION[:compile|:blocks][:recompute=R][:budget=B], "
                              "comma-separated (B: network.compile_memory_budget)")
     parser.add_argument("--plain", default="eager,blocks",
-                        help="flow-matching step and generation: eager, compile, blocks ('' for none)")
+                        help="flow-matching step and generation: [fm:|gen:]eager|compile|blocks[:mode=M], "
+                             "comma-separated; a prefix limits an entry to that kind ('' for none)")
     parser.add_argument("--recompute", default="none", choices=["none", "fm", "all"],
                         help="network.recompute (activation checkpointing) of explicit-JVP TVM rows without "
                              "their own recompute=")
@@ -219,6 +320,8 @@ def main() -> None:
     parser.add_argument("--check", default="autograd:triton,explicit:triton,explicit:triton:blocks",
                         help="variants to check against autograd:math first ('' for none)")
     parser.add_argument("--sample-batch", type=int, default=256, help="batch of the 1-step generation timing")
+    parser.add_argument("--profile", default="",
+                        help="a TVM variant to profile first: kernel time by category, phases, host gaps")
     args = parser.parse_args()
 
     # Every shape gets its own static graph, as in training (fixed per-GPU batch): otherwise the
@@ -239,9 +342,17 @@ def main() -> None:
 
     rows = []
     x, labels = batch(args.batch, R, 0)
-    plain = [(kind, how) for kind in ("fm", "gen") for how in args.plain.split(",") if how]
+    if args.profile:
+        profile(cfg, R, args.profile, x, labels, args)
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+    plain = [(kind, how.removeprefix(f"{kind}:")) for kind in ("fm", "gen") for how in args.plain.split(",")
+             if how and (how.split(":")[0] == kind or how.split(":")[0] not in ("fm", "gen"))]
     for kind, variant in [("tvm", v) for v in variants] + plain:
-        rows += measure(kind, variant, cfg, R, x, labels, args)
+        try:
+            rows += measure(kind, variant, cfg, R, x, labels, args)
+        except Exception as exc:  # noqa: BLE001 - a variant that fails to compile or run is a row, not the end
+            rows.append((kind, f"{variant} (failed: {type(exc).__name__}: {str(exc)[:80]})", None, None, None, None))
         print("#", rows[-1], flush=True)
         torch._dynamo.reset()  # drop compiled code of the finished variant (its cache entries and memory)
         torch.cuda.empty_cache()
@@ -252,7 +363,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for kind, backend, ms, ips, mfu, mem in rows:
         if ms is None:
-            print(f"| {kind} | {backend} | OOM | | | |")
+            print(f"| {kind} | {backend} | OOM or failed | | | |")
             continue
         print(f"| {kind} | {backend} | {ms:.1f} | {ips:.1f} | {'' if mfu is None else f'{mfu:.1%}'} | "
               f"{'' if mem is None else f'{mem:.1f}'} |")

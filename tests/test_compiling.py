@@ -89,3 +89,51 @@ def test_memory_budget_outside_zero_one_is_refused():
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="compile_memory_budget must be in"):
             set_activation_memory_budget(bad)
+
+
+_FRESH_PROCESS_LOAD = """
+import sys, torch
+from tvm.compiling import compile_model, load_compile_cache
+loaded = load_compile_cache(sys.argv[1])
+f = compile_model(lambda x: torch.sin(x) * 2 + x.cos())
+assert torch.allclose(f(torch.arange(8.0)), torch.sin(torch.arange(8.0)) * 2 + torch.arange(8.0).cos())
+from torch._dynamo.utils import counters
+print("RESULT", loaded, counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"])
+"""
+
+
+def test_compile_cache_round_trip_in_a_fresh_process(tmp_path):
+    """The artifacts saved after compiling are loaded by a new process with an empty Inductor cache
+    (a job requeued on another node), which then compiles the same function from the cache."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor-a"),
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    cache = tmp_path / "compile-cache.bin"
+    writer = ("import sys, torch\nfrom tvm.compiling import compile_model, save_compile_cache\n"
+              "f = compile_model(lambda x: torch.sin(x) * 2 + x.cos())\nf(torch.arange(8.0))\n"
+              "print('RESULT', save_compile_cache(sys.argv[1]))\n")
+    out = subprocess.run([sys.executable, "-c", writer, str(cache)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    written = int(out.stdout.split("RESULT")[1].split()[0])
+    assert written >= 1 and cache.stat().st_size > 0
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor-b")  # another node: nothing cached locally
+    out = subprocess.run([sys.executable, "-c", _FRESH_PROCESS_LOAD, str(cache)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    loaded, hits, misses = (int(v) for v in out.stdout.split("RESULT")[1].split())
+    assert loaded == written and hits >= 1 and misses == 0
+
+
+def test_a_damaged_compile_cache_is_ignored_with_a_warning(tmp_path):
+    from tvm.compiling import load_compile_cache
+
+    assert load_compile_cache(tmp_path / "absent.bin") == 0
+    damaged = tmp_path / "compile-cache.bin"
+    damaged.write_bytes(b"not a cache")
+    with pytest.warns(UserWarning, match="ignoring the compile cache"):
+        assert load_compile_cache(damaged) == 0

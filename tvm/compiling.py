@@ -9,12 +9,20 @@ Call the former before ``nn.Module.compile()``.
 
 :func:`set_activation_memory_budget` sets how much of its activations a compiled graph keeps for
 the backward (``network.compile_memory_budget``).
+
+:func:`save_compile_cache` / :func:`load_compile_cache` keep the compiled artifacts (Inductor's
+kernels and graphs, AOTAutograd's joint graphs, Triton binaries: PyTorch's "mega-cache") in a file
+of the run directory, so that a restarted job — a preempted Slurm job requeued on another node,
+whose local Inductor cache is empty — skips most of the compilation (``network.compile_cache``).
+The file holds pickled compiled code, like Inductor's own cache directory: it is trusted as the
+run directory's other contents are (a run only loads the cache it wrote itself).
 """
 from __future__ import annotations
 
 import functools
 import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,3 +65,47 @@ def compile_model(fn: Any, **kwargs: Any) -> Any:
     """``torch.compile(fn, **kwargs)`` with this package traceable (see module docstring)."""
     allow_tracing_this_package()
     return torch.compile(fn, **kwargs)
+
+
+def load_compile_cache(path: str | os.PathLike[str]) -> int:
+    """Load the artifacts saved by :func:`save_compile_cache` (before anything is compiled).
+
+    Returns how many artifacts were loaded; 0 when the file is absent, or (with a warning) when
+    this PyTorch cannot read it — another version wrote it, or it is damaged: a cache is an
+    optimisation and never stops a run, the graphs are then compiled from scratch.
+    """
+    path = Path(path)
+    if not path.is_file() or not hasattr(torch.compiler, "load_cache_artifacts"):
+        return 0
+    try:
+        info = torch.compiler.load_cache_artifacts(path.read_bytes())
+    except Exception as exc:  # noqa: BLE001 - any failure to read a cache means "compile from scratch"
+        warnings.warn(f"ignoring the compile cache {path}: {type(exc).__name__}: {exc}")
+        return 0
+    if info is None:  # PyTorch logged why (damaged file, checksum mismatch)
+        warnings.warn(f"ignoring the compile cache {path}: this PyTorch could not read it")
+        return 0
+    return _artifact_count(info)
+
+
+def save_compile_cache(path: str | os.PathLike[str]) -> int:
+    """Write every artifact compiled in this process so far to ``path`` (atomically: a temporary
+    file, then a rename). Returns the number of artifacts written (0: nothing compiled yet, or a
+    PyTorch without the mega-cache API; nothing is written then)."""
+    if not hasattr(torch.compiler, "save_cache_artifacts"):
+        return 0
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        return 0
+    data, info = saved
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return _artifact_count(info)
+
+
+def _artifact_count(info: Any) -> int:
+    """Number of artifacts in a ``CacheInfo`` (``artifacts``: kind → list of artifact keys)."""
+    artifacts = getattr(info, "artifacts", None)
+    return sum(len(keys) for keys in artifacts.values()) if isinstance(artifacts, dict) else 0

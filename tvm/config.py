@@ -88,6 +88,9 @@ class NetworkConfig:
     compile: bool = False                # torch.compile the training forward, see compile_scope (configs/base.yaml: true)
     compile_scope: str = "blocks"        # blocks: each DiT block, regional (fast to compile) | full: the whole loss forward
     compile_memory_budget: float = 1.0   # fraction of activations compiled graphs keep for the backward (1 = default partition; less recomputes cheap ops)
+    compile_mode: str = "default"        # torch.compile mode: default | reduce-overhead (CUDA graphs: no per-kernel launch cost)
+    compile_cache: bool = True           # keep compiled artifacts in <run dir>/compile-cache.bin; a restart loads them
+    sharding: str = "ddp"                # ddp: every rank holds the whole state | fsdp2: sharded per DiT block (tvm/train/sharding.py)
     recompute: str = "none"              # activation checkpointing: none | fm (FM-branch forward; does not lower the peak) | all (+ JVP blocks)
     attn_backend: str = "sdpa"           # plain forwards: sdpa | math
     jvp_attn_backend: str = "auto"       # inside the JVP: auto (triton on CUDA, math on CPU) | math | triton

@@ -23,3 +23,25 @@ def test_ema_update_is_upstreams_lerp_and_skips_exactly():
     update_ema_(ema, net, 0.99, skip=torch.tensor(False))
     for p_ema, p_prev, p_net in zip(ema.parameters(), prev, net.parameters()):
         assert torch.equal(p_ema, torch.lerp(p_net, p_prev, torch.tensor(0.99)))
+
+
+def _reference_update(ema_values, net_values, beta, skip):
+    """Upstream's update, out of place: ``lerp(p_net, p_ema, β)`` (weight 1 where skipped)."""
+    weight = beta if skip is None else torch.where(skip, 1.0, beta).to(ema_values[0].dtype)
+    return [torch.lerp(n, e, weight) for e, n in zip(ema_values, net_values)]
+
+
+def test_in_place_update_has_upstreams_bits_for_every_beta_dtype_and_skip():
+    gen = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.float64):
+        for beta in (0.9999, 0.999, 0.99, 0.9, 0.5, 0.3, 0.0, 1.0):
+            for skip in (None, torch.tensor(False), torch.tensor(True)):
+                net = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(2000, generator=gen, dtype=dtype) * s)
+                                              for s in (1e-3, 1.0, 30.0)])
+                ema = torch.nn.ParameterList([torch.nn.Parameter(p.detach() + torch.randn(p.shape, generator=gen,
+                                                                                          dtype=dtype) * 1e-2)
+                                              for p in net])
+                expected = _reference_update([p.detach().clone() for p in ema], [p.detach() for p in net], beta, skip)
+                update_ema_(ema, net, beta, skip)
+                for got, want in zip(ema.parameters(), expected):
+                    assert torch.equal(got, want), (dtype, beta, skip)

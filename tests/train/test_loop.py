@@ -52,8 +52,12 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path):
     run(quick_config(tmp_path / "full", "training.total_ticks=2"))
     run(quick_config(tmp_path / "accum", "training.total_ticks=2", "training.batch_gpu=4"))
     full, accum = final_checkpoint(tmp_path / "full"), final_checkpoint(tmp_path / "accum")
-    assert_state_dicts_close(full["net"], accum["net"])
-    assert_state_dicts_close(full["ema"], accum["ema"])
+    # Summing 4 micro-batch gradients rounds differently from one batch; AdamW divides by √v + ε,
+    # which magnifies that for parameters whose gradients are near ε (the zero-initialised adaLN
+    # layers: 3e-6 on weights of 5e-3 seen on one CPU). A wrong accumulation (a missing or
+    # mis-scaled micro-batch) moves the weights by up to lr = 2e-3 per step, 200x atol.
+    assert_state_dicts_close(full["net"], accum["net"], atol=1e-5)
+    assert_state_dicts_close(full["ema"], accum["ema"], atol=1e-5)
 
 
 def test_resume_is_exact(tmp_path):
@@ -148,6 +152,9 @@ def test_unknown_compile_scope_is_refused_by_name():
     network = OmegaConf.create({"compile_scope": "everything", "compile_memory_budget": 1.0})
     with pytest.raises(ValueError, match="network.compile_scope 'everything'"):
         _compiled(torch.nn.Linear(1, 1), None, network)
+    network = OmegaConf.create({"compile_scope": "blocks", "compile_mode": "fastest", "compile_memory_budget": 1.0})
+    with pytest.raises(ValueError, match="network.compile_mode 'fastest'"):
+        _compiled(torch.nn.Linear(1, 1), None, network)
 
 
 def test_compiled_training_sets_the_memory_budget_and_static_shapes(monkeypatch):
@@ -157,7 +164,8 @@ def test_compiled_training_sets_the_memory_budget_and_static_shapes(monkeypatch)
 
     monkeypatch.setattr(functorch_config, "activation_memory_budget", 1.0)
     monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", True)
-    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)
+    if hasattr(torch._dynamo.config, "optimize_ddp"):  # removed in newer PyTorch
+        monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)
     network = OmegaConf.create({"compile_scope": "full", "compile_memory_budget": 0.7})
     _compiled(torch.nn.Linear(1, 1), None, network)
     assert functorch_config.activation_memory_budget == 0.7

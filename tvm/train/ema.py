@@ -16,6 +16,8 @@ import copy
 import torch
 import torch.nn as nn
 
+from tvm.train.sharding import local
+
 
 def make_ema(net: nn.Module) -> nn.Module:
     """An exact copy of ``net`` in eval mode without gradients."""
@@ -31,13 +33,23 @@ def update_ema_(ema: nn.Module, net: nn.Module, beta: float, skip: torch.Tensor 
         beta: decay β ∈ [0, 1].
         skip: 0-dim bool tensor on the parameters' device, or None.
     """
-    ema_params = list(ema.parameters())
-    net_params = list(net.parameters())
+    ema_params = [local(p) for p in ema.parameters()]  # sharded (FSDP2) modules: this rank's slices
+    net_params = [local(p) for p in net.parameters()]
     if len(ema_params) != len(net_params):
         raise ValueError(f"EMA has {len(ema_params)} parameters, the network {len(net_params)}")
+    # In place: ``ema.lerp_(net, 1 − β)`` gives ``ema + (1 − β)(net − ema)``, bit for bit upstream's
+    # ``lerp(net, ema, β) = ema − (ema − net)(1 − β)`` (β ≥ 0.5 branch) when ``1 − β`` is formed in the
+    # parameters' dtype as lerp forms it (exact there: Sterbenz), and saves a temporary copy of every
+    # parameter and the copy back (tests/train/test_ema.py checks the bits for many β, both dtypes).
+    dtype = ema_params[0].dtype
+    if beta <= 0.5:  # 1 − β ≥ 0.5 would take lerp's other branch: no in-place form with upstream's rounding
+        weight = beta if skip is None else torch.where(skip, 1.0, beta).to(dtype)
+        new = torch._foreach_lerp(net_params, ema_params, weight if skip is None else [weight] * len(ema_params))
+        torch._foreach_copy_(ema_params, new)
+        return
     if skip is None:
-        new = torch._foreach_lerp(net_params, ema_params, beta)
+        complement = float(1 - torch.tensor(beta, dtype=dtype))  # on the CPU: no device sync
+        torch._foreach_lerp_(ema_params, net_params, complement)
     else:
-        weight = torch.where(skip, 1.0, beta).to(ema_params[0].dtype)
-        new = torch._foreach_lerp(net_params, ema_params, [weight] * len(ema_params))
-    torch._foreach_copy_(ema_params, new)
+        weight = 1 - torch.where(skip, 1.0, beta).to(dtype)  # upstream's weight tensor, complemented
+        torch._foreach_lerp_(ema_params, net_params, [weight] * len(ema_params))

@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
-from tvm.compiling import compile_model, set_activation_memory_budget
+from tvm.compiling import compile_model, load_compile_cache, save_compile_cache, set_activation_memory_budget
 from tvm.config import to_container
 from tvm.eval.generate import generate_images
 from tvm.eval.grid import save_image_grid
@@ -45,6 +45,9 @@ from tvm.train.ema import make_ema, update_ema_
 from tvm.train.logging import (RunLogger, binned_means, peak_memory_gb, reset_peak_memory, sanitize_config,
                                status_line)
 from tvm.train.preemption import PreemptionHandler
+from tvm.train.sharding import (broadcast_parameters_, check_sharding_supported, full_state_dict, gather_module,
+                                gradient_norm, is_sharded, local, shard_network, shard_optimizer_state,
+                                shard_state_dict, state_memory_per_rank)
 from tvm.train.stats import StatsCollector
 
 PEAK_FLOPS = {"cuda": 800e12}  # bf16 dense peak used for MFU (measured on the lent H100)
@@ -142,14 +145,23 @@ class RunState:
     optimizer: torch.optim.Optimizer
     progress: Progress
 
+    @property
+    def sharded(self) -> bool:
+        """True when the modules are FSDP2-sharded (their parameters are DTensors)."""
+        return is_sharded(next(self.net.parameters()))
+
 
 def checkpoint_content(state: RunState, cfg: DictConfig, batch: int, steps_per_tick: int,
                        data: dict[str, int]) -> dict[str, Any]:
     """Everything to resume exactly. The data position is ``step · batch`` (the sampler's global
     stream index) and each step's draws derive from (seed, step); the global RNG states are kept
-    for anything else that draws (e.g. dropout)."""
-    return {"net": module_state_dict(state.net), "ema": module_state_dict(state.ema),
-            "ema_target": module_state_dict(state.teacher), "optimizer": state.optimizer.state_dict(),
+    for anything else that draws (e.g. dropout).
+
+    Sharded (FSDP2) runs call this on every rank: weights and optimizer moments are all-gathered
+    into full tensors kept on rank 0 (the file is the one a DDP run writes)."""
+    full = (lambda sd: full_state_dict(sd, distributed.is_main())) if state.sharded else (lambda sd: sd)
+    return {"net": full(module_state_dict(state.net)), "ema": full(module_state_dict(state.ema)),
+            "ema_target": full(module_state_dict(state.teacher)), "optimizer": full(state.optimizer.state_dict()),
             "progress": state.progress.state_dict(batch, steps_per_tick),
             "sampler": {"index": state.progress.step * batch}, "rng": capture_rng_state(),
             "config": sanitize_config(to_container(cfg)), "data": data}
@@ -189,7 +201,7 @@ def restore(state: RunState, ckpt: dict[str, Any], weights_only: bool, path: Pat
     """
     def load(module: torch.nn.Module, name: str) -> None:
         try:
-            module.load_state_dict(ckpt[name])
+            module.load_state_dict(shard_state_dict(ckpt[name], module) if state.sharded else ckpt[name])
         except RuntimeError as exc:
             differences = _config_differences(ckpt.get("config"), cfg)
             raise CheckpointError(
@@ -207,7 +219,8 @@ def restore(state: RunState, ckpt: dict[str, Any], weights_only: bool, path: Pat
     load(state.ema, "ema")
     load(state.teacher, "ema_target")
     try:
-        state.optimizer.load_state_dict(ckpt["optimizer"])
+        state.optimizer.load_state_dict(shard_optimizer_state(ckpt["optimizer"], state.optimizer) if state.sharded
+                                        else ckpt["optimizer"])
     except (ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: its optimizer state does not fit this run's optimizer ({exc})") from exc
     progress = ckpt["progress"]
@@ -272,13 +285,26 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         raise ValueError("training.metrics has fid50k_full but eval.ref_stats is not set (reference statistics, "
                          "e.g. dataset-refs/img256.pkl or one made by scripts/ref_stats.py)")
 
+    ncfg = cfg.network
+    check_sharding_supported(ncfg.sharding, ncfg.jvp_mode, ncfg.compile_scope, ncfg.compile, ncfg.recompute,
+                             dist.distributed, ncfg.compile_mode)
+    sharded = ncfg.sharding == "fsdp2"
     torch.manual_seed(seed)
-    net = build_network(cfg.network, resolution, channels, label_dim, device)
-    # DDP broadcasts rank 0's weights; the EMAs are copies made after that (TVM.md §1.5).
-    ddp = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
-        if dist.distributed else net
-    state = RunState(net, make_ema(net), make_ema(net), build_optimizer(cfg.optimizer, net.parameters(), device),
-                     Progress())
+    net = build_network(ncfg, resolution, channels, label_dim, device)
+    # DDP broadcasts rank 0's weights; the EMAs are copies made after that (TVM.md §1.5). FSDP2:
+    # the same broadcast, then the network and both EMAs are sharded alike (tvm/train/sharding.py).
+    if sharded:
+        broadcast_parameters_(net)
+        ema, teacher = make_ema(net), make_ema(net)
+        shard_network(net)
+        for module in (ema, teacher):  # called through velocity() inside the loss, not forward()
+            shard_network(module, methods=("velocity",))
+        ddp = net
+    else:
+        ddp = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
+            if dist.distributed else net
+        ema, teacher = make_ema(net), make_ema(net)
+    state = RunState(net, ema, teacher, build_optimizer(cfg.optimizer, net.parameters(), device), Progress())
     teacher = state.teacher if tcfg.ema_target_beta is not None else None
     ckpts = CheckpointManager(run_dir, keep_last=tcfg.keep_last,
                               snapshot_every_steps=tcfg.snapshot_ticks * steps_per_tick)
@@ -293,6 +319,9 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         resumed_from, ckpt = found
         restore(state, ckpt, False, resumed_from, cfg)
     progress = state.progress
+    compile_cache = run_dir / COMPILE_CACHE if cfg.network.compile and cfg.network.compile_cache else None
+    if compile_cache is not None:
+        loaded_artifacts = load_compile_cache(compile_cache)
     train_net = _compiled(ddp, state, cfg.network) if cfg.network.compile else ddp
 
     sampler = _make_sampler(len(dataset), dist, seed, progress.step * batching.batch)
@@ -315,7 +344,9 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     total, trainable = count_parameters(net.model)
     logger.log(f"run dir {run_dir}; {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable); world "
                f"{dist.world_size} × batch_gpu {batching.batch_gpu} × {batching.rounds} rounds = {batching.batch}; "
-               f"{steps_per_tick} steps/tick; steps {progress.step} → {total_steps}"
+               f"{steps_per_tick} steps/tick; steps {progress.step} → {total_steps}; {ncfg.sharding}: weights, "
+               f"gradients, AdamW and EMAs {state_memory_per_rank(total, dist.world_size, ncfg.sharding) / 2**30:.2f} "
+               "GiB per rank (computed)"
                + (f"; resumed from {resumed_from}" if resumed_from else ""))
     times, guide = time_sampling(cfg.loss), guidance(cfg.loss)
     sample_shape = (channels, resolution, resolution)
@@ -335,14 +366,23 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     preempt = PreemptionHandler(device=device).install()
     cleanup.callback(preempt.uninstall)
     last_metrics: dict[str, float] = {}
+    def eval_ema() -> TVMWrapper:
+        """The eval EMA to sample and evaluate with: an unsharded copy when sharded (collective)."""
+        if not sharded:
+            return state.ema
+        return gather_module(state.ema, build_network(ncfg, resolution, channels, label_dim, device, init=False)
+                             ).eval().requires_grad_(False)
+
     if progress.step == 0 and tcfg.no_eval_before_tick <= 0 and tcfg.metrics:
-        last_metrics = _evaluate(state.ema, cfg, metric_ctx, logger, 0)
+        last_metrics = _evaluate(eval_ema(), cfg, metric_ctx, logger, 0)
     preempted = False
     bar = logger.progress(total_steps, initial=progress.step)
     tick_start, tick_step0, run_start = time.time(), progress.step, time.time()
 
     # ---------------------------------------------------------------- the loop
     while progress.step < total_steps:
+        if cfg.network.compile:  # CUDA graphs (compile_mode=reduce-overhead): a new step may reuse their outputs
+            torch.compiler.cudagraph_mark_step_begin()
         gen = distributed.step_generator(seed, progress.step, device)
         draws = draw_step(gen, batching.batch, sample_shape, times, guide, device)
         net.train()
@@ -353,7 +393,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
             labels = labels.to(device) if label_dim else None
             mine = take(draws, batching.positions(dist.rank, round_))
             last_round = round_ == batching.rounds - 1
-            with ddp.no_sync() if dist.distributed and not last_round else contextlib.nullcontext():
+            with _gradient_sync(ddp, sharded, dist.distributed, last_round):
                 terms = train_net(x, labels, mine, teacher if teacher is not None else net)
                 loss = terms["loss"]
                 nonfinite_loss = torch.maximum(nonfinite_loss, (~torch.isfinite(loss)).any().float())
@@ -399,11 +439,19 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
 
         if tick % tcfg.ckpt_ticks == 0 or done:
             _save_checkpoint(ckpts, lambda: checkpoint_content(state, cfg, batching.batch, steps_per_tick, data_facts),
-                             progress.step)
-        if tcfg.do_log_image and (tick % tcfg.sample_ticks == 0 or done) and not preempted:
-            _save_sample_grids(state.ema, encoder, cfg, run_dir, tick, logger, device)
-        if tcfg.metrics and not preempted and tick >= tcfg.no_eval_before_tick and (tick % tcfg.eval_ticks == 0 or done):
-            last_metrics = _evaluate(state.ema, cfg, metric_ctx, logger, progress.step)
+                             progress.step, collective=sharded)
+        grids = tcfg.do_log_image and (tick % tcfg.sample_ticks == 0 or done) and not preempted
+        evaluate = bool(tcfg.metrics) and not preempted and tick >= tcfg.no_eval_before_tick \
+            and (tick % tcfg.eval_ticks == 0 or done)
+        ema_now = eval_ema() if grids or evaluate else None
+        if grids:
+            _save_sample_grids(ema_now, encoder, cfg, run_dir, tick, logger, device)
+        if evaluate:
+            last_metrics = _evaluate(ema_now, cfg, metric_ctx, logger, progress.step)
+        del ema_now
+        if compile_cache is not None and distributed.is_main():
+            _update_compile_cache(compile_cache, loaded_artifacts, logger)
+            compile_cache = None  # once per process: the training graphs exist after the first tick
         distributed.barrier()
         tick_start, tick_step0 = time.time(), progress.step
         if preempted:
@@ -437,7 +485,10 @@ def grad_norm_and_skip(net: TVMWrapper, max_norm: float | None, nonfinite_loss: 
     """Gradient norm (after the DDP all-reduce, so equal on all ranks), optional clipping, and the
     skip flag ``non-finite loss on any rank or non-finite gradient`` as a 0-dim bool tensor."""
     grads = [p.grad for p in net.parameters() if p.grad is not None]
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+    if grads and is_sharded(grads[0]):  # FSDP2: norms of the local slices, summed over the ranks
+        norm, grads = gradient_norm(grads), [local(g) for g in grads]
+    else:
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
     if max_norm is not None:
         torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
     if stats is not None:
@@ -445,7 +496,18 @@ def grad_norm_and_skip(net: TVMWrapper, max_norm: float | None, nonfinite_loss: 
     return (~torch.isfinite(norm)) | (nonfinite_loss > 0)
 
 
+def _gradient_sync(module: torch.nn.Module, sharded: bool, distributed: bool, sync: bool
+                   ) -> contextlib.AbstractContextManager:
+    """Gradient synchronisation of one accumulation round: only the last round (``sync``) reduces
+    (DDP: ``no_sync`` before it; FSDP2: ``set_requires_gradient_sync``)."""
+    if sharded:
+        module.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    return module.no_sync() if distributed and not sync else contextlib.nullcontext()
+
+
 COMPILE_SCOPES = ("blocks", "full")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 def _compiled(ddp: torch.nn.Module, state: RunState, network: DictConfig) -> torch.nn.Module:
@@ -459,16 +521,20 @@ def _compiled(ddp: torch.nn.Module, state: RunState, network: DictConfig) -> tor
     dynamic in the batch, whose partition keeps more for the backward (DiT-XL/2 at budget 0.7:
     41.3 instead of 31.3 GiB, docs/benchmarks.md).
     """
-    scope = network.compile_scope
+    scope, mode = network.compile_scope, network.get("compile_mode", "default")
     if scope not in COMPILE_SCOPES:
         raise ValueError(f"unknown network.compile_scope {scope!r}; allowed: {', '.join(COMPILE_SCOPES)}")
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown network.compile_mode {mode!r}; allowed: {', '.join(COMPILE_MODES)}")
+    options = {} if mode == "default" else {"mode": mode}
     set_activation_memory_budget(network.compile_memory_budget)
     torch._dynamo.config.automatic_dynamic_shapes = False
     if scope == "full":
-        torch._dynamo.config.optimize_ddp = False  # one graph for forward and backward, as upstream
-        return compile_model(ddp)
+        if hasattr(torch._dynamo.config, "optimize_ddp"):  # gone in newer PyTorch, which splits no DDP graph
+            torch._dynamo.config.optimize_ddp = False  # one graph for forward and backward, as upstream
+        return compile_model(ddp, **options)
     for wrapper in (state.net, state.teacher, state.ema):
-        wrapper.model.compile_blocks()
+        wrapper.model.compile_blocks(**options)
     return ddp
 
 
@@ -486,6 +552,21 @@ def apply_update(state: RunState, max_grad_norm: float | None, ema_beta: float, 
     return skip
 
 
+COMPILE_CACHE = "compile-cache.bin"
+
+
+def _update_compile_cache(path: Path, loaded: int, logger: RunLogger) -> None:
+    """Rank 0 writes the artifacts compiled so far when there are more than the file held; a failure
+    to write is logged, never fatal (the cache only saves compile time at the next start)."""
+    try:
+        written = save_compile_cache(path) if not loaded else 0
+    except OSError as exc:
+        logger.log(f"compile cache not written ({exc}); the next start compiles from scratch")
+        return
+    logger.log(f"compile cache: {loaded} artifacts loaded at start" if loaded else
+               f"compile cache: {written} artifacts written to {path}; a restart loads them")
+
+
 def _check_nonfinite(tcfg: DictConfig, progress: Progress, longest_in_row: int = 0) -> None:
     """The non-finite policy, checked once per tick (one host sync). ``longest_in_row`` is the longest
     run of consecutive skipped steps since the last check: a run of K in mid-tick followed by good
@@ -500,14 +581,16 @@ def _check_nonfinite(tcfg: DictConfig, progress: Progress, longest_in_row: int =
                                  f"{progress.step}; the weights, EMAs and checkpoints hold no NaN")
 
 
-def _save_checkpoint(ckpts: CheckpointManager, content: Callable[[], dict[str, Any]], step: int) -> None:
+def _save_checkpoint(ckpts: CheckpointManager, content: Callable[[], dict[str, Any]], step: int,
+                     collective: bool = False) -> None:
     """Rank 0 writes the checkpoint of ``step``; a failure there (disk full, unwritable directory) is
     raised on every rank alike, so that no rank waits at the next collective until the process-group
     timeout. The previous checkpoint stays intact (atomic write). One small collective per checkpoint."""
     error: Exception | None = None
+    gathered = content() if collective else None  # sharded runs: every rank joins the all-gathers
     if distributed.is_main():
         try:
-            ckpts.save(content(), step)
+            ckpts.save(gathered if collective else content(), step)
         except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks have been told
             error = exc
     path = ckpts.path_for(step)
