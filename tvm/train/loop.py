@@ -44,7 +44,7 @@ from tvm.train.checkpoint import (CheckpointError, CheckpointManager, Checkpoint
 from tvm.train.ema import make_ema, update_ema_
 from tvm.train.logging import (RunLogger, binned_means, peak_memory_gb, reset_peak_memory, sanitize_config,
                                status_line)
-from tvm.train.preemption import PreemptionHandler
+from tvm.train.preemption import PreemptionHandler, ignore_interrupts
 from tvm.train.stats import StatsCollector
 
 PEAK_FLOPS = {"cuda": 800e12}  # bf16 dense peak used for MFU (measured on the lent H100)
@@ -300,7 +300,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         dataset, batch_size=batching.batch_gpu, sampler=sampler, num_workers=cfg.dataloader.num_workers,
         pin_memory=cfg.dataloader.pin_memory and device.type == "cuda",
         prefetch_factor=cfg.dataloader.prefetch_factor if cfg.dataloader.num_workers > 0 else None,
-        persistent_workers=cfg.dataloader.num_workers > 0)
+        persistent_workers=cfg.dataloader.num_workers > 0, worker_init_fn=ignore_interrupts)
     batches = infinite_batches(loader)
 
     # Secrets come from the environment only; a value that reached the config (e.g. through

@@ -279,12 +279,13 @@ def wants_requeue(result: dict[str, Any]) -> bool:
 
     Preempted by SIGUSR1/SIGUSR2 (Slurm's warning before the time limit or, with
     ``PreemptParameters=send_user_signal``, before preemption): yes. SIGTERM: no (``scancel``
-    must stay a cancel; Slurm requeues REQUEUE-mode preemptions itself). Unknown signal (a loop
-    that does not report it): yes, the warning signal is by far the common case.
+    must stay a cancel; Slurm requeues REQUEUE-mode preemptions itself). SIGINT (a Ctrl-C): no,
+    the user stopped the run. Unknown signal (a loop that does not report it): yes, the warning
+    signal is by far the common case.
     """
     if not result.get("preempted"):
         return False
-    return result.get("signal") != "SIGTERM"
+    return result.get("signal") not in ("SIGTERM", "SIGINT")
 
 
 class TrainJob(Checkpointable):
