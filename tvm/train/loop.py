@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 from tvm.compiling import compile_model, set_activation_memory_budget
-from tvm.config import to_container
+from tvm.config import to_container, validate_config
 from tvm.eval.generate import generate_images
 from tvm.eval.grid import save_image_grid
 from tvm.eval.metrics import METRICS, MetricContext, check_reference_files, compute_metric, extra_metric_fields
@@ -239,6 +239,7 @@ def _log_error(logger: RunLogger) -> Callable[..., None]:
 def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     """The body of :func:`run`; ``cleanup`` undoes what must not outlive the run."""
     # ---------------------------------------------------------------- set-up
+    validate_config(cfg)
     dist = distributed.init_distributed()
     device = dist.device
     set_backend_flags(cfg)
@@ -293,6 +294,8 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         resumed_from, ckpt = found
         restore(state, ckpt, False, resumed_from, cfg)
     progress = state.progress
+    if resumed_from is not None and progress.step >= total_steps:  # nothing to train; config.yaml stays as it is
+        return _already_finished(progress, total_steps, resumed_from, run_dir, batching.batch, steps_per_tick)
     train_net = _compiled(ddp, state, cfg.network) if cfg.network.compile else ddp
 
     sampler = _make_sampler(len(dataset), dist, seed, progress.step * batching.batch)
@@ -416,6 +419,17 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     return {"progress": progress.state_dict(batching.batch, steps_per_tick), "metrics": last_metrics,
             "run_dir": str(run_dir), "preempted": preempted,
             "signal": preempt.signal_name if preempted else None}
+
+
+def _already_finished(progress: Progress, total_steps: int, checkpoint: Path, run_dir: Path, batch: int,
+                      steps_per_tick: int) -> dict[str, Any]:
+    """The result of a run whose checkpoint is at or past ``total_steps``; rank 0 says so."""
+    if distributed.is_main():
+        print(f"run already finished: {checkpoint} is at step {progress.step} >= total {total_steps} "
+              f"(training.total_ticks × {steps_per_tick} steps/tick, or training.max_steps); nothing to do. "
+              "Raise training.total_ticks to train on, or set another run_dir for a new run.", flush=True)
+    return {"progress": progress.state_dict(batch, steps_per_tick), "metrics": {}, "run_dir": str(run_dir),
+            "preempted": False, "signal": None, "already_finished": True}
 
 
 # ------------------------------------------------------------------------------ step helpers

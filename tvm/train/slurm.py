@@ -234,10 +234,12 @@ def split_train_args(args: Sequence[str]) -> tuple[str, list[str]]:
 
 def compose_train_config(args: Sequence[str]):
     """The config ``train.py`` would build from ``args`` (validated against the schema)."""
-    from tvm.config import compose_config
+    from tvm.config import compose_config, validate_config
 
     name, overrides = split_train_args(args)
-    return compose_config(name, overrides)
+    cfg = compose_config(name, overrides)
+    validate_config(cfg)
+    return cfg
 
 
 def check_config_for_world(cfg, world_size: int) -> None:
