@@ -13,7 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tvm.train.slurm import SlurmOptions, submit
+try:
+    from tvm.train.slurm import SlurmOptions, submit
+except ImportError as exc:  # submitit is the optional extra [slurm]; the message says how to install it
+    sys.exit(f"launch.py: error: {exc}")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     from submitit.core.utils import FailedJobError, UncompletedJobError
 
     try:
-        result = job.result()  # the local executor restarts the tasks on requeue, like Slurm
+        result = job.results()[0]  # rank 0's; the local executor restarts the tasks on requeue, like Slurm
     except KeyboardInterrupt:
         job.cancel()
         raise

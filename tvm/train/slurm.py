@@ -62,8 +62,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import submitit
-from submitit.helpers import Checkpointable, DelayedSubmission
+try:
+    import submitit
+    from submitit.helpers import Checkpointable, DelayedSubmission
+except ImportError as exc:
+    raise ImportError(f'Slurm and local launches need submitit, an optional dependency: pip install -e ".[slurm]" '
+                      f"in the repository (or pip install submitit) [{exc}]", name=exc.name) from exc
 
 PREEMPT_SIGNAL_ENV = "SUBMITIT_PREEMPT_SIGNAL"  # submitit's own variable: which SIGUSR* it uses
 # Launcher variables that a stale shell environment could carry into the job; inside a Slurm job
