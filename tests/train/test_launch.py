@@ -268,9 +268,11 @@ def test_local_launch_with_two_processes_trains_and_exits_0(tmp_path):
 def test_launch_without_submitit_names_the_extra_to_install(tmp_path):
     """After the README's plain install (no extras) launch.py says which extra it needs, in one line."""
     code = ("import runpy, sys; sys.modules['submitit'] = None; "  # as if submitit were not installed
-            "sys.argv = ['launch.py', '--local', '--config-name=tiny']; runpy.run_path('launch.py', run_name='__main__')")
+            "sys.argv = ['launch.py', '--local', '--config-name=tiny']; "
+            "runpy.run_path('launch.py', run_name='__main__')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("launch.py: error: Slurm and local launches need submitit") and 'pip install -e ".[slurm]"' in last
+    assert last.startswith("launch.py: error: Slurm and local launches need submitit")
+    assert 'pip install -e ".[slurm]"' in last
