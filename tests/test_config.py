@@ -53,8 +53,7 @@ def test_unknown_keys_are_errors_that_name_the_key():
     ("+network.model_kwargs.dropot=0.1", "unknown config key network.model_kwargs.dropot (did you mean "
                                          "network.model_kwargs.dropout?)"),
     ("+colour=red", "unknown config key colour: not in the schema"),
-    ("training.total_ticks=-3", "training.total_ticks=-3 is not allowed: it must be > 0"),
-    ("training.total_ticks=0", "training.total_ticks=0 is not allowed: it must be > 0"),
+    ("training.total_ticks=-3", "training.total_ticks=-3 is not allowed: it must be >= 0"),
     ("training.batch_size=-64", "training.batch_size=-64 is not allowed: it must be > 0"),
     ("training.batch_gpu=-8", "training.batch_gpu=-8 is not allowed: it must be > 0"),
     ("training.kimg_per_tick=0", "training.kimg_per_tick=0.0 is not allowed: it must be > 0"),

@@ -236,14 +236,16 @@ def from_container(data: dict[str, Any]) -> DictConfig:
     return OmegaConf.merge(schema, data)
 
 
-# Keys whose value must be > 0 (None allowed where the schema has Optional), and >= 0.
-POSITIVE_KEYS = ("training.total_ticks", "training.kimg_per_tick", "training.batch_size", "training.batch_gpu",
+# Keys whose value must be > 0 (None allowed where the schema has Optional), and >= 0
+# (training.total_ticks=0 sets the run up, evaluates at step 0 where configured, and stops).
+POSITIVE_KEYS = ("training.kimg_per_tick", "training.batch_size", "training.batch_gpu",
                  "training.snapshot_ticks", "training.state_dump_ticks", "training.ckpt_ticks", "training.keep_last",
                  "training.sample_ticks", "training.eval_ticks", "training.num_samples",
                  "training.max_nonfinite_in_row", "training.preempt_check_steps", "training.max_steps",
                  "training.max_grad_norm", "dataloader.prefetch_factor", "encoder.batch_size", "eval.batch_size",
                  "eval.batch_gpu", "eval.num_images")
-NON_NEGATIVE_KEYS = ("dataloader.num_workers", "optimizer.lr", "optimizer.eps", "optimizer.weight_decay")
+NON_NEGATIVE_KEYS = ("training.total_ticks", "dataloader.num_workers", "optimizer.lr", "optimizer.eps",
+                     "optimizer.weight_decay")
 
 
 def _unknown_keys(data: Any, schema: type, prefix: str = "") -> list[str]:

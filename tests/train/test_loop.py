@@ -126,7 +126,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypa
     (["dataset.path=/data/imagenet.zip"], "dataset.path=/data/imagenet.zip is set but "
                                           "dataset.class_name=tvm.data.digits.DigitsDataset reads no files"),
     (["+training.totl_ticks=3"], r"unknown config key training.totl_ticks \(did you mean training.total_ticks\?\)"),
-    (["training.total_ticks=-3"], "training.total_ticks=-3 is not allowed: it must be > 0"),
+    (["training.total_ticks=-3"], "training.total_ticks=-3 is not allowed: it must be >= 0"),
 ])
 def test_bad_input_fails_clearly_without_a_checkpoint(tmp_path, overrides, match):
     with pytest.raises((ValueError, FileNotFoundError), match=match):
