@@ -13,7 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tvm.train.slurm import SlurmOptions, submit
+try:
+    from tvm.train.slurm import SlurmOptions, submit
+except ImportError as exc:  # submitit is the optional extra [slurm]; the message says how to install it
+    sys.exit(f"launch.py: error: {exc}")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -74,15 +77,23 @@ def main(argv: list[str] | None = None) -> int:
     from submitit.core.utils import FailedJobError, UncompletedJobError
 
     try:
-        result = job.result()  # the local executor restarts the tasks on requeue, like Slurm
+        result = job.results()[0]  # rank 0's; the local executor restarts the tasks on requeue, like Slurm
     except KeyboardInterrupt:
-        job.cancel()
-        raise
+        job.cancel(check=False)
+        print("launch.py: interrupted: the local job was cancelled; running the same command again continues "
+              "from the latest checkpoint", file=sys.stderr)
+        return 130
     except (FailedJobError, UncompletedJobError) as error:
-        print(f"the job ended without finishing ({type(error).__name__}); see the logs in {submission.folder}. "
-              "Running the same command again continues from the latest checkpoint.", file=sys.stderr)
+        print(f"launch.py: error: the job ended without finishing ({type(error).__name__}); see the logs in "
+              f"{submission.folder}. Running the same command again continues from the latest checkpoint.",
+              file=sys.stderr)
         return 1
-    print(f"finished: step {result['progress']['step']}, run dir {result['run_dir']}", flush=True)
+    step = result["progress"]["step"]
+    if result.get("preempted"):
+        print(f"stopped at step {step} on {result.get('signal')} with a checkpoint, run dir {result['run_dir']}; "
+              "running the same command again continues the run", flush=True)
+    else:
+        print(f"finished: step {step}, run dir {result['run_dir']}", flush=True)
     return 0
 
 

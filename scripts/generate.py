@@ -14,6 +14,8 @@ noise and (without ``--classes``) the uniform class seeded by ``(--seed, i)``, s
 not depend on the number of processes or ``--batch``. ``--classes 1,2,3`` cycles through the
 given classes in the order of ``--seeds``. Output: a folder of ``NNNNNN.png`` (the image index)
 or an ``.npz`` with ``images`` uint8 [N, H, W, C], ``seeds`` and ``labels`` (conditional models).
+An existing ``.npz`` or a folder that holds files is refused unless ``--force`` (which replaces
+the ``.npz``, or deletes the folder's old ``NNNNNN.png`` images first).
 """
 import argparse
 import sys
@@ -21,27 +23,45 @@ from collections.abc import Sequence
 
 from tvm.config import compose_config
 from tvm.eval.checkpoints import load_network_for_eval
-from tvm.eval.generate import default_cfg_scale, generate_to, parse_classes, parse_index_ranges
+from tvm.eval.generate import check_output, default_cfg_scale, generate_to, parse_classes, parse_index_ranges
 from tvm.train import distributed
 from tvm.train.build import encoder_from_config
 from tvm.train.checkpoint import CheckpointError, find_checkpoints
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def guidance_scale(text: str) -> float:
+    """argparse type: a guidance scale w >= 1 (1 = unguided)."""
+    value = float(text)
+    if not value >= 1.0:
+        raise argparse.ArgumentTypeError(f"the guidance scale must be >= 1 (1 = unguided), got {text}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint file or run directory (newest checkpoint)")
     parser.add_argument("--out", required=True, help="output folder (PNG files) or a .npz file")
-    parser.add_argument("--steps", type=int, default=1, help="sampler steps = network evaluations (1, 2, 4)")
-    parser.add_argument("--cfg", type=float, default=None,
+    parser.add_argument("--steps", type=positive_int, default=1, help="sampler steps = network evaluations (1, 2, 4)")
+    parser.add_argument("--cfg", type=guidance_scale, default=None,
                         help="guidance scale w >= 1 (1 = unguided); default: the config's sampler with --steps")
     parser.add_argument("--seeds", default="0-63", help="image indices, e.g. 0-49999 or 0-9,20 (default 0-63)")
     parser.add_argument("--seed", type=int, default=0, help="base seed combined with each image index")
     parser.add_argument("--classes", default=None, help="class list cycled over the images, e.g. 1,2,3 "
                                                         "(default: uniform per image)")
-    parser.add_argument("--batch", type=int, default=64, help="images per process and batch")
+    parser.add_argument("--batch", type=positive_int, default=64, help="images per process and batch")
     parser.add_argument("--config", default=None, help="experiment config for an authors' .pkl network")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="config override applied before building the network/encoder (repeatable)")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite an existing --out (.npz replaced; a folder's old NNNNNN.png deleted first)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile each DiT block (regional; worth it for many images on a GPU)")
@@ -49,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         dist = distributed.init_distributed(device=args.device)
+        indices = parse_index_ranges(args.seeds)
+        stale = check_output(args.out, args.force)  # before the network is loaded: refuse early
         paths = find_checkpoints(args.ckpt)
         if not paths:
             raise CheckpointError(f"no checkpoint-<step>.pt files in {args.ckpt}")
@@ -56,15 +78,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         net, cfg, step = load_network_for_eval(paths[0], args.override, dist.device, config=config)
         if args.compile:
             net.model.compile_blocks()
-        indices = parse_index_ranges(args.seeds)
         classes = parse_classes(args.classes, net.model.num_classes) if args.classes else None
         cfg_scale = args.cfg if args.cfg is not None else default_cfg_scale(cfg.sampling, args.steps)
         if dist.is_main:
             print(f"{paths[0]} (step {step}): {len(indices)} images, {args.steps} step(s), cfg {cfg_scale}, "
                   f"{dist.world_size} process(es) -> {args.out}", flush=True)
+            for path in stale:  # --force on a folder: none of its old images may remain
+                path.unlink(missing_ok=True)
+        distributed.barrier()
         out = generate_to(net, encoder_from_config(cfg.encoder), indices, args.out, steps=args.steps, cfg=cfg_scale,
                           seed=args.seed, classes=classes, batch_size=args.batch, device=dist.device)
-    except (CheckpointError, ValueError, FileNotFoundError) as exc:
+    except (CheckpointError, ValueError, OSError) as exc:
         print(f"generate.py: error: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -5,7 +5,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError
 
-from tvm.config import compose_config, from_container, to_container
+from tvm.config import compose_config, from_container, to_container, validate_config
 
 AUTHORS = {  # name, project, time_specinit (inert), do_scale_param, cfg, max_grad_norm, ref stats, raw_std[0]
     "im256_w2": ("img256_w2", "tvm_imagenet256", True, True, 2.0, None, "img256.pkl", 4.85503674),
@@ -46,6 +46,33 @@ def test_unknown_keys_are_errors_that_name_the_key():
         compose_config("im256_w2", ["logger.api_key=secret"])
     with pytest.raises(ConfigKeyError, match="nonsense"):
         from_container({"training": {"nonsense": 3}})
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+training.totl_ticks=3", "unknown config key training.totl_ticks (did you mean training.total_ticks?)"),
+    ("+network.model_kwargs.dropot=0.1", "unknown config key network.model_kwargs.dropot (did you mean "
+                                         "network.model_kwargs.dropout?)"),
+    ("+colour=red", "unknown config key colour: not in the schema"),
+    ("training.total_ticks=-3", "training.total_ticks=-3 is not allowed: it must be >= 0"),
+    ("training.batch_size=-64", "training.batch_size=-64 is not allowed: it must be > 0"),
+    ("training.batch_gpu=-8", "training.batch_gpu=-8 is not allowed: it must be > 0"),
+    ("training.kimg_per_tick=0", "training.kimg_per_tick=0.0 is not allowed: it must be > 0"),
+    ("eval.batch_size=0", "eval.batch_size=0 is not allowed: it must be > 0"),
+    ("dataloader.num_workers=-1", "dataloader.num_workers=-1 is not allowed: it must be >= 0"),
+])
+def test_validate_config_names_the_key(override, message):
+    """What Hydra lets through (``+key`` adds any key; values are only type-checked) is refused by the
+    trainer's validation, naming the key."""
+    cfg = compose_config("tiny", [override])
+    with pytest.raises(ValueError) as info:
+        validate_config(cfg)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("config_name", ["tiny", "base", "cifar10", *sorted(AUTHORS)])
+def test_every_shipped_config_validates(config_name):
+    validate_config(compose_config(config_name))
+    validate_config(compose_config(config_name, ["training.batch_gpu=null", "training.max_steps=5"]))
 
 
 def test_stored_config_round_trips():

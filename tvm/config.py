@@ -8,11 +8,16 @@ class paths point to this package, ``training.total_ticks`` is the paper's 300K 
 default. ``configs/base.yaml`` starts from this schema; every experiment file overrides it.
 
 The schema is registered with Hydra's ConfigStore, so an unknown or mistyped key (in a file or
-on the command line) is an error that names the key.
+on the command line) is an error that names the key. Hydra adds a key given as ``+key=value``
+whatever the schema says; :func:`validate_config` (run by the trainer before anything else) refuses
+such keys and out-of-range values, naming the key.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -232,3 +237,55 @@ def from_container(data: dict[str, Any]) -> DictConfig:
     """Validate a stored plain dict against the schema (unknown keys are errors)."""
     schema = OmegaConf.structured(Config)
     return OmegaConf.merge(schema, data)
+
+
+# Keys whose value must be > 0 (None allowed where the schema has Optional), and >= 0
+# (training.total_ticks=0 sets the run up, evaluates at step 0 where configured, and stops).
+POSITIVE_KEYS = ("training.kimg_per_tick", "training.batch_size", "training.batch_gpu",
+                 "training.snapshot_ticks", "training.state_dump_ticks", "training.ckpt_ticks", "training.keep_last",
+                 "training.sample_ticks", "training.eval_ticks", "training.num_samples",
+                 "training.max_nonfinite_in_row", "training.preempt_check_steps", "training.max_steps",
+                 "training.max_grad_norm", "dataloader.prefetch_factor", "encoder.batch_size", "eval.batch_size",
+                 "eval.batch_gpu", "eval.num_images")
+NON_NEGATIVE_KEYS = ("training.total_ticks", "dataloader.num_workers", "optimizer.lr", "optimizer.eps",
+                     "optimizer.weight_decay")
+
+
+def _unknown_keys(data: Any, schema: type, prefix: str = "") -> list[str]:
+    """Dotted keys of the plain dict ``data`` that the dataclass ``schema`` does not define, each
+    with a close match when there is one (``training.totl_ticks (did you mean training.total_ticks?)``)."""
+    hints = typing.get_type_hints(schema)
+    found = []
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), list(hints), n=1)
+            found.append(path + (f" (did you mean {prefix}{close[0]}?)" if close else ""))
+            continue
+        hint = hints[key]
+        if is_dataclass(hint) and isinstance(value, dict):
+            found += _unknown_keys(value, hint, f"{path}.")
+        elif typing.get_origin(hint) is dict and isinstance(value, dict):
+            entry = typing.get_args(hint)[1]
+            if is_dataclass(entry):
+                for name, item in value.items():
+                    if isinstance(item, dict):
+                        found += _unknown_keys(item, entry, f"{path}.{name}.")
+    return found
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Refuse what composition lets through: keys the schema does not define (Hydra adds any
+    ``+key=value``) and counts, sizes and intervals that are not positive. ValueError naming the key."""
+    unknown = _unknown_keys(OmegaConf.to_container(cfg, resolve=False), Config)
+    if unknown:
+        raise ValueError(f"unknown config key {', '.join(unknown)}: not in the schema (tvm/config.py)")
+    for keys, ok, what in ((POSITIVE_KEYS, lambda v: v > 0, "> 0"), (NON_NEGATIVE_KEYS, lambda v: v >= 0, ">= 0")):
+        for key in keys:
+            value = OmegaConf.select(cfg, key)
+            if value is not None and not (math.isfinite(value) and ok(value)):
+                raise ValueError(f"{key}={value} is not allowed: it must be {what}")
+    for name, sampler in (cfg.get("sampling") or {}).items():
+        if not sampler.num_steps >= 1 or not sampler.cfg_scale >= 1:
+            raise ValueError(f"sampling.{name}: num_steps={sampler.num_steps}, cfg_scale={sampler.cfg_scale} is not "
+                             "allowed: num_steps must be >= 1 and cfg_scale >= 1 (1 = unguided)")

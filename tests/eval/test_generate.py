@@ -172,3 +172,43 @@ def test_generate_cli_unconditional_unguided(uncond_ckpt: Path, tmp_path: Path, 
     assert "unconditional" in capsys.readouterr().err
     assert script.main(["--ckpt", str(tmp_path / "nowhere"), "--out", str(tmp_path / "y")]) == 1
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_generate_cli_refuses_existing_output_without_force(cond_ckpt: Path, tmp_path: Path, capsys) -> None:
+    """An existing .npz or a folder with files is refused (nothing written); --force replaces it and
+    leaves none of the folder's old images behind (they would mix with the new set)."""
+    script = _script()
+    folder, npz = tmp_path / "png", tmp_path / "set.npz"
+    folder.mkdir()
+    (folder / "000009.png").write_bytes(b"old image")
+    (folder / "notes.txt").write_text("mine")
+    npz.write_bytes(b"old archive")
+    base = ["--ckpt", str(cond_ckpt), "--steps", "1", "--seeds", "0-2"]
+    for out in (folder, npz):
+        assert script.main([*base, "--out", str(out)]) == 1
+        last = capsys.readouterr().err.splitlines()[-1]
+        assert last.startswith(f"generate.py: error: {out} ") and "pass --force to overwrite" in last
+    assert sorted(p.name for p in folder.iterdir()) == ["000009.png", "notes.txt"]
+    assert npz.read_bytes() == b"old archive"
+    assert script.main([*base, "--out", str(folder), "--force"]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["000000.png", "000001.png", "000002.png", "notes.txt"]
+    assert script.main([*base, "--out", str(npz), "--force"]) == 0
+    with np.load(npz) as data:
+        np.testing.assert_array_equal(data["seeds"], [0, 1, 2])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert script.main([*base, "--out", str(empty)]) == 0  # an empty folder holds nothing to mix with
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--steps", "0", "argument --steps: must be >= 1, got 0"),
+    ("--cfg", "0.5", "argument --cfg: the guidance scale must be >= 1 (1 = unguided), got 0.5"),
+    ("--batch", "-1", "argument --batch: must be >= 1, got -1"),
+])
+def test_generate_cli_checks_steps_and_cfg_before_loading(tmp_path: Path, capsys, flag, value, message) -> None:
+    """Bad values fail at argument parsing (exit 2), before any checkpoint is looked at."""
+    with pytest.raises(SystemExit) as exit_info:
+        _script().main(["--ckpt", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), flag, value])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(message)
+    assert not (tmp_path / "o").exists()

@@ -228,6 +228,7 @@ def _train_child(overrides: list[str], probe: Probe, slow_disk_s_per_mb: float |
         os.environ.pop(name, None)
     for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)  # as in a fresh process, whatever the parent installed
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     torch.set_num_threads(1)
     _instrument(probe, slow_disk_s_per_mb)
     from tvm.train.loop import run

@@ -34,7 +34,7 @@ from tvm.train.checkpoint import CheckpointManager, CheckpointWriteError
 RUN = QUICK_TINY + ["training.total_ticks=3", "training.ckpt_ticks=1", "training.snapshot_ticks=1000"]
 FAILING_STEP = 4  # the second checkpoint (2 steps per tick)
 IS_ROOT = os.geteuid() == 0
-PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 
 
 @pytest.fixture(scope="module")

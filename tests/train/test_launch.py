@@ -1,11 +1,14 @@
-"""launch.py and tvm/train/slurm.py: what is submitted to Slurm (submitit's mocked Slurm), and the
-preemption hand-over to submitit's checkpoint/requeue, in-process with a stand-in trainer."""
+"""launch.py and tvm/train/slurm.py: what is submitted to Slurm (submitit's mocked Slurm), the
+preemption hand-over to submitit's checkpoint/requeue, in-process with a stand-in trainer, and a real
+two-process local launch."""
 from __future__ import annotations
 
 import os
 import pickle
 import re
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -216,6 +219,14 @@ def test_sigterm_checkpoints_without_requeue(tmp_path, monkeypatch, job_sandbox)
     assert calls == [] and not paths.submitted_pickle.exists()
 
 
+def test_only_the_warning_signals_requeue():
+    assert slurm.wants_requeue({"preempted": True, "signal": "SIGUSR2"})
+    assert slurm.wants_requeue({"preempted": True, "signal": "SIGUSR1"})
+    assert not slurm.wants_requeue({"preempted": True, "signal": "SIGTERM"})   # scancel stays a cancel
+    assert not slurm.wants_requeue({"preempted": True, "signal": "SIGINT"})    # a Ctrl-C: the user stopped it
+    assert not slurm.wants_requeue({"preempted": False})
+
+
 def test_finished_run_ignores_late_warnings(tmp_path, monkeypatch, job_sandbox):
     delayed, _, calls = run_under_submitit(tmp_path, monkeypatch, fake_trainer(None))
     assert delayed.result()["preempted"] is False
@@ -233,3 +244,35 @@ def test_local_executor_gets_torchrun_variables_and_requeues(tmp_path, monkeypat
         delayed.result()
     assert exit_info.value.code == submitit.local.local.LOCAL_REQUEUE_RETURN_CODE
     assert DelayedSubmission.load(paths.submitted_pickle).function.starts == 1
+
+
+# ----------------------------------------------------------------------------- real local launches
+
+
+def test_local_launch_with_two_processes_trains_and_exits_0(tmp_path):
+    """docs/launch.md's example, shortened: two local tasks (gloo) train one tick and launch.py reports
+    rank 0's result (a job with several tasks has no single ``result()``)."""
+    from helpers import QUICK_TINY
+
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
+    proc = subprocess.run([sys.executable, "launch.py", "--local", "--ngpus=2", "--config-name=tiny", *QUICK_TINY,
+                           "training.total_ticks=1", f"run_dir={run_dir}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=env | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == f"finished: step 2, run dir {run_dir}"
+    assert (run_dir / "checkpoint-00000002.pt").exists()
+    assert "world 2 × batch_gpu 8" in (run_dir / "log.txt").read_text()
+
+
+def test_launch_without_submitit_names_the_extra_to_install(tmp_path):
+    """After the README's plain install (no extras) launch.py says which extra it needs, in one line."""
+    code = ("import runpy, sys; sys.modules['submitit'] = None; "  # as if submitit were not installed
+            "sys.argv = ['launch.py', '--local', '--config-name=tiny']; "
+            "runpy.run_path('launch.py', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("launch.py: error: Slurm and local launches need submitit")
+    assert 'pip install -e ".[slurm]"' in last

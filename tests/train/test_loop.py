@@ -73,6 +73,21 @@ def test_resume_is_exact(tmp_path):
     assert [strip(line) for line in stats[0]] == [strip(line) for line in stats[1]]
 
 
+def test_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
+    """Asking a finished run directory for fewer (or as many) steps trains nothing, rewrites nothing
+    (config.yaml keeps the finished run's settings) and says why."""
+    run(quick_config(tmp_path, "training.total_ticks=2"))
+    config, files = (tmp_path / "config.yaml").read_text(), sorted(p.name for p in tmp_path.iterdir())
+    capsys.readouterr()
+    for ticks in (1, 2):
+        result = run(quick_config(tmp_path, f"training.total_ticks={ticks}"))
+        assert result["already_finished"] and result["progress"]["step"] == 4 and not result["preempted"]
+        assert (f"run already finished: {tmp_path / 'checkpoint-00000004.pt'} is at step 4 >= total {2 * ticks}"
+                in capsys.readouterr().out)
+    assert (tmp_path / "config.yaml").read_text() == config
+    assert sorted(p.name for p in tmp_path.iterdir()) == files
+
+
 def test_transfer_loads_weights_only(tmp_path):
     run(quick_config(tmp_path / "src", "training.total_ticks=1"))
     src = final_checkpoint(tmp_path / "src")
@@ -112,6 +127,10 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypa
     (["dataset.resolution=16"], "dataset resolution 8 does not match dataset.resolution=16"),
     (["loss.cfg=0.5"], "cfg = 0.5 is not allowed"),
     (["network.model_type=DiT-Q/2"], "unknown model variant 'DiT-Q/2'"),
+    (["dataset.path=/data/imagenet.zip"], "dataset.path=/data/imagenet.zip is set but "
+                                          "dataset.class_name=tvm.data.digits.DigitsDataset reads no files"),
+    (["+training.totl_ticks=3"], r"unknown config key training.totl_ticks \(did you mean training.total_ticks\?\)"),
+    (["training.total_ticks=-3"], "training.total_ticks=-3 is not allowed: it must be >= 0"),
 ])
 def test_bad_input_fails_clearly_without_a_checkpoint(tmp_path, overrides, match):
     with pytest.raises((ValueError, FileNotFoundError), match=match):

@@ -21,7 +21,7 @@ def _wait_for(condition, timeout: float = 2.0) -> bool:
     return condition()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGUSR1, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGUSR1, signal.SIGTERM, signal.SIGINT])
 def test_signal_sets_flag_and_uninstall_restores(sig: signal.Signals) -> None:
     def sentinel(signum, frame):
         raise AssertionError("the previous handler must not run while ours is installed")
@@ -37,6 +37,34 @@ def test_signal_sets_flag_and_uninstall_restores(sig: signal.Signals) -> None:
         assert signal.getsignal(sig) is sentinel
     finally:
         signal.signal(sig, previous)
+
+
+def test_first_sigint_stops_with_notice_second_aborts_at_once(capfd) -> None:
+    """Ctrl-C: the first one asks for a checkpointed stop (rank 0 says so on stderr), the second raises
+    KeyboardInterrupt at once; afterwards the previous handler (Python's) is back."""
+    before = signal.getsignal(signal.SIGINT)
+    handler = PreemptionHandler().install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert _wait_for(handler.requested)
+        assert handler.signal_name == "SIGINT"
+        assert "SIGINT: stopping at the next step boundary with a checkpoint" in capfd.readouterr().err
+        with pytest.raises(KeyboardInterrupt, match="second SIGINT"):
+            os.kill(os.getpid(), signal.SIGINT)
+            _wait_for(lambda: False, timeout=2.0)
+    finally:
+        handler.uninstall()
+    assert signal.getsignal(signal.SIGINT) is before
+    assert signal.SIGINT in preemption.DEFAULT_SIGNALS
+
+
+def test_data_loader_workers_leave_ctrl_c_to_the_trainer() -> None:
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        preemption.ignore_interrupts(0)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_context_manager_restores_default() -> None:

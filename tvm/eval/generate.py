@@ -152,6 +152,35 @@ def decoded_resolution(net: TVMWrapper, encoder: Any) -> int:
 
 # ------------------------------------------------------------------------------ writers
 
+IMAGE_NAME = re.compile(r"\d{6,}\.png")  # what PngFolderWriter writes
+
+
+def check_output(out: str | os.PathLike[str], force: bool) -> list[Path]:
+    """Refuse an output that already exists unless ``force`` (collective: rank 0 looks, every rank
+    raises its error). An existing ``.npz`` is replaced when the new one is complete; a folder that
+    holds anything would mix old and new images. Returns the folder's old images (``NNNNNN.png``),
+    which the caller deletes before writing when ``force`` is given; other files are left alone."""
+    error: Exception | None = None
+    stale: list[Path] = []
+    if distributed.is_main():
+        out = Path(out)
+        try:
+            if out.suffix == ".npz" and out.is_dir():
+                raise IsADirectoryError(f"{out} is a folder, not an .npz file")
+            if out.suffix != ".npz" and out.exists() and not out.is_dir():
+                raise NotADirectoryError(f"{out} exists and is not a folder (name an .npz file or a folder)")
+            existing = out.exists() and (out.suffix == ".npz" or any(out.iterdir()))
+            if existing and not force:
+                what = "exists" if out.suffix == ".npz" else "is a folder that already holds files (images would mix)"
+                raise FileExistsError(f"{out} {what}; pass --force to overwrite, or choose another --out")
+            if existing and out.is_dir():
+                stale = sorted(path for path in out.iterdir() if IMAGE_NAME.fullmatch(path.name))
+        except OSError as exc:
+            error = exc
+    distributed.raise_on_every_rank(error, lambda message, _errno: FileExistsError(message))
+    return stale
+
+
 class PngFolderWriter:
     """``<folder>/<index:06d>.png`` per image; every rank writes its own images."""
 

@@ -36,6 +36,10 @@ def build_dataset(cfg: DictConfig) -> torch.utils.data.Dataset:
     """The training dataset; errors name a missing path, absent labels or a resolution mismatch."""
     cls = _lookup(DATASETS, cfg.class_name, "dataset.class_name")
     if cls is DigitsDataset:
+        if cfg.path:
+            raise ValueError(f"dataset.path={cfg.path} is set but dataset.class_name={cfg.class_name} reads no files "
+                             "(the digits ship with scikit-learn): drop dataset.path, or set "
+                             "dataset.class_name=tvm.data.datasets.ImageFolderDataset to train on that path")
         dataset = DigitsDataset(split=cfg.split, use_labels=cfg.use_labels)
     else:
         if not cfg.path:

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 from tvm.compiling import compile_model, load_compile_cache, save_compile_cache, set_activation_memory_budget
-from tvm.config import to_container
+from tvm.config import to_container, validate_config
 from tvm.eval.generate import generate_images
 from tvm.eval.grid import save_image_grid
 from tvm.eval.metrics import METRICS, MetricContext, check_reference_files, compute_metric, extra_metric_fields
@@ -44,7 +44,7 @@ from tvm.train.checkpoint import (CheckpointError, CheckpointManager, Checkpoint
 from tvm.train.ema import make_ema, update_ema_
 from tvm.train.logging import (RunLogger, binned_means, peak_memory_gb, reset_peak_memory, sanitize_config,
                                status_line)
-from tvm.train.preemption import PreemptionHandler
+from tvm.train.preemption import PreemptionHandler, ignore_interrupts
 from tvm.train.sharding import (broadcast_parameters_, check_sharding_supported, full_state_dict, gather_module,
                                 gradient_norm, is_sharded, local, shard_network, shard_optimizer_state,
                                 shard_state_dict, state_memory_per_rank)
@@ -252,6 +252,7 @@ def _log_error(logger: RunLogger) -> Callable[..., None]:
 def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     """The body of :func:`run`; ``cleanup`` undoes what must not outlive the run."""
     # ---------------------------------------------------------------- set-up
+    validate_config(cfg)
     dist = distributed.init_distributed()
     device = dist.device
     set_backend_flags(cfg)
@@ -319,6 +320,8 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         resumed_from, ckpt = found
         restore(state, ckpt, False, resumed_from, cfg)
     progress = state.progress
+    if resumed_from is not None and progress.step >= total_steps:  # nothing to train; config.yaml stays as it is
+        return _already_finished(progress, total_steps, resumed_from, run_dir, batching.batch, steps_per_tick)
     compile_cache = run_dir / COMPILE_CACHE if cfg.network.compile and cfg.network.compile_cache else None
     if compile_cache is not None:
         loaded_artifacts = load_compile_cache(compile_cache)
@@ -329,7 +332,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         dataset, batch_size=batching.batch_gpu, sampler=sampler, num_workers=cfg.dataloader.num_workers,
         pin_memory=cfg.dataloader.pin_memory and device.type == "cuda",
         prefetch_factor=cfg.dataloader.prefetch_factor if cfg.dataloader.num_workers > 0 else None,
-        persistent_workers=cfg.dataloader.num_workers > 0)
+        persistent_workers=cfg.dataloader.num_workers > 0, worker_init_fn=ignore_interrupts)
     batches = infinite_batches(loader)
 
     # Secrets come from the environment only; a value that reached the config (e.g. through
@@ -464,6 +467,17 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     return {"progress": progress.state_dict(batching.batch, steps_per_tick), "metrics": last_metrics,
             "run_dir": str(run_dir), "preempted": preempted,
             "signal": preempt.signal_name if preempted else None}
+
+
+def _already_finished(progress: Progress, total_steps: int, checkpoint: Path, run_dir: Path, batch: int,
+                      steps_per_tick: int) -> dict[str, Any]:
+    """The result of a run whose checkpoint is at or past ``total_steps``; rank 0 says so."""
+    if distributed.is_main():
+        print(f"run already finished: {checkpoint} is at step {progress.step} >= total {total_steps} "
+              f"(training.total_ticks × {steps_per_tick} steps/tick, or training.max_steps); nothing to do. "
+              "Raise training.total_ticks to train on, or set another run_dir for a new run.", flush=True)
+    return {"progress": progress.state_dict(batch, steps_per_tick), "metrics": {}, "run_dir": str(run_dir),
+            "preempted": False, "signal": None, "already_finished": True}
 
 
 # ------------------------------------------------------------------------------ step helpers

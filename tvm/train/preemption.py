@@ -16,9 +16,15 @@ Signals must reach the training processes: torchrun forwards SIGTERM to its work
 SIGUSR1/SIGUSR2 launch one task per GPU (``srun``) or have the launcher forward them. The
 previous handlers are *not* chained: submitit's own SIGUSR2 handler would requeue and exit before
 the checkpoint is written.
+
+SIGINT (Ctrl-C) stops the same way, with a checkpoint at the next agreed step boundary; rank 0
+says so on stderr at once. A second SIGINT raises ``KeyboardInterrupt`` at once (no checkpoint;
+the run resumes from the previous one). ``train.sh`` passes a Ctrl-C on to its workers exactly
+once per press, so the first press checkpoints and the second aborts there too.
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from types import FrameType
@@ -29,8 +35,16 @@ import torch
 from tvm.train import distributed
 
 DEFAULT_SIGNALS: tuple[signal.Signals, ...] = tuple(
-    getattr(signal, name) for name in ("SIGUSR2", "SIGUSR1", "SIGTERM") if hasattr(signal, name)
+    getattr(signal, name) for name in ("SIGUSR2", "SIGUSR1", "SIGTERM", "SIGINT") if hasattr(signal, name)
 )
+INTERRUPT_NOTICE = (b"\nSIGINT: stopping at the next step boundary with a checkpoint "
+                    b"(press Ctrl-C again to abort at once, without one)\n")
+
+
+def ignore_interrupts(_worker_id: int = 0) -> None:
+    """``worker_init_fn`` of data-loader workers: a Ctrl-C is the training process's to handle
+    (a worker that died on it would end the run before its checkpoint)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class PreemptionHandler:
@@ -49,10 +63,18 @@ class PreemptionHandler:
         self._flag = False
         self._signum: int | None = None
         self._agreed = False
+        self._interrupted = False
+        self._announce = False
         self._previous: dict[signal.Signals, Any] = {}
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        """Signal handler: record the signal, nothing else."""
+        """Signal handler: record the signal; a second SIGINT aborts at once."""
+        if signum == signal.SIGINT:
+            if self._interrupted:
+                raise KeyboardInterrupt("second SIGINT: stopped at once, without a checkpoint")
+            self._interrupted = True
+            if self._announce:
+                os.write(2, INTERRUPT_NOTICE)  # async-signal-safe, unlike print
         self._flag = True
         self._signum = signum
 
@@ -63,6 +85,7 @@ class PreemptionHandler:
         """
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("PreemptionHandler.install() must be called from the main thread")
+        self._announce = distributed.is_main()
         for sig in self.signals:
             if sig not in self._previous:
                 self._previous[sig] = signal.signal(sig, self._on_signal)

@@ -62,8 +62,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import submitit
-from submitit.helpers import Checkpointable, DelayedSubmission
+try:
+    import submitit
+    from submitit.helpers import Checkpointable, DelayedSubmission
+except ImportError as exc:
+    raise ImportError(f'Slurm and local launches need submitit, an optional dependency: pip install -e ".[slurm]" '
+                      f"in the repository (or pip install submitit) [{exc}]", name=exc.name) from exc
 
 PREEMPT_SIGNAL_ENV = "SUBMITIT_PREEMPT_SIGNAL"  # submitit's own variable: which SIGUSR* it uses
 # Launcher variables that a stale shell environment could carry into the job; inside a Slurm job
@@ -234,10 +238,12 @@ def split_train_args(args: Sequence[str]) -> tuple[str, list[str]]:
 
 def compose_train_config(args: Sequence[str]):
     """The config ``train.py`` would build from ``args`` (validated against the schema)."""
-    from tvm.config import compose_config
+    from tvm.config import compose_config, validate_config
 
     name, overrides = split_train_args(args)
-    return compose_config(name, overrides)
+    cfg = compose_config(name, overrides)
+    validate_config(cfg)
+    return cfg
 
 
 def check_config_for_world(cfg, world_size: int) -> None:
@@ -279,12 +285,13 @@ def wants_requeue(result: dict[str, Any]) -> bool:
 
     Preempted by SIGUSR1/SIGUSR2 (Slurm's warning before the time limit or, with
     ``PreemptParameters=send_user_signal``, before preemption): yes. SIGTERM: no (``scancel``
-    must stay a cancel; Slurm requeues REQUEUE-mode preemptions itself). Unknown signal (a loop
-    that does not report it): yes, the warning signal is by far the common case.
+    must stay a cancel; Slurm requeues REQUEUE-mode preemptions itself). SIGINT (a Ctrl-C): no,
+    the user stopped the run. Unknown signal (a loop that does not report it): yes, the warning
+    signal is by far the common case.
     """
     if not result.get("preempted"):
         return False
-    return result.get("signal") != "SIGTERM"
+    return result.get("signal") not in ("SIGTERM", "SIGINT")
 
 
 class TrainJob(Checkpointable):
