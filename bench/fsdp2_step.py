@@ -49,23 +49,25 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--variant", default="explicit:triton:blocks:budget=0.7")
+    parser.add_argument("--model", default="DiT_XL_2_18h", help="network.model_type (DiT_B_2 for a quick check)")
     args = parser.parse_args()
     dist.init_process_group("nccl")
     torch.cuda.set_device(dist.get_rank())
     torch._dynamo.config.automatic_dynamic_shapes = False
-    cfg = compose_config("im256_w2")
+    cfg = compose_config("im256_w2", [f"network.model_type={args.model}"])
     R = 32
     variant = Variant.parse(args.variant)
     x, labels = batch(args.batch, R, 0)
     rows = {}
     for name in ("ddp", "fsdp2"):
         rows[name] = run(cfg, R, variant, name == "fsdp2", x, labels, args)
+        print(f"# {name}: losses {rows[name][0]}, {rows[name][1]:.1f} ms/step, peak {rows[name][2]:.1f} GiB", flush=True)
         torch._dynamo.reset()  # the state of the finished run is freed on return; drop its graphs too
         torch.cuda.empty_cache()
     ddp_losses, fsdp_losses = rows["ddp"][0], rows["fsdp2"][0]
     rel = max(abs(a - b) / abs(a) for a, b in zip(ddp_losses, fsdp_losses))
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.variant}, batch {args.batch}, "
-          f"world {dist.get_world_size()}")
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.model}, {args.variant}, "
+          f"batch {args.batch}, world {dist.get_world_size()}")
     print("| step | DDP mean loss | FSDP2 mean loss |\n|---|---|---|")
     for step, (a, b) in enumerate(zip(ddp_losses, fsdp_losses)):
         print(f"| {step} | {a:.6f} | {b:.6f} |")

@@ -547,8 +547,12 @@ def _compiled(ddp: torch.nn.Module, state: RunState, network: DictConfig) -> tor
         if hasattr(torch._dynamo.config, "optimize_ddp"):  # gone in newer PyTorch, which splits no DDP graph
             torch._dynamo.config.optimize_ddp = False  # one graph for forward and backward, as upstream
         return compile_model(ddp, **options)
-    for wrapper in (state.net, state.teacher, state.ema):
+    for wrapper in (state.net, state.teacher):
         wrapper.model.compile_blocks(**options)
+    # The eval EMA samples in loops that feed a block's output back in; CUDA graph trees overwrite
+    # such outputs on the next replay (measured: "accessing tensor output of CUDAGraphs that has been
+    # overwritten"), so it never uses reduce-overhead.
+    state.ema.model.compile_blocks(**({} if mode == "reduce-overhead" else options))
     return ddp
 
 
