@@ -144,7 +144,9 @@ def status_line(
         tick 12  step 1200  kimg 2457.6  time 1h02m  sec/tick 310.2  sec/kimg 1.51  img/s 660.1
         mfu 41.3%  maint 2.1  mem 61.25GB  terminal 0.012/0.008/0.005/0.003  fm 0.41/0.33/0.29/0.27
 
-    ``losses`` maps a short name to its per-t-bin means (``binned_means``); ``mfu`` is a fraction.
+    ``losses`` maps a short name to its per-t-bin means (``binned_means``: bins q0..q3 of the
+    sample's time t, q0 = t < 0.25, ..., q3 = t ≥ 0.75, ``tvm.train.stats.time_bins``; "-" for a bin
+    without samples); ``mfu`` is a fraction.
     Optional fields are omitted when None.
     """
     parts = [f"tick {tick}"]
