@@ -1,6 +1,7 @@
 """Train a TVM model: ``python train.py --config-name=tiny [key=value ...]`` (one process), or
 ``bash train.sh NUM_GPUS CONFIG [overrides ...]`` (torchrun, one process per GPU).
 
+``python train.py --help`` lists the main knobs with their units (Hydra's own help: ``--hydra-help``).
 Whatever stops the run, the last line says why (``train.py: error: …``; tvm/train/entry.py).
 Ctrl-C stops at the next step boundary with a checkpoint; a second Ctrl-C aborts at once.
 """
@@ -10,6 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 import tvm.config  # noqa: F401  (registers the config schema with Hydra)
+from tvm.cli_help import print_help_if_asked
 from tvm.train import distributed
 from tvm.train.entry import outcome_line, run_entry_point
 from tvm.train.loop import run
@@ -27,4 +29,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    if print_help_if_asked(sys.argv[1:]):
+        sys.exit(0)
     sys.exit(run_entry_point(main, "train.py"))

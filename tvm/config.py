@@ -38,7 +38,7 @@ class LoggerConfig:
 class DatasetConfig:
     class_name: str = "tvm.data.datasets.ImageFolderDataset"  # or tvm.data.digits.DigitsDataset
     path: Optional[str] = None           # zip or folder (EDM format); unused for the digits
-    use_labels: bool = True
+    use_labels: bool = True              # class-conditional training (false: unconditional)
     xflip: bool = False                  # doubles the dataset with mirrored copies
     cache: bool = False                  # keep decoded items in each worker's memory (costs RAM per rank)
     max_size: Optional[int] = None       # random subset (seed 0) of this many items
@@ -49,7 +49,7 @@ class DatasetConfig:
 @dataclass
 class DataLoaderConfig:
     pin_memory: bool = True
-    num_workers: int = 1
+    num_workers: int = 1                 # data-loading processes per GPU (0: in the training process)
     prefetch_factor: int = 2
 
 
@@ -124,7 +124,7 @@ class LossConfig:
 @dataclass
 class OptimizerConfig:
     class_name: str = "torch.optim.AdamW"
-    lr: float = 1e-4
+    lr: float = 1e-4                     # learning rate (constant)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.0
@@ -132,12 +132,12 @@ class OptimizerConfig:
 
 @dataclass
 class TrainingConfig:
-    total_ticks: int = 3000              # paper: 300K iterations = 3,000 ticks of 100 iterations
+    total_ticks: int = 3000              # length in ticks (paper: 300K iterations = 3,000 ticks of 100 iterations)
     kimg_per_tick: float = 204.8         # thousands of images per tick (100 iterations at batch 2048)
-    ema_beta: float = 0.9999             # eval EMA (samples, FID, snapshots)
+    ema_beta: float = 0.9999             # eval EMA decay per step (samples, FID, snapshots)
     ema_target_beta: Optional[float] = 0.99  # teacher EMA; null = the online network is its own teacher
     batch_size: int = 2048               # global batch (images per optimizer step)
-    batch_gpu: Optional[int] = None      # per-GPU micro-batch; below batch/world → gradient accumulation
+    batch_gpu: Optional[int] = None      # per-GPU micro-batch (images); below batch/world → gradient accumulation
     cudnn_benchmark: bool = True
     enable_tf32: bool = False
     snapshot_ticks: int = 500            # permanent checkpoints every this many ticks
@@ -146,8 +146,8 @@ class TrainingConfig:
     keep_last: int = 3                   # rolling checkpoints kept
     sample_ticks: int = 50               # sample grids every this many ticks
     eval_ticks: int = 250                # metrics every this many ticks (after no_eval_before_tick)
-    no_eval_before_tick: int = 300
-    metrics: list[str] = field(default_factory=lambda: ["fid50k_full"])
+    no_eval_before_tick: int = 300       # no metrics before this tick
+    metrics: list[str] = field(default_factory=lambda: ["fid50k_full"])  # during training: fid50k_full, digits, ...
     seed: Optional[int] = 0              # null: rank 0 draws one and broadcasts it
     transfer: Optional[str] = None       # checkpoint path: load weights only (fine-tuning)
     resume: Optional[str] = None         # checkpoint path to continue from (default: latest in run dir)
@@ -175,7 +175,7 @@ class EvalConfig:
     metrics: list[str] = field(default_factory=lambda: ["fid50k_full"])
     resume: Optional[str] = None         # a checkpoint or a run directory (newest first)
     detector_url: str = ("https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/"
-                         "metrics/inception-2015-12-05.pkl")
+                         "metrics/inception-2015-12-05.pkl")  # FID/IS Inception: URL (cached) or local file
     ref_stats: Optional[str] = None      # reference statistics (authors' img256.pkl / img512.pkl or .npz)
     # Optional metrics (tvm/eval/extra_metrics.py): is50k uses detector_url; pr50k3_full needs ref_features
     # (.npz 'features', scripts/ref_features.py) from pr_detector_url; fd_dinov2 needs DINOv2 locally.
@@ -186,7 +186,7 @@ class EvalConfig:
     dinov2_weights: Optional[str] = None     # state dict for a checkout (default <dir or hub>/dinov2_vitl14_pretrain.pth)
     dinov2_ref_stats: Optional[str] = None   # .npz (mu, sigma); default: ref_stats when it is an EDM2 pickle
     dinov2_allow_download: bool = False
-    num_images: int = 50000
+    num_images: int = 50000              # generated images per metric (fid50k_full: 50,000)
     label_mode: str = "uniform"          # uniform | empirical (upstream: training-set label frequencies)
     enable_tf32: bool = False
 

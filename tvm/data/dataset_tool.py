@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
-from tqdm import tqdm
 
 from tvm.data.datasets import ImageFolderDataset, image_extensions
+from tvm.progress import progress_bar
 
 __all__ = [
     "SourceImage",
@@ -257,7 +257,7 @@ def convert_dataset(
     writer = _Writer(Path(dest))
     entries: list[tuple[str, int | None]] = []
     size: tuple[int, int] | None = None
-    for index, item in enumerate(tqdm(items, desc="convert", unit="img", disable=not progress)):
+    for index, item in enumerate(progress_bar(items, desc="convert", unit="img", disable=not progress)):
         img = item.load().convert("RGB")
         if resolution is not None:
             img = TRANSFORMS[transform](img, resolution)
@@ -362,7 +362,7 @@ def encode_dataset(
     todo = [i for i in range(rank, n, world_size) if not (parts / names[i]).exists()]
     encoder = StabilityVAEEncoder(vae, use_fp16=False, batch_size=batch_size)
     writer = _Writer(parts)
-    with tqdm(total=len(todo), desc=f"encode rank {rank}", unit="img", disable=not progress) as bar:
+    with progress_bar(total=len(todo), desc=f"encode rank {rank}", unit="img", disable=not progress) as bar:
         for k in range(0, len(todo), batch_size):
             idx = todo[k : k + batch_size]
             pixels = torch.as_tensor(np.stack([data[i][0] for i in idx])).to(device)
@@ -404,7 +404,7 @@ def latent_stats(source: str | os.PathLike[str], seed: int = 0, progress: bool =
     sum_x = np.zeros(c)
     sum_x2 = np.zeros(c)
     count = 0
-    for i in tqdm(range(len(data)), desc="getstats", unit="item", disable=not progress):
+    for i in progress_bar(range(len(data)), desc="getstats", unit="item", disable=not progress):
         moments = data[i][0].astype(np.float64)
         mean, std = moments[:c], moments[c:]
         x = mean + rng.standard_normal(mean.shape) * std

@@ -43,9 +43,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from tvm.eval import fid
+from tvm.progress import progress_bar
 
 __all__ = [
     "inception_score",
@@ -325,7 +325,7 @@ def compute_reference_features(
                                          shuffle=False, num_workers=num_workers)
     parts = []
     with fid.tf32_disabled():
-        for images, _labels in tqdm(loader, desc="reference features", unit="batch", disable=not progress):
+        for images, _labels in progress_bar(loader, desc="reference features", unit="batch", disable=not progress):
             parts.append(fid.compute_features(detector, torch.as_tensor(images), device).cpu())
     if not parts:
         raise ValueError("dataset is empty")

@@ -45,7 +45,8 @@ import numpy as np
 import scipy.linalg
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
+
+from tvm.progress import progress_bar
 
 __all__ = [
     "INCEPTION_URL",
@@ -396,7 +397,7 @@ def compute_reference_stats(
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     stats: FeatureStats | None = None
     with tf32_disabled():
-        for images, _labels in tqdm(loader, desc="reference features", unit="batch", disable=not progress):
+        for images, _labels in progress_bar(loader, desc="reference features", unit="batch", disable=not progress):
             feats = compute_features(detector, torch.as_tensor(images), device)
             stats = stats or FeatureStats(feats.shape[1])
             stats.update(feats)
@@ -450,7 +451,7 @@ def generated_features(
     chunks = [indices[k : k + batch_size] for k in range(0, len(indices), batch_size)]
     feats: list[torch.Tensor] = []
     with tf32_disabled():
-        for chunk in tqdm(chunks, desc=desc, unit="batch", disable=not progress or rank != 0):
+        for chunk in progress_bar(chunks, desc=desc, unit="batch", disable=not progress or rank != 0):
             images = _check_images(generate(chunk), len(chunk))
             if expected_resolution is not None and images.shape[-1] != expected_resolution:
                 raise ValueError(

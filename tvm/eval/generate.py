@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from tvm.method.sampler import sample
 from tvm.method.wrapper import TVMWrapper
+from tvm.progress import progress_bar
 from tvm.train import distributed
 
 LABEL_MODES = ("uniform", "empirical")
@@ -275,7 +275,7 @@ def generate_to(net: TVMWrapper, encoder: Any, indices: Sequence[int], out: str 
         writer = PngFolderWriter(out)
     gather = out.suffix == ".npz"
     global_batch = batch_size * world
-    bar = tqdm(total=len(indices), unit="img", desc="generate", disable=not progress or rank != 0)
+    bar = progress_bar(total=len(indices), unit="img", desc="generate", disable=not progress or rank != 0)
     for start in range(0, len(indices), global_batch):
         positions = list(range(start, min(start + global_batch, len(indices))))[rank::world]
         mine = [indices[p] for p in positions]

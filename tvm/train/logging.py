@@ -3,8 +3,11 @@
 What goes where (TVM.md §5.4 items 1 and 8, §5.8), rank 0 only:
 
 * ``<run_dir>/log.txt`` — every line passed to ``RunLogger.log`` (also printed to stdout);
-* ``<run_dir>/stats.jsonl`` — one JSON object per tick (``RunLogger.log_stats``);
-* a tqdm bar over steps (``RunLogger.progress``);
+* ``<run_dir>/stats.jsonl`` — one JSON object per tick and per evaluation (``RunLogger.log_stats``);
+* ``<run_dir>/training_curves.png`` — redrawn from ``stats.jsonl`` after each of its records:
+  losses by t bin, gradient norm, img/s and metrics over steps (``tvm.train.plots``);
+* progress over steps (``RunLogger.progress``): a tqdm bar on a terminal; in a redirected log no
+  ``\r`` bar, only a plain line every few minutes (``tvm.progress``), since the tick lines report;
 * wandb, only when asked for: imported lazily, so it is not a dependency.
 
 Secrets: upstream kept the wandb key in the config (``logger.api_key``) and logged the whole config
@@ -29,11 +32,17 @@ from types import ModuleType
 from typing import Any
 
 import torch
+
 from tqdm import tqdm
+
+from tvm.progress import LineProgress, format_duration, progress_bar
+from tvm.train.plots import plot_training_curves
 
 WANDB_MODES = ("disabled", "offline", "online")
 API_KEY_ENV = "WANDB_API_KEY"
 REDACTED = "<redacted>"
+CURVES_FILE = "training_curves.png"
+PLAIN_PROGRESS_SECONDS = 300.0  # redirected logs: one progress line per 5 minutes between tick lines
 
 _SECRET_KEY = re.compile(r"(?:^|[_\-.])(?:api_?key|key|token|password|passwd|secret)$", re.IGNORECASE)
 
@@ -135,7 +144,9 @@ def status_line(
         tick 12  step 1200  kimg 2457.6  time 1h02m  sec/tick 310.2  sec/kimg 1.51  img/s 660.1
         mfu 41.3%  maint 2.1  mem 61.25GB  terminal 0.012/0.008/0.005/0.003  fm 0.41/0.33/0.29/0.27
 
-    ``losses`` maps a short name to its per-t-bin means (``binned_means``); ``mfu`` is a fraction.
+    ``losses`` maps a short name to its per-t-bin means (``binned_means``: bins q0..q3 of the
+    sample's time t, q0 = t < 0.25, ..., q3 = t ≥ 0.75, ``tvm.train.stats.time_bins``; "-" for a bin
+    without samples); ``mfu`` is a fraction.
     Optional fields are omitted when None.
     """
     parts = [f"tick {tick}"]
@@ -156,21 +167,6 @@ def status_line(
     for name, values in (losses or {}).items():
         parts.append(f"{name} " + "/".join(_fmt(v, ".4g") for v in values))
     return "  ".join(parts)
-
-
-def format_duration(seconds: float) -> str:
-    """``3725`` -> ``"1h02m05s"``; ``59.4`` -> ``"59s"``; days shown as ``"2d03h"``."""
-    seconds = int(round(seconds))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d{hours:02d}h{minutes:02d}m"
-    if hours:
-        return f"{hours}h{minutes:02d}m{secs:02d}s"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{secs}s"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,6 +215,7 @@ class RunLogger:
         entity: str | None = None,
         run_name: str | None = None,
         config_dict: Mapping[str, Any] | None = None,
+        curves: bool = True,
     ) -> None:
         if wandb_mode not in WANDB_MODES:
             raise ValueError(f"wandb mode must be one of {WANDB_MODES}, got {wandb_mode!r}")
@@ -226,9 +223,10 @@ class RunLogger:
         self.rank = rank
         self._wandb: ModuleType | None = None
         self._wandb_run: Any = None
-        self._bar: tqdm | None = None
+        self._bar: tqdm | LineProgress | None = None
         self._log_file = None
         self._stats_file = None
+        self._curves = curves and rank == 0  # redraw training_curves.png after each stats record
         if rank != 0:
             self.wandb_mode = "disabled"
             return
@@ -300,8 +298,21 @@ class RunLogger:
         clean = {key: (None if isinstance(v, float) and not math.isfinite(v) else v) for key, v in record.items()}
         self._stats_file.write(_scrub(json.dumps(clean)) + "\n")
         self._stats_file.flush()
+        self._plot_curves()
         if self._wandb_run is not None:
             self._wandb_run.log(values, step=step)
+
+    def _plot_curves(self) -> None:
+        """Redraw ``training_curves.png`` from ``stats.jsonl``. A picture must never stop a run: a
+        failure is reported once as a warning and plotting is switched off for this logger."""
+        if not self._curves:
+            return
+        try:
+            plot_training_curves(self.run_dir / "stats.jsonl", self.run_dir / CURVES_FILE)
+        except Exception as exc:  # noqa: BLE001 - any failure only costs the picture
+            self._curves = False
+            warnings.warn(f"could not draw {self.run_dir / CURVES_FILE}: {exc}; no more curves for this run",
+                          RuntimeWarning, stacklevel=3)
 
     def log_images(self, name: str, path: str | os.PathLike[str], step: int, caption: str | None = None) -> None:
         """Send an image file to wandb as ``name`` at ``step`` (no-op when wandb is off)."""
@@ -310,18 +321,13 @@ class RunLogger:
         image = self._wandb.Image(str(path), caption=None if caption is None else _scrub(caption))
         self._wandb_run.log({name: image}, step=step)
 
-    def progress(self, total: int, initial: int = 0) -> tqdm:
-        """A tqdm bar over steps on rank 0 (disabled elsewhere); ``log`` prints above it."""
+    def progress(self, total: int, initial: int = 0) -> tqdm | LineProgress:
+        """Progress over steps on rank 0 (disabled elsewhere); ``log`` prints above it. A tqdm bar
+        when stderr is a terminal; otherwise a plain line every ``PLAIN_PROGRESS_SECONDS``."""
         if self._bar is not None:
             self._bar.close()
-        self._bar = tqdm(
-            total=total,
-            initial=initial,
-            disable=not self.is_main,
-            unit="step",
-            dynamic_ncols=True,
-            file=sys.stderr,
-        )
+        self._bar = progress_bar(total=total, initial=initial, desc="train", unit="step", disable=not self.is_main,
+                                 interval=PLAIN_PROGRESS_SECONDS)
         return self._bar
 
     def close(self) -> None:

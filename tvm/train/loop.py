@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tvm.compiling import compile_model, load_compile_cache, save_compile_cache, set_activation_memory_budget
 from tvm.config import to_container, validate_config
 from tvm.eval.generate import generate_images
-from tvm.eval.grid import save_image_grid
+from tvm.eval.grid import grid_classes, grid_layout, save_image_grid, save_reference_grid
 from tvm.eval.metrics import METRICS, MetricContext, check_reference_files, compute_metric, extra_metric_fields
 from tvm.method.times import StepDraws, draw_step
 from tvm.method.wrapper import TVMWrapper
@@ -351,6 +351,9 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
                f"gradients, AdamW and EMAs {state_memory_per_rank(total, dist.world_size, ncfg.sharding) / 2**30:.2f} "
                "GiB per rank (computed)"
                + (f"; resumed from {resumed_from}" if resumed_from else ""))
+    if tcfg.do_log_image and dist.is_main:  # real training images, decoded like the samples, beside their grids
+        logger.log_images("samples/reference", save_reference_grid(dataset, encoder, run_dir / "samples",
+                          tcfg.num_samples, label_dim, device, cfg.eval.seed), progress.step)
     times, guide = time_sampling(cfg.loss), guidance(cfg.loss)
     sample_shape = (channels, resolution, resolution)
     stats = StatsCollector(device)
@@ -623,13 +626,12 @@ def _save_sample_grids(ema: TVMWrapper, encoder, cfg: DictConfig, run_dir: Path,
         return
     n = cfg.training.num_samples
     num_classes = ema.model.num_classes
-    classes = [i % num_classes for i in range(n)] if num_classes else None
+    classes = grid_classes(n, num_classes)
     for name, sampler_cfg in cfg.sampling.items():
         images = generate_images(ema, encoder, list(range(n)), steps=sampler_cfg.num_steps,
                                  cfg=sampler_cfg.cfg_scale, seed=cfg.eval.seed, classes=classes, device=device)
         path = save_image_grid(images, run_dir / "samples" / f"{name}-tick{tick:06d}.png",
-                               cols=min(n, num_classes) if num_classes else None,
-                               upscale=max(1, 64 // images.shape[-1]))
+                               **grid_layout(n, num_classes, images.shape[-1]))
         logger.log_images(f"samples/{name}", path, tick)
 
 
