@@ -23,7 +23,8 @@ from typing import Any, Optional
 
 import torch
 
-from kernels.attention_jvp import _backward, _forward, attention_jvp_backward, attention_jvp_forward, check_inputs
+from kernels.attention_jvp import (attention_jvp_backward, attention_jvp_forward, backward_with_key, check_inputs,
+                                   forward_with_key)
 
 _NAMES = ("q", "k", "v", "tq", "tk", "tv")
 
@@ -95,13 +96,13 @@ class _AttentionWithTangent(torch.autograd.Function):
     """Eager twin of the custom op: same kernels, less host time per call.
 
     The forward validates the inputs and keeps their launch-plan key (layout, dtype, device,
-    alignment; see ``attention_jvp._input_key``) for the backward, whose saved inputs are the same
+    alignment; see :func:`kernels.launch_plans.input_key`) for the backward, whose saved inputs are the same
     unmodified tensors (autograd checks their versions), so they are not inspected again.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, tq, tk, tv):
-        out, ctx.plan_key = _forward((q, k, v, tq, tk, tv), True, None)
+        out, ctx.plan_key = forward_with_key((q, k, v, tq, tk, tv), True, None)
         ctx.save_for_backward(q, k, v, tq, tk, tv, *out)
         ctx.set_materialize_grads(False)
         return out.o, out.t
@@ -112,7 +113,7 @@ class _AttentionWithTangent(torch.autograd.Function):
             return (None,) * 6
         q, k, v, tq, tk, tv, o, t, lse2, mu = ctx.saved_tensors
         inputs = (q, k, v) if grad_t is None else (q, k, v, tq, tk, tv)
-        return _backward(inputs, ctx.plan_key, o, t, lse2, mu, grad_o, grad_t, None)
+        return backward_with_key(inputs, ctx.plan_key, o, t, lse2, mu, grad_o, grad_t, None)
 
 
 def attention_with_tangent(
