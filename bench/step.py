@@ -39,6 +39,7 @@ import triton
 from kernels import launch_plans
 from tvm.compiling import allow_tracing_this_package, compile_model, set_activation_memory_budget
 from tvm.config import compose_config
+from tvm.data.encoders import StabilityVAEEncoder
 from tvm.method.loss import interpolate
 from tvm.method.sampler import sample
 from tvm.method.times import draw_step
@@ -255,7 +256,7 @@ def main() -> None:
     torch._dynamo.config.automatic_dynamic_shapes = False
     config = "im256_w2" if args.resolution == 256 else "im512_w2p25"
     cfg = compose_config(config)
-    R = args.resolution // 8
+    R = StabilityVAEEncoder().latent_shape((3, args.resolution, args.resolution))[1]
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; config {config}, latent {R}x{R}, "
           f"batch {args.batch}, recompute {args.recompute}")

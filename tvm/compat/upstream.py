@@ -36,7 +36,6 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import hashlib
 import io
 import math
 import pickle
@@ -52,6 +51,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tvm.config import Config, compose_config, to_container
+from tvm.eval.fid import file_sha256
 from tvm.method.wrapper import DATA_TYPES, TVMWrapper
 from tvm.models.dit import VARIANT_ALIASES, VARIANTS, resolve_variant
 from tvm.train.build import build_network
@@ -336,15 +336,6 @@ def is_upstream_pickle(path: PathLike) -> bool:
         return False
     with open(path, "rb") as handle:
         return handle.read(1) == pickle.PROTO
-
-
-def file_sha256(path: PathLike) -> str:
-    """Hex SHA-256 of a file, read in 16 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

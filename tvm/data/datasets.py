@@ -430,10 +430,8 @@ class InfiniteSampler(torch.utils.data.Sampler[int]):
     Upstream's EDM sampler (one shuffle plus a random-window swap per step) is not resumable
     (TVM.md §11.10); this one deliberately changes the order for that reason.
 
-    State: a DataLoader prefetches, so the sampler runs ahead of training. Save
-    ``state_dict(num_consumed=<global items the run has trained on since start>)``; without the
-    argument the state is the position after the last index this rank's iterator yielded, which
-    is exact only when indices are drawn synchronously.
+    The sampler holds no state to save: a DataLoader prefetches, so it runs ahead of training, and
+    the training loop resumes it from the images consumed, ``start_index = step × global batch``.
     """
 
     def __init__(self, dataset_len: int, rank: int = 0, world_size: int = 1, seed: int = 0, start_index: int = 0) -> None:
@@ -448,16 +446,10 @@ class InfiniteSampler(torch.utils.data.Sampler[int]):
         self.world_size = int(world_size)
         self.seed = int(seed)
         self.start_index = int(start_index)
-        self._next_position = self.start_index
 
     def permutation(self, epoch: int) -> np.ndarray:
         """The order of epoch ``epoch``: ``int64 [dataset_len]``."""
         return np.random.default_rng([self.seed, epoch]).permutation(self.dataset_len)
-
-    def index_at(self, position: int) -> int:
-        """Dataset index at global stream position ``position``."""
-        epoch, offset = divmod(position, self.dataset_len)
-        return int(self.permutation(epoch)[offset])
 
     def __iter__(self) -> Iterator[int]:
         position = self.start_index + self.rank
@@ -466,25 +458,5 @@ class InfiniteSampler(torch.utils.data.Sampler[int]):
             e, offset = divmod(position, self.dataset_len)
             if e != epoch:
                 epoch, perm = e, self.permutation(e)
-            self._next_position = position + self.world_size - self.rank
             yield int(perm[offset])
             position += self.world_size
-
-    def state_dict(self, num_consumed: int | None = None) -> dict[str, int]:
-        """Plain-int state; ``num_consumed`` = global items consumed since ``start_index``."""
-        index = self.start_index + num_consumed if num_consumed is not None else self._next_position
-        return {"index": int(index), "seed": self.seed, "dataset_len": self.dataset_len}
-
-    def load_state_dict(self, state: Mapping[str, int] | int) -> None:
-        """Continue from a saved state (or a bare global position); call before iterating."""
-        if isinstance(state, Mapping):
-            for key in ("seed", "dataset_len"):
-                if key in state and int(state[key]) != getattr(self, key):
-                    raise ValueError(f"sampler state has {key}={state[key]}, this sampler has {getattr(self, key)}")
-            index = int(state["index"])
-        else:
-            index = int(state)
-        if index < 0:
-            raise ValueError(f"sampler index must be >= 0, got {index}")
-        self.start_index = index
-        self._next_position = index

@@ -44,14 +44,16 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
+
+from tvm.train import distributed
 
 __all__ = [
     "INCEPTION_URL",
     "INCEPTION_PT_URL",
     "FEATURE_DIM",
     "load_inception_detector",
+    "file_sha256",
     "default_cache_dir",
     "FeatureStats",
     "frechet_distance",
@@ -136,6 +138,15 @@ def _load_persistent_pickle(path: Path, device: torch.device) -> Detector:
     return detector.to(device)
 
 
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file, read in 16 MiB chunks (detector checks, provenance of converted pickles)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def load_inception_detector(
     url_or_path: str = INCEPTION_URL,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -164,11 +175,7 @@ def load_inception_detector(
     device = torch.device(device)
     path = _resolve_detector_file(str(url_or_path), cache_dir, allow_download, timeout)
     if sha256 is not None:
-        hasher = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                hasher.update(block)
-        digest = hasher.hexdigest()
+        digest = file_sha256(path)
         if digest != sha256.lower():
             raise ValueError(f"{path}: sha256 {digest} does not match the expected {sha256}")
     if path.suffix == ".pkl":
@@ -406,24 +413,6 @@ def compute_reference_stats(
     return RefStats(mu, sigma, stats.n, getattr(dataset, "resolution", None))
 
 
-def _gather_interleaved(local: torch.Tensor, num_images: int, rank: int, world_size: int) -> torch.Tensor | None:
-    """Reassemble per-rank features (rank r holds indices r, r+W, …) into sample-index order on rank 0."""
-    if world_size == 1:
-        return local
-    per_rank = -(-num_images // world_size)
-    padded = torch.zeros(per_rank, local.shape[1], dtype=local.dtype, device=local.device)
-    padded[: local.shape[0]] = local
-    parts = [torch.empty_like(padded) for _ in range(world_size)] if rank == 0 else None
-    dist.gather(padded, parts, dst=0)
-    if rank != 0:
-        return None
-    out = torch.empty(num_images, local.shape[1], dtype=local.dtype)
-    for r, part in enumerate(parts):
-        count = len(range(r, num_images, world_size))
-        out[r::world_size] = part[:count].cpu()
-    return out
-
-
 def generated_features(
     generate: Callable[[range], torch.Tensor],
     features: Callable[[torch.Tensor], torch.Tensor],
@@ -458,15 +447,14 @@ def generated_features(
                 )
             feats.append(features(images).to(torch.float32))
     local = torch.cat(feats)
-    return _gather_interleaved(local, num_images, rank, world_size)
+    return distributed.gather_interleaved(local, num_images, dst=0) if world_size > 1 else local
 
 
-def broadcast_value(value: float | None, rank: int, world_size: int, device: torch.device | str = "cpu") -> float:
-    """Rank 0's float64 ``value`` on every rank (others pass ``None``)."""
-    out = torch.full((), float("nan") if value is None or rank != 0 else value, dtype=torch.float64, device=device)
+def broadcast_value(value: float | None, rank: int, world_size: int) -> float:
+    """Rank 0's ``value`` as a float on every rank (others pass ``None``; NaN when rank 0 has none)."""
     if world_size > 1:
-        dist.broadcast(out, src=0)
-    return float(out)
+        value = distributed.broadcast_object(value if rank == 0 else None)
+    return float("nan") if value is None else float(value)
 
 
 def compute_fid(
@@ -509,4 +497,4 @@ def compute_fid(
         stats.update(gathered)
         mu, sigma = stats.mean_cov(unbiased=unbiased)
         value = frechet_distance(mu, sigma, ref.mu, ref.sigma)
-    return broadcast_value(value, rank, world_size, device)
+    return broadcast_value(value, rank, world_size)

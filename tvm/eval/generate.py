@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from tvm.data.encoders import Encoder
 from tvm.method.sampler import sample
 from tvm.method.wrapper import TVMWrapper
 from tvm.train import distributed
@@ -143,11 +144,9 @@ def default_cfg_scale(sampling: Mapping[str, Any], steps: int) -> float:
     return float(entries[0]["cfg_scale"]) if entries else 1.0
 
 
-def decoded_resolution(net: TVMWrapper, encoder: Any) -> int:
-    """Side of the decoded images: the network's resolution, ×8 for the SD-VAE (TVM.md §6.3)."""
-    from tvm.data.encoders import StabilityVAEEncoder
-
-    return net.model.input_size * (8 if isinstance(encoder, StabilityVAEEncoder) else 1)
+def decoded_resolution(net: TVMWrapper, encoder: Encoder) -> int:
+    """Side of the images ``encoder`` decodes from ``net``'s samples (:meth:`Encoder.decoded_resolution`)."""
+    return encoder.decoded_resolution(net.model.input_size)
 
 
 # ------------------------------------------------------------------------------ writers
@@ -212,16 +211,6 @@ class NpzWriter:
         return self.path
 
 
-def _interleave(parts: list[torch.Tensor], count: int) -> torch.Tensor:
-    """Rank ``r``'s part holds global-batch positions ``r, r + W, …``; returns them in position order."""
-    shaped = [part for part in parts if part.numel()]
-    out = torch.empty((count, *shaped[0].shape[1:]), dtype=torch.uint8)
-    for rank, part in enumerate(parts):
-        if part.numel():
-            out[rank::len(parts)] = part
-    return out
-
-
 def generate_to(net: TVMWrapper, encoder: Any, indices: Sequence[int], out: str | os.PathLike[str], *,
                 steps: int, cfg: float, seed: int = 0, classes: Sequence[int] | None = None,
                 batch_size: int = 64, device: torch.device | str = "cpu", progress: bool = True) -> Path:
@@ -253,10 +242,10 @@ def generate_to(net: TVMWrapper, encoder: Any, indices: Sequence[int], out: str 
         images = generate_images(net, encoder, mine, steps=steps, cfg=cfg, seed=seed, classes=labels[positions],
                                  batch_size=batch_size, device=device)
         if gather:
-            parts = distributed.all_gather_object(images)
+            count = min(global_batch, len(indices) - start)
+            gathered = distributed.gather_interleaved(images, count, dst=0)
             if writer is not None:
-                count = min(global_batch, len(indices) - start)
-                writer.write(indices[start:start + count], _interleave(parts, count))
+                writer.write(indices[start:start + count], gathered)
         elif mine:
             writer.write(mine, images)
         bar.update(min(global_batch, len(indices) - start))

@@ -8,9 +8,12 @@ decides the content; the conventional layout is::
 
     {"format": "tvm-checkpoint", "version": 1,
      "net": state_dict, "ema": state_dict, "ema_target": state_dict,
-     "optimizer": state_dict, "scaler": state_dict, "sampler": dict,
-     "rng": dict of tensors, "config": plain dict,
-     "progress": {"step": int, "nimg": int, "tick": int}}
+     "optimizer": state_dict, "rng": dict of tensors, "config": plain dict,
+     "data": {"resolution": int, "channels": int, "label_dim": int},
+     "progress": {"step": int, "nimg": int, "tick": int, "skipped": int, "in_row": int}}
+
+(Checkpoints written before issue 16 also hold ``"sampler": {"index": int}``, the data position
+``step × batch``; nothing reads it, since the position follows from ``progress``.)
 
 ``save_checkpoint`` stamps ``format``/``version`` itself and moves every tensor to the CPU, so
 files never hold CUDA storages (TVM.md §11 item 16) and load on any machine.

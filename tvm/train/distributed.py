@@ -327,6 +327,40 @@ def all_gather_object(obj: Any) -> list[Any]:
     return gathered
 
 
+def gather_interleaved(local: torch.Tensor, count: int, dst: int | None = None) -> torch.Tensor | None:
+    """The ``count`` rows of a sequence sharded round-robin over ranks, in sequence order, on the CPU.
+
+    Rank ``r`` of ``W`` holds positions ``r, r + W, r + 2W, …`` (``len(range(r, count, W))`` rows;
+    a rank without positions may pass any empty tensor). The result is ``[count, *row_shape]`` on
+    every rank (``dst=None``) or on rank ``dst`` only (the others get None). Every rank must call
+    it; without a process group it returns ``local`` itself (on its device). This is the one index-ordered
+    gather of the project: image indices (:mod:`tvm.eval.generate`, :mod:`tvm.eval.metrics`) and
+    detector features (:mod:`tvm.eval.fid`) use it, so results do not depend on ``W``.
+    """
+    world = get_world_size()
+    if world == 1:
+        return local
+    local = local.detach().cpu()
+    if dst is None:
+        parts = all_gather_object(local)
+    else:
+        parts = [None] * world if get_rank() == dst else None
+        dist.gather_object(local, parts, dst=dst)
+        if parts is None:
+            return None
+    filled = [part for part in parts if part.numel()]
+    if not filled:
+        return parts[0]
+    out = torch.empty((count, *filled[0].shape[1:]), dtype=filled[0].dtype)
+    for rank, part in enumerate(parts):
+        expected = len(range(rank, count, world))
+        if len(part) != expected and (expected or part.numel()):
+            raise ValueError(f"gather_interleaved: rank {rank} holds {len(part)} rows of {count}, expected {expected}")
+        if expected:
+            out[rank::world] = part
+    return out
+
+
 def cleanup() -> None:
     """Destroy the process group if one exists."""
     if is_distributed():

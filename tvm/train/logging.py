@@ -80,15 +80,6 @@ def peak_rss_gb() -> float | None:
     return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
 
 
-def cpu_rss_gb() -> float | None:
-    """Current resident memory in GB (``/proc/self/statm`` on Linux), else the peak."""
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
-    except (OSError, ValueError, IndexError, AttributeError):
-        return peak_rss_gb()
-
-
 def peak_memory_gb(device: torch.device | str) -> float | None:
     """Peak memory in GB: CUDA ``max_memory_allocated`` since the last reset on GPU, the process's
     peak RSS on CPU (TVM.md §11 item 16: upstream called ``torch.cuda.max_memory_*`` always)."""

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
@@ -32,7 +31,7 @@ from tvm.compiling import compile_model, set_activation_memory_budget
 from tvm.config import to_container
 from tvm.eval.generate import generate_images
 from tvm.eval.grid import save_image_grid
-from tvm.eval.metrics import METRICS, MetricContext, check_reference_files, compute_metric, extra_metric_fields
+from tvm.eval.metrics import METRICS, MetricContext, check_reference_files, compute_metric
 from tvm.method.times import StepDraws, draw_step
 from tvm.method.wrapper import TVMWrapper
 from tvm.models.dit import count_parameters
@@ -151,7 +150,7 @@ def checkpoint_content(state: RunState, cfg: DictConfig, batch: int, steps_per_t
     return {"net": module_state_dict(state.net), "ema": module_state_dict(state.ema),
             "ema_target": module_state_dict(state.teacher), "optimizer": state.optimizer.state_dict(),
             "progress": state.progress.state_dict(batch, steps_per_tick),
-            "sampler": {"index": state.progress.step * batch}, "rng": capture_rng_state(),
+            "rng": capture_rng_state(),
             "config": sanitize_config(to_container(cfg)), "data": data}
 
 
@@ -260,9 +259,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
 
     dataset = build_dataset(cfg.dataset)
     encoder = encoder_from_config(cfg.encoder)
-    channels = encoder.latent_channels(dataset.num_channels)
-    vae_on_pixels = channels == 4 and dataset.num_channels == 3  # latents are 8x smaller than RGB
-    resolution = dataset.resolution // 8 if vae_on_pixels else dataset.resolution
+    channels, resolution, _ = encoder.latent_shape(dataset.image_shape)
     label_dim = dataset.label_dim if cfg.dataset.use_labels else 0
     data_facts = {"resolution": resolution, "channels": channels, "label_dim": label_dim}
     for metric in tcfg.metrics:
@@ -323,12 +320,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     skipped_dev = torch.zeros((), device=device)       # non-finite steps since the last check
     in_row_dev = torch.full((), float(progress.in_row), device=device)
     longest_dev = in_row_dev.clone()                   # longest run of skipped steps since the last check
-    metric_ctx = MetricContext(encoder=encoder, device=device, seed=cfg.eval.seed,
-                               batch_size=max(1, cfg.eval.batch_size // dist.world_size),
-                               num_images=cfg.eval.num_images, label_mode=cfg.eval.label_mode,
-                               class_probs=_class_frequencies(dataset) if cfg.eval.label_mode == "empirical" else None,
-                               detector_url=cfg.eval.detector_url, ref_stats=cfg.eval.ref_stats,
-                               **extra_metric_fields(cfg.eval))
+    metric_ctx = MetricContext.from_config(cfg, encoder, device, dist.world_size, dataset)
     check_reference_files(tcfg.metrics, net, metric_ctx)  # a wrong file fails now, not at the first evaluation
     flops = step_flops(net, batching.batch)
     peak = PEAK_FLOPS.get(device.type)
@@ -411,20 +403,12 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
                        "the job can be requeued and will resume from it")
             break
     bar.close()
-    preempt.uninstall()
-    logger.close()
     return {"progress": progress.state_dict(batching.batch, steps_per_tick), "metrics": last_metrics,
             "run_dir": str(run_dir), "preempted": preempted,
             "signal": preempt.signal_name if preempted else None}
 
 
 # ------------------------------------------------------------------------------ step helpers
-
-def _class_frequencies(dataset) -> np.ndarray:
-    """Label frequencies of the training set (upstream's FID label distribution, TVM.md §7.1)."""
-    counts = sum(dataset.get_label(i) for i in range(len(dataset)))
-    return counts / counts.sum()
-
 
 def _make_sampler(length: int, dist: distributed.DistContext, seed: int, start: int):
     from tvm.data.datasets import InfiniteSampler
