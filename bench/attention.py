@@ -10,7 +10,7 @@
    B ∈ {32, 64}, bf16 inputs ~N(0,1): our op (with launch plans, and with FAST_LAUNCH off, i.e.
    Triton's dispatch on every launch), our autograd.Function under torch.func.jvp, math
    attention under torch.func.jvp, and SDPA without JVP; forward and forward+backward, peak memory
-   of forward+backward, TFLOP/s by the spec's counts (ATTENTION_JVP.md §3.1 with u = N²·D per
+   of forward+backward, TFLOP/s by the counts of docs/attention_jvp.md §5 (u = N²·D per
    batch·head: JVP forward 12u, JVP forward+backward 42u; SDPA forward 4u, forward+backward 14u).
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Triton kernels: attention with a fused forward-mode tangent and a backward through both outputs.
 
-Math (per batch·head, spec /work/shared/spec/ATTENTION_JVP.md §1), with c the softmax scale:
+Math (per batch·head, docs/attention_jvp.md §1), with c the softmax scale:
 
     S  = c·Q Kᵀ,  P = softmax_row(S),  O = P V
     tS = c·(tQ Kᵀ + Q tKᵀ),  μ = rowsum(P⊙tS),  T = (P⊙(tS − μ)) V + P tV
@@ -44,8 +44,9 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64
 
 
 # --------------------------------------------------------------------------------------------
-# Autotuning spaces (spec §5.2, §5.3), keyed on (N, D, dtype). The interpreter gets one small
-# config; on the GPU each space is pruned by head dim and dtype (fp32 and fp64 get one config).
+# Autotuning spaces of the forward and the two backward passes (docs/attention_jvp.md §4), keyed
+# on (N, D, dtype). The interpreter gets one small config; on the GPU each space is pruned by head
+# dim and dtype (fp32 and fp64 get one config).
 # --------------------------------------------------------------------------------------------
 
 
@@ -152,7 +153,7 @@ def _store_row_stat(ptr, pid_bh, rows, N_CTX, value):
 
 
 # --------------------------------------------------------------------------------------------
-# Fused forward (spec §1.3 centred variant, §5.2)
+# Fused forward (docs/attention_jvp.md §2, centred)
 # --------------------------------------------------------------------------------------------
 
 
@@ -223,7 +224,7 @@ def _attention_jvp_fwd_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# Backward pass Q (query-stationary; spec §5.3)
+# Backward pass Q (query-stationary; docs/attention_jvp.md §4)
 # --------------------------------------------------------------------------------------------
 
 
@@ -306,7 +307,7 @@ def _attention_jvp_bwd_q_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# Backward pass KV (key-stationary; spec §5.3)
+# Backward pass KV (key-stationary; docs/attention_jvp.md §4)
 # --------------------------------------------------------------------------------------------
 
 
@@ -554,10 +555,10 @@ def attention_jvp_forward(
     tv: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
 ) -> ForwardResult:
-    """Fused forward (spec §1.3): O = softmax(c·QKᵀ)V and, given all three tangents, T.
+    """Fused forward (docs/attention_jvp.md §2): O = softmax(c·QKᵀ)V and, given all three tangents, T.
 
     All tensors are ``[B, H, N, D]`` of one dtype and device. Without tangents this is a plain
-    flash forward (4u FLOPs); with them the fused primal+tangent forward (12u, spec §3.1).
+    flash forward (4u FLOPs); with them the fused primal+tangent forward (12u, docs/attention_jvp.md §5).
     """
     if tq is not None and tk is not None and tv is not None:
         return forward_with_key((q, k, v, tq, tk, tv), True, scale)[0]
@@ -647,7 +648,7 @@ def attention_jvp_backward(
     grad_t: Optional[torch.Tensor],
     scale: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Backward through O and T (spec §1.4, §5.3): returns (gQ, gK, gV, gtQ, gtK, gtV).
+    """Backward through O and T (docs/attention_jvp.md §3, §4): returns (gQ, gK, gV, gtQ, gtK, gtV).
 
     ``grad_o`` / ``grad_t`` may be None (treated as zero). Without ``grad_t`` this is the plain
     flash backward and the tangent gradients are None; with ``grad_t`` the tangent inputs, ``t``

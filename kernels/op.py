@@ -4,11 +4,11 @@
     registered through ``torch.library`` (ops ``tvm::attention_jvp_fwd`` and
     ``tvm::attention_jvp_bwd``) so that ``torch.compile`` traces it without a graph break.
     Its single backward receives (gO, gT) and runs the fused two-pass backward
-    (spec ATTENTION_JVP.md §5.1 "Path B", 12u + 42u FLOPs). In eager mode the same launchers run
+    (docs/attention_jvp.md §3–§5, 12u + 42u FLOPs). In eager mode the same launchers run
     through a plain autograd.Function, which costs less host time than the custom-op dispatch.
 
 (b) :func:`attention_jvp` — ``(q, k, v) -> O`` as a ``torch.autograd.Function`` with a forward-mode
-    rule (spec §5.1 "Path A"). Its forward runs the primal flash kernel (a correct O, never
+    rule (docs/attention.md, "func.jvp face"). Its forward runs the primal flash kernel (a correct O, never
     uninitialised memory); under ``torch.func.jvp`` its ``jvp`` rule calls op (a), whose autograd
     node makes T differentiable, so reverse mode reaches all inputs through both O (primal node:
     flash backward, 14u) and T (tangent node: tangent-only backward, HAS_GO=False).
@@ -119,10 +119,10 @@ class _AttentionWithTangent(torch.autograd.Function):
 def attention_with_tangent(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.Tensor, tk: torch.Tensor, tv: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(O, T) of softmax attention and its tangent along (tq, tk, tv) (spec §1.2), fused.
+    """(O, T) of softmax attention and its tangent along (tq, tk, tv) (docs/attention_jvp.md §1), fused.
 
     O = softmax(Q Kᵀ/√D) V and T = (P⊙(tS − μ)) V + P tV, both ``[B, H, N, D]``; differentiable
-    w.r.t. all six inputs through both outputs (one fused backward, spec §1.4). Under
+    w.r.t. all six inputs through both outputs (one fused backward, docs/attention_jvp.md §3). Under
     ``torch.compile`` this is the custom op ``tvm::attention_jvp_fwd`` (no graph break); in eager
     mode the same kernels run through a plain autograd.Function, whose dispatch costs less host time
     (inputs are validated by the launcher; errors are the same ValueError/TypeError).
@@ -140,7 +140,7 @@ def attention_with_tangent(
 
 
 class _AttentionJvp(torch.autograd.Function):
-    """O = softmax(Q Kᵀ/√D) V with a fused forward-mode rule (spec §5.1 Path A)."""
+    """O = softmax(Q Kᵀ/√D) V with a fused forward-mode rule (the func.jvp face of docs/attention.md)."""
 
     @staticmethod
     def forward(q, k, v):
@@ -175,7 +175,7 @@ def attention_jvp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     """O = softmax(Q Kᵀ/√D) V, ``[B, H, N, D]``, with a fused rule for ``torch.func.jvp``.
 
     Outside forward-mode AD it is a plain flash attention with a flash backward. Under
-    ``torch.func.jvp`` the tangent is computed by the fused kernel (spec §1.3) and stays
+    ``torch.func.jvp`` the tangent is computed by the fused kernel (docs/attention_jvp.md §2) and stays
     differentiable w.r.t. the primal and tangent inputs. Eager mode only.
     """
     check_inputs(_NAMES[:3], q, k, v)

@@ -1,4 +1,4 @@
-"""EDM-format datasets (TVM.md §6.1) and the resumable sampler (§5.5)."""
+"""EDM-format datasets (docs/method.md §6.1) and the resumable sampler (§5.5)."""
 from __future__ import annotations
 
 import io

@@ -1,4 +1,4 @@
-"""Checkpoint evaluation: eval.py's library (TVM.md §7.2, §11 items 11, 15) and fid50k_full (§7.1)."""
+"""Checkpoint evaluation: eval.py's library (docs/method.md §7.2, §11 items 11, 15) and fid50k_full (§7.1)."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""FID pieces (TVM.md §7): statistics, Fréchet distance, reference I/O, detector loading, sharding."""
+"""FID pieces (docs/method.md §7): statistics, Fréchet distance, reference I/O, detector loading, sharding."""
 from __future__ import annotations
 
 import hashlib

@@ -1,7 +1,7 @@
 """CPU tests (TRITON_INTERPRET=1) of the attention-JVP Triton kernels and their two faces.
 
 Ground truth: float64 math attention under torch.func.jvp, then torch.autograd.grad of
-<gO, O> + <gT, T> (spec ATTENTION_JVP.md §1.5, §5.6). Every kernel output buffer is filled with
+<gO, O> + <gT, T> (docs/attention_jvp.md §6). Every kernel output buffer is filled with
 NaN before the kernel runs, so an unwritten element fails the comparison. bf16 is checked on the
 GPU by bench/attention.py (the interpreter's bf16 dot is wrong).
 """

@@ -1,4 +1,4 @@
-"""EDM-format datasets and a resumable infinite sampler (TVM.md §6.1, §5.5).
+"""EDM-format datasets and a resumable infinite sampler (docs/method.md §6.1, §5.5).
 
 A dataset is a directory or a zip archive of image files (any format PIL reads) or ``.npy``
 arrays, plus an optional ``dataset.json`` at its root::
@@ -9,7 +9,7 @@ Files are sorted by their relative name (``/`` separated). Items are returned ch
 
 * images: ``uint8`` array ``[C, H, W]`` (a greyscale image has ``C = 1``);
 * ``.npy`` arrays: ``float32`` array reshaped to ``[-1, H, W]`` (latent datasets hold the VAE
-  posterior mean ‖ std, ``[8, H/8, W/8]``, TVM.md §6.2);
+  posterior mean ‖ std, ``[8, H/8, W/8]``, docs/method.md §6.2);
 * labels: integer classes become a one-hot ``float32`` vector of length ``label_dim``
   (``max + 1`` over the whole dataset unless given); float vectors are used as they are.
 
@@ -22,7 +22,7 @@ read at their offset). This costs roughly 15–35 µs per file (≈ 20–45 s fo
 Zip archives are opened lazily, once per process: a dataset object that is forked or pickled
 into DataLoader workers opens its own handle there and never copies the archive's contents,
 unless ``cache=True`` keeps each decoded item in that process' memory (upstream's default, which
-holds a full copy of the dataset per rank, TVM.md §11.17).
+holds a full copy of the dataset per rank, docs/method.md §11 item 17).
 """
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def _file_ext(name: str) -> str:
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """An EDM-style image or array dataset read from a directory or a zip (TVM.md §6.1).
+    """An EDM-style image or array dataset read from a directory or a zip (docs/method.md §6.1).
 
     Args:
         path: directory or ``.zip`` file.
@@ -295,7 +295,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return data["labels"]
 
     def _load_labels(self, label_dim: int | None) -> np.ndarray:
-        """``float32 [N_files, label_dim]`` in file order (validated, TVM.md §6.1)."""
+        """``float32 [N_files, label_dim]`` in file order (validated, docs/method.md §6.1)."""
         entries = self._read_labels_json()
         where = self._where(_LABELS_FILE)
         if not isinstance(entries, list):
@@ -417,7 +417,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
 
 class InfiniteSampler(torch.utils.data.Sampler[int]):
-    """Deterministic, resumable, rank-sharded infinite sampler (replaces TVM.md §5.5).
+    """Deterministic, resumable, rank-sharded infinite sampler (replaces docs/method.md §5.5).
 
     The global stream is ``p = 0, 1, 2, …``; position ``p`` lies in epoch ``e = p // N`` and
     yields ``perm_e[p mod N]`` with ``perm_e`` a permutation drawn from
@@ -428,7 +428,7 @@ class InfiniteSampler(torch.utils.data.Sampler[int]):
     with a different world size).
 
     Upstream's EDM sampler (one shuffle plus a random-window swap per step) is not resumable
-    (TVM.md §11.10); this one deliberately changes the order for that reason.
+    (docs/method.md §11 item 10); this one deliberately changes the order for that reason.
 
     The sampler holds no state to save: a DataLoader prefetches, so it runs ahead of training, and
     the training loop resumes it from the images consumed, ``start_index = step × global batch``.

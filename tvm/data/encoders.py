@@ -1,4 +1,4 @@
-"""Data encoders: identity for pixel models and the SD-VAE with latent normalisation (TVM.md §6.3).
+"""Data encoders: identity for pixel models and the SD-VAE with latent normalisation (docs/method.md §6.3).
 
 An encoder maps dataset items to the network's space and back:
 
@@ -30,7 +30,7 @@ __all__ = [
     "RAW_STD_512",
 ]
 
-# Raw SD-VAE (ft-ema) latent statistics of ImageNet used by the TVM configs (TVM.md §6.3).
+# Raw SD-VAE (ft-ema) latent statistics of ImageNet used by the TVM configs (docs/method.md §6.3).
 RAW_MEAN_256 = (0.86488, -0.27787343, 0.21616915, 0.3738409)
 RAW_STD_256 = (4.85503674, 5.31922414, 3.93725398, 3.9870003)
 RAW_MEAN_512 = (1.56, -0.695, 0.483, 0.729)
@@ -83,7 +83,7 @@ def _channel_vector(value: float | Sequence[float], name: str) -> torch.Tensor:
 
 
 class StabilityVAEEncoder:
-    """SD-VAE (diffusers ``AutoencoderKL``) encoder with TVM's latent normalisation (TVM.md §6.3).
+    """SD-VAE (diffusers ``AutoencoderKL``) encoder with TVM's latent normalisation (docs/method.md §6.3).
 
     Normalisation, per latent channel ``k`` (float32)::
 
@@ -164,7 +164,7 @@ class StabilityVAEEncoder:
         when ``use_fp16``, else fp32; moved when a later call names another device).
 
         Loading runs under a forked CPU RNG: without ``accelerate`` diffusers randomly
-        initialises the module before loading weights (TVM.md §3.8), which would otherwise
+        initialises the module before loading weights (docs/method.md §3.8), which would otherwise
         shift the caller's global random stream.
         """
         device = torch.device(device)
@@ -223,7 +223,7 @@ class StabilityVAEEncoder:
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Training-batch encoding (TVM.md §6.3), float32 ``[B, 4, h, w]``.
+        """Training-batch encoding (docs/method.md §6.3), float32 ``[B, 4, h, w]``.
 
         * 8 channels (latent dataset item, mean ‖ std): ``z = normalize(mean + ε·std)``;
         * 3 channels (uint8 pixels): posterior moments from the VAE, then the same.
@@ -237,7 +237,7 @@ class StabilityVAEEncoder:
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents → uint8 RGB ``[B, 3, 8h, 8w]`` (TVM.md §6.3).
+        """Latents → uint8 RGB ``[B, 3, 8h, 8w]`` (docs/method.md §6.3).
 
         * 4 channels (normalised latents): ``z_raw = denormalize(z)`` in float32;
         * 8 channels (raw mean ‖ std of a latent dataset item): a posterior sample is decoded;
@@ -259,7 +259,7 @@ class StabilityVAEEncoder:
             out.append(((y * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8))
         return torch.cat(out)
 
-    DOWNSAMPLE = 8  # the SD-VAE's spatial factor: a latent pixel covers 8×8 image pixels (TVM.md §6.3)
+    DOWNSAMPLE = 8  # the SD-VAE's spatial factor: a latent pixel covers 8×8 image pixels (docs/method.md §6.3)
 
     def latent_shape(self, item_shape: Sequence[int]) -> tuple[int, int, int]:
         """``encode``'s output shape ``(4, h, w)`` for an item of shape ``(C, H, W)``: RGB pixels

@@ -1,7 +1,7 @@
-"""Evaluate checkpoints: the library behind ``eval.py`` (TVM.md §7.2, §8.1).
+"""Evaluate checkpoints: the library behind ``eval.py`` (docs/method.md §7.2, §8.1).
 
 ``evaluate_checkpoints(cfg)`` takes ``eval.resume`` — one checkpoint, or a run directory whose
-``checkpoint-<step>.pt`` files are evaluated **newest first** (TVM.md §11 item 11: upstream sorted
+``checkpoint-<step>.pt`` files are evaluated **newest first** (docs/method.md §11 item 11: upstream sorted
 oldest first although its README says newest first) — and runs every metric of ``eval.metrics``
 at every sampler of ``sampling`` on each checkpoint's EMA network. Rank 0 appends one JSON line
 per (checkpoint, sampler, metric) to ``<checkpoint's directory>/metrics-eval.jsonl``::
@@ -13,7 +13,7 @@ What is taken from where: the network (architecture and EMA weights) from the ch
 stored config; the encoder, samplers, ``eval`` settings and (for ``label_mode=empirical``) the
 dataset from the config the user names, so they can be overridden on the command line.
 
-Decisions against upstream (TVM.md §11 items 11, 14, 15, 23): TF32 follows
+Decisions against upstream (docs/method.md §11 items 11, 14, 15, 23): TF32 follows
 ``eval.enable_tf32`` (default off, as in training); no sample grids are drawn on rank 0 before
 the last checkpoint's FID (they perturbed its RNG upstream); ``eval.batch_size`` is the global
 generation batch, split over ranks; the results do not depend on the number of GPUs.
@@ -42,7 +42,7 @@ RESULTS_FILE = "metrics-eval.jsonl"
 
 
 def set_eval_backend_flags(cfg: DictConfig) -> None:
-    """TF32 per ``eval.enable_tf32`` (upstream forced it on, TVM.md §11 item 14), cuDNN benchmark."""
+    """TF32 per ``eval.enable_tf32`` (upstream forced it on, docs/method.md §11 item 14), cuDNN benchmark."""
     torch.backends.cuda.matmul.allow_tf32 = cfg.enable_tf32
     torch.backends.cudnn.allow_tf32 = cfg.enable_tf32
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark

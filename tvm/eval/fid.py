@@ -1,14 +1,14 @@
-"""Fréchet Inception Distance: detector loading, feature statistics, reference stats (TVM.md §7).
+"""Fréchet Inception Distance: detector loading, feature statistics, reference stats (docs/method.md §7).
 
 FID between the Inception pool features of generated images ``g`` and real images ``r``::
 
     FID = ‖μ_g − μ_r‖² + tr(Σ_g + Σ_r − 2·(Σ_g Σ_r)^{1/2})
 
-computed in float64 with ``scipy.linalg.sqrtm`` (real part), TVM.md §7.1.
+computed in float64 with ``scipy.linalg.sqrtm`` (real part), docs/method.md §7.1.
 
 Covariances: both sides use the unbiased estimator ``(Σxxᵀ − N μμᵀ)/(N − 1)`` by default.
 Upstream uses the biased ``/N`` for the generated set and EDM2's unbiased reference statistics
-(TVM.md §11.15); pass ``unbiased=False`` to :func:`compute_fid` to reproduce it (the difference
+(docs/method.md §11 item 15); pass ``unbiased=False`` to :func:`compute_fid` to reproduce it (the difference
 is ``O(tr Σ / N)``, ≈ 1e-3 FID at N = 50,000).
 
 Detector trust: the Inception network is code as well as weights. It is loaded only from the
@@ -231,7 +231,7 @@ class FeatureStats:
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """``‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2·Re sqrtm(Σ1 Σ2))`` in float64 (TVM.md §7.1)."""
+    """``‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2·Re sqrtm(Σ1 Σ2))`` in float64 (docs/method.md §7.1)."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     d = mu1.shape[0]
@@ -469,7 +469,7 @@ def compute_fid(
     unbiased: bool = True,
     progress: bool = True,
 ) -> float:
-    """FID of a generator against reference statistics, sharded over ranks (TVM.md §7.1).
+    """FID of a generator against reference statistics, sharded over ranks (docs/method.md §7.1).
 
     Rank ``r`` of ``W`` handles the sample indices ``i ≡ r (mod W)``, calling
     ``generate(range(start, stop, W)) -> uint8 [len(range), 3, H, W]`` per batch of at most

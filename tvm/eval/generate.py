@@ -3,10 +3,10 @@
 Image ``i`` of a run with seed ``seed`` always gets the same noise (a generator seeded with
 ``(seed, i)``) and the same class (drawn the same way), so a sample set does not depend on the
 number of GPUs or the batch size: rank ``r`` of ``W`` simply generates the indices ``i ≡ r (mod W)``
-(this fixes upstream's world-size-dependent FID, TVM.md §11 item 15).
+(this fixes upstream's world-size-dependent FID, docs/method.md §11 item 15).
 
 :func:`generate_to` is the library behind ``scripts/generate.py`` (a working replacement for
-upstream's broken ``generate_images.py``, TVM.md §11 item 12): it shards a list of image indices
+upstream's broken ``generate_images.py``, docs/method.md §11 item 12): it shards a list of image indices
 over ranks in global batches and writes a PNG folder (every rank its own files) or one ``.npz``
 streamed by rank 0, so the output does not depend on the number of processes either.
 """
@@ -135,7 +135,7 @@ def parse_classes(text: str, num_classes: int) -> list[int]:
 def default_cfg_scale(sampling: Mapping[str, Any], steps: int) -> float:
     """Guidance scale of the config's sampler with ``steps`` steps, else of its first sampler, else 1.
 
-    ``sampling`` is a config's ``sampling`` section (``{name: {num_steps, cfg_scale}}``, TVM.md §4).
+    ``sampling`` is a config's ``sampling`` section (``{name: {num_steps, cfg_scale}}``, docs/method.md §4).
     """
     entries = list(sampling.values())
     for entry in entries:
@@ -216,7 +216,7 @@ def generate_to(net: TVMWrapper, encoder: Any, indices: Sequence[int], out: str 
                 batch_size: int = 64, device: torch.device | str = "cpu", progress: bool = True) -> Path:
     """Generate the images ``indices`` (seeds ``(seed, index)``) into a PNG folder or an ``.npz``.
 
-    Sharding (TVM.md §4 sampler, any world size): the index list is cut into global batches of
+    Sharding (docs/method.md §4 sampler, any world size): the index list is cut into global batches of
     ``batch_size × world`` positions and rank ``r`` generates positions ``r, r + W, …`` of each;
     for an ``.npz`` the batches are gathered to rank 0 and written in list order. ``classes``:
     image at list position ``p`` gets ``classes[p % len(classes)]``; None draws them uniformly per

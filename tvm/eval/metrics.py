@@ -4,7 +4,7 @@ Each metric maps (network, encoder, sampler settings) to a dict of numbers; the 
 explicit. Generation is sharded over ranks by image index (:mod:`tvm.eval.generate`), so the
 numbers do not depend on the number of GPUs.
 
-``fid50k_full`` (TVM.md §7.1) differs from upstream on purpose (TVM.md §11 item 15): class
+``fid50k_full`` (docs/method.md §7.1) differs from upstream on purpose (docs/method.md §11 item 15): class
 labels are uniform by default (``label_mode="empirical"`` draws them from the training set's
 label frequencies, as upstream), every image is seeded by its index rather than by rank, and the
 generated-set covariance is unbiased (:mod:`tvm.eval.fid`).
@@ -182,7 +182,7 @@ def _on_rank0(compute: Callable[[torch.Tensor], dict[str, float]], gathered: tor
 
 
 def fid50k_full_metric(net: TVMWrapper, ctx: MetricContext, steps: int, cfg: float) -> dict[str, float]:
-    """FID of ``ctx.num_images or 50000`` samples against ``ctx.ref_stats`` (TVM.md §7.1).
+    """FID of ``ctx.num_images or 50000`` samples against ``ctx.ref_stats`` (docs/method.md §7.1).
 
     Image ``i`` has noise and class seeded by ``(ctx.seed, i)``; rank ``r`` of ``W`` generates the
     indices ``i ≡ r (mod W)`` and :func:`tvm.eval.fid.compute_fid` gathers the features in index

@@ -1,7 +1,7 @@
-"""The TVM training loop (TVM.md §5). Reads top to bottom: set-up, then one step, then the
+"""The TVM training loop (docs/method.md §5). Reads top to bottom: set-up, then one step, then the
 maintenance at the end of each tick.
 
-What differs from upstream, on purpose (TVM.md §11):
+What differs from upstream, on purpose (docs/method.md §11):
 
 * real gradient accumulation (``batch_gpu`` < batch/world gives the full-batch gradient);
 * each step's random draws are made for the global batch from a generator seeded by
@@ -66,7 +66,7 @@ class Progress:
 
 @dataclass
 class Batching:
-    """How a global batch is split: ``batch = world · batch_gpu · rounds`` (TVM.md §5.1 item 7)."""
+    """How a global batch is split: ``batch = world · batch_gpu · rounds`` (docs/method.md §5.1 item 7)."""
 
     batch: int
     world: int
@@ -101,7 +101,7 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
 
 
 def set_backend_flags(cfg: DictConfig) -> None:
-    """TF32 and cuDNN flags (TVM.md §3.9)."""
+    """TF32 and cuDNN flags (docs/method.md §3.9)."""
     torch.backends.cuda.matmul.allow_tf32 = cfg.training.enable_tf32
     torch.backends.cudnn.allow_tf32 = cfg.training.enable_tf32
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
@@ -271,7 +271,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
 
     torch.manual_seed(seed)
     net = build_network(cfg.network, resolution, channels, label_dim, device)
-    # DDP broadcasts rank 0's weights; the EMAs are copies made after that (TVM.md §1.5).
+    # DDP broadcasts rank 0's weights; the EMAs are copies made after that (docs/method.md §1.5).
     ddp = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
         if dist.distributed else net
     state = RunState(net, make_ema(net), make_ema(net), build_optimizer(cfg.optimizer, net.parameters(), device),
@@ -301,7 +301,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     batches = infinite_batches(loader)
 
     # Secrets come from the environment only; a value that reached the config (e.g. through
-    # ${oc.env:WANDB_API_KEY}) is redacted from everything written or sent (TVM.md §5.8).
+    # ${oc.env:WANDB_API_KEY}) is redacted from everything written or sent (docs/method.md §5.8).
     logger = RunLogger(run_dir, dist.rank, wandb_mode=cfg.logger.mode, project=sanitize_config(cfg.logger.project),
                        entity=sanitize_config(cfg.logger.entity), run_name=sanitize_config(cfg.name),
                        config_dict=to_container(cfg))
@@ -459,7 +459,7 @@ def _compiled(ddp: torch.nn.Module, state: RunState, network: DictConfig) -> tor
 def apply_update(state: RunState, max_grad_norm: float | None, ema_beta: float, ema_target_beta: float | None,
                  nonfinite_loss: torch.Tensor, stats: StatsCollector | None = None) -> torch.Tensor:
     """Clip, AdamW (skipped on device by fused AdamW's ``found_inf`` when non-finite), then the eval
-    EMA and the teacher EMA in that order (TVM.md §5.2 items 5–9). Returns the skip flag."""
+    EMA and the teacher EMA in that order (docs/method.md §5.2 items 5–9). Returns the skip flag."""
     skip = grad_norm_and_skip(state.net, max_grad_norm, nonfinite_loss, stats)
     state.optimizer.found_inf = skip.float()
     state.optimizer.step()
