@@ -25,6 +25,9 @@ differing layouts are copied); outputs, gO and gT are contiguous.
 The head dimension is padded to a power of two (≥ 16) with masked loads; N is arbitrary (the
 partial last block is masked). 16-bit inputs use fp32 accumulation; fp32 inputs use true fp32
 dots (``input_precision="ieee"``); fp64 inputs (interpreter only) run in fp64 throughout.
+
+The launchers repeat a call with a known input signature through :mod:`kernels.launch_plans`
+(the compiled kernels launched directly, without the autotuner and the JIT).
 """
 from __future__ import annotations
 
