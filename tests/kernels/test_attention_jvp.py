@@ -378,3 +378,14 @@ def test_launch_hooks_and_arguments_of_a_compiled_plan(monkeypatch):
     launch("a", "b")
     assert compiled.launched[-1] == (3, 4, 1, 1000, "function", ("packed",), ("metadata", (3, 4, 1), 1000, 4),
                                      Knobs.launch_enter_hook, Knobs.launch_exit_hook, "a", "b", 7, 8)
+
+
+def test_step_benchmark_parses_the_launch_plan_ab(monkeypatch):
+    """bench/step.py --ab-fast-launch: the default variant is the configs' training step; a bad
+    variant fails before any GPU work (the A/B itself needs a GPU)."""
+    from bench.step import AB_DEFAULT_VARIANT, Variant, main
+
+    assert Variant.parse(AB_DEFAULT_VARIANT) == Variant("explicit", "triton", "blocks", "none", 0.7)
+    monkeypatch.setattr("sys.argv", ["step.py", "--ab-fast-launch", "explicit"])
+    with pytest.raises(SystemExit, match="bad variant 'explicit'"):
+        main()
