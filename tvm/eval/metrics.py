@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import numpy as np
 import torch
 
+from tvm.data.encoders import Encoder
 from tvm.eval import extra_metrics, fid
 from tvm.eval.generate import decoded_resolution, generate_images, image_classes
 from tvm.method.wrapper import TVMWrapper
@@ -55,7 +56,7 @@ class MetricContext:
     dinov2_allow_download: bool = False
 
     @classmethod
-    def from_config(cls, cfg: Any, encoder: Any, device: torch.device, world_size: int,
+    def from_config(cls, cfg: Any, encoder: Encoder, device: torch.device, world_size: int,
                     dataset: torch.utils.data.Dataset | None = None) -> MetricContext:
         """The context of a run's ``eval`` section: the one constructor of the training loop and eval.py.
 
