@@ -2,7 +2,7 @@
 (one process) or ``bash eval.sh NUM_GPUS CONFIG eval.resume=PATH [overrides ...]`` (torchrun).
 
 ``eval.resume`` is a checkpoint or a run directory (newest first); results are appended to
-``metrics-eval.jsonl`` next to the checkpoints (TVM.md §7.2; :mod:`tvm.eval.evaluate`).
+``metrics-eval.jsonl`` next to the checkpoints (docs/method.md §7.2; :mod:`tvm.eval.evaluate`).
 """
 import hydra
 from omegaconf import DictConfig

@@ -10,7 +10,7 @@
    B ∈ {32, 64}, bf16 inputs ~N(0,1): our op (with launch plans, and with FAST_LAUNCH off, i.e.
    Triton's dispatch on every launch), our autograd.Function under torch.func.jvp, math
    attention under torch.func.jvp, and SDPA without JVP; forward and forward+backward, peak memory
-   of forward+backward, TFLOP/s by the spec's counts (ATTENTION_JVP.md §3.1 with u = N²·D per
+   of forward+backward, TFLOP/s by the counts of docs/attention_jvp.md §5 (u = N²·D per
    batch·head: JVP forward 12u, JVP forward+backward 42u; SDPA forward 4u, forward+backward 14u).
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import triton
 
 import kernels.attention_jvp as kernels_module
+from kernels import launch_plans
 from kernels.op import attention_jvp, attention_with_tangent
 from kernels.reference import attention_jvp_math
 
@@ -99,7 +100,7 @@ def run_accuracy() -> bool:
             cells = " ".join(f"{e:8.1e}" for e in errors)
             print(f"{face:9} {dtype_name:9} {str(shape_):18} {cells}  {'yes' if ok else 'NO'}  "
                   f"{'yes' if repeat else 'NO'}", flush=True)
-    print(f"launch plans recorded: {len(kernels_module._PLANS)}")
+    print(f"launch plans recorded: {len(launch_plans.recorded())}")
     return all_ok
 
 
@@ -150,11 +151,8 @@ def timing_rows(batch: int, n_ctx: int, heads: int = 18, head_dim: int = 64) -> 
 
     def dispatch_path(fn):
         def run():
-            kernels_module.FAST_LAUNCH = False
-            try:
+            with launch_plans.fast_launch(False):
                 fn()
-            finally:
-                kernels_module.FAST_LAUNCH = True
         return run
 
     variants = [
@@ -255,7 +253,7 @@ def print_host_overhead(calls: int = 300) -> None:
         "func.jvp(attention_jvp) fwd+bwd": op_step(with_func_jvp),
     }
     floors = {
-        "input key (6 tensors)": lambda: kernels_module._input_key(tuple(inputs)),
+        "input key (6 tensors)": lambda: launch_plans.input_key(tuple(inputs)),
         "torch.empty_like": lambda: torch.empty_like(grad),
         "empty autograd.Function fwd+bwd": op_step(Identity.apply),
         "SDPA fwd+bwd (no JVP)": sdpa_step,
@@ -264,11 +262,8 @@ def print_host_overhead(calls: int = 300) -> None:
     print(f"{'case':34} {'plans':>8} {'no plans':>9}")
     for name, fn in cases.items():
         with_plans = timed(fn)
-        kernels_module.FAST_LAUNCH = False
-        try:
+        with launch_plans.fast_launch(False):
             without = timed(fn)
-        finally:
-            kernels_module.FAST_LAUNCH = True
         print(f"{name:34} {with_plans:8.1f} {without:9.1f}")
     for name, fn in floors.items():
         print(f"{name:34} {timed(fn):8.1f}")

@@ -15,6 +15,11 @@ random weights so that every path carries signal), and times, with CUDA events a
 * a plain flow-matching step of the same model (one forward, backward, the same update) and
 * 1-step generation at batch 256 (network only, no VAE decode), each ``--plain`` way.
 
+``--ab-fast-launch [VARIANT]`` times instead one TVM step variant (default: the configs' training
+step, ``explicit:triton:blocks:budget=0.7``) twice in one process, with the attention kernels'
+launch plans on and then off (``kernels.launch_plans.fast_launch``, as
+``TVM_ATTENTION_FAST_LAUNCH=0`` would), and prints both rows and their ratio.
+
 It first checks that each variant computes the same loss and gradients as the reference
 (autograd JVP, math attention; bf16 autocast, small batch). FLOPs: one forward of the token-wise layers plus attention
 (``tvm.train.loop.forward_flops``; 236 GFLOP per image at 256 px); a TVM step counts 11 forward
@@ -35,8 +40,10 @@ import tempfile
 import torch
 import triton
 
+from kernels import launch_plans
 from tvm.compiling import allow_tracing_this_package, compile_model, set_activation_memory_budget
 from tvm.config import compose_config
+from tvm.data.encoders import StabilityVAEEncoder
 from tvm.method.loss import interpolate
 from tvm.method.sampler import sample
 from tvm.method.times import draw_step
@@ -301,6 +308,22 @@ def measure(kind: str, variant: str, cfg, R: int, x: torch.Tensor, labels: torch
              torch.cuda.max_memory_allocated() / 2**30)]
 
 
+AB_DEFAULT_VARIANT = "explicit:triton:blocks:budget=0.7"  # configs/base.yaml: explicit JVP, Triton, blocks, 0.7
+
+
+def ab_fast_launch(variant: str, cfg, R: int, x: torch.Tensor, labels: torch.Tensor, args) -> list[tuple]:
+    """Rows of ``variant`` timed with the attention launch plans on, then off, in this process."""
+    rows = []
+    for enabled in (True, False):
+        with launch_plans.fast_launch(enabled):
+            kind, name, *rest = measure("tvm", variant, cfg, R, x, labels, args)[0]
+        rows.append((kind, f"{name}, plans {'on' if enabled else 'off'}", *rest))
+        print("#", rows[-1], flush=True)
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resolution", type=int, default=256, help="image resolution (256 or 512)")
@@ -322,7 +345,13 @@ def main() -> None:
     parser.add_argument("--sample-batch", type=int, default=256, help="batch of the 1-step generation timing")
     parser.add_argument("--profile", default="",
                         help="a TVM variant to profile first: kernel time by category, phases, host gaps")
+    parser.add_argument("--ab-fast-launch", nargs="?", const=AB_DEFAULT_VARIANT, default=None, metavar="VARIANT",
+                        help="time only VARIANT (default %(const)s) with the attention launch plans on, then off, "
+                             "in this process (replaces --variants, --plain and --check)")
     args = parser.parse_args()
+    if args.ab_fast_launch is not None:
+        Variant.parse(args.ab_fast_launch)  # a bad variant fails before any GPU work
+        args.variants, args.plain, args.check = "", "", ""
 
     # Every shape gets its own static graph, as in training (fixed per-GPU batch): otherwise the
     # check's batch-4 compile makes Dynamo recompile the timed batch with a dynamic batch size,
@@ -330,7 +359,7 @@ def main() -> None:
     torch._dynamo.config.automatic_dynamic_shapes = False
     config = "im256_w2" if args.resolution == 256 else "im512_w2p25"
     cfg = compose_config(config)
-    R = args.resolution // 8
+    R = StabilityVAEEncoder().latent_shape((3, args.resolution, args.resolution))[1]
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; config {config}, latent {R}x{R}, "
           f"batch {args.batch}, recompute {args.recompute}")
@@ -346,6 +375,8 @@ def main() -> None:
         profile(cfg, R, args.profile, x, labels, args)
         torch._dynamo.reset()
         torch.cuda.empty_cache()
+    if args.ab_fast_launch is not None:
+        rows += ab_fast_launch(args.ab_fast_launch, cfg, R, x, labels, args)
     plain = [(kind, how.removeprefix(f"{kind}:")) for kind in ("fm", "gen") for how in args.plain.split(",")
              if how and (how.split(":")[0] == kind or how.split(":")[0] not in ("fm", "gen"))]
     for kind, variant in [("tvm", v) for v in variants] + plain:
@@ -368,6 +399,9 @@ def main() -> None:
         print(f"| {kind} | {backend} | {ms:.1f} | {ips:.1f} | {'' if mfu is None else f'{mfu:.1%}'} | "
               f"{'' if mem is None else f'{mem:.1f}'} |")
     tvm = {b: ms for k, b, ms, *_ in rows if k == "tvm" and ms}
+    if args.ab_fast_launch is not None and len(tvm) == 2:
+        on, off = tvm.values()
+        print(f"# launch plans on/off step-time ratio: {on / off:.4f} ({off - on:+.2f} ms/step saved by the plans)")
     fm = next((ms for k, b, ms, *_ in rows if k == "fm" and b == "eager" and ms), None)
     if fm:
         print("# TVM/plain step-time ratio:", {b: round(v / fm, 2) for b, v in tvm.items()})

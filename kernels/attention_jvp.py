@@ -1,6 +1,6 @@
 """Triton kernels: attention with a fused forward-mode tangent and a backward through both outputs.
 
-Math (per batch·head, spec /work/shared/spec/ATTENTION_JVP.md §1), with c the softmax scale:
+Math (per batch·head, docs/attention_jvp.md §1), with c the softmax scale:
 
     S  = c·Q Kᵀ,  P = softmax_row(S),  O = P V
     tS = c·(tQ Kᵀ + Q tKᵀ),  μ = rowsum(P⊙tS),  T = (P⊙(tS − μ)) V + P tV
@@ -25,30 +25,31 @@ differing layouts are copied); outputs, gO and gT are contiguous.
 The head dimension is padded to a power of two (≥ 16) with masked loads; N is arbitrary (the
 partial last block is masked). 16-bit inputs use fp32 accumulation; fp32 inputs use true fp32
 dots (``input_precision="ieee"``); fp64 inputs (interpreter only) run in fp64 throughout.
+
+The launchers repeat a call with a known input signature through :mod:`kernels.launch_plans`
+(the compiled kernels launched directly, without the autotuner and the JIT).
 """
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels import launch_plans
+from kernels.launch_plans import is_interpreting
+
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def is_interpreting() -> bool:
-    """True when Triton kernels run on the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 # --------------------------------------------------------------------------------------------
-# Autotuning spaces (spec §5.2, §5.3), keyed on (N, D, dtype). The interpreter gets one small
-# config; on the GPU each space is pruned by head dim and dtype (fp32 and fp64 get one config).
+# Autotuning spaces of the forward and the two backward passes (docs/attention_jvp.md §4), keyed
+# on (N, D, dtype). The interpreter gets one small config; on the GPU each space is pruned by head
+# dim and dtype (fp32 and fp64 get one config).
 # --------------------------------------------------------------------------------------------
 
 
@@ -155,7 +156,7 @@ def _store_row_stat(ptr, pid_bh, rows, N_CTX, value):
 
 
 # --------------------------------------------------------------------------------------------
-# Fused forward (spec §1.3 centred variant, §5.2)
+# Fused forward (docs/attention_jvp.md §2, centred)
 # --------------------------------------------------------------------------------------------
 
 
@@ -226,7 +227,7 @@ def _attention_jvp_fwd_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# Backward pass Q (query-stationary; spec §5.3)
+# Backward pass Q (query-stationary; docs/attention_jvp.md §4)
 # --------------------------------------------------------------------------------------------
 
 
@@ -309,7 +310,7 @@ def _attention_jvp_bwd_q_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# Backward pass KV (key-stationary; spec §5.3)
+# Backward pass KV (key-stationary; docs/attention_jvp.md §4)
 # --------------------------------------------------------------------------------------------
 
 
@@ -390,136 +391,6 @@ def _attention_jvp_bwd_kv_kernel(
     if HAS_GT:
         _store_tile(_contiguous_base(GTK, pid_bh, N_CTX, HEAD_DIM), cols, dims, HEAD_DIM, N_CTX, HEAD_DIM, acc_gtk * scale)
         _store_tile(_contiguous_base(GTV, pid_bh, N_CTX, HEAD_DIM), cols, dims, HEAD_DIM, N_CTX, HEAD_DIM, acc_gtv)
-
-
-# --------------------------------------------------------------------------------------------
-# Launch plans: host time per call
-# --------------------------------------------------------------------------------------------
-#
-# A launch through Triton's autotuner and JIT costs tens of µs of host time (autotuner key,
-# argument binding and specialisation, cache lookup, launch metadata): more than the GPU time of
-# a small attention call. So the first call with a given input signature goes through them (they
-# pick the config and compile), and the launcher records the compiled kernel, its grid and its
-# trailing arguments (integers and constexpr values) in a plan. Later calls with the same
-# signature launch the compiled kernel directly through ``CompiledKernel.run``, with the
-# argument list that ``JITFunction.run`` and ``CompiledKernel.__getitem__`` pass it (the same in
-# Triton 3.6 to 3.9). Anything unexpected while making a plan leaves that signature on the
-# dispatch path, which is always correct.
-#
-# A plan's key holds everything the JIT specialises on: shape and strides (all the kernels'
-# integer arguments derive from them), dtype, device, flags and scale, and it is made only when
-# every pointer the caller passes is 16-byte aligned (Triton specialises on that); outputs are
-# fresh allocations, so their alignment and layout follow from the key. Set
-# ``TVM_ATTENTION_FAST_LAUNCH=0`` (or ``FAST_LAUNCH = False``) to always take the dispatch path.
-
-FAST_LAUNCH = os.environ.get("TVM_ATTENTION_FAST_LAUNCH", "1") != "0"
-_PLANS: dict[tuple, Any] = {}
-try:  # launch hooks (profilers) live here since Triton 3.4; without it no plans are made
-    from triton import knobs as _triton_knobs
-
-    _RUNTIME_KNOBS = _triton_knobs.runtime
-except (ImportError, AttributeError):
-    _RUNTIME_KNOBS = None
-
-
-def _hook_set(hook: Any) -> bool:
-    """Whether a Triton launch hook would do anything (since 3.6 an empty HookChain by default)."""
-    return hook is not None and bool(getattr(hook, "calls", True))
-
-
-class _Launch:
-    """A compiled kernel with its grid and trailing arguments; ``self(*pointers)`` launches it.
-
-    The kernel's full argument list is ``(*pointers, *tail)``: the pointer arguments come first in
-    every kernel here, then the integers and the constexpr values (``tail``). Under the
-    interpreter the same argument list goes to the interpreted function.
-    """
-
-    __slots__ = ("grid", "tail", "compiled", "launcher", "function", "packed", "device", "stream", "interpreted")
-
-    def __init__(self, grid: tuple[int, int, int], tail: tuple, compiled: Any, device: int, interpreted: Any) -> None:
-        self.grid, self.tail, self.compiled, self.device, self.interpreted = grid, tail, compiled, device, interpreted
-        if interpreted is None:
-            self.launcher = compiled.run
-            self.function = compiled.function
-            self.packed = compiled.packed_metadata
-            self.stream = triton.runtime.driver.active.get_current_stream
-
-    def __call__(self, *pointers: Any) -> None:
-        if self.interpreted is not None:
-            self.interpreted[self.grid](*pointers, *self.tail)
-            return
-        grid = self.grid
-        stream = self.stream(self.device)
-        enter, leave = _RUNTIME_KNOBS.launch_enter_hook, _RUNTIME_KNOBS.launch_exit_hook
-        if _hook_set(enter) or _hook_set(leave):  # e.g. a profiler: same metadata as the JIT path
-            args = (*pointers, *self.tail)
-            metadata = self.compiled.launch_metadata(grid, stream, *args)
-            self.launcher(*grid, stream, self.function, self.packed, metadata, enter, leave, *args)
-        else:
-            self.launcher(grid[0], grid[1], grid[2], stream, self.function, self.packed, None, None, None,
-                          *pointers, *self.tail)
-
-
-def _launch_and_record(kernel: Any, grid_fn: Any, pointers: tuple, ints: tuple, constexprs: dict, device: int,
-                       record: bool) -> Optional[_Launch]:
-    """Launch through the autotuner and the JIT; with ``record``, return a plan for later calls."""
-    bound: list[dict[str, Any]] = []
-
-    def grid(meta: dict[str, Any]) -> tuple[int, ...]:
-        bound.append(meta)  # all arguments by name, the config's meta-parameters included
-        return grid_fn(meta)
-
-    compiled = kernel[grid](*pointers, *ints, **constexprs)
-    if not record or not bound:
-        return None
-    try:
-        meta = bound[-1]  # the launch that ran last is the chosen config's
-        names = list(kernel.arg_names)  # signature order
-        if len(names) != len(meta) or len(names) <= len(pointers) + len(ints):
-            return None
-        launch_grid = tuple(grid_fn(meta))
-        launch_grid = launch_grid + (1,) * (3 - len(launch_grid))
-        tail = (*ints, *(meta[name] for name in names[len(pointers) + len(ints):]))
-        if is_interpreting():
-            return _Launch(launch_grid, tail, None, device, kernel.fn)
-        if _RUNTIME_KNOBS is None:
-            return None
-        if hasattr(compiled, "result"):
-            compiled = compiled.result()
-        if getattr(compiled, "function", None) is None or not hasattr(compiled, "packed_metadata"):
-            return None
-        return _Launch(launch_grid, tail, compiled, device, None)
-    except Exception:  # an unknown Triton internals layout: stay on the dispatch path
-        return None
-
-
-def _input_key(tensors: tuple) -> Optional[tuple]:
-    """(shape, strides, dtype, device) shared by all tensors, or None (no plan for this call).
-
-    None when layouts, dtypes or devices differ, when a pointer is not 16-byte aligned, when the
-    tensors are on the CPU outside the interpreter, or for non-tensors (validation then raises).
-    """
-    if not FAST_LAUNCH:
-        return None
-    first = tensors[0]
-    try:
-        shape, stride, dtype, device = first.shape, first.stride(), first.dtype, first.get_device()
-        pointers = first.data_ptr()
-        for x in tensors[1:]:
-            if x.shape != shape or x.stride() != stride or x.dtype != dtype or x.get_device() != device:
-                return None
-            pointers |= x.data_ptr()
-    except (AttributeError, TypeError, RuntimeError):
-        return None
-    if pointers & 15:
-        return None
-    if device < 0:
-        if not is_interpreting():
-            return None
-    elif torch.cuda.current_device() != device:
-        return None
-    return shape, stride, dtype, device
 
 
 # --------------------------------------------------------------------------------------------
@@ -646,24 +517,17 @@ def _grid(n_ctx: int, batch_heads: int, block: str) -> Any:
     return lambda meta: (triton.cdiv(n_ctx, meta[block]), batch_heads)
 
 
-class _ForwardPlan(NamedTuple):
-    launch: _Launch
-
-
-class _BackwardPlan(NamedTuple):
-    launch_q: _Launch
-    launch_kv: _Launch
-
-
-def _forward(inputs: tuple, has_tangent: bool, scale: Optional[float]) -> tuple[ForwardResult, Optional[tuple]]:
-    """Forward on (q, k, v[, tq, tk, tv]); also returns the input key (None: no plan applies).
+def forward_with_key(inputs: tuple, has_tangent: bool, scale: Optional[float]
+                     ) -> tuple[ForwardResult, Optional[tuple]]:
+    """Forward on (q, k, v[, tq, tk, tv]); also returns the inputs' launch-plan key
+    (:func:`kernels.launch_plans.input_key`; None: no plan applies), for :func:`backward_with_key`.
 
     With a recorded plan for these inputs' key, the compiled kernel is launched directly (the
     inputs passed validation when the plan was made); else through the autotuner and the JIT.
     """
-    key = _input_key(inputs)
+    key = launch_plans.input_key(inputs)
     plan_key = ("fwd", key, has_tangent, scale)
-    plan = _PLANS.get(plan_key) if key is not None else None
+    plan = launch_plans.lookup(plan_key) if key is not None else None
     six, record = (_six(inputs), False) if plan is not None else _validated(inputs, key)
     q = six[0]
     batch, heads, n_ctx, head_dim = q.shape
@@ -673,15 +537,15 @@ def _forward(inputs: tuple, has_tangent: bool, scale: Optional[float]) -> tuple[
     lse2 = _empty((batch, heads, n_ctx), stats_dtype, q.device)
     mu = _empty(lse2.shape, stats_dtype, q.device) if has_tangent else lse2
     if plan is not None:
-        plan.launch(*six, o, t, lse2, mu)
+        plan[0](*six, o, t, lse2, mu)
     else:
         constexprs = dict(SCALE=default_scale(head_dim) if scale is None else float(scale), HAS_TANGENT=has_tangent,
                           **_kernel_dtype_args(q.dtype, head_dim))
-        launch = _launch_and_record(_attention_jvp_fwd_kernel, _grid(n_ctx, batch * heads, "BLOCK_M"),
-                                    (*six, o, t, lse2, mu), (*q.stride()[:3], heads, n_ctx), constexprs,
-                                    q.get_device(), record)
+        launch = launch_plans.launch_and_record(_attention_jvp_fwd_kernel, _grid(n_ctx, batch * heads, "BLOCK_M"),
+                                                (*six, o, t, lse2, mu), (*q.stride()[:3], heads, n_ctx), constexprs,
+                                                q.get_device(), record)
         if launch is not None:
-            _PLANS[plan_key] = _ForwardPlan(launch)
+            launch_plans.record(plan_key, (launch,))
     return ForwardResult(o, t if has_tangent else None, lse2, mu if has_tangent else None), key
 
 
@@ -694,19 +558,19 @@ def attention_jvp_forward(
     tv: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
 ) -> ForwardResult:
-    """Fused forward (spec §1.3): O = softmax(c·QKᵀ)V and, given all three tangents, T.
+    """Fused forward (docs/attention_jvp.md §2): O = softmax(c·QKᵀ)V and, given all three tangents, T.
 
     All tensors are ``[B, H, N, D]`` of one dtype and device. Without tangents this is a plain
-    flash forward (4u FLOPs); with them the fused primal+tangent forward (12u, spec §3.1).
+    flash forward (4u FLOPs); with them the fused primal+tangent forward (12u, docs/attention_jvp.md §5).
     """
     if tq is not None and tk is not None and tv is not None:
-        return _forward((q, k, v, tq, tk, tv), True, scale)[0]
+        return forward_with_key((q, k, v, tq, tk, tv), True, scale)[0]
     if tq is None and tk is None and tv is None:
-        return _forward((q, k, v), False, scale)[0]
+        return forward_with_key((q, k, v), False, scale)[0]
     raise ValueError("attention_jvp: give all of tq, tk, tv or none of them")
 
 
-def _backward(
+def backward_with_key(
     inputs: tuple,
     key: Optional[tuple],
     o: torch.Tensor,
@@ -717,10 +581,10 @@ def _backward(
     grad_t: Optional[torch.Tensor],
     scale: Optional[float],
 ) -> tuple:
-    """Backward on ``inputs`` = (q, k, v[, tq, tk, tv]) (6 with grad_t); ``key`` from ``_input_key``.
+    """Backward on ``inputs`` = (q, k, v[, tq, tk, tv]) (6 with grad_t), given their launch-plan key.
 
-    The caller passes ``key`` = ``_input_key(inputs)`` (or the key the forward returned for the
-    same, unmodified tensors), or None to have it computed. A recorded plan applies when the
+    The caller passes ``key`` = :func:`kernels.launch_plans.input_key` of ``inputs`` (or the key
+    :func:`forward_with_key` returned for the same, unmodified tensors). A recorded plan applies when the
     outputs, statistics and upstream gradients are 16-byte aligned and the statistics have the
     accumulation dtype (as when the plan was made).
     """
@@ -734,11 +598,11 @@ def _backward(
         t, grad_t = _contiguous(t, dtype), _contiguous(grad_t, dtype)
     else:
         t, grad_t, mu = o, o, lse2
-    if key is not None and (not FAST_LAUNCH or lse2.dtype != stats_dtype or mu.dtype != stats_dtype or (
-            o.data_ptr() | t.data_ptr() | grad_o.data_ptr() | grad_t.data_ptr() | lse2.data_ptr() | mu.data_ptr()) & 15):
+    if key is not None and (not launch_plans.FAST_LAUNCH or lse2.dtype != stats_dtype or mu.dtype != stats_dtype
+                            or not launch_plans.aligned(o, t, grad_o, grad_t, lse2, mu)):
         key = None
     plan_key = ("bwd", key, has_go, has_gt, scale)
-    plan = _PLANS.get(plan_key) if key is not None else None
+    plan = launch_plans.lookup(plan_key) if key is not None else None
     six, record = (_six(inputs), False) if plan is not None else _validated(inputs, key)
     q = six[0]
     batch, heads, n_ctx, head_dim = q.shape
@@ -752,20 +616,21 @@ def _backward(
     gtq = _empty_like(q) if has_gt else gq
     pass_q = (*six, o, t, grad_o, grad_t, lse2, mu, delta, gq, gtq)
     if plan is not None:
-        plan.launch_q(*pass_q)
+        plan[0](*pass_q)
     else:
-        launch_q = _launch_and_record(_attention_jvp_bwd_q_kernel, _grid(n_ctx, batch * heads, "BLOCK_M"), pass_q,
-                                      ints, constexprs, q.get_device(), record)
+        launch_q = launch_plans.launch_and_record(_attention_jvp_bwd_q_kernel, _grid(n_ctx, batch * heads, "BLOCK_M"),
+                                                  pass_q, ints, constexprs, q.get_device(), record)
     gk, gv = _empty_like(q), _empty_like(q)
     gtk, gtv = (_empty_like(q), _empty_like(q)) if has_gt else (gk, gv)
     pass_kv = (*six, grad_o, grad_t, lse2, mu, delta, gk, gv, gtk, gtv)
     if plan is not None:
-        plan.launch_kv(*pass_kv)
+        plan[1](*pass_kv)
     else:
-        launch_kv = _launch_and_record(_attention_jvp_bwd_kv_kernel, _grid(n_ctx, batch * heads, "BLOCK_N"), pass_kv,
-                                       ints, constexprs, q.get_device(), record)
+        launch_kv = launch_plans.launch_and_record(_attention_jvp_bwd_kv_kernel,
+                                                   _grid(n_ctx, batch * heads, "BLOCK_N"), pass_kv, ints, constexprs,
+                                                   q.get_device(), record)
         if launch_q is not None and launch_kv is not None:
-            _PLANS[plan_key] = _BackwardPlan(launch_q, launch_kv)
+            launch_plans.record(plan_key, (launch_q, launch_kv))
     if has_gt:
         return gq, gk, gv, gtq, gtk, gtv
     return gq, gk, gv, None, None, None
@@ -786,7 +651,7 @@ def attention_jvp_backward(
     grad_t: Optional[torch.Tensor],
     scale: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Backward through O and T (spec §1.4, §5.3): returns (gQ, gK, gV, gtQ, gtK, gtV).
+    """Backward through O and T (docs/attention_jvp.md §3, §4): returns (gQ, gK, gV, gtQ, gtK, gtV).
 
     ``grad_o`` / ``grad_t`` may be None (treated as zero). Without ``grad_t`` this is the plain
     flash backward and the tangent gradients are None; with ``grad_t`` the tangent inputs, ``t``
@@ -801,4 +666,4 @@ def attention_jvp_backward(
         inputs = (q, k, v, tq, tk, tv)
     else:
         inputs = (q, k, v)
-    return _backward(inputs, _input_key(inputs), o, t, lse2, mu, grad_o, grad_t, scale)
+    return backward_with_key(inputs, launch_plans.input_key(inputs), o, t, lse2, mu, grad_o, grad_t, scale)

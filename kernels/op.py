@@ -4,11 +4,11 @@
     registered through ``torch.library`` (ops ``tvm::attention_jvp_fwd`` and
     ``tvm::attention_jvp_bwd``) so that ``torch.compile`` traces it without a graph break.
     Its single backward receives (gO, gT) and runs the fused two-pass backward
-    (spec ATTENTION_JVP.md §5.1 "Path B", 12u + 42u FLOPs). In eager mode the same launchers run
+    (docs/attention_jvp.md §3–§5, 12u + 42u FLOPs). In eager mode the same launchers run
     through a plain autograd.Function, which costs less host time than the custom-op dispatch.
 
 (b) :func:`attention_jvp` — ``(q, k, v) -> O`` as a ``torch.autograd.Function`` with a forward-mode
-    rule (spec §5.1 "Path A"). Its forward runs the primal flash kernel (a correct O, never
+    rule (docs/attention.md, "func.jvp face"). Its forward runs the primal flash kernel (a correct O, never
     uninitialised memory); under ``torch.func.jvp`` its ``jvp`` rule calls op (a), whose autograd
     node makes T differentiable, so reverse mode reaches all inputs through both O (primal node:
     flash backward, 14u) and T (tangent node: tangent-only backward, HAS_GO=False).
@@ -23,7 +23,8 @@ from typing import Any, Optional
 
 import torch
 
-from kernels.attention_jvp import _backward, _forward, attention_jvp_backward, attention_jvp_forward, check_inputs
+from kernels.attention_jvp import (attention_jvp_backward, attention_jvp_forward, backward_with_key, check_inputs,
+                                   forward_with_key)
 
 _NAMES = ("q", "k", "v", "tq", "tk", "tv")
 
@@ -95,13 +96,13 @@ class _AttentionWithTangent(torch.autograd.Function):
     """Eager twin of the custom op: same kernels, less host time per call.
 
     The forward validates the inputs and keeps their launch-plan key (layout, dtype, device,
-    alignment; see ``attention_jvp._input_key``) for the backward, whose saved inputs are the same
+    alignment; see :func:`kernels.launch_plans.input_key`) for the backward, whose saved inputs are the same
     unmodified tensors (autograd checks their versions), so they are not inspected again.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, tq, tk, tv):
-        out, ctx.plan_key = _forward((q, k, v, tq, tk, tv), True, None)
+        out, ctx.plan_key = forward_with_key((q, k, v, tq, tk, tv), True, None)
         ctx.save_for_backward(q, k, v, tq, tk, tv, *out)
         ctx.set_materialize_grads(False)
         return out.o, out.t
@@ -112,16 +113,16 @@ class _AttentionWithTangent(torch.autograd.Function):
             return (None,) * 6
         q, k, v, tq, tk, tv, o, t, lse2, mu = ctx.saved_tensors
         inputs = (q, k, v) if grad_t is None else (q, k, v, tq, tk, tv)
-        return _backward(inputs, ctx.plan_key, o, t, lse2, mu, grad_o, grad_t, None)
+        return backward_with_key(inputs, ctx.plan_key, o, t, lse2, mu, grad_o, grad_t, None)
 
 
 def attention_with_tangent(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.Tensor, tk: torch.Tensor, tv: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(O, T) of softmax attention and its tangent along (tq, tk, tv) (spec §1.2), fused.
+    """(O, T) of softmax attention and its tangent along (tq, tk, tv) (docs/attention_jvp.md §1), fused.
 
     O = softmax(Q Kᵀ/√D) V and T = (P⊙(tS − μ)) V + P tV, both ``[B, H, N, D]``; differentiable
-    w.r.t. all six inputs through both outputs (one fused backward, spec §1.4). Under
+    w.r.t. all six inputs through both outputs (one fused backward, docs/attention_jvp.md §3). Under
     ``torch.compile`` this is the custom op ``tvm::attention_jvp_fwd`` (no graph break); in eager
     mode the same kernels run through a plain autograd.Function, whose dispatch costs less host time
     (inputs are validated by the launcher; errors are the same ValueError/TypeError).
@@ -139,7 +140,7 @@ def attention_with_tangent(
 
 
 class _AttentionJvp(torch.autograd.Function):
-    """O = softmax(Q Kᵀ/√D) V with a fused forward-mode rule (spec §5.1 Path A)."""
+    """O = softmax(Q Kᵀ/√D) V with a fused forward-mode rule (the func.jvp face of docs/attention.md)."""
 
     @staticmethod
     def forward(q, k, v):
@@ -174,7 +175,7 @@ def attention_jvp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     """O = softmax(Q Kᵀ/√D) V, ``[B, H, N, D]``, with a fused rule for ``torch.func.jvp``.
 
     Outside forward-mode AD it is a plain flash attention with a flash backward. Under
-    ``torch.func.jvp`` the tangent is computed by the fused kernel (spec §1.3) and stays
+    ``torch.func.jvp`` the tangent is computed by the fused kernel (docs/attention_jvp.md §2) and stays
     differentiable w.r.t. the primal and tangent inputs. Eager mode only.
     """
     check_inputs(_NAMES[:3], q, k, v)

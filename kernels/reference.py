@@ -1,4 +1,4 @@
-"""Math reference for attention and its tangent (spec ATTENTION_JVP.md §1.2).
+"""Math reference for attention and its tangent (docs/attention_jvp.md §1, eq. A1–A3).
 
 Plain PyTorch ops with an explicit softmax, so it works in any dtype (float64 for ground truth),
 under ``torch.func.jvp`` and under double backward. Tensors are ``[B, H, N, D]``.
@@ -33,7 +33,7 @@ def attention_tangent_math(
     tv: torch.Tensor,
     scale: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(O, T) with the tangent written out (spec §1.2), as plain differentiable ops.
+    """(O, T) with the tangent written out (docs/attention_jvp.md eq. A1–A3), as plain differentiable ops.
 
     ``S = c·Q Kᵀ``, ``P = softmax(S)``, ``O = P V``; ``Ṡ = c·(Q̇ Kᵀ + Q K̇ᵀ)``,
     ``μ = rowsum(P ⊙ Ṡ)``, ``T = (P ⊙ (Ṡ − μ)) V + P V̇``. The primal uses the ops of

@@ -1,4 +1,4 @@
-"""Convert an authors' network pickle into our checkpoint format (TVM.md §9), safely.
+"""Convert an authors' network pickle into our checkpoint format (docs/method.md §9), safely.
 
 Usage::
 

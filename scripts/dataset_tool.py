@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Prepare EDM-format datasets: ``convert``, ``encode``, ``getstats`` (TVM.md §6.2).
+"""Prepare EDM-format datasets: ``convert``, ``encode``, ``getstats`` (docs/method.md §6.2).
 
 Examples::
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Sample images from a checkpoint's EMA network (TVM.md §4; replaces upstream's broken
-``generate_images.py``, TVM.md §11 item 12).
+"""Sample images from a checkpoint's EMA network (docs/method.md §4; replaces upstream's broken
+``generate_images.py``, docs/method.md §11 item 12).
 
 Examples::
 

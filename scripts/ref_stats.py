@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Compute FID reference statistics of an RGB dataset (TVM.md §7.1).
+"""Compute FID reference statistics of an RGB dataset (docs/method.md §7.1).
 
 Example::
 

@@ -1,4 +1,4 @@
-"""The configs: the authors' values (TVM.md §8.5, §12 items 25, 27), composition, and the schema."""
+"""The configs: the authors' values (docs/method.md §8.5, §12 items 25, 27), composition, and the schema."""
 from __future__ import annotations
 
 import pytest
@@ -24,7 +24,7 @@ def test_authors_configs(config_name):
     assert cfg.eval.ref_stats.endswith(ref) and cfg.encoder.raw_std[0] == raw_std0
     assert {k: (v.num_steps, v.cfg_scale) for k, v in cfg.sampling.items()} == {
         "1_step": (1, w), "2_step": (2, w), "4_step": (4, w)}
-    # Shared values (TVM.md §2, §5.1, §8.3, paper Table 6).
+    # Shared values (docs/method.md §2, §5.1, §8.3, paper Table 6).
     assert cfg.network.model_type == "DiT_XL_2_18h" and cfg.network.data_type == "bf16"
     assert (cfg.loss.s_P_mean, cfg.loss.s_P_std, cfg.loss.gap_P_mean, cfg.loss.gap_P_std) == (-0.4, 1.0, -0.8, 1.0)
     assert cfg.loss.label_dropout == 0.1

@@ -1,4 +1,4 @@
-"""The structured configuration schema (TVM.md §8.3) and its composition.
+"""The structured configuration schema (docs/method.md §8.3) and its composition.
 
 Every knob lives here with its unit and default. The key names are the authors' (so their
 command lines work: ``network.do_scale_param=false``), except what was unsafe or broken
@@ -67,7 +67,7 @@ class EncoderConfig:
 
 @dataclass
 class ModelKwargs:
-    """The authors' intended DiT options; upstream swallows them (TVM.md §3.8)."""
+    """The authors' intended DiT options; upstream swallows them (docs/method.md §3.8)."""
 
     do_mod_norm: bool = True
     learn_guidance: bool = True
@@ -83,7 +83,7 @@ class NetworkConfig:
     model_type: str = "DiT_XL_2_18h"     # a name of tvm.models.dit.VARIANTS or an authors' class name
     model_kwargs: ModelKwargs = field(default_factory=ModelKwargs)
     honor_model_kwargs: bool = False     # apply model_kwargs (paper-faithful); false = upstream behaviour
-    patch_spectral: bool = False         # paper's intended spectral patch-embed init (TVM.md §11 item 2)
+    patch_spectral: bool = False         # paper's intended spectral patch-embed init (docs/method.md §11 item 2)
     hidden_size: Optional[int] = None    # overrides of the variant (small models)
     depth: Optional[int] = None
     num_heads: Optional[int] = None
@@ -105,7 +105,7 @@ class NetworkConfig:
 @dataclass
 class LossConfig:
     class_name: str = "tvm.method.loss.TVMLoss"
-    scheme: str = "gap"                  # gap | trunc | clamp (TVM.md §2, §10.3)
+    scheme: str = "gap"                  # gap | trunc | clamp (docs/method.md §2, §10.3)
     fm_time: str = "separate"            # separate s' (gap*) | shared (s' = s)
     s_P_mean: float = -0.4
     s_P_std: float = 1.0

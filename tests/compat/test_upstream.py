@@ -1,8 +1,8 @@
-"""Safe loading of the authors' checkpoints: TVM.md §9, §11 items 18–19 (tvm.compat.upstream).
+"""Safe loading of the authors' checkpoints: docs/method.md §9, §11 items 18–19 (tvm.compat.upstream).
 
 The fixtures are built here. Stand-in classes registered in fake modules named like the authors'
 (``training.wrapper``, ``training.dit``, ``torch_utils.persistence``, ``timm.layers.*``) pickle a
-small DiT as TVM.md §9.2 describes: persistence records ``_reconstruct_persistent_obj(meta)``
+small DiT as docs/method.md §9.2 describes: persistence records ``_reconstruct_persistent_obj(meta)``
 with class name, state and module source (which would create a sentinel file if exec'd), plain
 class references, a timm enum, an OmegaConf DictConfig in ``_init_kwargs``, a real
 ``torch.compile`` wrapper, and storages tagged as CUDA. The fake modules are removed from
@@ -57,7 +57,7 @@ def _reconstruct_persistent_obj(meta: dict) -> Any:
 
 
 class Persistent(nn.Module):
-    """Pickles like an EDM persistence-decorated class (TVM.md §9.2)."""
+    """Pickles like an EDM persistence-decorated class (docs/method.md §9.2)."""
 
     module_src = ""
 
@@ -138,7 +138,7 @@ def upstream_block(ns: types.SimpleNamespace, block: nn.Module, dim: int, heads:
 
 
 def upstream_wrapper(ns: types.SimpleNamespace, dit: DiT) -> nn.Module:
-    """The authors' object tree (TVM.md §9.2–9.3) around the weights of our ``dit``."""
+    """The authors' object tree (docs/method.md §9.2–9.3) around the weights of our ``dit``."""
     D = dit.hidden_size
     grid = RES // 2
     patch = build(ns.PatchEmbed, img_size=(RES, RES), patch_size=(2, 2), grid_size=(grid, grid),

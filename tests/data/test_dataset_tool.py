@@ -1,4 +1,4 @@
-"""dataset_tool: convert (class folders → PNG zip), encode (→ latent moments), getstats (TVM.md §6.2)."""
+"""dataset_tool: convert (class folders → PNG zip), encode (→ latent moments), getstats (docs/method.md §6.2)."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""EDM-format datasets (TVM.md §6.1) and the resumable sampler (§5.5)."""
+"""EDM-format datasets (docs/method.md §6.1) and the resumable sampler (§5.5)."""
 from __future__ import annotations
 
 import io
@@ -206,27 +206,17 @@ def test_sampler_disjoint_deterministic_and_resumable() -> None:
     # Disjoint within a global step: 3 ranks x 3 items = positions 0..8 of epoch 0.
     assert len({s for stream in streams for s in stream[:3]}) == 9
 
-    # Resume after 4 steps of per-rank batch 2 on 2 ranks (16 items), continue on 3 ranks.
-    first = InfiniteSampler(n, 0, 2, seed=5)
-    state = first.state_dict(num_consumed=16)
-    assert state == {"index": 16, "seed": 5, "dataset_len": n}
+    # Resume after 4 steps of per-rank batch 2 on 2 ranks (16 items), continue on 3 ranks: the
+    # training loop restarts the sampler at start_index = images consumed.
     resumed = []
     for rank in range(3):
-        s = InfiniteSampler(n, rank, 3, seed=5)
-        s.load_state_dict(state)
-        it = iter(s)
+        it = iter(InfiniteSampler(n, rank, 3, seed=5, start_index=16))
         resumed.append([next(it) for _ in range(4)])
     assert [resumed[p % 3][p // 3] for p in range(12)] == merged[16:28]
 
 
-def test_sampler_state_tracks_iteration_and_rejects_mismatch() -> None:
-    s = InfiniteSampler(7, rank=1, world_size=2, seed=0)
-    it = iter(s)
-    for _ in range(3):
-        next(it)
-    assert s.state_dict()["index"] == 6  # three rounds of two ranks
-    other = InfiniteSampler(8, 0, 1, seed=0)
-    with pytest.raises(ValueError, match="dataset_len"):
-        other.load_state_dict(s.state_dict())
+def test_sampler_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="rank"):
         InfiniteSampler(7, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="start_index"):
+        InfiniteSampler(7, start_index=-1)

@@ -1,4 +1,4 @@
-"""Pixel and SD-VAE encoders (TVM.md §6.3) with a tiny randomly initialised AutoencoderKL."""
+"""Pixel and SD-VAE encoders (docs/method.md §6.3) with a tiny randomly initialised AutoencoderKL."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,6 +28,15 @@ def test_pixel_encoder_round_trip() -> None:
     assert torch.equal(enc.decode(z), x)
     # Round half up, clamped.
     assert enc.decode(torch.tensor([[-2.0, 1.5, 0.5 / 127.5 - 1, 0.49 / 127.5 - 1]])).tolist() == [[0, 255, 1, 0]]
+
+
+def test_latent_shape_protocol() -> None:
+    pixel, vae = PixelEncoder(), StabilityVAEEncoder(vae_name="unused")  # no VAE is loaded for shapes
+    assert pixel.latent_shape((1, 8, 8)) == (1, 8, 8) and pixel.decoded_resolution(8) == 8
+    assert vae.latent_shape((3, 256, 256)) == (4, 32, 32) and vae.latent_shape((8, 64, 64)) == (4, 64, 64)
+    assert vae.decoded_resolution(32) == 256 and vae._vae is None
+    with pytest.raises(ValueError, match="not 4"):
+        vae.latent_shape((4, 32, 32))
 
 
 def test_latent_item_normalisation_is_exact() -> None:
@@ -73,6 +82,8 @@ def test_vae_encode_decode_with_local_weights(tiny_vae_dir: Path) -> None:
         y = ref.decode(z_raw).sample
     expected = ((y * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8)
     assert out.dtype == torch.uint8 and out.shape == (3, 3, 16, 16)
+    # The shape protocol states what encode and decode just did (the VAE's ×8).
+    assert enc.latent_shape(px.shape[1:]) == tuple(z.shape[1:]) and enc.decoded_resolution(2) == out.shape[-1]
     assert (out.int() - expected.int()).abs().max() <= 1  # fp32 round-off at truncation edges
     assert (out == expected).float().mean() > 0.99
     # 3-channel input is returned as is; 8-channel moments are sampled and decoded raw.

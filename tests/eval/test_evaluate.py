@@ -1,4 +1,4 @@
-"""Checkpoint evaluation: eval.py's library (TVM.md §7.2, §11 items 11, 15) and fid50k_full (§7.1)."""
+"""Checkpoint evaluation: eval.py's library (docs/method.md §7.2, §11 items 11, 15) and fid50k_full (§7.1)."""
 from __future__ import annotations
 
 import json
@@ -11,6 +11,7 @@ import sys
 import urllib.error
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import DictConfig, open_dict
@@ -23,6 +24,7 @@ from tvm.eval import fid
 from tvm.eval.checkpoints import load_network_for_eval
 from tvm.eval.evaluate import RESULTS_FILE, evaluate_checkpoints
 from tvm.eval.generate import generate_images, image_classes
+from tvm.eval.metrics import MetricContext
 from tvm.train.checkpoint import CheckpointError
 from tvm.train.loop import run
 
@@ -162,6 +164,25 @@ def test_configuration_errors(run_dir: Path, fid_files: tuple[Path, Path], tmp_p
     monkeypatch.setenv("TVM_CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(FileNotFoundError, match="place it at .*cache.detectors.inception-2015-12-05.pkl"):
         evaluate_checkpoints(eval_config(ckpt, *fid_overrides(fid_files), f"eval.detector_url={fid.INCEPTION_URL}"))
+
+
+def test_metric_context_from_config() -> None:
+    """One constructor for the loop and eval.py: per-rank batch ceil(eval.batch_size / W), the eval
+    section's settings, and float64 label frequencies for label_mode=empirical."""
+    cfg = compose_config("tiny", ["eval.batch_size=10", "eval.num_images=30", "eval.seed=4",
+                                  "eval.dinov2_ref_stats=stats.npz"])
+    encoder = PixelEncoder()
+    sizes = [MetricContext.from_config(cfg, encoder, torch.device("cpu"), w).batch_size for w in (1, 2, 3, 4, 11)]
+    assert sizes == [10, 5, 4, 3, 1]
+    ctx = MetricContext.from_config(cfg, encoder, torch.device("cpu"), 1)
+    assert (ctx.encoder, ctx.seed, ctx.num_images, ctx.label_mode, ctx.class_probs) == (encoder, 4, 30, "uniform", None)
+    assert ctx.dinov2_ref_stats == "stats.npz" and ctx.ref_features is None
+    cfg.eval.label_mode = "empirical"
+    dataset = DigitsDataset("train")
+    probs = MetricContext.from_config(cfg, encoder, torch.device("cpu"), 1, dataset).class_probs
+    counts = np.bincount(dataset.targets, minlength=10).astype(np.float64)
+    assert probs.dtype == np.float64 and np.array_equal(probs, counts / counts.sum())
+    assert np.array_equal(MetricContext.from_config(cfg, encoder, torch.device("cpu"), 1).class_probs, probs)
 
 
 def test_unreadable_checkpoint_is_a_clear_error(tmp_path: Path) -> None:

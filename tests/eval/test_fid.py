@@ -1,6 +1,7 @@
-"""FID pieces (TVM.md §7): statistics, Fréchet distance, reference I/O, detector loading, sharding."""
+"""FID pieces (docs/method.md §7): statistics, Fréchet distance, reference I/O, detector loading, sharding."""
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
@@ -19,6 +20,7 @@ import torch.multiprocessing as mp
 
 from tvm.data.datasets import ImageFolderDataset
 from tvm.eval.fid import (
+    file_sha256,
     FeatureStats,
     RefStats,
     compute_fid,
@@ -173,6 +175,9 @@ def test_detector_loading_paths(tmp_path: Path, detector_file: Path) -> None:
     torch.testing.assert_close(cached(images, return_features=True), feats)
     with pytest.raises(ValueError, match="sha256"):
         load_inception_detector(str(detector_file), sha256="0" * 64)
+    digest = file_sha256(detector_file)
+    assert digest == hashlib.sha256(detector_file.read_bytes()).hexdigest()
+    load_inception_detector(str(detector_file), sha256=digest.upper())  # the expected digest's case is ignored
 
 
 def test_missing_detector_error_says_where_to_put_it(tmp_path: Path) -> None:

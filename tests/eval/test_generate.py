@@ -1,4 +1,4 @@
-"""Generation from checkpoints: loading, index sharding, scripts/generate.py (TVM.md §4, §11 item 12)."""
+"""Generation from checkpoints: loading, index sharding, scripts/generate.py (docs/method.md §4, §11 item 12)."""
 from __future__ import annotations
 
 import importlib.util

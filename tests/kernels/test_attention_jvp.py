@@ -1,7 +1,7 @@
 """CPU tests (TRITON_INTERPRET=1) of the attention-JVP Triton kernels and their two faces.
 
 Ground truth: float64 math attention under torch.func.jvp, then torch.autograd.grad of
-<gO, O> + <gT, T> (spec ATTENTION_JVP.md §1.5, §5.6). Every kernel output buffer is filled with
+<gO, O> + <gT, T> (docs/attention_jvp.md §6). Every kernel output buffer is filled with
 NaN before the kernel runs, so an unwritten element fails the comparison. bf16 is checked on the
 GPU by bench/attention.py (the interpreter's bf16 dot is wrong).
 """
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from kernels import attention_jvp as kernel_module
+from kernels import launch_plans
 from kernels.attention_jvp import attention_jvp_backward, attention_jvp_forward
 from kernels.op import attention_jvp, attention_with_tangent
 from kernels.reference import attention_jvp_math, attention_math
@@ -262,13 +263,13 @@ def test_faces_under_ddp(face, tmp_path):
 def _count_dispatches(monkeypatch):
     """Counts launches that go through Triton's autotuner/JIT rather than a recorded plan."""
     calls = []
-    original = kernel_module._launch_and_record
+    original = launch_plans.launch_and_record
 
     def counting(*args, **kwargs):
         calls.append(args[0])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(kernel_module, "_launch_and_record", counting)
+    monkeypatch.setattr(launch_plans, "launch_and_record", counting)
     return calls
 
 
@@ -276,7 +277,7 @@ def _count_dispatches(monkeypatch):
 def test_launch_plans_repeat_dispatch_results(monkeypatch, grads):
     """The second call launches through the recorded plans and gives bitwise the same outputs."""
     calls = _count_dispatches(monkeypatch)
-    kernel_module._PLANS.clear()
+    launch_plans.clear()
     inputs, grad_o, grad_t = random_inputs((2, 3, 23, 16), torch.float64, seed=10)
     grad_o = None if grads == "t_only" else grad_o
     grad_t = None if grads == "o_only" else grad_t
@@ -286,7 +287,7 @@ def test_launch_plans_repeat_dispatch_results(monkeypatch, grads):
         return [fwd.o, fwd.t, *attention_jvp_backward(*inputs, *fwd, grad_o, grad_t)]
 
     first = run()
-    assert len(calls) == 3 and len(kernel_module._PLANS) == 2
+    assert len(calls) == 3 and len(launch_plans.recorded()) == 2
     second = run()
     assert len(calls) == 3, "second call did not use the launch plans"
     for a, b in zip(first, second):
@@ -295,8 +296,9 @@ def test_launch_plans_repeat_dispatch_results(monkeypatch, grads):
     outputs = [torch.zeros_like(inputs[0]) if g is None else g for g in second]
     assert_close(outputs, expected, torch.float64)
 
-    monkeypatch.setattr(kernel_module, "FAST_LAUNCH", False)
-    third = run()
+    with launch_plans.fast_launch(False):
+        third = run()
+    assert launch_plans.FAST_LAUNCH, "fast_launch did not restore the switch"
     assert len(calls) == 6
     for a, b in zip(first, third):
         assert (a is None and b is None) or torch.equal(a, b)
@@ -304,13 +306,13 @@ def test_launch_plans_repeat_dispatch_results(monkeypatch, grads):
 
 def test_launch_plan_tail_matches_kernel_signature(monkeypatch):
     """A plan's argument list is the kernel's full signature with the config's meta-parameters."""
-    kernel_module._PLANS.clear()
+    launch_plans.clear()
     inputs, _, _ = random_inputs((1, 2, 12, 16), torch.float64, seed=11)
     attention_jvp_forward(*inputs)
-    (key, plan), = kernel_module._PLANS.items()
+    (key, plan), = launch_plans.recorded().items()
     kernel = kernel_module._attention_jvp_fwd_kernel
     names = kernel.arg_names
-    launch = plan.launch
+    launch, = plan
     assert 10 + len(launch.tail) == len(names)
     by_name = dict(zip(names[10:], launch.tail))
     assert by_name["N_CTX"] == 12 and by_name["H"] == 2 and by_name["HAS_TANGENT"] is True
@@ -323,18 +325,18 @@ def test_launch_plan_tail_matches_kernel_signature(monkeypatch):
 def test_inputs_without_a_plan_take_the_dispatch_path(monkeypatch):
     """Unaligned pointers, differing layouts or dtypes: no plan, same results as before."""
     calls = _count_dispatches(monkeypatch)
-    kernel_module._PLANS.clear()
+    launch_plans.clear()
     base = torch.randn(6 * 2 * 2 * 9 * 16 + 1, dtype=torch.float64)
     unaligned = [base[1 + i * 576: 1 + (i + 1) * 576].view(2, 2, 9, 16) for i in range(6)]
     assert unaligned[0].data_ptr() % 16 != 0
-    assert kernel_module._input_key(tuple(unaligned)) is None
+    assert launch_plans.input_key(tuple(unaligned)) is None
     transposed = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in unaligned]
     mixed = [unaligned[0].contiguous(), *transposed[1:]]
-    assert kernel_module._input_key(tuple(mixed)) is None
+    assert launch_plans.input_key(tuple(mixed)) is None
     for inputs in (unaligned, mixed, unaligned):
         fwd = attention_jvp_forward(*inputs)
         assert_close([fwd.o, fwd.t], list(attention_jvp_math(*inputs)), torch.float64, ("O", "T"))
-    assert len(calls) == 3 and not kernel_module._PLANS
+    assert len(calls) == 3 and not launch_plans.recorded()
 
 
 def test_launch_hooks_and_arguments_of_a_compiled_plan(monkeypatch):
@@ -364,9 +366,9 @@ def test_launch_hooks_and_arguments_of_a_compiled_plan(monkeypatch):
         def launch_metadata(self, grid, stream, *args):
             return ("metadata", grid, stream, len(args))
 
-    monkeypatch.setattr(kernel_module, "_RUNTIME_KNOBS", Knobs)
+    monkeypatch.setattr(launch_plans, "_RUNTIME_KNOBS", Knobs)
     compiled = Compiled()
-    launch = object.__new__(kernel_module._Launch)
+    launch = object.__new__(launch_plans.Launch)
     launch.grid, launch.tail, launch.compiled, launch.device, launch.interpreted = (3, 4, 1), (7, 8), compiled, 0, None
     launch.launcher, launch.function, launch.packed = compiled.run, compiled.function, compiled.packed_metadata
     launch.stream = lambda device: 1000 + device
@@ -376,3 +378,14 @@ def test_launch_hooks_and_arguments_of_a_compiled_plan(monkeypatch):
     launch("a", "b")
     assert compiled.launched[-1] == (3, 4, 1, 1000, "function", ("packed",), ("metadata", (3, 4, 1), 1000, 4),
                                      Knobs.launch_enter_hook, Knobs.launch_exit_hook, "a", "b", 7, 8)
+
+
+def test_step_benchmark_parses_the_launch_plan_ab(monkeypatch):
+    """bench/step.py --ab-fast-launch: the default variant is the configs' training step; a bad
+    variant fails before any GPU work (the A/B itself needs a GPU)."""
+    from bench.step import AB_DEFAULT_VARIANT, Variant, main
+
+    assert Variant.parse(AB_DEFAULT_VARIANT) == Variant("explicit", "triton", "blocks", "none", 0.7)
+    monkeypatch.setattr("sys.argv", ["step.py", "--ab-fast-launch", "explicit"])
+    with pytest.raises(SystemExit, match="bad variant 'explicit'"):
+        main()

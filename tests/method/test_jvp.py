@@ -1,4 +1,4 @@
-"""d f/d s by forward-mode AD against finite differences and forward_ad (TVM.md §1.3, §12 items 13–17)."""
+"""d f/d s by forward-mode AD against finite differences and forward_ad (docs/method.md §1.3, §12 items 13–17)."""
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,4 @@
-"""The TVM loss terms (TVM.md §1.4–1.6, §12 items 18–22)."""
+"""The TVM loss terms (docs/method.md §1.4–1.6, §12 items 18–22)."""
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,4 @@
-"""Few-step sampler (TVM.md §4, §12 item 29)."""
+"""Few-step sampler (docs/method.md §4, §12 item 29)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

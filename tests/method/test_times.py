@@ -1,4 +1,4 @@
-"""Time, CFG and label-dropout sampling (TVM.md §2, §12 items 23–24)."""
+"""Time, CFG and label-dropout sampling (docs/method.md §2, §12 items 23–24)."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""DiT architecture and initialisation: TVM.md §3 and the checklist §12 items 1–12."""
+"""DiT architecture and initialisation: docs/method.md §3 and the checklist §12 items 1–12."""
 from __future__ import annotations
 
 import math
@@ -13,7 +13,7 @@ from tvm.models.dit import (DiT, VARIANTS, count_parameters, label_indices, rms_
 
 # --- §12 item 1: parameter counts (built on the meta device: no init, no memory) -----------------
 
-PARAM_COUNTS = {  # TVM.md §3.7: (R=32 total, trainable), (R=64 total)
+PARAM_COUNTS = {  # docs/method.md §3.7: (R=32 total, trainable), (R=64 total)
     "DiT-XL/2-18h": (678_363_408, 678_068_496, 679_248_144),
     "DiT-XL/2": (678_363_856, 678_068_944, 679_248_592),
     "DiT-L/2": (460_715_024, 460_452_880, 461_501_456),
@@ -41,10 +41,10 @@ def test_unknown_variant_is_a_value_error_listing_the_allowed_names():
         DiT("DiT-XXL/2")
 
 
-# --- §12 item 2: the state dict has the authors' names and shapes (TVM.md §9.3) ----------------
+# --- §12 item 2: the state dict has the authors' names and shapes (docs/method.md §9.3) ----------------
 
 def authors_state_dict_shapes(depth=28, D=1152, heads=18, R=32, C=4, classes=1000):
-    """The table of TVM.md §9.3, written out from the spec (prefix ``model.`` omitted)."""
+    """The table of docs/method.md §9.3, written out (prefix ``model.`` omitted)."""
     T = (R // 2) ** 2
     shapes = {"pos_embed": (1, T, D), "x_embedder.proj.weight": (D, C, 2, 2), "x_embedder.proj.bias": (D,),
               "y_embedder.embedding_table.weight": (classes + 1, D),

@@ -38,7 +38,7 @@ RUN = QUICK_TINY + [f"training.ckpt_ticks={CKPT_TICKS}", "training.snapshot_tick
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                  "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "TORCHELASTIC_RUN_ID")
 _REPO = Path(__file__).resolve().parents[2]
-COMPARED = ("net", "ema", "ema_target", "optimizer", "progress", "sampler", "data")  # not rng (global
+COMPARED = ("net", "ema", "ema_target", "optimizer", "progress", "data")  # not rng (global
 # Python/NumPy generators are not seeded by a run) and not config (it names the run directory)
 
 

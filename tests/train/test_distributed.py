@@ -107,9 +107,14 @@ _WORKER = textwrap.dedent(
     total = D.all_reduce_sum_(torch.tensor([ctx.rank + 1.0, 10.0]))
     obj = D.broadcast_object({"seed": 1234, "path": "/run"} if ctx.rank == 0 else None)
     D.barrier()
+    mine = torch.tensor([[p, 10 * p] for p in range(ctx.rank, 5, ctx.world_size)])  # positions r, r + W, ...
+    lone = torch.tensor([[7]]) if ctx.rank == 0 else torch.empty(0)  # a sequence of one: rank 1 holds nothing
+    to_root = D.gather_interleaved(mine, 5, dst=0)
     print("RESULT " + json.dumps({"rank": ctx.rank, "world": ctx.world_size, "backend": ctx.backend,
                                   "sum": total.tolist(), "obj": obj, "gathered": D.all_gather_object(ctx.rank),
-                                  "is_main": D.is_main()}), flush=True)
+                                  "is_main": D.is_main(), "interleaved": D.gather_interleaved(mine, 5).tolist(),
+                                  "to_root": None if to_root is None else to_root.tolist(),
+                                  "lone": D.gather_interleaved(lone, 1).tolist()}), flush=True)
     D.cleanup()
     """
 )
@@ -163,4 +168,11 @@ def test_two_process_gloo(mode: str) -> None:
         assert r["sum"] == [3.0, 20.0]
         assert r["obj"] == {"seed": 1234, "path": "/run"}
         assert r["gathered"] == [0, 1]
+        assert r["interleaved"] == [[p, 10 * p] for p in range(5)] and r["lone"] == [[7]]
     assert [r["is_main"] for r in results] == [True, False]
+    assert results[0]["to_root"] == [[p, 10 * p] for p in range(5)] and results[1]["to_root"] is None
+
+
+def test_gather_interleaved_without_a_process_group_is_the_identity() -> None:
+    local = torch.arange(6).reshape(3, 2)
+    assert D.gather_interleaved(local, 3) is local and D.gather_interleaved(local, 3, dst=0) is local

@@ -1,4 +1,4 @@
-"""EMA updates (TVM.md §5.2 items 8–9, §12 item 26)."""
+"""EMA updates (docs/method.md §5.2 items 8–9, §12 item 26)."""
 import torch
 
 from tvm.train.ema import make_ema, update_ema_

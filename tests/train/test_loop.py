@@ -1,4 +1,4 @@
-"""The training loop end to end on the digits (TVM.md §5; issue: accumulation, resume, DDP, bad input)."""
+"""The training loop end to end on the digits (docs/method.md §5; issue: accumulation, resume, DDP, bad input)."""
 from __future__ import annotations
 
 import os

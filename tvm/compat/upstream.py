@@ -1,10 +1,10 @@
-"""Safe reading of the authors' checkpoints (TVM.md §9) without running anything they contain.
+"""Safe reading of the authors' checkpoints (docs/method.md §9) without running anything they contain.
 
 The authors' network pickles (``network-snapshot-*.pkl`` and the released ``im256_w2.pkl``,
 ``im256_w1p75.pkl``, ``im512_w2p5.pkl``) are written by ``pickle.dump`` with EDM's "persistence"
 mechanism: every decorated class pickles as a call
 ``torch_utils.persistence._reconstruct_persistent_obj(meta)`` whose ``meta['module_src']`` is
-Python source that a plain ``pickle.load`` would exec (TVM.md §9.2). Their training states
+Python source that a plain ``pickle.load`` would exec (docs/method.md §9.2). Their training states
 (``training-state-*.pt``) are ``torch.save`` archives holding the same network objects.
 
 Loading here never imports or executes anything from the file:
@@ -21,7 +21,7 @@ Loading here never imports or executes anything from the file:
   before anything is called.
 - :func:`collect_parameters` walks the held ``_modules`` trees (entering ``_orig_mod`` of a compiled
   wrapper) and returns the authors' ``state_dict`` names (``model.blocks.0.attn.qkv.weight`` …,
-  TVM.md §9.3), which are ours too.
+  docs/method.md §9.3), which are ours too.
 - :func:`load_upstream_network` builds our :class:`~tvm.method.wrapper.TVMWrapper` from the facts
   in the pickle (:func:`read_facts`) and loads the weights after an explicit name and shape check.
 - :func:`checkpoint_from_upstream` turns a network pickle into our checkpoint layout
@@ -36,7 +36,6 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import hashlib
 import io
 import math
 import pickle
@@ -52,6 +51,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tvm.config import Config, compose_config, to_container
+from tvm.eval.fid import file_sha256
 from tvm.method.wrapper import DATA_TYPES, TVMWrapper
 from tvm.models.dit import VARIANT_ALIASES, VARIANTS, resolve_variant
 from tvm.train.build import build_network
@@ -61,11 +61,11 @@ PathLike = str | Path
 OPTIMIZED_MODULE = "torch._dynamo.eval_frame.OptimizedModule"
 PERSISTENCE_FUNCTION = ("torch_utils.persistence", "_reconstruct_persistent_obj")
 DEFAULT_MODEL_TYPE = "DiT_XL_2_18h"
-MODEL_PREFIX = "model."  # TVMWrapper holds the DiT as ``model`` (TVM.md §9.3)
+MODEL_PREFIX = "model."  # TVMWrapper holds the DiT as ``model`` (docs/method.md §9.3)
 
 
 class UpstreamFormatError(ValueError):
-    """An upstream file is not laid out as TVM.md §9 describes, or does not fit our network.
+    """An upstream file is not laid out as docs/method.md §9 describes, or does not fit our network.
 
     The message names the file and the offending key, global or shape.
     """
@@ -82,7 +82,7 @@ class UnsafePickleError(pickle.UnpicklingError):
 
 @dataclasses.dataclass
 class PersistentRecord:
-    """What an EDM persistence record carries, as data (TVM.md §9.2 (i)).
+    """What an EDM persistence record carries, as data (docs/method.md §9.2 (i)).
 
     ``state`` is the pickled instance ``__dict__`` (``_modules``, ``_parameters``, attributes,
     ``_init_kwargs`` …). The record's ``module_src`` is not kept and never executed.
@@ -98,7 +98,7 @@ class PersistentRecord:
 
 
 class ForeignObject:
-    """Inert stand-in for an instance of a class that is never imported (TVM.md §9.2 (ii)).
+    """Inert stand-in for an instance of a class that is never imported (docs/method.md §9.2 (ii)).
 
     Whatever pickle does to build the object lands here as data: constructor arguments in
     ``args``/``kwargs`` (e.g. ``Format('NCHW')`` or a compiled wrapper's ``(orig_mod, ctx)``), the
@@ -194,7 +194,7 @@ def _quiet_storage_warnings() -> Iterator[None]:
 
 def load_storage_bytes(data: Any) -> torch.storage.TypedStorage:
     """Safe ``torch.storage._load_from_bytes``: the bytes are a ``torch.save`` payload of one
-    storage, tagged with the device it was saved from (CUDA for the EMA, TVM.md §9.2); loaded
+    storage, tagged with the device it was saved from (CUDA for the EMA, docs/method.md §9.2); loaded
     with ``weights_only=True`` and mapped to the CPU."""
     if not isinstance(data, (bytes, bytearray)):
         raise UpstreamFormatError(f"torch.storage._load_from_bytes called with {type(data).__name__}, expected bytes")
@@ -262,7 +262,7 @@ def resolve_global(module: str, name: str, source: str = "<pickle>") -> Any:
     if _is_neutral(module, qualified):
         return foreign_class(qualified)
     raise UnsafePickleError(f"{source}: refusing global {qualified!r}: not on the allow-list of "
-                            "tvm.compat.upstream (TVM.md §9.2); nothing from the file was executed")
+                            "tvm.compat.upstream (docs/method.md §9.2); nothing from the file was executed")
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -338,15 +338,6 @@ def is_upstream_pickle(path: PathLike) -> bool:
         return handle.read(1) == pickle.PROTO
 
 
-def file_sha256(path: PathLike) -> str:
-    """Hex SHA-256 of a file, read in 16 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------
 # Module trees → parameters
 # ---------------------------------------------------------------------------------------------
@@ -370,7 +361,7 @@ def module_dict(node: Any) -> dict[str, Any] | None:
 
 
 def unwrap_compiled(node: Any, source: str = "<pickle>") -> Any:
-    """The module inside ``torch.compile``'s ``OptimizedModule`` (TVM.md §9.1, §11 item 19).
+    """The module inside ``torch.compile``'s ``OptimizedModule`` (docs/method.md §9.1, §11 item 19).
 
     Handles both pickled forms: ``OptimizedModule(orig_mod, dynamo_ctx)`` (its ``__reduce__``) and
     a plain module state with ``_modules['_orig_mod']``.
@@ -423,7 +414,7 @@ def collect_parameters(obj: Any, source: str = "<pickle>") -> dict[str, torch.Te
     Parameters and persistent buffers of every module, walking ``_modules`` in registration order
     and entering compiled wrappers without a prefix; so for a ``TVMWrapper`` the names carry the
     ``model.`` prefix and follow upstream's ``named_parameters`` order, which is also the index
-    order of its optimizer state (TVM.md §9.3). Tensors are detached CPU tensors.
+    order of its optimizer state (docs/method.md §9.3). Tensors are detached CPU tensors.
     """
     out: dict[str, torch.Tensor] = {}
     _collect(obj, "", out, source, set())
@@ -437,7 +428,7 @@ def collect_parameters(obj: Any, source: str = "<pickle>") -> dict[str, torch.Te
 
 @dataclasses.dataclass(frozen=True)
 class UpstreamFacts:
-    """What a network pickle says about the model (TVM.md §9.3 wrapper attributes and shapes).
+    """What a network pickle says about the model (docs/method.md §9.3 wrapper attributes and shapes).
 
     ``model_type`` is a name our configs accept (the authors' class name where it is one);
     ``hidden_size``/``depth``/``num_heads``/``patch_size`` are read from the shapes. Recorded
@@ -496,7 +487,7 @@ def _variant_name(class_name: str | None, hidden: int, depth: int, heads: int, p
 
 def infer_architecture(shapes: Mapping[str, Sequence[int]], class_name: str | None = None,
                        prefix: str = MODEL_PREFIX) -> dict[str, Any]:
-    """Sizes of a DiT from its parameter shapes (TVM.md §3.7, §9.3).
+    """Sizes of a DiT from its parameter shapes (docs/method.md §3.7, §9.3).
 
     Hidden size from ``pos_embed``, patch and channels from the patch-embed conv, resolution
     from the token count, labels from the class table (minus the null row), depth from the
@@ -559,7 +550,7 @@ def _class_name(node: Any) -> str | None:
 
 def read_facts(net: Any, params: Mapping[str, torch.Tensor], dataset_kwargs: Any = None,
                source: str = "<pickle>") -> UpstreamFacts:
-    """Model facts of an upstream network object (TVM.md §9.3): shapes decide the architecture,
+    """Model facts of an upstream network object (docs/method.md §9.3): shapes decide the architecture,
     the wrapper's attributes (or its recorded ``_init_kwargs``) the settings, and they must agree.
     The variant name is the DiT's class name, else the recorded ``model_type``, if either is one."""
     wrapper = unwrap_compiled(net, source)
@@ -594,13 +585,13 @@ class UpstreamNetwork:
 
 
 def network_object(obj: Any, source: str, key: str = "net") -> Any:
-    """``obj[key]`` of a snapshot dict (TVM.md §9.1), or ``obj`` itself if it is a module."""
+    """``obj[key]`` of a snapshot dict (docs/method.md §9.1), or ``obj`` itself if it is a module."""
     if isinstance(obj, dict):
         if key not in obj:
             raise UpstreamFormatError(f"{source} has no {key!r} entry; its keys are {sorted(map(str, obj))}")
         if obj[key] is None:
             raise UpstreamFormatError(f"{source}[{key!r}] is None: upstream stores None when pickling the network "
-                                      "failed (TVM.md §11 item 19)")
+                                      "failed (docs/method.md §11 item 19)")
         return obj[key]
     if module_dict(unwrap_compiled(obj, source)) is not None:
         return obj
@@ -736,7 +727,7 @@ TRAINING_STATE_NETWORKS = ("net", "ema", "ema_target")
 
 
 def read_training_state(path: PathLike) -> dict[str, Any]:
-    """An authors' ``training-state-*.pt`` (TVM.md §9.1) as plain data.
+    """An authors' ``training-state-*.pt`` (docs/method.md §9.1) as plain data.
 
     Returns ``{"net", "ema", "ema_target"}`` as state dicts (``model.*`` names, upstream's
     ``named_parameters`` order), ``"optimizer"`` (AdamW state indexed in that order; pos_embed,

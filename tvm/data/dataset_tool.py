@@ -1,4 +1,4 @@
-"""Dataset preparation: RGB conversion with centre crops, SD-VAE encoding, latent statistics (TVM.md §6.2).
+"""Dataset preparation: RGB conversion with centre crops, SD-VAE encoding, latent statistics (docs/method.md §6.2).
 
 Sub-commands (``scripts/dataset_tool.py`` is the command line)::
 
@@ -59,7 +59,7 @@ def _archive_name(index: int, stem: str, ext: str) -> str:
 
 # ---------------------------------------------------------------------------------- transforms
 def center_crop_dhariwal(img: PIL.Image.Image, resolution: int) -> PIL.Image.Image:
-    """ADM centre crop (TVM.md §6.2): BOX-halve while the short side ≥ 2·res, BICUBIC-resize the
+    """ADM centre crop (docs/method.md §6.2): BOX-halve while the short side ≥ 2·res, BICUBIC-resize the
     short side to ``res`` (rounded), then crop the centre ``res × res``."""
     while min(img.size) >= 2 * resolution:
         img = img.resize(tuple(s // 2 for s in img.size), resample=PIL.Image.BOX)
@@ -242,7 +242,7 @@ def convert_dataset(
     max_images: int | None = None,
     progress: bool = True,
 ) -> int:
-    """Convert images to an EDM RGB dataset (TVM.md §6.2); returns the number of images written.
+    """Convert images to an EDM RGB dataset (docs/method.md §6.2); returns the number of images written.
 
     Every image is converted to RGB and transformed; ``resolution`` must be a power of two (it
     may be ``None`` only with ``transform="none"``, when all images must share one square size).
@@ -335,7 +335,7 @@ def encode_dataset(
     merge_timeout: float = 24 * 3600.0,
     progress: bool = True,
 ) -> dict[str, object] | None:
-    """Encode an RGB dataset into VAE posterior moments (TVM.md §6.2), sharded and resumable.
+    """Encode an RGB dataset into VAE posterior moments (docs/method.md §6.2), sharded and resumable.
 
     Rank ``r`` of ``W`` encodes the items ``i ≡ r (mod W)`` with the fp32 VAE, writing each as
     ``float32 [8, H/8, W/8]`` (mean ‖ std) into the parts folder (``dest`` itself for a folder
@@ -388,7 +388,7 @@ def encode_dataset(
 
 
 def latent_stats(source: str | os.PathLike[str], seed: int = 0, progress: bool = True) -> dict[str, object]:
-    """Raw per-channel latent statistics of a mean ‖ std dataset (TVM.md §6.2 ``getstats``).
+    """Raw per-channel latent statistics of a mean ‖ std dataset (docs/method.md §6.2 ``getstats``).
 
     ``raw_mean_k`` = mean over (N, H, W) of the posterior means of channel ``k``;
     ``raw_std_k`` = population std over (N, H, W) of posterior samples ``mean + ε·std`` with
@@ -425,7 +425,8 @@ def latent_stats(source: str | os.PathLike[str], seed: int = 0, progress: bool =
 
 # ---------------------------------------------------------------------------------- command line
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dataset_tool", description="Prepare EDM-format datasets (TVM.md §6.2).")
+    parser = argparse.ArgumentParser(prog="dataset_tool",
+                                     description="Prepare EDM-format datasets (docs/method.md §6.2).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="images (class folders, folder or zip) -> RGB PNG zip/folder")

@@ -1,4 +1,4 @@
-"""EDM-format datasets and a resumable infinite sampler (TVM.md §6.1, §5.5).
+"""EDM-format datasets and a resumable infinite sampler (docs/method.md §6.1, §5.5).
 
 A dataset is a directory or a zip archive of image files (any format PIL reads) or ``.npy``
 arrays, plus an optional ``dataset.json`` at its root::
@@ -9,7 +9,7 @@ Files are sorted by their relative name (``/`` separated). Items are returned ch
 
 * images: ``uint8`` array ``[C, H, W]`` (a greyscale image has ``C = 1``);
 * ``.npy`` arrays: ``float32`` array reshaped to ``[-1, H, W]`` (latent datasets hold the VAE
-  posterior mean ‖ std, ``[8, H/8, W/8]``, TVM.md §6.2);
+  posterior mean ‖ std, ``[8, H/8, W/8]``, docs/method.md §6.2);
 * labels: integer classes become a one-hot ``float32`` vector of length ``label_dim``
   (``max + 1`` over the whole dataset unless given); float vectors are used as they are.
 
@@ -22,7 +22,7 @@ read at their offset). This costs roughly 15–35 µs per file (≈ 20–45 s fo
 Zip archives are opened lazily, once per process: a dataset object that is forked or pickled
 into DataLoader workers opens its own handle there and never copies the archive's contents,
 unless ``cache=True`` keeps each decoded item in that process' memory (upstream's default, which
-holds a full copy of the dataset per rank, TVM.md §11.17).
+holds a full copy of the dataset per rank, docs/method.md §11 item 17).
 """
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def _file_ext(name: str) -> str:
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """An EDM-style image or array dataset read from a directory or a zip (TVM.md §6.1).
+    """An EDM-style image or array dataset read from a directory or a zip (docs/method.md §6.1).
 
     Args:
         path: directory or ``.zip`` file.
@@ -295,7 +295,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return data["labels"]
 
     def _load_labels(self, label_dim: int | None) -> np.ndarray:
-        """``float32 [N_files, label_dim]`` in file order (validated, TVM.md §6.1)."""
+        """``float32 [N_files, label_dim]`` in file order (validated, docs/method.md §6.1)."""
         entries = self._read_labels_json()
         where = self._where(_LABELS_FILE)
         if not isinstance(entries, list):
@@ -417,7 +417,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
 
 class InfiniteSampler(torch.utils.data.Sampler[int]):
-    """Deterministic, resumable, rank-sharded infinite sampler (replaces TVM.md §5.5).
+    """Deterministic, resumable, rank-sharded infinite sampler (replaces docs/method.md §5.5).
 
     The global stream is ``p = 0, 1, 2, …``; position ``p`` lies in epoch ``e = p // N`` and
     yields ``perm_e[p mod N]`` with ``perm_e`` a permutation drawn from
@@ -428,12 +428,10 @@ class InfiniteSampler(torch.utils.data.Sampler[int]):
     with a different world size).
 
     Upstream's EDM sampler (one shuffle plus a random-window swap per step) is not resumable
-    (TVM.md §11.10); this one deliberately changes the order for that reason.
+    (docs/method.md §11 item 10); this one deliberately changes the order for that reason.
 
-    State: a DataLoader prefetches, so the sampler runs ahead of training. Save
-    ``state_dict(num_consumed=<global items the run has trained on since start>)``; without the
-    argument the state is the position after the last index this rank's iterator yielded, which
-    is exact only when indices are drawn synchronously.
+    The sampler holds no state to save: a DataLoader prefetches, so it runs ahead of training, and
+    the training loop resumes it from the images consumed, ``start_index = step × global batch``.
     """
 
     def __init__(self, dataset_len: int, rank: int = 0, world_size: int = 1, seed: int = 0, start_index: int = 0) -> None:
@@ -448,16 +446,10 @@ class InfiniteSampler(torch.utils.data.Sampler[int]):
         self.world_size = int(world_size)
         self.seed = int(seed)
         self.start_index = int(start_index)
-        self._next_position = self.start_index
 
     def permutation(self, epoch: int) -> np.ndarray:
         """The order of epoch ``epoch``: ``int64 [dataset_len]``."""
         return np.random.default_rng([self.seed, epoch]).permutation(self.dataset_len)
-
-    def index_at(self, position: int) -> int:
-        """Dataset index at global stream position ``position``."""
-        epoch, offset = divmod(position, self.dataset_len)
-        return int(self.permutation(epoch)[offset])
 
     def __iter__(self) -> Iterator[int]:
         position = self.start_index + self.rank
@@ -466,25 +458,5 @@ class InfiniteSampler(torch.utils.data.Sampler[int]):
             e, offset = divmod(position, self.dataset_len)
             if e != epoch:
                 epoch, perm = e, self.permutation(e)
-            self._next_position = position + self.world_size - self.rank
             yield int(perm[offset])
             position += self.world_size
-
-    def state_dict(self, num_consumed: int | None = None) -> dict[str, int]:
-        """Plain-int state; ``num_consumed`` = global items consumed since ``start_index``."""
-        index = self.start_index + num_consumed if num_consumed is not None else self._next_position
-        return {"index": int(index), "seed": self.seed, "dataset_len": self.dataset_len}
-
-    def load_state_dict(self, state: Mapping[str, int] | int) -> None:
-        """Continue from a saved state (or a bare global position); call before iterating."""
-        if isinstance(state, Mapping):
-            for key in ("seed", "dataset_len"):
-                if key in state and int(state[key]) != getattr(self, key):
-                    raise ValueError(f"sampler state has {key}={state[key]}, this sampler has {getattr(self, key)}")
-            index = int(state["index"])
-        else:
-            index = int(state)
-        if index < 0:
-            raise ValueError(f"sampler index must be >= 0, got {index}")
-        self.start_index = index
-        self._next_position = index

@@ -1,19 +1,25 @@
-"""Data encoders: identity for pixel models and the SD-VAE with latent normalisation (TVM.md §6.3).
+"""Data encoders: identity for pixel models and the SD-VAE with latent normalisation (docs/method.md §6.3).
 
 An encoder maps dataset items to the network's space and back:
 
 * ``encode(x, generator=None) -> float32 [B, C', H', W']`` — called on every training batch;
-* ``decode(z) -> uint8 [B, 3|1, H, W]`` — called on generated samples (sample grids, FID).
+* ``decode(z) -> uint8 [B, 3|1, H, W]`` — called on generated samples (sample grids, FID);
+* ``latent_shape(item_shape) -> (C', H', W')`` — what ``encode`` makes of a dataset item, i.e. the
+  network's input shape;
+* ``decoded_resolution(latent_resolution) -> int`` — the side of ``decode``'s images.
+
+:class:`Encoder` states this protocol; the shape rules live only here (the SD-VAE's ×8 included).
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 __all__ = [
+    "Encoder",
     "PixelEncoder",
     "StabilityVAEEncoder",
     "build_encoder",
@@ -24,11 +30,23 @@ __all__ = [
     "RAW_STD_512",
 ]
 
-# Raw SD-VAE (ft-ema) latent statistics of ImageNet used by the TVM configs (TVM.md §6.3).
+# Raw SD-VAE (ft-ema) latent statistics of ImageNet used by the TVM configs (docs/method.md §6.3).
 RAW_MEAN_256 = (0.86488, -0.27787343, 0.21616915, 0.3738409)
 RAW_STD_256 = (4.85503674, 5.31922414, 3.93725398, 3.9870003)
 RAW_MEAN_512 = (1.56, -0.695, 0.483, 0.729)
 RAW_STD_512 = (5.27, 5.91, 4.21, 4.31)
+
+
+class Encoder(Protocol):
+    """What the training loop, the sampler and the metrics use of an encoder (module docstring)."""
+
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor: ...
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor: ...
+
+    def latent_shape(self, item_shape: Sequence[int]) -> tuple[int, int, int]: ...
+
+    def decoded_resolution(self, latent_resolution: int) -> int: ...
 
 
 class PixelEncoder:
@@ -47,9 +65,14 @@ class PixelEncoder:
         y = (z.to(torch.float32) + 1) * 127.5
         return torch.floor(y + 0.5).clamp(0, 255).to(torch.uint8)
 
-    def latent_channels(self, data_channels: int) -> int:
-        """Channels of ``encode``'s output for items with ``data_channels`` channels."""
-        return data_channels
+    def latent_shape(self, item_shape: Sequence[int]) -> tuple[int, int, int]:
+        """``encode``'s output shape ``(C, H, W)`` for items of shape ``(C, H, W)``: the same."""
+        channels, height, width = item_shape
+        return int(channels), int(height), int(width)
+
+    def decoded_resolution(self, latent_resolution: int) -> int:
+        """Side of the decoded images: the network's own resolution."""
+        return int(latent_resolution)
 
 
 def _channel_vector(value: float | Sequence[float], name: str) -> torch.Tensor:
@@ -60,7 +83,7 @@ def _channel_vector(value: float | Sequence[float], name: str) -> torch.Tensor:
 
 
 class StabilityVAEEncoder:
-    """SD-VAE (diffusers ``AutoencoderKL``) encoder with TVM's latent normalisation (TVM.md §6.3).
+    """SD-VAE (diffusers ``AutoencoderKL``) encoder with TVM's latent normalisation (docs/method.md §6.3).
 
     Normalisation, per latent channel ``k`` (float32)::
 
@@ -141,7 +164,7 @@ class StabilityVAEEncoder:
         when ``use_fp16``, else fp32; moved when a later call names another device).
 
         Loading runs under a forked CPU RNG: without ``accelerate`` diffusers randomly
-        initialises the module before loading weights (TVM.md §3.8), which would otherwise
+        initialises the module before loading weights (docs/method.md §3.8), which would otherwise
         shift the caller's global random stream.
         """
         device = torch.device(device)
@@ -200,7 +223,7 @@ class StabilityVAEEncoder:
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Training-batch encoding (TVM.md §6.3), float32 ``[B, 4, h, w]``.
+        """Training-batch encoding (docs/method.md §6.3), float32 ``[B, 4, h, w]``.
 
         * 8 channels (latent dataset item, mean ‖ std): ``z = normalize(mean + ε·std)``;
         * 3 channels (uint8 pixels): posterior moments from the VAE, then the same.
@@ -214,7 +237,7 @@ class StabilityVAEEncoder:
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents → uint8 RGB ``[B, 3, 8h, 8w]`` (TVM.md §6.3).
+        """Latents → uint8 RGB ``[B, 3, 8h, 8w]`` (docs/method.md §6.3).
 
         * 4 channels (normalised latents): ``z_raw = denormalize(z)`` in float32;
         * 8 channels (raw mean ‖ std of a latent dataset item): a posterior sample is decoded;
@@ -236,11 +259,21 @@ class StabilityVAEEncoder:
             out.append(((y * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8))
         return torch.cat(out)
 
-    def latent_channels(self, data_channels: int) -> int:
-        """Channels of ``encode``'s output (always 4) for 3- or 8-channel items."""
-        if data_channels not in (3, 8):
-            raise ValueError(f"StabilityVAEEncoder takes 3-channel pixels or 8-channel moments, not {data_channels}")
-        return 4
+    DOWNSAMPLE = 8  # the SD-VAE's spatial factor: a latent pixel covers 8×8 image pixels (docs/method.md §6.3)
+
+    def latent_shape(self, item_shape: Sequence[int]) -> tuple[int, int, int]:
+        """``encode``'s output shape ``(4, h, w)`` for an item of shape ``(C, H, W)``: RGB pixels
+        (C = 3) give ``h, w = H/8, W/8``; latent moments (C = 8, mean ‖ std) keep their size."""
+        channels, height, width = (int(n) for n in item_shape)
+        if channels == 3:
+            return 4, height // self.DOWNSAMPLE, width // self.DOWNSAMPLE
+        if channels == 8:
+            return 4, height, width
+        raise ValueError(f"StabilityVAEEncoder takes 3-channel pixels or 8-channel moments, not {channels}")
+
+    def decoded_resolution(self, latent_resolution: int) -> int:
+        """Side of the decoded RGB images: 8× the latent side."""
+        return int(latent_resolution) * self.DOWNSAMPLE
 
 
 ENCODERS: Mapping[str, type] = {"pixel": PixelEncoder, "sd_vae": StabilityVAEEncoder}

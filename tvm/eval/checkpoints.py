@@ -1,11 +1,11 @@
-"""Networks for evaluation and generation from checkpoints (TVM.md §7.2 step 4–6, §9).
+"""Networks for evaluation and generation from checkpoints (docs/method.md §7.2 step 4–6, §9).
 
 :func:`load_network_for_eval` returns the **EMA** network of a checkpoint in eval mode, built
 from the configuration stored in the checkpoint (``"config"``, a plain dict validated against
 the schema with :func:`tvm.config.from_container`), so that evaluation needs no knowledge of the
 run. The data facts the network is built for — resolution R of its input, channels C, label
 width K — are read from the checkpoint's ``"data"`` entry (``{"resolution", "channels",
-"label_dim"}``) when present, and otherwise inferred from the EMA state dict (TVM.md §9.3)::
+"label_dim"}``) when present, and otherwise inferred from the EMA state dict (docs/method.md §9.3)::
 
     model.x_embedder.proj.weight              [D, C, p, p]
     model.pos_embed                           [1, T, D]      R = p·√T
@@ -83,7 +83,7 @@ def apply_overrides(cfg: DictConfig, overrides: Overrides) -> DictConfig:
 
 def _load_upstream(path: Path, config: DictConfig | None, overrides: Overrides,
                    device: torch.device) -> tuple[TVMWrapper, DictConfig, int | None]:
-    """An authors' ``network-snapshot-*.pkl`` through :mod:`tvm.compat.upstream` (TVM.md §9)."""
+    """An authors' ``network-snapshot-*.pkl`` through :mod:`tvm.compat.upstream` (docs/method.md §9)."""
     try:
         from tvm.compat.upstream import load_upstream_network
     except ModuleNotFoundError as exc:

@@ -1,7 +1,7 @@
-"""Evaluate checkpoints: the library behind ``eval.py`` (TVM.md §7.2, §8.1).
+"""Evaluate checkpoints: the library behind ``eval.py`` (docs/method.md §7.2, §8.1).
 
 ``evaluate_checkpoints(cfg)`` takes ``eval.resume`` — one checkpoint, or a run directory whose
-``checkpoint-<step>.pt`` files are evaluated **newest first** (TVM.md §11 item 11: upstream sorted
+``checkpoint-<step>.pt`` files are evaluated **newest first** (docs/method.md §11 item 11: upstream sorted
 oldest first although its README says newest first) — and runs every metric of ``eval.metrics``
 at every sampler of ``sampling`` on each checkpoint's EMA network. Rank 0 appends one JSON line
 per (checkpoint, sampler, metric) to ``<checkpoint's directory>/metrics-eval.jsonl``::
@@ -13,7 +13,7 @@ What is taken from where: the network (architecture and EMA weights) from the ch
 stored config; the encoder, samplers, ``eval`` settings and (for ``label_mode=empirical``) the
 dataset from the config the user names, so they can be overridden on the command line.
 
-Decisions against upstream (TVM.md §11 items 11, 14, 15, 23): TF32 follows
+Decisions against upstream (docs/method.md §11 items 11, 14, 15, 23): TF32 follows
 ``eval.enable_tf32`` (default off, as in training); no sample grids are drawn on rank 0 before
 the last checkpoint's FID (they perturbed its RNG upstream); ``eval.batch_size`` is the global
 generation batch, split over ranks; the results do not depend on the number of GPUs.
@@ -21,50 +21,31 @@ generation batch, split over ranks; the results do not depend on the number of G
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tvm.eval.checkpoints import load_network_for_eval
-from tvm.eval.metrics import METRICS, MetricContext, compute_metric, extra_metric_fields
+from tvm.eval.metrics import METRICS, MetricContext, compute_metric
 from tvm.train import distributed
-from tvm.train.build import build_dataset, encoder_from_config
+from tvm.train.build import encoder_from_config
 from tvm.train.checkpoint import CheckpointError, find_checkpoints
 
-__all__ = ["RESULTS_FILE", "evaluate_checkpoints", "class_frequencies", "set_eval_backend_flags"]
+__all__ = ["RESULTS_FILE", "evaluate_checkpoints", "set_eval_backend_flags"]
 
 RESULTS_FILE = "metrics-eval.jsonl"
 
 
 def set_eval_backend_flags(cfg: DictConfig) -> None:
-    """TF32 per ``eval.enable_tf32`` (upstream forced it on, TVM.md §11 item 14), cuDNN benchmark."""
+    """TF32 per ``eval.enable_tf32`` (upstream forced it on, docs/method.md §11 item 14), cuDNN benchmark."""
     torch.backends.cuda.matmul.allow_tf32 = cfg.enable_tf32
     torch.backends.cudnn.allow_tf32 = cfg.enable_tf32
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
-
-
-def class_frequencies(dataset: torch.utils.data.Dataset) -> np.ndarray:
-    """Float64 ``[K]`` label frequencies of a labelled dataset (upstream's FID label distribution)."""
-    if not getattr(dataset, "has_labels", False):
-        raise ValueError("eval.label_mode=empirical needs a labelled dataset (dataset.use_labels=true)")
-    counts = sum(np.asarray(dataset.get_label(i), dtype=np.float64) for i in range(len(dataset)))
-    return counts / counts.sum()
-
-
-def _metric_context(cfg: DictConfig, device: torch.device, world_size: int) -> MetricContext:
-    ecfg = cfg.eval
-    class_probs = class_frequencies(build_dataset(cfg.dataset)) if ecfg.label_mode == "empirical" else None
-    return MetricContext(encoder=encoder_from_config(cfg.encoder), device=device, seed=ecfg.seed,
-                         batch_size=max(1, math.ceil(ecfg.batch_size / world_size)), num_images=ecfg.num_images,
-                         label_mode=ecfg.label_mode, class_probs=class_probs, detector_url=ecfg.detector_url,
-                         ref_stats=ecfg.ref_stats, **extra_metric_fields(ecfg))
 
 
 def _check_encoder(stored: DictConfig, cfg: DictConfig, path: Path) -> None:
@@ -110,7 +91,7 @@ def evaluate_checkpoints(cfg: DictConfig) -> list[dict[str, Any]]:
 
     dist = distributed.init_distributed()
     set_eval_backend_flags(ecfg)
-    ctx = _metric_context(cfg, dist.device, dist.world_size)
+    ctx = MetricContext.from_config(cfg, encoder_from_config(cfg.encoder), dist.device, dist.world_size)
     records: list[dict[str, Any]] = []
     for path in paths:
         net, stored, step = load_network_for_eval(path, device=dist.device, config=cfg)

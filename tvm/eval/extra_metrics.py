@@ -1,4 +1,4 @@
-"""Optional sample-quality metrics: Inception Score, precision/recall, FD-DINOv2 (TVM.md §7).
+"""Optional sample-quality metrics: Inception Score, precision/recall, FD-DINOv2 (docs/method.md §7).
 
 These complement FID (:mod:`tvm.eval.fid`) and run only where their networks are available
 locally. The functions here are pure (arrays in, numbers out) apart from the loaders; the

@@ -1,14 +1,14 @@
-"""Fréchet Inception Distance: detector loading, feature statistics, reference stats (TVM.md §7).
+"""Fréchet Inception Distance: detector loading, feature statistics, reference stats (docs/method.md §7).
 
 FID between the Inception pool features of generated images ``g`` and real images ``r``::
 
     FID = ‖μ_g − μ_r‖² + tr(Σ_g + Σ_r − 2·(Σ_g Σ_r)^{1/2})
 
-computed in float64 with ``scipy.linalg.sqrtm`` (real part), TVM.md §7.1.
+computed in float64 with ``scipy.linalg.sqrtm`` (real part), docs/method.md §7.1.
 
 Covariances: both sides use the unbiased estimator ``(Σxxᵀ − N μμᵀ)/(N − 1)`` by default.
 Upstream uses the biased ``/N`` for the generated set and EDM2's unbiased reference statistics
-(TVM.md §11.15); pass ``unbiased=False`` to :func:`compute_fid` to reproduce it (the difference
+(docs/method.md §11 item 15); pass ``unbiased=False`` to :func:`compute_fid` to reproduce it (the difference
 is ``O(tr Σ / N)``, ≈ 1e-3 FID at N = 50,000).
 
 Detector trust: the Inception network is code as well as weights. It is loaded only from the
@@ -44,15 +44,16 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 import torch
-import torch.distributed as dist
 
 from tvm.progress import progress_bar
+from tvm.train import distributed
 
 __all__ = [
     "INCEPTION_URL",
     "INCEPTION_PT_URL",
     "FEATURE_DIM",
     "load_inception_detector",
+    "file_sha256",
     "default_cache_dir",
     "FeatureStats",
     "frechet_distance",
@@ -137,6 +138,15 @@ def _load_persistent_pickle(path: Path, device: torch.device) -> Detector:
     return detector.to(device)
 
 
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file, read in 16 MiB chunks (detector checks, provenance of converted pickles)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def load_inception_detector(
     url_or_path: str = INCEPTION_URL,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -165,11 +175,7 @@ def load_inception_detector(
     device = torch.device(device)
     path = _resolve_detector_file(str(url_or_path), cache_dir, allow_download, timeout)
     if sha256 is not None:
-        hasher = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                hasher.update(block)
-        digest = hasher.hexdigest()
+        digest = file_sha256(path)
         if digest != sha256.lower():
             raise ValueError(f"{path}: sha256 {digest} does not match the expected {sha256}")
     if path.suffix == ".pkl":
@@ -225,7 +231,7 @@ class FeatureStats:
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """``‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2·Re sqrtm(Σ1 Σ2))`` in float64 (TVM.md §7.1)."""
+    """``‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2·Re sqrtm(Σ1 Σ2))`` in float64 (docs/method.md §7.1)."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     d = mu1.shape[0]
@@ -407,24 +413,6 @@ def compute_reference_stats(
     return RefStats(mu, sigma, stats.n, getattr(dataset, "resolution", None))
 
 
-def _gather_interleaved(local: torch.Tensor, num_images: int, rank: int, world_size: int) -> torch.Tensor | None:
-    """Reassemble per-rank features (rank r holds indices r, r+W, …) into sample-index order on rank 0."""
-    if world_size == 1:
-        return local
-    per_rank = -(-num_images // world_size)
-    padded = torch.zeros(per_rank, local.shape[1], dtype=local.dtype, device=local.device)
-    padded[: local.shape[0]] = local
-    parts = [torch.empty_like(padded) for _ in range(world_size)] if rank == 0 else None
-    dist.gather(padded, parts, dst=0)
-    if rank != 0:
-        return None
-    out = torch.empty(num_images, local.shape[1], dtype=local.dtype)
-    for r, part in enumerate(parts):
-        count = len(range(r, num_images, world_size))
-        out[r::world_size] = part[:count].cpu()
-    return out
-
-
 def generated_features(
     generate: Callable[[range], torch.Tensor],
     features: Callable[[torch.Tensor], torch.Tensor],
@@ -459,15 +447,14 @@ def generated_features(
                 )
             feats.append(features(images).to(torch.float32))
     local = torch.cat(feats)
-    return _gather_interleaved(local, num_images, rank, world_size)
+    return distributed.gather_interleaved(local, num_images, dst=0) if world_size > 1 else local
 
 
-def broadcast_value(value: float | None, rank: int, world_size: int, device: torch.device | str = "cpu") -> float:
-    """Rank 0's float64 ``value`` on every rank (others pass ``None``)."""
-    out = torch.full((), float("nan") if value is None or rank != 0 else value, dtype=torch.float64, device=device)
+def broadcast_value(value: float | None, rank: int, world_size: int) -> float:
+    """Rank 0's ``value`` as a float on every rank (others pass ``None``; NaN when rank 0 has none)."""
     if world_size > 1:
-        dist.broadcast(out, src=0)
-    return float(out)
+        value = distributed.broadcast_object(value if rank == 0 else None)
+    return float("nan") if value is None else float(value)
 
 
 def compute_fid(
@@ -482,7 +469,7 @@ def compute_fid(
     unbiased: bool = True,
     progress: bool = True,
 ) -> float:
-    """FID of a generator against reference statistics, sharded over ranks (TVM.md §7.1).
+    """FID of a generator against reference statistics, sharded over ranks (docs/method.md §7.1).
 
     Rank ``r`` of ``W`` handles the sample indices ``i ≡ r (mod W)``, calling
     ``generate(range(start, stop, W)) -> uint8 [len(range), 3, H, W]`` per batch of at most
@@ -510,4 +497,4 @@ def compute_fid(
         stats.update(gathered)
         mu, sigma = stats.mean_cov(unbiased=unbiased)
         value = frechet_distance(mu, sigma, ref.mu, ref.sigma)
-    return broadcast_value(value, rank, world_size, device)
+    return broadcast_value(value, rank, world_size)

@@ -3,10 +3,10 @@
 Image ``i`` of a run with seed ``seed`` always gets the same noise (a generator seeded with
 ``(seed, i)``) and the same class (drawn the same way), so a sample set does not depend on the
 number of GPUs or the batch size: rank ``r`` of ``W`` simply generates the indices ``i ≡ r (mod W)``
-(this fixes upstream's world-size-dependent FID, TVM.md §11 item 15).
+(this fixes upstream's world-size-dependent FID, docs/method.md §11 item 15).
 
 :func:`generate_to` is the library behind ``scripts/generate.py`` (a working replacement for
-upstream's broken ``generate_images.py``, TVM.md §11 item 12): it shards a list of image indices
+upstream's broken ``generate_images.py``, docs/method.md §11 item 12): it shards a list of image indices
 over ranks in global batches and writes a PNG folder (every rank its own files) or one ``.npz``
 streamed by rank 0, so the output does not depend on the number of processes either.
 """
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tvm.data.encoders import Encoder
 from tvm.method.sampler import sample
 from tvm.method.wrapper import TVMWrapper
 from tvm.progress import progress_bar
@@ -134,7 +135,7 @@ def parse_classes(text: str, num_classes: int) -> list[int]:
 def default_cfg_scale(sampling: Mapping[str, Any], steps: int) -> float:
     """Guidance scale of the config's sampler with ``steps`` steps, else of its first sampler, else 1.
 
-    ``sampling`` is a config's ``sampling`` section (``{name: {num_steps, cfg_scale}}``, TVM.md §4).
+    ``sampling`` is a config's ``sampling`` section (``{name: {num_steps, cfg_scale}}``, docs/method.md §4).
     """
     entries = list(sampling.values())
     for entry in entries:
@@ -143,11 +144,9 @@ def default_cfg_scale(sampling: Mapping[str, Any], steps: int) -> float:
     return float(entries[0]["cfg_scale"]) if entries else 1.0
 
 
-def decoded_resolution(net: TVMWrapper, encoder: Any) -> int:
-    """Side of the decoded images: the network's resolution, ×8 for the SD-VAE (TVM.md §6.3)."""
-    from tvm.data.encoders import StabilityVAEEncoder
-
-    return net.model.input_size * (8 if isinstance(encoder, StabilityVAEEncoder) else 1)
+def decoded_resolution(net: TVMWrapper, encoder: Encoder) -> int:
+    """Side of the images ``encoder`` decodes from ``net``'s samples (:meth:`Encoder.decoded_resolution`)."""
+    return encoder.decoded_resolution(net.model.input_size)
 
 
 # ------------------------------------------------------------------------------ writers
@@ -241,22 +240,12 @@ class NpzWriter:
         return self.path
 
 
-def _interleave(parts: list[torch.Tensor], count: int) -> torch.Tensor:
-    """Rank ``r``'s part holds global-batch positions ``r, r + W, …``; returns them in position order."""
-    shaped = [part for part in parts if part.numel()]
-    out = torch.empty((count, *shaped[0].shape[1:]), dtype=torch.uint8)
-    for rank, part in enumerate(parts):
-        if part.numel():
-            out[rank::len(parts)] = part
-    return out
-
-
 def generate_to(net: TVMWrapper, encoder: Any, indices: Sequence[int], out: str | os.PathLike[str], *,
                 steps: int, cfg: float, seed: int = 0, classes: Sequence[int] | None = None,
                 batch_size: int = 64, device: torch.device | str = "cpu", progress: bool = True) -> Path:
     """Generate the images ``indices`` (seeds ``(seed, index)``) into a PNG folder or an ``.npz``.
 
-    Sharding (TVM.md §4 sampler, any world size): the index list is cut into global batches of
+    Sharding (docs/method.md §4 sampler, any world size): the index list is cut into global batches of
     ``batch_size × world`` positions and rank ``r`` generates positions ``r, r + W, …`` of each;
     for an ``.npz`` the batches are gathered to rank 0 and written in list order. ``classes``:
     image at list position ``p`` gets ``classes[p % len(classes)]``; None draws them uniformly per
@@ -282,10 +271,10 @@ def generate_to(net: TVMWrapper, encoder: Any, indices: Sequence[int], out: str 
         images = generate_images(net, encoder, mine, steps=steps, cfg=cfg, seed=seed, classes=labels[positions],
                                  batch_size=batch_size, device=device)
         if gather:
-            parts = distributed.all_gather_object(images)
+            count = min(global_batch, len(indices) - start)
+            gathered = distributed.gather_interleaved(images, count, dst=0)
             if writer is not None:
-                count = min(global_batch, len(indices) - start)
-                writer.write(indices[start:start + count], _interleave(parts, count))
+                writer.write(indices[start:start + count], gathered)
         elif mine:
             writer.write(mine, images)
         bar.update(min(global_batch, len(indices) - start))

@@ -4,7 +4,7 @@ Each metric maps (network, encoder, sampler settings) to a dict of numbers; the 
 explicit. Generation is sharded over ranks by image index (:mod:`tvm.eval.generate`), so the
 numbers do not depend on the number of GPUs.
 
-``fid50k_full`` (TVM.md §7.1) differs from upstream on purpose (TVM.md §11 item 15): class
+``fid50k_full`` (docs/method.md §7.1) differs from upstream on purpose (docs/method.md §11 item 15): class
 labels are uniform by default (``label_mode="empirical"`` draws them from the training set's
 label frequencies, as upstream), every image is seeded by its index rather than by rank, and the
 generated-set covariance is unbiased (:mod:`tvm.eval.fid`).
@@ -19,6 +19,7 @@ generation of ``fid50k_full`` (:func:`index_generator`, :func:`tvm.eval.fid.gene
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
@@ -26,10 +27,12 @@ from typing import Any, Callable, Sequence, TypeVar
 import numpy as np
 import torch
 
+from tvm.data.encoders import Encoder
 from tvm.eval import extra_metrics, fid
 from tvm.eval.generate import decoded_resolution, generate_images, image_classes
 from tvm.method.wrapper import TVMWrapper
 from tvm.train import distributed
+from tvm.train.build import build_dataset
 
 
 @dataclass
@@ -52,6 +55,40 @@ class MetricContext:
     dinov2_ref_stats: str | None = None     # fd_dinov2: .npz (mu, sigma) or EDM2 pkl; default: ref_stats if a pkl
     dinov2_allow_download: bool = False
 
+    @classmethod
+    def from_config(cls, cfg: Any, encoder: Encoder, device: torch.device, world_size: int,
+                    dataset: torch.utils.data.Dataset | None = None) -> MetricContext:
+        """The context of a run's ``eval`` section: the one constructor of the training loop and eval.py.
+
+        ``batch_size`` is ``ceil(eval.batch_size / world_size)`` (at least 1): ``eval.batch_size``
+        is the global generation batch and no rank gets less than its share. At world size 1 it is
+        ``eval.batch_size`` itself; at world sizes that do not divide it, the training loop's
+        periodic metrics now batch one image more per rank than before (it rounded down; eval.py
+        always rounded up). Each image's noise and class depend only on its index, so the
+        generated set is the same; only the batch grouping of the network calls differs.
+        ``label_mode=empirical`` takes the class frequencies of ``dataset`` (default: the
+        config's ``dataset`` section, built here) in float64.
+        """
+        ecfg = cfg.eval
+        class_probs = None
+        if ecfg.label_mode == "empirical":
+            class_probs = class_frequencies(dataset if dataset is not None else build_dataset(cfg.dataset))
+        optional = ("ref_features", "pr_detector_url", "dinov2", "dinov2_weights", "dinov2_ref_stats",
+                    "dinov2_allow_download")  # absent keys keep their defaults, so older configs still work
+        return cls(encoder=encoder, device=device, seed=ecfg.seed,
+                   batch_size=max(1, math.ceil(ecfg.batch_size / world_size)), num_images=ecfg.num_images,
+                   label_mode=ecfg.label_mode, class_probs=class_probs, detector_url=ecfg.detector_url,
+                   ref_stats=ecfg.ref_stats,
+                   **{key: ecfg.get(key) for key in optional if ecfg.get(key) is not None})
+
+
+def class_frequencies(dataset: torch.utils.data.Dataset) -> np.ndarray:
+    """Float64 ``[K]`` label frequencies of a labelled dataset (upstream's FID label distribution)."""
+    if not getattr(dataset, "has_labels", False):
+        raise ValueError("eval.label_mode=empirical needs a labelled dataset (dataset.use_labels=true)")
+    counts = sum(np.asarray(dataset.get_label(i), dtype=np.float64) for i in range(len(dataset)))
+    return counts / counts.sum()
+
 
 def sharded_generate(net: TVMWrapper, ctx: MetricContext, num_images: int, steps: int, cfg: float
                      ) -> tuple[torch.Tensor, np.ndarray]:
@@ -61,11 +98,7 @@ def sharded_generate(net: TVMWrapper, ctx: MetricContext, num_images: int, steps
     classes = image_classes(range(num_images), net.model.num_classes, ctx.seed, ctx.label_mode, ctx.class_probs)
     images = generate_images(net, ctx.encoder, mine, steps=steps, cfg=cfg, seed=ctx.seed, classes=classes[mine],
                              batch_size=ctx.batch_size, device=ctx.device)
-    parts = distributed.all_gather_object(images)
-    full = torch.empty((num_images, *images.shape[1:]), dtype=torch.uint8)
-    for r, part in enumerate(parts):
-        full[r::world] = part
-    return full, classes
+    return distributed.gather_interleaved(images, num_images), classes
 
 
 @functools.cache
@@ -150,7 +183,7 @@ def _on_rank0(compute: Callable[[torch.Tensor], dict[str, float]], gathered: tor
 
 
 def fid50k_full_metric(net: TVMWrapper, ctx: MetricContext, steps: int, cfg: float) -> dict[str, float]:
-    """FID of ``ctx.num_images or 50000`` samples against ``ctx.ref_stats`` (TVM.md §7.1).
+    """FID of ``ctx.num_images or 50000`` samples against ``ctx.ref_stats`` (docs/method.md §7.1).
 
     Image ``i`` has noise and class seeded by ``(ctx.seed, i)``; rank ``r`` of ``W`` generates the
     indices ``i ≡ r (mod W)`` and :func:`tvm.eval.fid.compute_fid` gathers the features in index
@@ -275,10 +308,3 @@ def check_reference_files(metrics: Sequence[str], net: TVMWrapper, ctx: MetricCo
         fid.load_ref_stats(ctx.ref_stats, expected_resolution=resolution)
     if "fd_dinov2" in metrics:
         fid.load_ref_stats(_dinov2_ref_path(ctx), expected_resolution=resolution, key="fd_dinov2")
-
-
-def extra_metric_fields(eval_cfg: Any) -> dict[str, Any]:
-    """The :class:`MetricContext` fields of the optional metrics, from an ``eval`` config section
-    (absent keys keep their defaults, so older configs still work)."""
-    keys = ("ref_features", "pr_detector_url", "dinov2", "dinov2_weights", "dinov2_ref_stats", "dinov2_allow_download")
-    return {key: eval_cfg.get(key) for key in keys if eval_cfg.get(key) is not None}

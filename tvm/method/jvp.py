@@ -1,4 +1,4 @@
-"""The flow map f_{t→s} and its derivative d f/d s (TVM.md §1.2–1.3).
+"""The flow map f_{t→s} and its derivative d f/d s (docs/method.md §1.2–1.3).
 
 ``f(x_t, t, s) = x_t + (s − t)·κ·F(x_t, t, t − s)`` is a *position* (the state reached at time
 s). Its derivative in the terminal time s is
@@ -27,13 +27,13 @@ VelocityAndDs = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 def flow_map(x: torch.Tensor, F: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
              kappa: torch.Tensor | float) -> torch.Tensor:
-    """``f = x + ((s − t)·F)·κ`` in upstream's operation order (TVM.md §1.3). Shapes broadcast."""
+    """``f = x + ((s − t)·F)·κ`` in upstream's operation order (docs/method.md eq. M3). Shapes broadcast."""
     return x + ((s - t) * F) * kappa
 
 
 def flow_map_derivative(F: torch.Tensor, dF_ds: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
                         kappa: torch.Tensor | float) -> torch.Tensor:
-    """``d f/d s = κ·(F + (s − t)·∂_s F)`` (TVM.md §1.3, §12 item 13)."""
+    """``d f/d s = κ·(F + (s − t)·∂_s F)`` (docs/method.md eq. M4, §12 item 13)."""
     return kappa * (F + (s - t) * dF_ds)
 
 
@@ -50,7 +50,7 @@ def velocity_and_ds(velocity_of_s: Velocity, s: torch.Tensor) -> tuple[torch.Ten
 
 def df_ds(velocity_and_ds_of_s: VelocityAndDs, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
           kappa: torch.Tensor | float, detach_tangent: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(f_{t→s}(x), d f/d s)`` for a batch (TVM.md §1.3).
+    """``(f_{t→s}(x), d f/d s)`` for a batch (docs/method.md §1.3).
 
     Args:
         velocity_and_ds_of_s: ``s ↦ (F, ∂_s F)`` (e.g. ``lambda s: velocity_and_ds(fn, s)``).

@@ -1,4 +1,4 @@
-"""Per-sample TVM loss terms (TVM.md §1.4–1.6, §12 items 18–22).
+"""Per-sample TVM loss terms: paper Eq. 12, 14, 15 (docs/method.md §1.4–1.6, eq. M5–M8; §12 items 18–22).
 
 With ``w = 1/β`` and ``κ = w`` under the scaled parametrisation (else 1):
 
@@ -7,13 +7,13 @@ With ``w = 1/β`` and ``κ = w`` under the scaled parametrisation (else 1):
 3. teacher (target EMA), no grad, one call of batch 2B:
    ``(f_ts, s, gap 0, c, β) → F_T1`` and ``(x_{s'}, s', gap 0, null, 1) → F_T0``;
 4. online net, plain forward at ``(x_{s'}, s', gap 0, c, β)`` → ``F_on``;
-5. terminal term ``mean_{CHW}(((d f/d s − κ F_T1)·β)²)``, zeroed (NaN-preserving) where s ≈ t;
-6. FM target ``v̂ = w v + (1 − w) F_T0`` (unscaled w, F_T0 never scaled), FM term
-   ``mean_{CHW}(((κ F_on − v̂)·β)²)``.
+5. terminal term ``mean_{CHW}(((d f/d s − κ F_T1)·β)²)`` (paper Eq. 12), zeroed (NaN-preserving) where s ≈ t;
+6. FM target ``v̂ = w v + (1 − w) F_T0`` (paper Eq. 14; unscaled w, F_T0 never scaled), FM term
+   ``mean_{CHW}(((κ F_on − v̂)·β)²)``; the loss is the sum of both terms (paper Eq. 15).
 
 The factor β inside the square is the paper's 1/w² weighting. Non-finite values are returned
 as they are: the training loop counts them and applies its policy (upstream zeroed NaN losses
-silently, TVM.md §11 item 7).
+silently, docs/method.md §11 item 7).
 """
 from __future__ import annotations
 
@@ -39,12 +39,12 @@ class VelocityNet(Protocol):
 
 
 def kappa(beta: torch.Tensor, do_scale_param: bool) -> torch.Tensor | float:
-    """κ = 1/β computed in fp32 from the fp32 β tensor when scaling, else 1 (TVM.md §1.2)."""
+    """κ = 1/β computed in fp32 from the fp32 β tensor when scaling, else 1 (docs/method.md §1.2)."""
     return 1.0 / beta if do_scale_param else 1.0
 
 
 def interpolate(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``x_t = (1 − t)·x + t·ε`` (TVM.md §1.1): t = 0 is data, t = 1 pure noise."""
+    """``x_t = (1 − t)·x + t·ε`` (docs/method.md §1.1): t = 0 is data, t = 1 pure noise."""
     return (1 - t) * x + t * noise
 
 

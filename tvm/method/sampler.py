@@ -1,4 +1,4 @@
-"""Few-step sampling with the learned flow map (TVM.md §4, §12 item 29).
+"""Few-step sampling with the learned flow map (docs/method.md §4, eq. M12; §12 item 29).
 
 Time grid ``linspace(1, 0, n + 1)`` in float64, float64 state, and per step
 

@@ -1,4 +1,4 @@
-"""Time, guidance and label-dropout sampling for the TVM loss (TVM.md §2, §1.6, §10.3).
+"""Time, guidance and label-dropout sampling for the TVM loss (docs/method.md §2, §1.6, §10.3).
 
 Every draw of a training step is made here, for the **global** batch, from one generator that
 the loop seeds with (run seed, step); each rank and accumulation round then takes its slice
@@ -35,7 +35,7 @@ RANGE_MODES = ("w", "beta")
 
 @dataclass(frozen=True)
 class TimeSampling:
-    """Parameters of the time sampler (defaults: all four ImageNet configs, TVM.md §2)."""
+    """Parameters of the time sampler (defaults: all four ImageNet configs, docs/method.md §2)."""
 
     scheme: str = "gap"
     fm_time: str = "separate"
@@ -61,7 +61,7 @@ class TimeSampling:
 
 @dataclass(frozen=True)
 class Guidance:
-    """CFG-scale sampling (TVM.md §2 item 6); all scales are w = 1/β ≥ 1."""
+    """CFG-scale sampling (docs/method.md §2 item 6); all scales are w = 1/β ≥ 1."""
 
     cfg: float | None = None
     min_cfg: float | None = None
@@ -91,7 +91,8 @@ def logit(p: torch.Tensor) -> torch.Tensor:
 def truncated_logit_normal(u: torch.Tensor, upper_logit: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     """σ(z) with z ~ N(mean, std²) truncated to ``z ≤ upper_logit``, by inverse CDF of u ∈ [0, 1).
 
-    ``p = u·Φ(a)``, ``z = Φ⁻¹(p) = mean + std·√2·erfinv(2p − 1)`` (TVM.md §2 item 3); p = 0 gives 0.
+    ``p = u·Φ(a)``, ``z = Φ⁻¹(p) = mean + std·√2·erfinv(2p − 1)`` (docs/method.md §2 item 3);
+    p = 0 gives 0.
     """
     # Φ and Φ⁻¹ written out with the operation order of torch.distributions.Normal (same values),
     # without its argument validation, which reads tensors back to the host (a GPU sync per step).
@@ -133,7 +134,7 @@ def sample_times(gen: torch.Generator, n: int, cfg: TimeSampling, device: torch.
 
 
 def sample_beta(gen: torch.Generator, n: int, cfg: Guidance, device: torch.device | str = "cpu") -> torch.Tensor:
-    """β = 1/w for n samples, ``[n, 1, 1, 1]`` fp32 (TVM.md §2 item 6, §12 item 24)."""
+    """β = 1/w for n samples, ``[n, 1, 1, 1]`` fp32 (docs/method.md §2 item 6, §12 item 24)."""
     shape = (n, 1, 1, 1)
     if cfg.cfg is not None:
         return torch.ones(shape, device=device) / cfg.cfg
@@ -148,7 +149,7 @@ def sample_beta(gen: torch.Generator, n: int, cfg: Guidance, device: torch.devic
 
 @dataclass
 class StepDraws:
-    """All random quantities of one training step for a batch (TVM.md §2).
+    """All random quantities of one training step for a batch (docs/method.md §2).
 
     Shapes: ``t, s, s_prime, beta`` ``[n, 1, 1, 1]``; ``noise`` ``[n, C, R, R]``; ``drop`` ``[n]`` bool
     (label dropped → null class and β = 1). ``beta`` here is before dropout is applied.
@@ -170,7 +171,7 @@ class StepDraws:
 
 def draw_step(gen: torch.Generator, n: int, sample_shape: tuple[int, ...], times: TimeSampling,
               guidance: Guidance, device: torch.device | str = "cpu") -> StepDraws:
-    """Make every draw of one step for n samples, in upstream's order (TVM.md §2 items 1–8)."""
+    """Make every draw of one step for n samples, in upstream's order (docs/method.md §2 items 1–8)."""
     t, s, s_prime = sample_times(gen, n, times, device)
     beta = sample_beta(gen, n, guidance, device)
     noise = torch.randn((n, *sample_shape), generator=gen, device=device)
@@ -180,7 +181,7 @@ def draw_step(gen: torch.Generator, n: int, sample_shape: tuple[int, ...], times
 
 def apply_label_dropout(labels: torch.Tensor | None, beta: torch.Tensor, drop: torch.Tensor
                         ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Dropped rows → all-zero labels (null class) and β = 1 (TVM.md §1.6). Never in place."""
+    """Dropped rows → all-zero labels (null class) and β = 1 (docs/method.md §1.6). Never in place."""
     beta = torch.where(drop.view(-1, 1, 1, 1), torch.ones_like(beta), beta)
     if labels is not None:
         labels = labels * (~drop).to(labels.dtype)[:, None]

@@ -1,11 +1,11 @@
 """The trainable network: a DiT plus precision, parametrisation and the loss forward.
 
 ``TVMWrapper`` holds the DiT as ``self.model``, so its state dict has the authors' keys
-(``model.blocks.0.attn.qkv.weight`` …, TVM.md §9.3). Its ``forward`` computes the per-sample
+(``model.blocks.0.attn.qkv.weight`` …, docs/method.md §9.3). Its ``forward`` computes the per-sample
 loss terms, so that under DDP the JVP, the teacher call and both terms run inside the
-DDP-wrapped forward (TVM.md §5.1 item 13).
+DDP-wrapped forward (docs/method.md §5.1 item 13).
 
-Precision (TVM.md §3.9): ``data_type="bf16"`` (or ``"fp16"``) runs every network call under
+Precision (docs/method.md §3.9): ``data_type="bf16"`` (or ``"fp16"``) runs every network call under
 CUDA autocast; ``"fp32"`` disables it. On a CPU the wrapper always computes in fp32. Inputs are
 cast to the parameters' dtype (fp32) before the network and outputs to the time tensor's dtype (fp32 in training, float64 in
 the sampler).
@@ -111,7 +111,7 @@ class TVMWrapper(nn.Module):
 
     def velocity_and_ds(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, labels: torch.Tensor | None,
                         beta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(F_θ(x, t, t − s, c, β), ∂_s F)`` in t's dtype (TVM.md §1.3), by ``jvp_mode``.
+        """``(F_θ(x, t, t − s, c, β), ∂_s F)`` in t's dtype (docs/method.md §1.3), by ``jvp_mode``.
 
         Both outputs are differentiable w.r.t. the parameters; the attention is ``jvp_attn_backend``.
         """
@@ -132,7 +132,7 @@ class TVMWrapper(nn.Module):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None, draws: StepDraws,
                 teacher: "TVMWrapper") -> dict[str, torch.Tensor]:
-        """Per-sample loss terms for a batch (TVM.md §1.4); label dropout from ``draws``.
+        """Per-sample loss terms for a batch (docs/method.md §1.4); label dropout from ``draws``.
 
         Args:
             x: encoded data ``[B, C, R, R]``; labels one-hot ``[B, K]`` or None.

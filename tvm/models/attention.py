@@ -1,4 +1,4 @@
-"""The model's single attention entry point, with a backend switch (TVM.md §3.5, §3.10).
+"""The model's single attention entry point, with a backend switch (docs/method.md §3.5, §3.10).
 
 Backends (all take and return ``[B, H, N, D]``):
 
@@ -15,7 +15,7 @@ Backends (all take and return ``[B, H, N, D]``):
 Upstream casts q, k, v to bf16 before its JVP kernel even in fp32 mode; we never do: in fp32
 mode everything stays fp32. Under autocast, q and k leave the QK-norm in whatever dtype the
 torch version's autocast rule for ``rms_norm`` gives, so the Triton path casts q, k, v to the
-autocast dtype (the kernel needs one operand dtype), as TVM.md §3.9 prescribes.
+autocast dtype (the kernel needs one operand dtype), as docs/method.md §3.9 prescribes.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DiT with TVM's "semi-Lipschitz" changes (TVM.md §3).
+"""DiT with TVM's "semi-Lipschitz" changes (docs/method.md §3).
 
 Changes from the original DiT: RMSNorm without affine instead of LayerNorm, QK-norm, RMS
 normalisation of every adaLN modulation chunk ("mod-norm", gates included), spectral
@@ -6,7 +6,7 @@ initialisation of the linear layers, and two extra timestep embedders: one for t
 (called ``s_embedder`` for compatibility with the authors' state dicts) and one for the
 guidance β = 1/w.
 
-Parameter names and shapes equal the authors' DiT (TVM.md §9.3), so their state dicts load
+Parameter names and shapes equal the authors' DiT (docs/method.md §9.3), so their state dicts load
 with ``strict=True``. Forward semantics equal theirs: ``F(x, t, gap, labels, β)`` with one-hot
 labels whose all-zero rows mean the null class.
 
@@ -33,12 +33,12 @@ from tvm.models.attention import attention, attention_with_tangent
 from tvm.models.init import initialize_dit
 
 RMS_EPS = 1e-6
-FREQ_DIM = 256  # sinusoidal feature size of every timestep embedder (TVM.md §3.2)
+FREQ_DIM = 256  # sinusoidal feature size of every timestep embedder (docs/method.md §3.2)
 
 
 @dataclass(frozen=True)
 class Variant:
-    """Width, depth and heads of a DiT variant (TVM.md §3.7)."""
+    """Width, depth and heads of a DiT variant (docs/method.md §3.7)."""
 
     hidden_size: int
     depth: int
@@ -77,7 +77,7 @@ def resolve_variant(name: str) -> Variant:
 
 
 def timestep_features(tau: torch.Tensor, dim: int = FREQ_DIM, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal features of raw scalars τ (TVM.md §3.2, §12 item 7).
+    """Sinusoidal features of raw scalars τ (docs/method.md §3.2, §12 item 7).
 
     ``[cos(τ f_k), sin(τ f_k)]_{k<dim/2}`` with ``f_k = exp(−ln(max_period)·k/(dim/2))``,
     computed in float64 and cast to τ's dtype. τ is not rescaled (t, gap, β ∈ [0, 1]).
@@ -112,7 +112,7 @@ def _sinusoids(tau: torch.Tensor, dim: int, max_period: float, derivative: bool)
 
 
 def sincos_pos_embed_2d(hidden_size: int, grid_size: int) -> np.ndarray:
-    """Fixed 2-D sin-cos positional embedding, float64 ``[G², D]`` (TVM.md §3.3, §12 item 6).
+    """Fixed 2-D sin-cos positional embedding, float64 ``[G², D]`` (docs/method.md §3.3, §12 item 6).
 
     For the token at row i, column j (row-major index ``i·G + j``) the first D/2 channels encode
     the column j and the last D/2 the row i; each half is ``[sin(pos·ω), cos(pos·ω)]`` with
@@ -132,10 +132,10 @@ def sincos_pos_embed_2d(hidden_size: int, grid_size: int) -> np.ndarray:
 
 
 def rms_normalize(x: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
-    """``x · rsqrt(mean(x²) + eps)`` over the last dim, no affine (the mod-norm, TVM.md §3.4).
+    """``x · rsqrt(mean(x²) + eps)`` over the last dim, no affine (the mod-norm, docs/method.md §3.4).
 
     Written with elementary ops so that autocast runs the square and rsqrt in fp32 and the
-    product promotes to fp32, as upstream's dtype flow does (TVM.md §3.9).
+    product promotes to fp32, as upstream's dtype flow does (docs/method.md §3.9).
     """
     return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
 
@@ -146,7 +146,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 def label_indices(labels: torch.Tensor) -> torch.Tensor:
-    """Class index of one-hot rows; all-zero rows map to the null class (TVM.md §3.1 step 1).
+    """Class index of one-hot rows; all-zero rows map to the null class (docs/method.md §3.1 step 1).
 
     ``argmax([c, 1 − Σc])`` over ``label_dim + 1`` columns: one-hot class k → k, zeros → label_dim.
     Args:
@@ -159,7 +159,7 @@ def label_indices(labels: torch.Tensor) -> torch.Tensor:
 
 
 def _broadcast_batch(v: torch.Tensor, batch: int, name: str) -> torch.Tensor:
-    """Flatten a time/guidance tensor to ``[B]``, repeating a leading-1 tensor (TVM.md §3.1 step 3)."""
+    """Flatten a time/guidance tensor to ``[B]``, repeating a leading-1 tensor (docs/method.md §3.1 step 3)."""
     v = v.reshape(-1) if v.dim() != 1 else v
     if v.shape[0] == 1 and batch != 1:
         v = v.expand(batch)
@@ -169,7 +169,7 @@ def _broadcast_batch(v: torch.Tensor, batch: int, name: str) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------
-# Modules (names follow the authors' state dict, TVM.md §9.3)
+# Modules (names follow the authors' state dict, docs/method.md §9.3)
 
 
 class TimestepEmbedder(nn.Module):
@@ -221,7 +221,7 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with QK-norm (TVM.md §3.5)."""
+    """Multi-head self-attention with QK-norm (docs/method.md §3.5)."""
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True):
         super().__init__()
@@ -279,7 +279,7 @@ class Mlp(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """One DiT block with mod-norm'd adaLN (TVM.md §3.4)."""
+    """One DiT block with mod-norm'd adaLN (docs/method.md §3.4, eq. M9; the paper's Eq. 16 change)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True,
                  mod_norm: bool = True, dropout: float = 0.0):
@@ -326,7 +326,7 @@ def modulation_with_tangent(ada_ln: nn.Sequential, c: torch.Tensor, dc: torch.Te
 
 
 class FinalLayer(nn.Module):
-    """Mod-norm'd adaLN, RMSNorm, then ``Linear(D → p·p·C)`` (TVM.md §3.6)."""
+    """Mod-norm'd adaLN, RMSNorm, then ``Linear(D → p·p·C)`` (docs/method.md §3.6)."""
 
     def __init__(self, dim: int, patch_size: int, out_channels: int, mod_norm: bool = True):
         super().__init__()
@@ -349,7 +349,7 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """The two-time, guidance-conditioned DiT ``F_θ(x, t, t − s, c, β)`` (TVM.md §3).
+    """The two-time, guidance-conditioned DiT ``F_θ(x, t, t − s, c, β)`` (docs/method.md §3).
 
     Args:
         variant: a key of :data:`VARIANTS` or an authors' class name (e.g. ``"DiT_XL_2_18h"``).
@@ -357,11 +357,11 @@ class DiT(nn.Module):
         in_channels: C.
         num_classes: label width; 0 makes an unconditional model (its table holds only the null row).
         mlp_ratio, qk_norm, mod_norm, learn_guidance, dropout: architecture switches; the
-            defaults are what upstream always runs (TVM.md §3.8).
+            defaults are what upstream always runs (docs/method.md §3.8).
         init_type: ``"spectral"`` (default) or ``"xunif"``.
         time_specinit: spectral init of the timestep embedders (paper Table 6; inert upstream).
         patch_spectral: divide the patch-embed weight by its top singular value (upstream's
-            intent, lost to an aliasing bug; TVM.md §11 item 2). Default off = upstream result.
+            intent, lost to an aliasing bug; docs/method.md §11 item 2). Default off = upstream result.
         init: run the initialisation (skip on the meta device or before loading weights).
     """
 
@@ -411,7 +411,7 @@ class DiT(nn.Module):
             block.compile(**kwargs)
 
     def unpatchify(self, y: torch.Tensor) -> torch.Tensor:
-        """``[B, T, p·p·C]`` with last-dim order (p_row, p_col, C) → ``[B, C, R, R]`` (TVM.md §3.6)."""
+        """``[B, T, p·p·C]`` with last-dim order (p_row, p_col, C) → ``[B, C, R, R]`` (docs/method.md §3.6)."""
         B = y.shape[0]
         p, C = self.patch_size, self.out_channels
         G = self.input_size // p
@@ -434,7 +434,7 @@ class DiT(nn.Module):
 
     def _embed(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, guidance: torch.Tensor | None,
                gap_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens ``h`` ``[B, T, D]`` and conditioning ``c`` ``[B, D]`` (TVM.md §3.1 steps 1–3)
+        """Tokens ``h`` ``[B, T, D]`` and conditioning ``c`` ``[B, D]`` (docs/method.md §3.1 steps 1–3)
         from checked inputs and the gap's embedding ``[B, D]``."""
         B = x.shape[0]
         if labels is None:
@@ -449,7 +449,7 @@ class DiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, gap: torch.Tensor, labels: torch.Tensor | None = None,
                 guidance: torch.Tensor | None = None, attn_backend: str = "sdpa") -> torch.Tensor:
-        """``F_θ(x, t, t − s, c, β)`` (TVM.md §3.1).
+        """``F_θ(x, t, t − s, c, β)`` (docs/method.md §3.1).
 
         Args:
             x: ``[B, C, R, R]``.

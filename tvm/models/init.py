@@ -1,4 +1,4 @@
-"""Initialisation of the TVM DiT (TVM.md §3.8), one function per rule.
+"""Initialisation of the TVM DiT (docs/method.md §3.8), one function per rule.
 
 Upstream order of operations, reproduced so that the random-number consumption matches:
 
@@ -78,7 +78,7 @@ def zero_(layer: nn.Linear) -> None:
 @torch.no_grad()
 def initialize_dit(model: "DiT", init_type: str = "spectral", time_specinit: bool = False,
                    patch_spectral: bool = False) -> None:
-    """Run steps 2–7 on a freshly constructed :class:`~tvm.models.dit.DiT` (TVM.md §3.8)."""
+    """Run steps 2–7 on a freshly constructed :class:`~tvm.models.dit.DiT` (docs/method.md §3.8)."""
     from tvm.models.dit import sincos_pos_embed_2d
 
     if model.pos_embed.device.type == "meta":

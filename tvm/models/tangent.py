@@ -1,4 +1,4 @@
-"""Forward-mode rules of the DiT's elementary operations, written out (TVM.md §1.3, DESIGN.md).
+"""Forward-mode rules of the DiT's elementary operations, written out (docs/method.md §1.3).
 
 Each function maps a primal input and its tangent ``(x, ẋ)`` to ``(y, ẏ)``, the value and the
 directional derivative ``ẏ = J_f(x)·ẋ``. The model's ``forward_with_tangent`` methods chain them,

@@ -57,7 +57,7 @@ def build_dataset(cfg: DictConfig) -> torch.utils.data.Dataset:
 
 
 def encoder_from_config(cfg: DictConfig) -> Any:
-    """The encoder of ``cfg.encoder`` (pixels or SD-VAE latents, TVM.md §6.3)."""
+    """The encoder of ``cfg.encoder`` (pixels or SD-VAE latents, docs/method.md §6.3)."""
     if cfg.class_name.endswith("PixelEncoder"):
         return build_encoder({"class_name": cfg.class_name})
     return build_encoder({key: (list(value) if not isinstance(value, (str, int, float, bool)) else value)
@@ -73,7 +73,7 @@ def resolve_jvp_backend(name: str, device: torch.device) -> str:
 
 def build_network(cfg: DictConfig, resolution: int, channels: int, label_dim: int,
                   device: torch.device | str = "cpu", init: bool = True) -> TVMWrapper:
-    """The :class:`TVMWrapper` around a DiT for data of this shape (TVM.md §3, §3.8).
+    """The :class:`TVMWrapper` around a DiT for data of this shape (docs/method.md §3, §3.8).
 
     Upstream ignores ``network.model_kwargs`` (the DiT always uses its defaults); set
     ``network.honor_model_kwargs=true`` to apply them.
@@ -91,7 +91,7 @@ def build_network(cfg: DictConfig, resolution: int, channels: int, label_dim: in
 
 
 def time_sampling(cfg: DictConfig) -> TimeSampling:
-    """The loss config's time sampler (TVM.md §2)."""
+    """The loss config's time sampler (docs/method.md §2)."""
     if cfg.class_name not in LOSSES:
         raise ValueError(f"unknown loss.class_name {cfg.class_name!r}; allowed: {', '.join(LOSSES)}")
     return TimeSampling(scheme=cfg.scheme, fm_time=cfg.fm_time, s_P_mean=cfg.s_P_mean, s_P_std=cfg.s_P_std,
@@ -100,7 +100,7 @@ def time_sampling(cfg: DictConfig) -> TimeSampling:
 
 
 def guidance(cfg: DictConfig) -> Guidance:
-    """The loss config's CFG sampling and label dropout (TVM.md §2 item 6, §1.6)."""
+    """The loss config's CFG sampling and label dropout (docs/method.md §2 item 6, §1.6)."""
     return Guidance(cfg=cfg.cfg, min_cfg=cfg.min_cfg, max_cfg=cfg.max_cfg, range_mode=cfg.cfg_range_mode,
                     label_dropout=cfg.label_dropout)
 

@@ -2,22 +2,25 @@
 
 A checkpoint is one ``torch.save`` file holding *only* plain containers (dict, list, tuple), plain
 scalars/strings and tensors, so that it loads with ``torch.load(..., weights_only=True)``: no
-module objects, no pickled classes, no OmegaConf nodes (TVM.md §11 items 18-19: upstream pickled
+module objects, no pickled classes, no OmegaConf nodes (docs/method.md §11 items 18-19: upstream pickled
 whole, possibly ``torch.compile``-wrapped modules straight from GPU memory). The training loop
 decides the content; the conventional layout is::
 
     {"format": "tvm-checkpoint", "version": 1,
      "net": state_dict, "ema": state_dict, "ema_target": state_dict,
-     "optimizer": state_dict, "scaler": state_dict, "sampler": dict,
-     "rng": dict of tensors, "config": plain dict,
-     "progress": {"step": int, "nimg": int, "tick": int}}
+     "optimizer": state_dict, "rng": dict of tensors, "config": plain dict,
+     "data": {"resolution": int, "channels": int, "label_dim": int},
+     "progress": {"step": int, "nimg": int, "tick": int, "skipped": int, "in_row": int}}
+
+(Checkpoints written before issue 16 also hold ``"sampler": {"index": int}``, the data position
+``step × batch``; nothing reads it, since the position follows from ``progress``.)
 
 ``save_checkpoint`` stamps ``format``/``version`` itself and moves every tensor to the CPU, so
-files never hold CUDA storages (TVM.md §11 item 16) and load on any machine.
+files never hold CUDA storages (docs/method.md §11 item 16) and load on any machine.
 
 Writes are atomic (temporary file in the same directory, fsync, ``os.replace``, fsync of the
 directory): a crash, ``kill -9`` or full disk at any moment leaves either the previous file or the
-complete new one, never a torn file under the final name (TVM.md §5.4 items 3-5, where upstream
+complete new one, never a torn file under the final name (docs/method.md §5.4 items 3-5, where upstream
 overwrote ``training-state-latest.pt`` in place and ignored failures).
 
 Only rank 0 may write. Nothing here checks the rank: the caller gates every ``save`` call with
@@ -76,7 +79,7 @@ def unwrap_module(module: torch.nn.Module) -> torch.nn.Module:
     """Return the plain module inside DDP (``.module``) and ``torch.compile`` (``._orig_mod``).
 
     Why: state dicts of wrapped modules carry ``module.``/``_orig_mod.`` prefixes, which made
-    upstream's checkpoints depend on how the run was launched (TVM.md §5.6, §11 item 19).
+    upstream's checkpoints depend on how the run was launched (docs/method.md §5.6, §11 item 19).
     """
     while True:
         if hasattr(module, "_orig_mod") and isinstance(module._orig_mod, torch.nn.Module):
@@ -161,7 +164,7 @@ def check_plain(obj: Any, where: str = "state") -> None:
 def capture_rng_state() -> dict[str, torch.Tensor]:
     """Snapshot of the Python, NumPy (legacy global), torch CPU and CUDA generators as tensors.
 
-    Why: TVM.md §11 item 10 — upstream did not restore RNG state on resume. Per-step draws come
+    Why: docs/method.md §11 item 10 — upstream did not restore RNG state on resume. Per-step draws come
     from ``distributed.step_generator`` and do not need this, but data augmentation or any
     library using the global generators does.
     """
@@ -363,7 +366,7 @@ def find_checkpoints(path: str | os.PathLike[str]) -> list[Path]:
     """Checkpoints to evaluate, newest first: a file gives ``[file]``, a run directory its
     ``checkpoint-<step>.pt`` files sorted by step (other names are ignored).
 
-    Why: TVM.md §11 item 11 — upstream's eval sorted oldest first and crashed on names without an
+    Why: docs/method.md §11 item 11 — upstream's eval sorted oldest first and crashed on names without an
     integer suffix. Raises ``CheckpointError`` if ``path`` does not exist.
     """
     path = Path(path)

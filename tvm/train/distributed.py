@@ -1,6 +1,6 @@
 """Process-group set-up, rank helpers and per-step seeding.
 
-One trainer, three launch modes (TVM.md §8.1-8.4):
+One trainer, three launch modes (docs/method.md §8.1-8.4):
 
 * **torchrun** (``train.sh``, or ``launch.py`` running torchrun on each node): ``RANK``,
   ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` are set;
@@ -9,7 +9,7 @@ One trainer, three launch modes (TVM.md §8.1-8.4):
   the node list and the port is derived from the job id (as upstream's launcher does, §8.2);
 * **neither**: a single process without a process group.
 
-Backend: NCCL when the device is CUDA, gloo otherwise (CPU; TVM.md §11 item 16). No NCCL
+Backend: NCCL when the device is CUDA, gloo otherwise (CPU; docs/method.md §11 item 16). No NCCL
 tuning variables are set here: upstream forced ``NCCL_SOCKET_IFNAME=enp`` (§8.4), which breaks on
 hosts without ``enp*`` interfaces; cluster-specific settings belong in the user's environment.
 
@@ -142,7 +142,7 @@ def _int_env(env: Mapping[str, str], name: str) -> int:
 
 
 def slurm_master_port(job_id: str) -> int:
-    """``10000 + last four digits of SLURM_JOB_ID`` (TVM.md §8.2): same on every task of a job."""
+    """``10000 + last four digits of SLURM_JOB_ID`` (docs/method.md §8.2): same on every task of a job."""
     digits = re.sub(r"\D", "", job_id)
     if not digits:
         raise ValueError(f"SLURM_JOB_ID={job_id!r} contains no digits")
@@ -228,7 +228,7 @@ def init_distributed(
 
     ``backend`` None chooses NCCL for CUDA devices and gloo otherwise; ``device`` None chooses
     ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU (pass ``"cpu"`` to force it). The
-    timeout (120 min as upstream, TVM.md §5.1 item 2) bounds every collective. With no launcher
+    timeout (120 min as upstream, docs/method.md §5.1 item 2) bounds every collective. With no launcher
     variables, or a world size of 1, no process group is created. Calling it again after a group
     exists returns the context of that group.
     """
@@ -327,6 +327,40 @@ def all_gather_object(obj: Any) -> list[Any]:
     return gathered
 
 
+def gather_interleaved(local: torch.Tensor, count: int, dst: int | None = None) -> torch.Tensor | None:
+    """The ``count`` rows of a sequence sharded round-robin over ranks, in sequence order, on the CPU.
+
+    Rank ``r`` of ``W`` holds positions ``r, r + W, r + 2W, …`` (``len(range(r, count, W))`` rows;
+    a rank without positions may pass any empty tensor). The result is ``[count, *row_shape]`` on
+    every rank (``dst=None``) or on rank ``dst`` only (the others get None). Every rank must call
+    it; without a process group it returns ``local`` itself (on its device). This is the one index-ordered
+    gather of the project: image indices (:mod:`tvm.eval.generate`, :mod:`tvm.eval.metrics`) and
+    detector features (:mod:`tvm.eval.fid`) use it, so results do not depend on ``W``.
+    """
+    world = get_world_size()
+    if world == 1:
+        return local
+    local = local.detach().cpu()
+    if dst is None:
+        parts = all_gather_object(local)
+    else:
+        parts = [None] * world if get_rank() == dst else None
+        dist.gather_object(local, parts, dst=dst)
+        if parts is None:
+            return None
+    filled = [part for part in parts if part.numel()]
+    if not filled:
+        return parts[0]
+    out = torch.empty((count, *filled[0].shape[1:]), dtype=filled[0].dtype)
+    for rank, part in enumerate(parts):
+        expected = len(range(rank, count, world))
+        if len(part) != expected and (expected or part.numel()):
+            raise ValueError(f"gather_interleaved: rank {rank} holds {len(part)} rows of {count}, expected {expected}")
+        if expected:
+            out[rank::world] = part
+    return out
+
+
 def cleanup() -> None:
     """Destroy the process group if one exists."""
     if is_distributed():
@@ -339,7 +373,7 @@ def cleanup() -> None:
 
 
 def shared_seed(seed: int | None) -> int:
-    """``seed`` if given, else a random seed drawn on rank 0 and broadcast (TVM.md §5.1 item 4)."""
+    """``seed`` if given, else a random seed drawn on rank 0 and broadcast (docs/method.md §5.1 item 4)."""
     if seed is not None:
         return int(seed)
     drawn = int(np.random.SeedSequence().generate_state(1)[0] & 0x7FFFFFFF) if is_main() else None
@@ -356,7 +390,7 @@ def step_seed(seed: int, step: int) -> int:
 def step_generator(seed: int, step: int, device: str | torch.device = "cpu") -> torch.Generator:
     """Generator for all of step ``step``'s random draws, identical on every rank.
 
-    Why: DESIGN.md "Randomness is explicit" and TVM.md §11 item 8 — draw times, noise, CFG and
+    Why: docs/method.md §2 (last paragraph) and §11 item 8 — draw times, noise, CFG and
     label dropout for the *global* batch from this generator and let each rank and accumulation
     round take its slice (``batch_slice``); results then depend neither on the GPU count nor on
     accumulation, and a resumed run draws what an uninterrupted one would. CPU and CUDA

@@ -1,6 +1,6 @@
 """Exponential moving averages of the network: the eval EMA and the teacher (target) EMA.
 
-Both are updated after every optimizer step, eval EMA first (TVM.md §5.2 items 8–9, §12 item 26):
+Both are updated after every optimizer step, eval EMA first (docs/method.md §5.2 items 8–9, §12 item 26):
 
     p_ema ← lerp(p_net, p_ema, β) = p_net + β·(p_ema − p_net)
 

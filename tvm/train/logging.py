@@ -1,6 +1,6 @@
 """Run logging: status lines, ``stats.jsonl``, a progress bar and optional wandb.
 
-What goes where (TVM.md §5.4 items 1 and 8, §5.8), rank 0 only:
+What goes where (docs/method.md §5.4 items 1 and 8, §5.8), rank 0 only:
 
 * ``<run_dir>/log.txt`` — every line passed to ``RunLogger.log`` (also printed to stdout);
 * ``<run_dir>/stats.jsonl`` — one JSON object per tick and per evaluation (``RunLogger.log_stats``);
@@ -89,18 +89,9 @@ def peak_rss_gb() -> float | None:
     return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
 
 
-def cpu_rss_gb() -> float | None:
-    """Current resident memory in GB (``/proc/self/statm`` on Linux), else the peak."""
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
-    except (OSError, ValueError, IndexError, AttributeError):
-        return peak_rss_gb()
-
-
 def peak_memory_gb(device: torch.device | str) -> float | None:
     """Peak memory in GB: CUDA ``max_memory_allocated`` since the last reset on GPU, the process's
-    peak RSS on CPU (TVM.md §11 item 16: upstream called ``torch.cuda.max_memory_*`` always)."""
+    peak RSS on CPU (docs/method.md §11 item 16: upstream called ``torch.cuda.max_memory_*`` always)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -139,7 +130,7 @@ def status_line(
     sec_per_tick: float | None = None,
     maintenance_sec: float | None = None,
 ) -> str:
-    """One-line tick summary (TVM.md §5.4 item 1), e.g.::
+    """One-line tick summary (docs/method.md §5.4 item 1), e.g.::
 
         tick 12  step 1200  kimg 2457.6  time 1h02m  sec/tick 310.2  sec/kimg 1.51  img/s 660.1
         mfu 41.3%  maint 2.1  mem 61.25GB  terminal 0.012/0.008/0.005/0.003  fm 0.41/0.33/0.29/0.27

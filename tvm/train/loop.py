@@ -1,7 +1,7 @@
-"""The TVM training loop (TVM.md §5). Reads top to bottom: set-up, then one step, then the
+"""The TVM training loop (docs/method.md §5). Reads top to bottom: set-up, then one step, then the
 maintenance at the end of each tick.
 
-What differs from upstream, on purpose (TVM.md §11):
+What differs from upstream, on purpose (docs/method.md §11):
 
 * real gradient accumulation (``batch_gpu`` < batch/world gives the full-batch gradient);
 * each step's random draws are made for the global batch from a generator seeded by
@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
@@ -32,7 +31,7 @@ from tvm.compiling import compile_model, load_compile_cache, save_compile_cache,
 from tvm.config import to_container, validate_config
 from tvm.eval.generate import generate_images
 from tvm.eval.grid import grid_classes, grid_layout, save_image_grid, save_reference_grid
-from tvm.eval.metrics import METRICS, MetricContext, check_reference_files, compute_metric, extra_metric_fields
+from tvm.eval.metrics import METRICS, MetricContext, check_reference_files, compute_metric
 from tvm.method.times import StepDraws, draw_step
 from tvm.method.wrapper import TVMWrapper
 from tvm.models.dit import count_parameters
@@ -70,7 +69,7 @@ class Progress:
 
 @dataclass
 class Batching:
-    """How a global batch is split: ``batch = world · batch_gpu · rounds`` (TVM.md §5.1 item 7)."""
+    """How a global batch is split: ``batch = world · batch_gpu · rounds`` (docs/method.md §5.1 item 7)."""
 
     batch: int
     world: int
@@ -105,7 +104,7 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
 
 
 def set_backend_flags(cfg: DictConfig) -> None:
-    """TF32 and cuDNN flags (TVM.md §3.9)."""
+    """TF32 and cuDNN flags (docs/method.md §3.9)."""
     torch.backends.cuda.matmul.allow_tf32 = cfg.training.enable_tf32
     torch.backends.cudnn.allow_tf32 = cfg.training.enable_tf32
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
@@ -163,7 +162,7 @@ def checkpoint_content(state: RunState, cfg: DictConfig, batch: int, steps_per_t
     return {"net": full(module_state_dict(state.net)), "ema": full(module_state_dict(state.ema)),
             "ema_target": full(module_state_dict(state.teacher)), "optimizer": full(state.optimizer.state_dict()),
             "progress": state.progress.state_dict(batch, steps_per_tick),
-            "sampler": {"index": state.progress.step * batch}, "rng": capture_rng_state(),
+            "rng": capture_rng_state(),
             "config": sanitize_config(to_container(cfg)), "data": data}
 
 
@@ -274,9 +273,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
 
     dataset = build_dataset(cfg.dataset)
     encoder = encoder_from_config(cfg.encoder)
-    channels = encoder.latent_channels(dataset.num_channels)
-    vae_on_pixels = channels == 4 and dataset.num_channels == 3  # latents are 8x smaller than RGB
-    resolution = dataset.resolution // 8 if vae_on_pixels else dataset.resolution
+    channels, resolution, _ = encoder.latent_shape(dataset.image_shape)
     label_dim = dataset.label_dim if cfg.dataset.use_labels else 0
     data_facts = {"resolution": resolution, "channels": channels, "label_dim": label_dim}
     for metric in tcfg.metrics:
@@ -292,7 +289,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     sharded = ncfg.sharding == "fsdp2"
     torch.manual_seed(seed)
     net = build_network(ncfg, resolution, channels, label_dim, device)
-    # DDP broadcasts rank 0's weights; the EMAs are copies made after that (TVM.md §1.5). FSDP2:
+    # DDP broadcasts rank 0's weights; the EMAs are copies made after that (docs/method.md §1.5). FSDP2:
     # the same broadcast, then the network and both EMAs are sharded alike (tvm/train/sharding.py).
     if sharded:
         broadcast_parameters_(net)
@@ -336,7 +333,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     batches = infinite_batches(loader)
 
     # Secrets come from the environment only; a value that reached the config (e.g. through
-    # ${oc.env:WANDB_API_KEY}) is redacted from everything written or sent (TVM.md §5.8).
+    # ${oc.env:WANDB_API_KEY}) is redacted from everything written or sent (docs/method.md §5.8).
     logger = RunLogger(run_dir, dist.rank, wandb_mode=cfg.logger.mode, project=sanitize_config(cfg.logger.project),
                        entity=sanitize_config(cfg.logger.entity), run_name=sanitize_config(cfg.name),
                        config_dict=to_container(cfg))
@@ -360,12 +357,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     skipped_dev = torch.zeros((), device=device)       # non-finite steps since the last check
     in_row_dev = torch.full((), float(progress.in_row), device=device)
     longest_dev = in_row_dev.clone()                   # longest run of skipped steps since the last check
-    metric_ctx = MetricContext(encoder=encoder, device=device, seed=cfg.eval.seed,
-                               batch_size=max(1, cfg.eval.batch_size // dist.world_size),
-                               num_images=cfg.eval.num_images, label_mode=cfg.eval.label_mode,
-                               class_probs=_class_frequencies(dataset) if cfg.eval.label_mode == "empirical" else None,
-                               detector_url=cfg.eval.detector_url, ref_stats=cfg.eval.ref_stats,
-                               **extra_metric_fields(cfg.eval))
+    metric_ctx = MetricContext.from_config(cfg, encoder, device, dist.world_size, dataset)
     check_reference_files(tcfg.metrics, net, metric_ctx)  # a wrong file fails now, not at the first evaluation
     flops = step_flops(net, batching.batch)
     peak = PEAK_FLOPS.get(device.type)
@@ -465,8 +457,6 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
                        "the job can be requeued and will resume from it")
             break
     bar.close()
-    preempt.uninstall()
-    logger.close()
     return {"progress": progress.state_dict(batching.batch, steps_per_tick), "metrics": last_metrics,
             "run_dir": str(run_dir), "preempted": preempted,
             "signal": preempt.signal_name if preempted else None}
@@ -484,12 +474,6 @@ def _already_finished(progress: Progress, total_steps: int, checkpoint: Path, ru
 
 
 # ------------------------------------------------------------------------------ step helpers
-
-def _class_frequencies(dataset) -> np.ndarray:
-    """Label frequencies of the training set (upstream's FID label distribution, TVM.md §7.1)."""
-    counts = sum(dataset.get_label(i) for i in range(len(dataset)))
-    return counts / counts.sum()
-
 
 def _make_sampler(length: int, dist: distributed.DistContext, seed: int, start: int):
     from tvm.data.datasets import InfiniteSampler
@@ -562,7 +546,7 @@ def _compiled(ddp: torch.nn.Module, state: RunState, network: DictConfig) -> tor
 def apply_update(state: RunState, max_grad_norm: float | None, ema_beta: float, ema_target_beta: float | None,
                  nonfinite_loss: torch.Tensor, stats: StatsCollector | None = None) -> torch.Tensor:
     """Clip, AdamW (skipped on device by fused AdamW's ``found_inf`` when non-finite), then the eval
-    EMA and the teacher EMA in that order (TVM.md §5.2 items 5–9). Returns the skip flag."""
+    EMA and the teacher EMA in that order (docs/method.md §5.2 items 5–9). Returns the skip flag."""
     skip = grad_norm_and_skip(state.net, max_grad_norm, nonfinite_loss, stats)
     state.optimizer.found_inf = skip.float()
     state.optimizer.step()

@@ -1,11 +1,11 @@
 """Graceful stop on Slurm preemption and time limits.
 
-Slurm warns a job before killing it: submitit's ``slurm_signal_delay_s=120`` (TVM.md §8.2) asks
+Slurm warns a job before killing it: submitit's ``slurm_signal_delay_s=120`` (docs/method.md §8.2) asks
 for SIGUSR2 two minutes ahead, ``--signal`` setups often use SIGUSR1, and ``scancel``/preemption
 send SIGTERM. Upstream had no hook at all, so a preempted run lost everything since the last
 ``ckpt_ticks`` checkpoint. ``PreemptionHandler`` records that such a signal arrived; the training
 loop polls ``should_stop`` and, when it returns True on every rank, writes a checkpoint and exits
-so that the requeued job resumes from it (DESIGN.md "One run, one directory").
+so that the requeued job resumes from it (docs/method.md §5.6, §8.2).
 
 The signal handler only sets a flag (nothing else is safe inside a handler). Ranks agree on
 stopping through an all-reduce (MAX) of their flags, done only every ``check_every`` steps so

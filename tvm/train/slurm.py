@@ -1,6 +1,6 @@
 """Multi-node training on Slurm through submitit, safe under preemption and time limits.
 
-Topology (TVM.md §8.2 lists the authors' choice; this module makes a different one on purpose):
+Topology (docs/method.md §8.2 lists the authors' choice; this module makes a different one on purpose):
 **one Slurm task per GPU**. ``sbatch`` asks for ``--nodes=N --ntasks-per-node=G --gres=gpu:G``;
 ``srun`` starts ``N·G`` copies of submitit's runner, each of which unpickles a :class:`TrainJob`
 and runs the trainer *in-process* (``tvm.train.loop.run``). The trainer reads its place in the

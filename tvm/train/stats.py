@@ -1,10 +1,10 @@
 """Training statistics accumulated on the device, reduced once per tick.
 
 Upstream reported every per-sample loss with one ``.item()`` each (a host sync per sample per
-step, TVM.md §11 item 20). Here each named statistic is a float64 tensor ``[count, sum, sumsq]``
+step, docs/method.md §11 item 20). Here each named statistic is a float64 tensor ``[count, sum, sumsq]``
 living on the training device; ``report`` only launches small device kernels, and the single
-host synchronisation happens in ``summarize`` (once per tick, TVM.md §5.4 item 8), which
-all-reduces the moments across ranks and returns the means (TVM.md §5.8).
+host synchronisation happens in ``summarize`` (once per tick, docs/method.md §5.4 item 8), which
+all-reduces the moments across ranks and returns the means (docs/method.md §5.8).
 
 float64 accumulators need a device that supports them (CPU, CUDA).
 """
@@ -17,7 +17,7 @@ import torch
 
 from tvm.train import distributed
 
-INF_REPLACEMENT = 1e5  # TVM.md §5.2 item 3: NaN -> 0, ±inf -> ±1e5 before reporting
+INF_REPLACEMENT = 1e5  # docs/method.md §5.2 item 3: NaN -> 0, ±inf -> ±1e5 before reporting
 
 
 def sanitize(values: torch.Tensor) -> torch.Tensor:
@@ -26,7 +26,7 @@ def sanitize(values: torch.Tensor) -> torch.Tensor:
 
 
 def time_bins(t: torch.Tensor, bins: int = 4) -> torch.Tensor:
-    """Bin index ``⌊bins·min(t, 0.999)⌋`` clamped to ``[0, bins-1]`` (TVM.md §5.2 item 3).
+    """Bin index ``⌊bins·min(t, 0.999)⌋`` clamped to ``[0, bins-1]`` (docs/method.md §5.2 item 3).
 
     With 4 bins: q0 is t < 0.25, ..., q3 is t ≥ 0.75 (including t = 1). A NaN time goes to q0.
     """
