@@ -127,7 +127,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypa
     (["dataset.resolution=16"], "dataset resolution 8 does not match dataset.resolution=16"),
     (["loss.cfg=0.5"], "cfg = 0.5 is not allowed"),
     (["network.model_type=DiT-Q/2"], "unknown model variant 'DiT-Q/2'"),
-    (["dataset.path=/data/imagenet.zip"], "dataset.path=/data/imagenet.zip is set but "
+    (["dataset.path=data/imagenet.zip"], "dataset.path=data/imagenet.zip is set but "
                                           "dataset.class_name=tvm.data.digits.DigitsDataset reads no files"),
     (["+training.totl_ticks=3"], r"unknown config key training.totl_ticks \(did you mean training.total_ticks\?\)"),
     (["training.total_ticks=-3"], "training.total_ticks=-3 is not allowed: it must be >= 0"),
@@ -176,21 +176,22 @@ def test_unknown_compile_scope_is_refused_by_name():
         _compiled(torch.nn.Linear(1, 1), None, network)
 
 
-def test_compiled_training_sets_the_memory_budget_and_static_shapes(monkeypatch):
+def test_compiled_training_sets_the_memory_budget_and_static_shapes():
     import torch._functorch.config as functorch_config
 
     from tvm.train.loop import _compiled
 
-    monkeypatch.setattr(functorch_config, "activation_memory_budget", 1.0)
-    monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", True)
-    if hasattr(torch._dynamo.config, "optimize_ddp"):  # removed in newer PyTorch
-        monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)
-    network = OmegaConf.create({"compile_scope": "full", "compile_memory_budget": 0.7})
-    _compiled(torch.nn.Linear(1, 1), None, network)
-    assert functorch_config.activation_memory_budget == 0.7
-    assert not torch._dynamo.config.automatic_dynamic_shapes
-    with pytest.raises(ValueError, match="compile_memory_budget must be in"):
-        _compiled(torch.nn.Linear(1, 1), None, OmegaConf.create({"compile_scope": "full", "compile_memory_budget": 7}))
+    # torch's config modules are restored with their own patch() (monkeypatch's undo deletes the
+    # attribute of a config module, which breaks later compilations in the same process).
+    with functorch_config.patch(activation_memory_budget=1.0), \
+            torch._dynamo.config.patch(automatic_dynamic_shapes=True):
+        network = OmegaConf.create({"compile_scope": "full", "compile_memory_budget": 0.7})
+        _compiled(torch.nn.Linear(1, 1), None, network)
+        assert functorch_config.activation_memory_budget == 0.7
+        assert not torch._dynamo.config.automatic_dynamic_shapes
+        with pytest.raises(ValueError, match="compile_memory_budget must be in"):
+            _compiled(torch.nn.Linear(1, 1), None,
+                      OmegaConf.create({"compile_scope": "full", "compile_memory_budget": 7}))
 
 
 def test_imagenet_configs_compile_and_the_cpu_default_does_not():
