@@ -22,7 +22,7 @@ launch plans on and then off (``kernels.launch_plans.fast_launch``, as
 
 It first checks that each variant computes the same loss and gradients as the reference
 (autograd JVP, math attention; bf16 autocast, small batch). FLOPs: one forward of the token-wise layers plus attention
-(``tvm.train.loop.forward_flops``; 236 GFLOP per image at 256 px); a TVM step counts 11 forward
+(``DiT.forward_flops``; 236 GFLOP per image at 256 px); a TVM step counts 11 forward
 equivalents per image, a flow-matching step 3. MFU uses ``--peak`` (800 TFLOP/s, the bf16 rate
 measured on the lent H100).
 """
@@ -49,7 +49,7 @@ from tvm.method.sampler import sample
 from tvm.method.times import draw_step
 from tvm.train.build import build_network, build_optimizer, guidance, time_sampling
 from tvm.train.ema import make_ema
-from tvm.train.loop import Progress, RunState, apply_update, forward_flops
+from tvm.train.loop import Progress, RunState, apply_update
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,7 +303,7 @@ def measure(kind: str, variant: str, cfg, R: int, x: torch.Tensor, labels: torch
     except torch.OutOfMemoryError:
         return [(kind, variant, None, None, None, None)]
     ms = statistics.median(times)
-    flops = (11 if kind == "tvm" else 3) * forward_flops(state.net.model) * args.batch
+    flops = (11 if kind == "tvm" else 3) * state.net.model.forward_flops() * args.batch
     return [(kind, variant, ms, args.batch / ms * 1e3, flops / (ms / 1e3) / args.peak,
              torch.cuda.max_memory_allocated() / 2**30)]
 
@@ -388,7 +388,7 @@ def main() -> None:
         torch._dynamo.reset()  # drop compiled code of the finished variant (its cache entries and memory)
         torch.cuda.empty_cache()
     with torch.device("meta"):
-        gflops = forward_flops(build_network(cfg.network, R, 4, 1000, "meta", init=False).model) / 1e9
+        gflops = build_network(cfg.network, R, 4, 1000, "meta", init=False).model.forward_flops() / 1e9
 
     print("| step | variant | ms/step | img/s | MFU | peak GiB |")
     print("|---|---|---|---|---|---|")

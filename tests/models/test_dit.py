@@ -281,3 +281,14 @@ def test_integer_input_and_bad_time_length_are_rejected():
         model(torch.zeros(2, 2, 8, 8, dtype=torch.long), torch.rand(2), torch.rand(2))
     with pytest.raises(ValueError, match="t has 3 entries; expected 1 or the batch size 2"):
         model(torch.randn(2, 2, 8, 8), torch.rand(3), torch.rand(2))
+
+
+def test_forward_flops_counts_token_wise_layers_and_attention():
+    # hidden 32, depth 2, patch 2, 8x8x2 input: T = 16 tokens; token-wise weights: patch conv 32·2·2·2,
+    # final linear 8·32, per block qkv 96·32 + proj 32·32 + fc1 128·32 + fc2 32·128 = 12,288.
+    model = tiny_dit()
+    weights = 256 + 256 + 2 * 12_288
+    assert model.forward_flops() == 2 * weights * 16 + 4 * 16 * 16 * 32 * 2
+    with torch.device("meta"):
+        xl = DiT("DiT-XL/2-18h", input_size=32, in_channels=4, num_classes=1000, init=False)
+    assert xl.forward_flops() / 1e9 == pytest.approx(236.78, abs=0.01)  # "237 GFLOP" at 256 px (docs/benchmarks.md)

@@ -18,13 +18,8 @@ stream), but skip the SVD, which consumes no random numbers and is the slow part
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn as nn
-
-if TYPE_CHECKING:
-    from tvm.models.dit import DiT
 
 INIT_TYPES = ("spectral", "xunif")
 EMBED_STD = 0.02
@@ -76,7 +71,7 @@ def zero_(layer: nn.Linear) -> None:
 
 
 @torch.no_grad()
-def initialize_dit(model: "DiT", init_type: str = "spectral", time_specinit: bool = False,
+def initialize_dit(model: nn.Module, init_type: str = "spectral", time_specinit: bool = False,
                    patch_spectral: bool = False) -> None:
     """Run steps 2–7 on a freshly constructed :class:`~tvm.models.dit.DiT` (docs/method.md §3.8)."""
     from tvm.models.dit import sincos_pos_embed_2d

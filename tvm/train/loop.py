@@ -116,22 +116,10 @@ def infinite_batches(loader: torch.utils.data.DataLoader):
         yield from loader
 
 
-def forward_flops(model: torch.nn.Module) -> float:
-    """FLOPs of one forward per image: 2 per multiply-add of the token-wise layers (patch embed,
-    qkv, proj, fc1, fc2, final linear) times the tokens, plus attention's 4·T²·D per block.
-    Per-image layers (embedders, adaLN) are negligible and left out. DiT-XL/2 at 256 px: 236 GFLOP."""
-    T = model.x_embedder.num_patches
-    token_params = model.x_embedder.proj.weight.numel() + model.final_layer.linear.weight.numel()
-    for block in model.blocks:
-        token_params += sum(layer.weight.numel() for layer in
-                            (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2))
-    return 2 * token_params * T + 4 * T * T * model.hidden_size * len(model.blocks)
-
-
 def step_flops(net: TVMWrapper, batch: int) -> float:
     """≈ 11 forward-equivalents per image (JVP ≈ 3, teacher 2, FM forward 1, backward ≈ 5);
     2.6 TFLOP per image for DiT-XL/2 at 256 px."""
-    return 11 * forward_flops(net.model) * batch
+    return 11 * net.model.forward_flops() * batch
 
 
 @dataclass
