@@ -1,9 +1,10 @@
 """Time, guidance and label-dropout sampling for the TVM loss (TVM.md §2, §1.6, §10.3).
 
 Every draw of a training step is made here, for the **global** batch, from one generator that
-the loop seeds with (run seed, step); each rank and accumulation round then takes its slice
-(:meth:`StepDraws.slice`). Results therefore depend neither on the number of GPUs nor on
-gradient accumulation, and a resumed run draws exactly what an uninterrupted one would.
+the loop seeds with (run seed, step); each rank and accumulation round then takes its rows
+(``Batching.positions`` in tvm/train/loop.py, the data sampler's rule). Results therefore depend
+neither on the number of GPUs nor on gradient accumulation, and a resumed run draws exactly what
+an uninterrupted one would.
 
 Time schemes (``TimeSampling.scheme``):
 
@@ -160,9 +161,6 @@ class StepDraws:
     beta: torch.Tensor
     noise: torch.Tensor
     drop: torch.Tensor
-
-    def slice(self, start: int, stop: int) -> "StepDraws":
-        return StepDraws(*(getattr(self, f)[start:stop] for f in ("t", "s", "s_prime", "beta", "noise", "drop")))
 
     def to(self, device: torch.device | str) -> "StepDraws":
         return StepDraws(*(getattr(self, f).to(device) for f in ("t", "s", "s_prime", "beta", "noise", "drop")))
