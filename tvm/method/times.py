@@ -152,7 +152,8 @@ class StepDraws:
     """All random quantities of one training step for a batch (TVM.md §2).
 
     Shapes: ``t, s, s_prime, beta`` ``[n, 1, 1, 1]``; ``noise`` ``[n, C, R, R]``; ``drop`` ``[n]`` bool
-    (label dropped → null class and β = 1). ``beta`` here is before dropout is applied.
+    (label dropped → null class and β = 1, applied by ``objective.apply_label_dropout``). ``beta`` here is
+    before dropout is applied.
     """
 
     t: torch.Tensor
@@ -174,13 +175,3 @@ def draw_step(gen: torch.Generator, n: int, sample_shape: tuple[int, ...], times
     noise = torch.randn((n, *sample_shape), generator=gen, device=device)
     drop = torch.rand(n, generator=gen, device=device) < guidance.label_dropout
     return StepDraws(t, s, s_prime, beta, noise, drop)
-
-
-def apply_label_dropout(labels: torch.Tensor | None, beta: torch.Tensor, drop: torch.Tensor
-                        ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Dropped rows → all-zero labels (null class) and β = 1 (TVM.md §1.6). Never in place."""
-    beta = torch.where(drop.view(-1, 1, 1, 1), torch.ones_like(beta), beta)
-    if labels is not None:
-        labels = labels * (~drop).to(labels.dtype)[:, None]
-    return labels, beta
-
