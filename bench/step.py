@@ -44,7 +44,7 @@ from kernels import launch_plans
 from tvm.compiling import allow_tracing_this_package, compile_model, set_activation_memory_budget
 from tvm.config import compose_config
 from tvm.data.encoders import StabilityVAEEncoder
-from tvm.method.loss import interpolate
+from tvm.method.objective import interpolate
 from tvm.method.sampler import sample
 from tvm.method.times import draw_step
 from tvm.train.build import build_network, build_optimizer, guidance, time_sampling

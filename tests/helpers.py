@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from tvm.models.dit import DiT
+from tvm.method.times import StepDraws
 from tvm.method.wrapper import TVMWrapper
 
 
@@ -40,6 +41,12 @@ def tiny_wrapper(do_scale_param: bool = True, perturb: bool = True, dtype: torch
         perturb_(model)
     net = TVMWrapper(model, data_type="fp32", do_scale_param=do_scale_param, jvp_attn_backend="math")
     return net.to(dtype)
+
+
+def undropped_draws(t: torch.Tensor, s: torch.Tensor, s_prime: torch.Tensor, beta: torch.Tensor,
+                    noise: torch.Tensor) -> StepDraws:
+    """Draws with chosen times, β and noise and no label dropped (to call the objective directly)."""
+    return StepDraws(t, s, s_prime, beta, noise, torch.zeros(t.shape[0], dtype=torch.bool))
 
 
 def one_hot(indices, num_classes: int = 10) -> torch.Tensor:

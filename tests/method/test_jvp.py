@@ -1,14 +1,15 @@
-"""d f/d s by forward-mode AD against finite differences and forward_ad (docs/method.md §1.3, §12 items 13–17)."""
+"""The flow map and d f/d s by forward-mode AD, in both JVP modes, against finite differences and
+forward_ad (docs/method.md §1.3, §12 items 13–17)."""
 from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 
 from helpers import one_hot, tiny_wrapper
-from tvm.method.jvp import df_ds, flow_map, velocity_and_ds
-from tvm.method.loss import kappa
+from tvm.method.objective import flow_map, flow_map_derivative, kappa, velocity_and_ds
 from tvm.method.times import Guidance, TimeSampling, draw_step
 
 D64 = torch.float64
@@ -28,11 +29,21 @@ def velocity_fn(net, x, t, labels, beta):
     return lambda s_: net.velocity(x, t, t - s_, labels, beta, attn_backend="math", out_dtype=D64)
 
 
-def test_ds_matches_central_finite_difference_in_float64():
-    net = tiny_wrapper()
+JVP_MODES = pytest.mark.parametrize("jvp_mode", ["autograd", "explicit"])
+
+
+def jvp_net(jvp_mode, **kwargs):
+    net = tiny_wrapper(**kwargs)
+    net.jvp_mode = jvp_mode
+    return net
+
+
+@JVP_MODES
+def test_ds_matches_central_finite_difference_in_float64(jvp_mode):
+    net = jvp_net(jvp_mode)
     x, t, s, labels, beta = setup_batch(net)
     fn = velocity_fn(net, x, t, labels, beta)
-    F, dF = velocity_and_ds(fn, s)
+    F, dF = velocity_and_ds(net, x, t, s, labels, beta)
     h = 1e-5
     fd = (fn(s + h) - fn(s - h)) / (2 * h)
     rel = (dF - fd).norm() / fd.norm()
@@ -40,10 +51,11 @@ def test_ds_matches_central_finite_difference_in_float64():
     assert fd.norm() > 1e-3  # the derivative is not trivially zero
 
 
-def test_ds_matches_torch_autograd_forward_ad_and_is_minus_d_gap():
-    net = tiny_wrapper()
+@JVP_MODES
+def test_ds_matches_torch_autograd_forward_ad_and_is_minus_d_gap(jvp_mode):
+    net = jvp_net(jvp_mode)
     x, t, s, labels, beta = setup_batch(net)
-    _, dF = velocity_and_ds(velocity_fn(net, x, t, labels, beta), s)
+    _, dF = velocity_and_ds(net, x, t, s, labels, beta)
     gap = (t - s).detach()
     with fwAD.dual_level():
         dual_gap = fwAD.make_dual(gap, torch.ones_like(gap))
@@ -52,11 +64,12 @@ def test_ds_matches_torch_autograd_forward_ad_and_is_minus_d_gap():
     torch.testing.assert_close(dF, -d_gap, rtol=1e-10, atol=1e-12)
 
 
-def test_jvp_in_fp32_agrees_with_finite_difference_to_bf16_class_tolerance():
-    net = tiny_wrapper(dtype=torch.float32)
+@JVP_MODES
+def test_jvp_in_fp32_agrees_with_finite_difference_to_bf16_class_tolerance(jvp_mode):
+    net = jvp_net(jvp_mode, dtype=torch.float32)
     x, t, s, labels, beta = (v.float() for v in setup_batch(net))
     fn = lambda s_: net.velocity(x, t, t - s_, labels, beta, attn_backend="math")  # noqa: E731
-    _, dF = velocity_and_ds(fn, s)
+    _, dF = velocity_and_ds(net, x, t, s, labels, beta)
     h = 1e-3
     fd = (fn(s + h) - fn(s - h)) / (2 * h)
     assert dF.dtype == torch.float32  # fp32 mode: nothing is cast to bf16
@@ -69,10 +82,11 @@ def test_flow_map_and_derivative_formulas_with_and_without_scaling():
         x, t, s, labels, beta = setup_batch(net, cfg=2.0)
         fn = velocity_fn(net, x, t, labels, beta)
         k = kappa(beta, scale)
-        f_ts, dfds = df_ds(lambda s_: velocity_and_ds(fn, s_), x, t, s, k)
-        F, dF = velocity_and_ds(fn, s)
+        F, dF = velocity_and_ds(net, x, t, s, labels, beta)
+        f_ts, dfds = flow_map(x, F, t, s, k), flow_map_derivative(F, dF, t, s, k)
         w = 2.0 if scale else 1.0
         torch.testing.assert_close(f_ts, x + (s - t) * w * F)
+        assert torch.equal(f_ts, x + ((s - t) * F) * k)  # upstream's operation order, bit for bit
         torch.testing.assert_close(dfds, w * (F + (s - t) * dF))
         # d f/d s is the derivative of the flow map itself (central difference on s).
         h = 1e-5
@@ -83,8 +97,9 @@ def test_flow_map_and_derivative_formulas_with_and_without_scaling():
 def test_t_equal_s_gives_the_instantaneous_velocity():
     net = tiny_wrapper()
     x, t, _, labels, beta = setup_batch(net)
-    fn = velocity_fn(net, x, t, labels, beta)
-    f_ts, dfds = df_ds(lambda s_: velocity_and_ds(fn, s_), x, t, t.clone(), kappa(beta, True))
+    s, k = t.clone(), kappa(beta, True)
+    F, dF = velocity_and_ds(net, x, t, s, labels, beta)
+    f_ts, dfds = flow_map(x, F, t, s, k), flow_map_derivative(F, dF, t, s, k)
     torch.testing.assert_close(f_ts, x)
     F0 = net.velocity(x, t, torch.zeros_like(t), labels, beta, attn_backend="math", out_dtype=D64)
     torch.testing.assert_close(dfds, F0 / beta)

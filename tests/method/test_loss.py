@@ -1,4 +1,4 @@
-"""The TVM loss terms (docs/method.md §1.4–1.6, §12 items 18–22)."""
+"""The TVM objective (docs/method.md §1.4–1.6, §12 items 18–22)."""
 from __future__ import annotations
 
 import copy
@@ -6,10 +6,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from helpers import one_hot, tiny_wrapper
-from tvm.method.jvp import velocity_and_ds
-from tvm.method.loss import loss_terms
-from tvm.method.times import StepDraws, apply_label_dropout
+from helpers import one_hot, tiny_wrapper, undropped_draws
+from tvm.method.objective import apply_label_dropout, tvm_loss
+from tvm.method.times import StepDraws
 
 D64 = torch.float64
 
@@ -24,14 +23,13 @@ class OracleNet:
     x0: torch.Tensor
     do_scale_param: bool = False
     detach_jvp: bool = False
+    jvp_mode: str = "autograd"  # ∂_s F by torch.func.jvp through velocity()
+    jvp_attn_backend: str = "math"
     calls: list = field(default_factory=list)
 
-    def velocity(self, x, t, gap, labels, beta, attn_backend=None, out_dtype=D64):
+    def velocity(self, x, t, gap, labels, beta, attn_backend=None, out_dtype=D64, *, recompute=True):
         self.calls.append(dict(x=x, t=t, gap=gap, labels=labels, beta=beta))
         return (x - self.x0) / t.view(-1, 1, 1, 1) + 0 * gap.view(-1, 1, 1, 1)
-
-    def velocity_and_ds(self, x, t, s, labels, beta):
-        return velocity_and_ds(lambda s_: self.velocity(x, t, t - s_, labels, beta), s)
 
 
 def oracle_inputs(n=5):
@@ -47,8 +45,8 @@ def oracle_inputs(n=5):
 def test_oracle_average_velocity_has_zero_loss():
     x0, noise, t, s, s_prime = oracle_inputs()
     net, teacher = OracleNet(x0), OracleNet(x0)
-    out = loss_terms(net, teacher, x0.expand_as(noise), noise, t, s, s_prime, one_hot([0] * 5),
-                     torch.ones_like(t))
+    out = tvm_loss(net, teacher, x0.expand_as(noise), one_hot([0] * 5),
+                   undropped_draws(t, s, s_prime, torch.ones_like(t), noise))
     assert out["terminal"].abs().max() < 1e-24 and out["fm"].abs().max() < 1e-24
     # The teacher is called once, with batch 2B: (f_ts, s, 0, c, β) then (x_{s'}, s', 0, null, 1).
     assert len(teacher.calls) == 1
@@ -79,7 +77,7 @@ def reference_terms(net, teacher, x, noise, t, s, s_prime, labels, beta):
     return term, fm
 
 
-def test_loss_terms_equal_the_written_out_formula():
+def test_objective_equals_the_written_out_formula():
     for scale in (True, False):
         net = tiny_wrapper(do_scale_param=scale)
         teacher = copy.deepcopy(tiny_wrapper(do_scale_param=scale, perturb=True)).eval()
@@ -93,7 +91,7 @@ def test_loss_terms_equal_the_written_out_formula():
         s_prime = torch.rand(4, 1, 1, 1, generator=gen, dtype=D64)
         beta = torch.tensor([0.5, 0.5, 1.0, 0.25], dtype=D64).view(4, 1, 1, 1)
         labels = one_hot([1, 2, 3, 4])
-        out = loss_terms(net, teacher, x, noise, t, s, s_prime, labels, beta)
+        out = tvm_loss(net, teacher, x, labels, undropped_draws(t, s, s_prime, beta, noise))
         term, fm = reference_terms(net, teacher, x, noise, t, s, s_prime, labels, beta)
         torch.testing.assert_close(out["terminal"], term, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(out["fm"], fm, rtol=1e-12, atol=1e-14)
@@ -106,10 +104,10 @@ def test_unit_guidance_makes_the_fm_target_the_conditional_velocity():
     x = x0.expand_as(noise)
 
     class Zero(OracleNet):
-        def velocity(self, x, t, gap, labels, beta, attn_backend=None, out_dtype=D64):
+        def velocity(self, x, t, gap, labels, beta, attn_backend=None, out_dtype=D64, *, recompute=True):
             return torch.zeros_like(x)
 
-    out = loss_terms(Zero(x0), Zero(x0), x, noise, t, s, s_prime, None, torch.ones_like(t))
+    out = tvm_loss(Zero(x0), Zero(x0), x, None, undropped_draws(t, s, s_prime, torch.ones_like(t), noise))
     torch.testing.assert_close(out["fm"], ((noise - x) ** 2).mean(dim=(1, 2, 3)))
 
 
@@ -131,11 +129,11 @@ def test_s_equal_t_masks_the_terminal_term_and_nan_is_never_hidden():
     t = torch.tensor([0.7, 0.5, 0.9], dtype=D64).view(3, 1, 1, 1)
     s = torch.tensor([0.7, 0.2, 0.1], dtype=D64).view(3, 1, 1, 1)
     beta = torch.full_like(t, 0.5)
-    out = loss_terms(net, teacher, x, noise, t, s, s.clone(), one_hot([0, 1, 2]), beta)
+    out = tvm_loss(net, teacher, x, one_hot([0, 1, 2]), undropped_draws(t, s, s.clone(), beta, noise))
     assert out["terminal"][0] == 0 and out["terminal"][1] > 0
     x = x.clone()
     x[2, 0, 0, 0] = float("nan")
-    out = loss_terms(net, teacher, x, noise, t, s, s.clone(), one_hot([0, 1, 2]), beta)
+    out = tvm_loss(net, teacher, x, one_hot([0, 1, 2]), undropped_draws(t, s, s.clone(), beta, noise))
     assert torch.isnan(out["loss"][2]) and torch.isfinite(out["loss"][:2]).all()
 
 
@@ -150,6 +148,7 @@ def test_wrapper_forward_applies_the_draws_label_dropout():
     x, labels = torch.randn(n, 2, 8, 8, generator=gen, dtype=D64), one_hot([3, 4, 5])
     out = net(x, labels, draws, teacher)
     dropped_labels, dropped_beta = apply_label_dropout(labels, draws.beta, draws.drop)
-    ref = loss_terms(net, teacher, x, draws.noise, draws.t, draws.s, draws.s_prime, dropped_labels, dropped_beta)
+    ref = tvm_loss(net, teacher, x, dropped_labels, undropped_draws(draws.t, draws.s, draws.s_prime, dropped_beta,
+                                                                     draws.noise))
     torch.testing.assert_close(out["loss"], ref["loss"])
     assert torch.equal(labels, one_hot([3, 4, 5]))

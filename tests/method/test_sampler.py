@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from helpers import one_hot, tiny_wrapper
+from tvm.method.objective import flow_map
 from tvm.method.sampler import sample, time_grid
 
 
@@ -40,6 +41,18 @@ def test_step_algebra(scale):
         x = x + (grid[i + 1] - grid[i]) * kappa * (0.5 * x + grid[i])
     assert len(net.calls) == 4 and out.dtype == torch.float64
     torch.testing.assert_close(out, x, rtol=1e-15, atol=1e-15)
+
+
+def test_a_step_is_the_objectives_flow_map_in_the_samplers_operation_order():
+    """Bit for bit, also where the grid steps are not powers of two (3 steps) and κ = w ≠ 1."""
+    z = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    out = sample(RecordingNet(), z, None, steps=3, cfg=1.75)
+    grid = time_grid(3)
+    x = y = z.double()
+    for t_cur, t_next in zip(grid[:-1], grid[1:]):
+        x = flow_map(x, 0.5 * x + t_cur, t_cur, t_next, 1.75)
+        y = y + (t_next - t_cur) * 1.75 * (0.5 * y + t_cur)
+    assert torch.equal(out, x) and torch.equal(out, y)
 
 
 def test_sampling_a_real_network_unguided_and_unconditional():

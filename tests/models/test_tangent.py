@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import one_hot, perturb_, tiny_dit, tiny_wrapper
+from helpers import one_hot, perturb_, tiny_dit, tiny_wrapper, undropped_draws
 from kernels.reference import attention_jvp_math, attention_tangent_math
-from tvm.method.loss import loss_terms
+from tvm.method.objective import tvm_loss
 from tvm.models import dit as dit_module
 from tvm.models import tangent
 
@@ -138,8 +138,8 @@ def test_loss_and_gradients_equal_in_both_jvp_modes(dtype, tol):
     col = lambda v: v.view(-1, 1, 1, 1).to(dtype)  # noqa: E731
     results = {}
     for mode, net in nets.items():
-        out = loss_terms(net, teacher, x.to(dtype), noise.to(dtype), col(t), col(t - gap), col(s_prime),
-                         labels.to(dtype), col(beta))
+        out = tvm_loss(net, teacher, x.to(dtype), labels.to(dtype),
+                       undropped_draws(col(t), col(t - gap), col(s_prime), col(beta), noise.to(dtype)))
         out["loss"].sum().backward()
         grads = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
         results[mode] = out["loss"].detach(), grads

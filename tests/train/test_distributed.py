@@ -89,14 +89,27 @@ def test_step_generator_is_deterministic_and_step_dependent() -> None:
         D.step_generator(-1, 0)
 
 
-def test_batch_slices_tile_the_global_batch() -> None:
-    rows = [i for r in range(4) for k in range(2) for i in range(16)[D.batch_slice(16, r, 4, k, 2)]]
-    assert rows == list(range(16))
-    global_draw = torch.rand(16, generator=D.step_generator(0, 3))
-    by_rank = torch.cat([global_draw[D.batch_slice(16, r, 2)] for r in range(2)])
-    assert torch.equal(by_rank, global_draw)
+def test_batch_positions_tile_the_global_batch_as_the_data_sampler_does() -> None:
+    """Rank r's round j of a step takes the rows r + W·(j·b + m) of the step's global draws: the
+    stream positions the data sampler gives that rank and round."""
+    from tvm.data.datasets import InfiniteSampler
+    from tvm.method.times import Guidance, TimeSampling, draw_step
+    from tvm.train.loop import Batching, take
+
+    batching = Batching.from_config(16, 2, 4)  # W = 4 ranks, b = 2 per round, 2 rounds
+    assert batching.rounds == 2
+    rows = torch.cat([batching.positions(r, j) for r in range(4) for j in range(2)])
+    assert sorted(rows.tolist()) == list(range(16))
+    assert batching.positions(1, 1).tolist() == [9, 13]
+    stream = iter(InfiniteSampler(100, rank=1, world_size=4, seed=0))
+    rank_1 = [next(stream) for _ in range(4)]  # rounds 0 and 1 of step 0
+    one_process = InfiniteSampler(100, seed=0)
+    assert rank_1[2:] == [one_process.index_at(p) for p in batching.positions(1, 1).tolist()]
+    draws = draw_step(D.step_generator(0, 3), 16, (2, 2, 2), TimeSampling(), Guidance(cfg=2.0))
+    mine = take(draws, batching.positions(1, 1))
+    assert torch.equal(mine.noise, draws.noise[[9, 13]]) and torch.equal(mine.drop, draws.drop[[9, 13]])
     with pytest.raises(ValueError, match="not divisible"):
-        D.batch_slice(10, 0, 4)
+        Batching.from_config(10, None, 4)
 
 
 _WORKER = textwrap.dedent(

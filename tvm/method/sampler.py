@@ -1,8 +1,9 @@
 """Few-step sampling with the learned flow map (docs/method.md §4, eq. M12; §12 item 29).
 
-Time grid ``linspace(1, 0, n + 1)`` in float64, float64 state, and per step
+Time grid ``linspace(1, 0, n + 1)`` in float64, float64 state, and per step the flow map from
+t_i to t_{i+1} (:func:`tvm.method.objective.flow_map`, the loss's function)
 
-    x ← x + (t_{i+1} − t_i)·κ·F(x, t_i, t_i − t_{i+1}, c, β),   β = 1/w, κ = w if scaled else 1.
+    x ← x + ((t_{i+1} − t_i)·κ)·F(x, t_i, t_i − t_{i+1}, c, β),   β = 1/w, κ = w if scaled else 1.
 
 Guidance is distilled into the β-conditioned network: one call per step, any w ≥ 1 (w = 1 is
 unguided), and the sampling w may differ from the training w. ``labels=None`` (or all-zero
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from tvm.method.objective import flow_map
 from tvm.method.wrapper import TVMWrapper
 
 
@@ -42,5 +44,5 @@ def sample(net: TVMWrapper, z: torch.Tensor, labels: torch.Tensor | None = None,
     kappa = cfg if net.do_scale_param else 1.0
     for t_cur, t_next in zip(grid[:-1], grid[1:]):
         F = net.velocity(x, t_cur.reshape(1), (t_cur - t_next).reshape(1), labels, beta, out_dtype=torch.float64)
-        x = x + (t_next - t_cur) * kappa * F
+        x = flow_map(x, F, t_cur, t_next, kappa)
     return x

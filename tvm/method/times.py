@@ -1,9 +1,10 @@
 """Time, guidance and label-dropout sampling for the TVM loss (docs/method.md §2, §1.6, §10.3).
 
 Every draw of a training step is made here, for the **global** batch, from one generator that
-the loop seeds with (run seed, step); each rank and accumulation round then takes its slice
-(:meth:`StepDraws.slice`). Results therefore depend neither on the number of GPUs nor on
-gradient accumulation, and a resumed run draws exactly what an uninterrupted one would.
+the loop seeds with (run seed, step); each rank and accumulation round then takes its rows
+(``Batching.positions`` in tvm/train/loop.py, the data sampler's rule). Results therefore depend
+neither on the number of GPUs nor on gradient accumulation, and a resumed run draws exactly what
+an uninterrupted one would.
 
 Time schemes (``TimeSampling.scheme``):
 
@@ -152,7 +153,8 @@ class StepDraws:
     """All random quantities of one training step for a batch (docs/method.md §2).
 
     Shapes: ``t, s, s_prime, beta`` ``[n, 1, 1, 1]``; ``noise`` ``[n, C, R, R]``; ``drop`` ``[n]`` bool
-    (label dropped → null class and β = 1). ``beta`` here is before dropout is applied.
+    (label dropped → null class and β = 1, applied by ``objective.apply_label_dropout``). ``beta`` here is
+    before dropout is applied.
     """
 
     t: torch.Tensor
@@ -161,9 +163,6 @@ class StepDraws:
     beta: torch.Tensor
     noise: torch.Tensor
     drop: torch.Tensor
-
-    def slice(self, start: int, stop: int) -> "StepDraws":
-        return StepDraws(*(getattr(self, f)[start:stop] for f in ("t", "s", "s_prime", "beta", "noise", "drop")))
 
     def to(self, device: torch.device | str) -> "StepDraws":
         return StepDraws(*(getattr(self, f).to(device) for f in ("t", "s", "s_prime", "beta", "noise", "drop")))
@@ -177,13 +176,3 @@ def draw_step(gen: torch.Generator, n: int, sample_shape: tuple[int, ...], times
     noise = torch.randn((n, *sample_shape), generator=gen, device=device)
     drop = torch.rand(n, generator=gen, device=device) < guidance.label_dropout
     return StepDraws(t, s, s_prime, beta, noise, drop)
-
-
-def apply_label_dropout(labels: torch.Tensor | None, beta: torch.Tensor, drop: torch.Tensor
-                        ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Dropped rows → all-zero labels (null class) and β = 1 (docs/method.md §1.6). Never in place."""
-    beta = torch.where(drop.view(-1, 1, 1, 1), torch.ones_like(beta), beta)
-    if labels is not None:
-        labels = labels * (~drop).to(labels.dtype)[:, None]
-    return labels, beta
-

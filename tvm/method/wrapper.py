@@ -1,14 +1,16 @@
-"""The trainable network: a DiT plus precision, parametrisation and the loss forward.
+"""The trainable network: a DiT plus its precision; ``forward`` delegates to the objective.
 
 ``TVMWrapper`` holds the DiT as ``self.model``, so its state dict has the authors' keys
-(``model.blocks.0.attn.qkv.weight`` …, docs/method.md §9.3). Its ``forward`` computes the per-sample
-loss terms, so that under DDP the JVP, the teacher call and both terms run inside the
-DDP-wrapped forward (docs/method.md §5.1 item 13).
+(``model.blocks.0.attn.qkv.weight`` …, docs/method.md §9.3). Its ``forward`` is the per-sample loss
+(:func:`tvm.method.objective.tvm_loss`), so that under DDP the JVP, the teacher call and both
+terms run inside the DDP-wrapped forward (docs/method.md §5.1 item 13). The objective's options given
+with the network in the config (``do_scale_param``, ``detach_jvp``, ``jvp_mode``) are stored here
+and read by the objective and the sampler.
 
 Precision (docs/method.md §3.9): ``data_type="bf16"`` (or ``"fp16"``) runs every network call under
 CUDA autocast; ``"fp32"`` disables it. On a CPU the wrapper always computes in fp32. Inputs are
-cast to the parameters' dtype (fp32) before the network and outputs to the time tensor's dtype (fp32 in training, float64 in
-the sampler).
+cast to the parameters' dtype (fp32) before the network and outputs to the time tensor's dtype
+(fp32 in training, float64 in the sampler).
 """
 from __future__ import annotations
 
@@ -18,9 +20,8 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from tvm.method.jvp import velocity_and_ds
-from tvm.method.loss import loss_terms
-from tvm.method.times import StepDraws, apply_label_dropout
+from tvm.method.objective import tvm_loss
+from tvm.method.times import StepDraws
 from tvm.models.attention import BACKENDS
 from tvm.models.dit import DiT
 
@@ -30,7 +31,7 @@ RECOMPUTE = ("none", "fm", "all")
 
 
 class TVMWrapper(nn.Module):
-    """DiT + autocast + scaled parametrisation + the TVM loss forward.
+    """DiT + autocast (+ activation recomputation); ``forward`` = the TVM loss.
 
     Args:
         model: the :class:`~tvm.models.dit.DiT`.
@@ -39,9 +40,9 @@ class TVMWrapper(nn.Module):
         detach_jvp: stop the gradient through the tangent ∂_s F (paper's runtime variant).
         attn_backend: attention for plain forwards (``"sdpa"``).
         jvp_attn_backend: attention inside the JVP (``"math"`` reference; ``"triton"`` on GPU).
-        jvp_mode: how ``∂_s F`` is computed: ``"explicit"`` tangent propagation through the layers
-            (``DiT.forward_with_tangent``; one ordinary graph, compiles) or ``"autograd"``
-            (``torch.func.jvp`` through the plain forward, upstream's method; eager only).
+        jvp_mode: how the objective computes ``∂_s F``: ``"explicit"`` tangent propagation through
+            the layers (:meth:`velocity_with_tangent`) or ``"autograd"`` (``torch.func.jvp`` through
+            :meth:`velocity`, upstream's method; eager only); see ``objective.velocity_and_ds``.
         recompute: activation checkpointing, trading compute for memory in training forwards:
             ``"none"``; ``"fm"`` recomputes the flow-matching branch's forward in the backward
             (+1 of the step's ~11 forward equivalents; it keeps fewer bytes but not a lower peak,
@@ -91,38 +92,34 @@ class TVMWrapper(nn.Module):
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, gap: torch.Tensor, labels: torch.Tensor | None = None,
                  beta: torch.Tensor | None = None, attn_backend: str | None = None,
-                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                 out_dtype: torch.dtype | None = None, *, recompute: bool = True) -> torch.Tensor:
         """``F_θ(x, t, gap, c, β)`` with inputs cast to the parameter dtype (fp32; float64 in
         tests) and the output to ``out_dtype`` (default: t's dtype, as upstream). With gradients
-        enabled and ``recompute`` set, its activations are recomputed in the backward."""
-        checkpoint = self.recompute != "none" and torch.is_grad_enabled()
-        return self._velocity(x, t, gap, labels, beta, attn_backend or self.attn_backend, out_dtype, checkpoint)
+        enabled, ``self.recompute`` set and ``recompute`` true (false inside ``torch.func.jvp``, which
+        cannot run through checkpointing), its activations are recomputed in the backward.
 
-    def _velocity(self, x: torch.Tensor, t: torch.Tensor, gap: torch.Tensor, labels: torch.Tensor | None,
-                  beta: torch.Tensor | None, attn_backend: str, out_dtype: torch.dtype | None,
-                  checkpoint: bool) -> torch.Tensor:
-        args = (*self._param_dtype(x, t, gap, labels, beta), attn_backend)
+        FSDP2 registers this method as a forward of the teacher and the eval EMA
+        (tvm/train/sharding.py): keep its name.
+        """
+        args = (*self._param_dtype(x, t, gap, labels, beta), attn_backend or self.attn_backend)
         with self.autocast(x.device):
-            if checkpoint:
+            if recompute and self.recompute != "none" and torch.is_grad_enabled():
                 out = torch.utils.checkpoint.checkpoint(self.model, *args, use_reentrant=False)
             else:
                 out = self.model(*args)
         return out.to(out_dtype or t.dtype)
 
-    def velocity_and_ds(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, labels: torch.Tensor | None,
-                        beta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(F_θ(x, t, t − s, c, β), ∂_s F)`` in t's dtype (docs/method.md §1.3), by ``jvp_mode``.
-
-        Both outputs are differentiable w.r.t. the parameters; the attention is ``jvp_attn_backend``.
-        """
-        if self.jvp_mode == "autograd":
-            return velocity_and_ds(
-                lambda s_: self._velocity(x, t, t - s_, labels, beta, self.jvp_attn_backend, None, False), s)
-        x_, t_, gap, labels_, beta_ = self._param_dtype(x, t, t - s, labels, beta)
+    def velocity_with_tangent(self, x: torch.Tensor, t: torch.Tensor, gap: torch.Tensor, dgap: torch.Tensor,
+                              labels: torch.Tensor | None, beta: torch.Tensor | None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``F_θ(x, t, gap, c, β)`` and its tangent for the tangent ``dgap`` on the gap input, both in t's
+        dtype, by explicit propagation through the layers (``DiT.forward_with_tangent``) with the
+        ``jvp_attn_backend`` attention; ``recompute="all"`` recomputes each block in the backward."""
+        x_, t_, gap_, dgap_, labels_, beta_ = self._param_dtype(x, t, gap, dgap, labels, beta)
         with self.autocast(x.device):
-            F, dF = self.model.forward_with_tangent(
-                x_, t_, gap, -torch.ones_like(gap), labels_, beta_, attn_backend=self.jvp_attn_backend,
-                recompute_blocks=self.recompute == "all")
+            F, dF = self.model.forward_with_tangent(x_, t_, gap_, dgap_, labels_, beta_,
+                                                    attn_backend=self.jvp_attn_backend,
+                                                    recompute_blocks=self.recompute == "all")
         return F.to(t.dtype), dF.to(t.dtype)
 
     def _param_dtype(self, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
@@ -132,14 +129,6 @@ class TVMWrapper(nn.Module):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None, draws: StepDraws,
                 teacher: "TVMWrapper") -> dict[str, torch.Tensor]:
-        """Per-sample loss terms for a batch (docs/method.md §1.4); label dropout from ``draws``.
-
-        Args:
-            x: encoded data ``[B, C, R, R]``; labels one-hot ``[B, K]`` or None.
-            draws: this batch's slice of the step's random draws.
-            teacher: the target EMA (called without gradient, in eval mode).
-        Returns:
-            ``{"terminal", "fm", "loss"}``, each ``[B]`` fp32.
-        """
-        labels, beta = apply_label_dropout(labels, draws.beta, draws.drop)
-        return loss_terms(self, teacher, x, draws.noise, draws.t, draws.s, draws.s_prime, labels, beta)
+        """The per-sample loss terms :func:`tvm.method.objective.tvm_loss` (label dropout from
+        ``draws``; ``teacher`` is the target EMA): ``{"terminal", "fm", "loss"}``, each ``[B]``."""
+        return tvm_loss(self, teacher, x, labels, draws)

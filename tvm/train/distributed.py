@@ -392,27 +392,10 @@ def step_generator(seed: int, step: int, device: str | torch.device = "cpu") -> 
 
     Why: docs/method.md §2 (last paragraph) and §11 item 8 — draw times, noise, CFG and
     label dropout for the *global* batch from this generator and let each rank and accumulation
-    round take its slice (``batch_slice``); results then depend neither on the GPU count nor on
-    accumulation, and a resumed run draws what an uninterrupted one would. CPU and CUDA
+    round take its rows (``Batching.positions`` in tvm/train/loop.py); results then depend neither
+    on the GPU count nor on accumulation, and a resumed run draws what an uninterrupted one would. CPU and CUDA
     generators produce different streams: use the same device type on every rank.
     """
     generator = torch.Generator(device=torch.device(device))
     generator.manual_seed(step_seed(seed, step))
     return generator
-
-
-def batch_slice(global_batch: int, rank: int, world_size: int, accum_round: int = 0, accum_rounds: int = 1) -> slice:
-    """Rows of a global batch handled by ``rank`` in accumulation round ``accum_round``.
-
-    Layout: the batch is cut into ``world_size`` contiguous per-rank blocks, each cut into
-    ``accum_rounds`` contiguous per-round pieces. Raises ``ValueError`` unless the sizes divide.
-    """
-    if global_batch % (world_size * accum_rounds) != 0:
-        raise ValueError(
-            f"global batch {global_batch} is not divisible by world_size {world_size} x accum_rounds {accum_rounds}"
-        )
-    if not (0 <= rank < world_size and 0 <= accum_round < accum_rounds):
-        raise ValueError(f"rank {rank}/{world_size} or round {accum_round}/{accum_rounds} out of range")
-    per_round = global_batch // (world_size * accum_rounds)
-    start = (rank * accum_rounds + accum_round) * per_round
-    return slice(start, start + per_round)
