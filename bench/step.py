@@ -6,7 +6,7 @@ Builds the network on the GPU (spectral init there; the zero-initialised layers 
 random weights so that every path carries signal), and times, with CUDA events after warm-up:
 
 * the full TVM step — loss with its JVP, teacher forward, backward, gradient norm (+ clipping at
-  512 px), fused AdamW, eval-EMA and teacher-EMA updates (``tvm.train.loop.apply_update``) — for
+  512 px), fused AdamW, eval-EMA and teacher-EMA updates (``tvm.train.update.apply_update``) — for
   each ``--variants`` entry ``JVPMODE:ATTENTION[:compile|:blocks][:recompute=R][:budget=B]``:
   ``autograd`` (torch.func.jvp through the plain forward, upstream's method) or ``explicit``
   (tangents propagated through the layers), the JVP attention ``triton`` (fused kernel) or
@@ -49,7 +49,8 @@ from tvm.method.sampler import sample
 from tvm.method.times import draw_step
 from tvm.train.build import build_network, build_optimizer, guidance, time_sampling
 from tvm.train.ema import make_ema
-from tvm.train.loop import Progress, RunState, apply_update
+from tvm.train.state import Progress, RunState
+from tvm.train.update import apply_update
 
 
 @dataclasses.dataclass(frozen=True)

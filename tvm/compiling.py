@@ -7,7 +7,8 @@ and runs it eagerly: a compiled model here would silently compile nothing.
 a warning where the internals differ); :func:`compile_model` does that, then ``torch.compile``.
 Call the former before ``nn.Module.compile()``.
 
-:func:`set_activation_memory_budget` sets how much of its activations a compiled graph keeps for
+:func:`compile_training` is the training run's compile policy (``network.compile*``: scope, mode,
+memory budget, static shapes). :func:`set_activation_memory_budget` sets how much of its activations a compiled graph keeps for
 the backward (``network.compile_memory_budget``).
 
 :func:`save_compile_cache` / :func:`load_compile_cache` keep the compiled artifacts (Inductor's
@@ -22,6 +23,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +111,54 @@ def _artifact_count(info: Any) -> int:
     """Number of artifacts in a ``CacheInfo`` (``artifacts``: kind → list of artifact keys)."""
     artifacts = getattr(info, "artifacts", None)
     return sum(len(keys) for keys in artifacts.values()) if isinstance(artifacts, dict) else 0
+
+
+COMPILE_SCOPES = ("blocks", "full")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+COMPILE_CACHE = "compile-cache.bin"
+
+
+def compile_training(ddp: torch.nn.Module, online: torch.nn.Module | None, teacher: torch.nn.Module | None,
+                     ema: torch.nn.Module | None, network: Any) -> torch.nn.Module:
+    """The training forward under ``torch.compile`` (``network.compile_scope``): ``blocks`` compiles
+    each DiT block of the online net, the teacher and the eval EMA (TVMWrappers; their ``.model``) in
+    place (regional compilation);
+    ``full`` compiles the whole DDP-wrapped loss forward. The compiled graphs keep
+    ``network.compile_memory_budget`` of their activations for the backward.
+
+    Every input shape gets its own static graph: with Dynamo's automatic dynamic shapes, a call at
+    another batch size first (an evaluation at step 0, say) would make the training graphs
+    dynamic in the batch, whose partition keeps more for the backward (DiT-XL/2 at budget 0.7:
+    41.3 instead of 31.3 GiB, docs/benchmarks.md).
+    """
+    scope, mode = network.compile_scope, network.get("compile_mode", "default")
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"unknown network.compile_scope {scope!r}; allowed: {', '.join(COMPILE_SCOPES)}")
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown network.compile_mode {mode!r}; allowed: {', '.join(COMPILE_MODES)}")
+    options = {} if mode == "default" else {"mode": mode}
+    set_activation_memory_budget(network.compile_memory_budget)
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    if scope == "full":
+        if hasattr(torch._dynamo.config, "optimize_ddp"):  # gone in newer PyTorch, which splits no DDP graph
+            torch._dynamo.config.optimize_ddp = False  # one graph for forward and backward, as upstream
+        return compile_model(ddp, **options)
+    for wrapper in (online, teacher):
+        wrapper.model.compile_blocks(**options)
+    # The eval EMA samples in loops that feed a block's output back in; CUDA graph trees overwrite
+    # such outputs on the next replay (measured: "accessing tensor output of CUDAGraphs that has been
+    # overwritten"), so it never uses reduce-overhead.
+    ema.model.compile_blocks(**({} if mode == "reduce-overhead" else options))
+    return ddp
+
+
+def update_compile_cache(path: Path, loaded: int, log: Callable[[str], None]) -> None:
+    """Rank 0 writes the artifacts compiled so far when there are more than the file held; a failure
+    to write is logged, never fatal (the cache only saves compile time at the next start)."""
+    try:
+        written = save_compile_cache(path) if not loaded else 0
+    except OSError as exc:
+        log(f"compile cache not written ({exc}); the next start compiles from scratch")
+        return
+    log(f"compile cache: {loaded} artifacts loaded at start" if loaded else
+        f"compile cache: {written} artifacts written to {path}; a restart loads them")

@@ -94,7 +94,7 @@ def test_batch_positions_tile_the_global_batch_as_the_data_sampler_does() -> Non
     stream positions the data sampler gives that rank and round."""
     from tvm.data.datasets import InfiniteSampler
     from tvm.method.times import Guidance, TimeSampling, draw_step
-    from tvm.train.loop import Batching, take
+    from tvm.train.update import Batching, take
 
     batching = Batching.from_config(16, 2, 4)  # W = 4 ranks, b = 2 per round, 2 rounds
     assert batching.rounds == 2
@@ -103,8 +103,9 @@ def test_batch_positions_tile_the_global_batch_as_the_data_sampler_does() -> Non
     assert batching.positions(1, 1).tolist() == [9, 13]
     stream = iter(InfiniteSampler(100, rank=1, world_size=4, seed=0))
     rank_1 = [next(stream) for _ in range(4)]  # rounds 0 and 1 of step 0
-    one_process = InfiniteSampler(100, seed=0)
-    assert rank_1[2:] == [one_process.index_at(p) for p in batching.positions(1, 1).tolist()]
+    one_process = iter(InfiniteSampler(100, seed=0))
+    stream_positions = [next(one_process) for _ in range(16)]  # the whole step in one process
+    assert rank_1[2:] == [stream_positions[p] for p in batching.positions(1, 1).tolist()]
     draws = draw_step(D.step_generator(0, 3), 16, (2, 2, 2), TimeSampling(), Guidance(cfg=2.0))
     mine = take(draws, batching.positions(1, 1))
     assert torch.equal(mine.noise, draws.noise[[9, 13]]) and torch.equal(mine.drop, draws.drop[[9, 13]])

@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 from helpers import QUICK_TINY
 from tvm.config import compose_config
 from tvm.train.checkpoint import CheckpointManager, load_checkpoint
-from tvm.train.loop import NonFiniteLossError, run
+from tvm.train.loop import run
+from tvm.train.update import NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = QUICK_TINY + ["training.ckpt_ticks=1", "training.snapshot_ticks=1000"]
@@ -166,32 +167,32 @@ def test_two_process_ddp_equals_one_process(tmp_path):
 
 
 def test_unknown_compile_scope_is_refused_by_name():
-    from tvm.train.loop import _compiled
+    from tvm.compiling import compile_training
 
     network = OmegaConf.create({"compile_scope": "everything", "compile_memory_budget": 1.0})
     with pytest.raises(ValueError, match="network.compile_scope 'everything'"):
-        _compiled(torch.nn.Linear(1, 1), None, network)
+        compile_training(torch.nn.Linear(1, 1), None, None, None, network)
     network = OmegaConf.create({"compile_scope": "blocks", "compile_mode": "fastest", "compile_memory_budget": 1.0})
     with pytest.raises(ValueError, match="network.compile_mode 'fastest'"):
-        _compiled(torch.nn.Linear(1, 1), None, network)
+        compile_training(torch.nn.Linear(1, 1), None, None, None, network)
 
 
 def test_compiled_training_sets_the_memory_budget_and_static_shapes():
     import torch._functorch.config as functorch_config
 
-    from tvm.train.loop import _compiled
+    from tvm.compiling import compile_training
 
     # torch's config modules are restored with their own patch() (monkeypatch's undo deletes the
     # attribute of a config module, which breaks later compilations in the same process).
     with functorch_config.patch(activation_memory_budget=1.0), \
             torch._dynamo.config.patch(automatic_dynamic_shapes=True):
         network = OmegaConf.create({"compile_scope": "full", "compile_memory_budget": 0.7})
-        _compiled(torch.nn.Linear(1, 1), None, network)
+        compile_training(torch.nn.Linear(1, 1), None, None, None, network)
         assert functorch_config.activation_memory_budget == 0.7
         assert not torch._dynamo.config.automatic_dynamic_shapes
         with pytest.raises(ValueError, match="compile_memory_budget must be in"):
-            _compiled(torch.nn.Linear(1, 1), None,
-                      OmegaConf.create({"compile_scope": "full", "compile_memory_budget": 7}))
+            compile_training(torch.nn.Linear(1, 1), None, None, None,
+                             OmegaConf.create({"compile_scope": "full", "compile_memory_budget": 7}))
 
 
 def test_imagenet_configs_compile_and_the_cpu_default_does_not():

@@ -2,7 +2,7 @@
 
 Every draw of a training step is made here, for the **global** batch, from one generator that
 the loop seeds with (run seed, step); each rank and accumulation round then takes its rows
-(``Batching.positions`` in tvm/train/loop.py, the data sampler's rule). Results therefore depend
+(``Batching.positions`` in tvm/train/update.py, the data sampler's rule). Results therefore depend
 neither on the number of GPUs nor on gradient accumulation, and a resumed run draws exactly what
 an uninterrupted one would.
 

@@ -392,7 +392,7 @@ def step_generator(seed: int, step: int, device: str | torch.device = "cpu") -> 
 
     Why: docs/method.md §2 (last paragraph) and §11 item 8 — draw times, noise, CFG and
     label dropout for the *global* batch from this generator and let each rank and accumulation
-    round take its rows (``Batching.positions`` in tvm/train/loop.py); results then depend neither
+    round take its rows (``Batching.positions`` in tvm/train/update.py); results then depend neither
     on the GPU count nor on accumulation, and a resumed run draws what an uninterrupted one would. CPU and CUDA
     generators produce different streams: use the same device type on every rank.
     """

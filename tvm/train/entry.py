@@ -28,7 +28,7 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from tvm.train.checkpoint import CheckpointError
-from tvm.train.loop import NonFiniteLossError
+from tvm.train.update import NonFiniteLossError
 
 ERROR_DIR_ENV = "TVM_ERROR_DIR"  # set by train.sh: where each worker writes its one-line cause
 INTERRUPTED_EXIT = 130           # the shell's code for a process stopped by SIGINT

@@ -1,5 +1,7 @@
 """The TVM training loop (docs/method.md §5). Reads top to bottom: set-up, then one step, then the
-maintenance at the end of each tick.
+maintenance at the end of each tick. Its pieces live beside it: the run state and its checkpoints
+in tvm/train/state.py, the batch split and the update step in tvm/train/update.py, the compile
+policy in tvm/compiling.py, sharding in tvm/train/sharding.py.
 
 What differs from upstream, on purpose (docs/method.md §11):
 
@@ -19,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,75 +28,29 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
-from tvm.compiling import compile_model, load_compile_cache, save_compile_cache, set_activation_memory_budget
+from tvm.compiling import COMPILE_CACHE, compile_training, load_compile_cache, update_compile_cache
 from tvm.config import to_container, validate_config
 from tvm.eval.generate import generate_images
 from tvm.eval.grid import grid_classes, grid_layout, save_image_grid, save_reference_grid
 from tvm.eval.metrics import METRICS, MetricContext, check_reference_files, compute_metric
-from tvm.method.times import StepDraws, draw_step
+from tvm.method.times import draw_step
 from tvm.method.wrapper import TVMWrapper
 from tvm.models.dit import count_parameters
 from tvm.train import distributed
 from tvm.train.build import (build_dataset, build_network, build_optimizer, encoder_from_config, guidance,
                              time_sampling)
-from tvm.train.checkpoint import (CheckpointError, CheckpointManager, CheckpointWriteError, capture_rng_state,
-                                  load_checkpoint, module_state_dict, restore_rng_state, state_dict_differences)
-from tvm.train.ema import make_ema, update_ema_
+from tvm.train.checkpoint import CheckpointManager, CheckpointWriteError, load_checkpoint
+from tvm.train.ema import make_ema
 from tvm.train.logging import (RunLogger, binned_means, peak_memory_gb, reset_peak_memory, sanitize_config,
                                status_line)
 from tvm.train.preemption import PreemptionHandler, ignore_interrupts
-from tvm.train.sharding import (broadcast_parameters_, check_sharding_supported, full_state_dict, gather_module,
-                                gradient_norm, is_sharded, local, shard_network, shard_optimizer_state,
-                                shard_state_dict, state_memory_per_rank)
+from tvm.train.sharding import (broadcast_parameters_, check_sharding_supported, gather_module, shard_network,
+                                state_memory_per_rank)
+from tvm.train.state import Progress, RunState, checkpoint_content, restore
 from tvm.train.stats import StatsCollector
+from tvm.train.update import Batching, apply_update, check_nonfinite, gradient_sync, step_flops, take
 
 PEAK_FLOPS = {"cuda": 800e12}  # bf16 dense peak used for MFU (measured on the lent H100)
-
-
-class NonFiniteLossError(RuntimeError):
-    """Raised when non-finite losses/gradients exceed the configured policy."""
-
-
-@dataclass
-class Progress:
-    step: int = 0         # optimizer steps done
-    skipped: int = 0      # steps skipped for non-finite values
-    in_row: int = 0       # consecutive skipped steps at the last check
-
-    def state_dict(self, batch_size: int, steps_per_tick: int) -> dict[str, int]:
-        return {"step": self.step, "nimg": self.step * batch_size, "tick": self.step // steps_per_tick,
-                "skipped": self.skipped, "in_row": self.in_row}
-
-
-@dataclass
-class Batching:
-    """How a global batch is split: ``batch = world · batch_gpu · rounds`` (docs/method.md §5.1 item 7)."""
-
-    batch: int
-    world: int
-    batch_gpu: int
-    rounds: int
-
-    @classmethod
-    def from_config(cls, batch: int, batch_gpu: int | None, world: int) -> "Batching":
-        if batch % world:
-            raise ValueError(f"training.batch_size={batch} is not divisible by the world size {world}")
-        per_rank = batch // world
-        batch_gpu = batch_gpu or per_rank
-        if per_rank % batch_gpu:
-            raise ValueError(f"training.batch_size={batch} is not divisible by world size × batch_gpu "
-                             f"= {world} × {batch_gpu}")
-        return cls(batch, world, batch_gpu, per_rank // batch_gpu)
-
-    def positions(self, rank: int, round_: int) -> torch.Tensor:
-        """Positions in the global batch of this rank's micro-batch: the sampler gives rank r the
-        stream positions ``r, r + W, …``, so round j holds ``r + W·(j·b + m)``, m < b."""
-        return rank + self.world * (round_ * self.batch_gpu + torch.arange(self.batch_gpu))
-
-
-def take(draws: StepDraws, index: torch.Tensor) -> StepDraws:
-    return StepDraws(*(getattr(draws, f)[index.to(getattr(draws, f).device)]
-                       for f in ("t", "s", "s_prime", "beta", "noise", "drop")))
 
 
 def resolve_run_dir(cfg: DictConfig) -> Path:
@@ -114,106 +69,6 @@ def set_backend_flags(cfg: DictConfig) -> None:
 def infinite_batches(loader: torch.utils.data.DataLoader):
     while True:
         yield from loader
-
-
-def step_flops(net: TVMWrapper, batch: int) -> float:
-    """≈ 11 forward-equivalents per image (JVP ≈ 3, teacher 2, FM forward 1, backward ≈ 5);
-    2.6 TFLOP per image for DiT-XL/2 at 256 px."""
-    return 11 * net.model.forward_flops() * batch
-
-
-@dataclass
-class RunState:
-    """Everything a checkpoint restores."""
-
-    net: TVMWrapper
-    ema: TVMWrapper
-    teacher: TVMWrapper
-    optimizer: torch.optim.Optimizer
-    progress: Progress
-
-    @property
-    def sharded(self) -> bool:
-        """True when the modules are FSDP2-sharded (their parameters are DTensors)."""
-        return is_sharded(next(self.net.parameters()))
-
-
-def checkpoint_content(state: RunState, cfg: DictConfig, batch: int, steps_per_tick: int,
-                       data: dict[str, int]) -> dict[str, Any]:
-    """Everything to resume exactly. The data position is ``step · batch`` (the sampler's global
-    stream index) and each step's draws derive from (seed, step); the global RNG states are kept
-    for anything else that draws (e.g. dropout).
-
-    Sharded (FSDP2) runs call this on every rank: weights and optimizer moments are all-gathered
-    into full tensors kept on rank 0 (the file is the one a DDP run writes)."""
-    full = (lambda sd: full_state_dict(sd, distributed.is_main())) if state.sharded else (lambda sd: sd)
-    return {"net": full(module_state_dict(state.net)), "ema": full(module_state_dict(state.ema)),
-            "ema_target": full(module_state_dict(state.teacher)), "optimizer": full(state.optimizer.state_dict()),
-            "progress": state.progress.state_dict(batch, steps_per_tick),
-            "rng": capture_rng_state(),
-            "config": sanitize_config(to_container(cfg)), "data": data}
-
-
-def _weights_mismatch(module: torch.nn.Module, weights: dict[str, Any]) -> str:
-    """What differs between a module and a state dict: the first key of each kind and the counts."""
-    own = module.state_dict()
-    missing, unexpected, shapes = state_dict_differences(own, weights)
-    parts = []
-    if shapes:
-        key = shapes[0]
-        parts.append(f"{key} is {list(weights[key].shape)} in the checkpoint but {list(own[key].shape)} here"
-                     + (f" ({len(shapes)} keys differ in shape)" if len(shapes) > 1 else ""))
-    if missing:
-        parts.append(f"{len(missing)} keys missing, e.g. {missing[0]}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[0]}")
-    return "; ".join(parts)
-
-
-def _config_differences(stored: Any, cfg: DictConfig | None, section: str = "network") -> list[str]:
-    """``network.<key>: <stored> in the checkpoint, <current> here`` for every differing key of a section."""
-    if cfg is None or not isinstance(stored, dict) or not isinstance(stored.get(section), dict):
-        return []
-    current = to_container(cfg).get(section) or {}
-    return [f"{section}.{key}: {stored[section].get(key)!r} in the checkpoint, {value!r} here"
-            for key, value in current.items() if key in stored[section] and stored[section][key] != value]
-
-
-def restore(state: RunState, ckpt: dict[str, Any], weights_only: bool, path: Path | str = "<checkpoint>",
-            cfg: DictConfig | None = None) -> None:
-    """Load a checkpoint into the run (``weights_only``: fine-tuning transfer of the EMA weights).
-
-    Weights of another model size or data shape raise ``CheckpointError`` naming ``path``, the
-    first mismatching parameter and the ``network.*`` settings that differ from ``cfg``.
-    """
-    def load(module: torch.nn.Module, name: str) -> None:
-        try:
-            module.load_state_dict(shard_state_dict(ckpt[name], module) if state.sharded else ckpt[name])
-        except RuntimeError as exc:
-            differences = _config_differences(ckpt.get("config"), cfg)
-            raise CheckpointError(
-                f"{path}: its {name!r} weights do not fit the network this run builds "
-                f"({_weights_mismatch(module, ckpt[name]) or str(exc).splitlines()[0]})"
-                + (f"; config differences: {', '.join(differences)}" if differences else "")
-                + "; it was written for another model size or data shape: use the config it was trained with, "
-                "or another run directory") from exc
-
-    if weights_only:
-        for module in (state.net, state.ema, state.teacher):
-            load(module, "ema")
-        return
-    load(state.net, "net")
-    load(state.ema, "ema")
-    load(state.teacher, "ema_target")
-    try:
-        state.optimizer.load_state_dict(shard_optimizer_state(ckpt["optimizer"], state.optimizer) if state.sharded
-                                        else ckpt["optimizer"])
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: its optimizer state does not fit this run's optimizer ({exc})") from exc
-    progress = ckpt["progress"]
-    state.progress = Progress(progress["step"], progress.get("skipped", 0), progress.get("in_row", 0))
-    if "rng" in ckpt:
-        restore_rng_state(ckpt["rng"])
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -310,7 +165,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     compile_cache = run_dir / COMPILE_CACHE if cfg.network.compile and cfg.network.compile_cache else None
     if compile_cache is not None:
         loaded_artifacts = load_compile_cache(compile_cache)
-    train_net = _compiled(ddp, state, cfg.network) if cfg.network.compile else ddp
+    train_net = compile_training(ddp, state.net, state.teacher, state.ema, cfg.network) if cfg.network.compile else ddp
 
     sampler = _make_sampler(len(dataset), dist, seed, progress.step * batching.batch)
     loader = torch.utils.data.DataLoader(
@@ -379,7 +234,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
             labels = labels.to(device) if label_dim else None
             mine = take(draws, batching.positions(dist.rank, round_))
             last_round = round_ == batching.rounds - 1
-            with _gradient_sync(ddp, sharded, dist.distributed, last_round):
+            with gradient_sync(ddp, sharded, dist.distributed, last_round):
                 terms = train_net(x, labels, mine, teacher if teacher is not None else net)
                 loss = terms["loss"]
                 nonfinite_loss = torch.maximum(nonfinite_loss, (~torch.isfinite(loss)).any().float())
@@ -421,7 +276,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         logger.log_stats(summary, progress.step, tick=tick, img_per_sec=img_per_sec, skipped_steps=progress.skipped,
                          **({"mfu": mfu} if mfu is not None else {}))
         reset_peak_memory(device)
-        _check_nonfinite(tcfg, progress, longest)
+        check_nonfinite(tcfg, progress, longest)
 
         if tick % tcfg.ckpt_ticks == 0 or done:
             _save_checkpoint(ckpts, lambda: checkpoint_content(state, cfg, batching.batch, steps_per_tick, data_facts),
@@ -436,7 +291,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
             last_metrics = _evaluate(ema_now, cfg, metric_ctx, logger, progress.step)
         del ema_now
         if compile_cache is not None and distributed.is_main():
-            _update_compile_cache(compile_cache, loaded_artifacts, logger)
+            update_compile_cache(compile_cache, loaded_artifacts, logger.log)
             compile_cache = None  # once per process: the training graphs exist after the first tick
         distributed.barrier()
         tick_start, tick_step0 = time.time(), progress.step
@@ -467,111 +322,6 @@ def _make_sampler(length: int, dist: distributed.DistContext, seed: int, start: 
     from tvm.data.datasets import InfiniteSampler
 
     return InfiniteSampler(length, rank=dist.rank, world_size=dist.world_size, seed=seed, start_index=start)
-
-
-def grad_norm_and_skip(net: TVMWrapper, max_norm: float | None, nonfinite_loss: torch.Tensor,
-                       stats: StatsCollector | None = None) -> torch.Tensor:
-    """Gradient norm (after the DDP all-reduce, so equal on all ranks), optional clipping, and the
-    skip flag ``non-finite loss on any rank or non-finite gradient`` as a 0-dim bool tensor."""
-    grads = [p.grad for p in net.parameters() if p.grad is not None]
-    if grads and is_sharded(grads[0]):  # FSDP2: norms of the local slices, summed over the ranks
-        norm, grads = gradient_norm(grads), [local(g) for g in grads]
-    else:
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
-    if max_norm is not None:
-        torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
-    if stats is not None:
-        stats.report("Loss/grad_norm", norm.detach().reshape(1))
-    return (~torch.isfinite(norm)) | (nonfinite_loss > 0)
-
-
-def _gradient_sync(module: torch.nn.Module, sharded: bool, distributed: bool, sync: bool
-                   ) -> contextlib.AbstractContextManager:
-    """Gradient synchronisation of one accumulation round: only the last round (``sync``) reduces
-    (DDP: ``no_sync`` before it; FSDP2: ``set_requires_gradient_sync``)."""
-    if sharded:
-        module.set_requires_gradient_sync(sync)
-        return contextlib.nullcontext()
-    return module.no_sync() if distributed and not sync else contextlib.nullcontext()
-
-
-COMPILE_SCOPES = ("blocks", "full")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
-
-
-def _compiled(ddp: torch.nn.Module, state: RunState, network: DictConfig) -> torch.nn.Module:
-    """The training forward under ``torch.compile`` (``network.compile_scope``): ``blocks`` compiles
-    each DiT block of the online net, the teacher and the EMA in place (regional compilation);
-    ``full`` compiles the whole DDP-wrapped loss forward. The compiled graphs keep
-    ``network.compile_memory_budget`` of their activations for the backward.
-
-    Every input shape gets its own static graph: with Dynamo's automatic dynamic shapes, a call at
-    another batch size first (an evaluation at step 0, say) would make the training graphs
-    dynamic in the batch, whose partition keeps more for the backward (DiT-XL/2 at budget 0.7:
-    41.3 instead of 31.3 GiB, docs/benchmarks.md).
-    """
-    scope, mode = network.compile_scope, network.get("compile_mode", "default")
-    if scope not in COMPILE_SCOPES:
-        raise ValueError(f"unknown network.compile_scope {scope!r}; allowed: {', '.join(COMPILE_SCOPES)}")
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"unknown network.compile_mode {mode!r}; allowed: {', '.join(COMPILE_MODES)}")
-    options = {} if mode == "default" else {"mode": mode}
-    set_activation_memory_budget(network.compile_memory_budget)
-    torch._dynamo.config.automatic_dynamic_shapes = False
-    if scope == "full":
-        if hasattr(torch._dynamo.config, "optimize_ddp"):  # gone in newer PyTorch, which splits no DDP graph
-            torch._dynamo.config.optimize_ddp = False  # one graph for forward and backward, as upstream
-        return compile_model(ddp, **options)
-    for wrapper in (state.net, state.teacher):
-        wrapper.model.compile_blocks(**options)
-    # The eval EMA samples in loops that feed a block's output back in; CUDA graph trees overwrite
-    # such outputs on the next replay (measured: "accessing tensor output of CUDAGraphs that has been
-    # overwritten"), so it never uses reduce-overhead.
-    state.ema.model.compile_blocks(**({} if mode == "reduce-overhead" else options))
-    return ddp
-
-
-def apply_update(state: RunState, max_grad_norm: float | None, ema_beta: float, ema_target_beta: float | None,
-                 nonfinite_loss: torch.Tensor, stats: StatsCollector | None = None) -> torch.Tensor:
-    """Clip, AdamW (skipped on device by fused AdamW's ``found_inf`` when non-finite), then the eval
-    EMA and the teacher EMA in that order (docs/method.md §5.2 items 5–9). Returns the skip flag."""
-    skip = grad_norm_and_skip(state.net, max_grad_norm, nonfinite_loss, stats)
-    state.optimizer.found_inf = skip.float()
-    state.optimizer.step()
-    state.optimizer.zero_grad(set_to_none=True)
-    update_ema_(state.ema, state.net, ema_beta, skip)
-    if ema_target_beta is not None:
-        update_ema_(state.teacher, state.net, ema_target_beta, skip)
-    return skip
-
-
-COMPILE_CACHE = "compile-cache.bin"
-
-
-def _update_compile_cache(path: Path, loaded: int, logger: RunLogger) -> None:
-    """Rank 0 writes the artifacts compiled so far when there are more than the file held; a failure
-    to write is logged, never fatal (the cache only saves compile time at the next start)."""
-    try:
-        written = save_compile_cache(path) if not loaded else 0
-    except OSError as exc:
-        logger.log(f"compile cache not written ({exc}); the next start compiles from scratch")
-        return
-    logger.log(f"compile cache: {loaded} artifacts loaded at start" if loaded else
-               f"compile cache: {written} artifacts written to {path}; a restart loads them")
-
-
-def _check_nonfinite(tcfg: DictConfig, progress: Progress, longest_in_row: int = 0) -> None:
-    """The non-finite policy, checked once per tick (one host sync). ``longest_in_row`` is the longest
-    run of consecutive skipped steps since the last check: a run of K in mid-tick followed by good
-    steps must stop the run too, not only K in a row at the end of the tick."""
-    if tcfg.nonfinite_policy == "raise" and progress.skipped:
-        raise NonFiniteLossError(f"{progress.skipped} step(s) had non-finite losses or gradients by step "
-                                 f"{progress.step} (training.nonfinite_policy=raise); nothing was applied")
-    in_row = max(progress.in_row, longest_in_row)
-    if in_row >= tcfg.max_nonfinite_in_row:
-        raise NonFiniteLossError(f"{in_row} consecutive steps had non-finite losses or gradients "
-                                 f"(limit training.max_nonfinite_in_row={tcfg.max_nonfinite_in_row}) by step "
-                                 f"{progress.step}; the weights, EMAs and checkpoints hold no NaN")
 
 
 def _save_checkpoint(ckpts: CheckpointManager, content: Callable[[], dict[str, Any]], step: int,

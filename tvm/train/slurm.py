@@ -248,7 +248,7 @@ def compose_train_config(args: Sequence[str]):
 
 def check_config_for_world(cfg, world_size: int) -> None:
     """Fail at submission, not hours later in the queue, when the batch does not split."""
-    from tvm.train.loop import Batching
+    from tvm.train.update import Batching
 
     Batching.from_config(cfg.training.batch_size, cfg.training.batch_gpu, world_size)
 

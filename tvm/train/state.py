@@ -1,0 +1,128 @@
+"""The run's state and its checkpoints: what a checkpoint holds and how a run is restored from one.
+
+``RunState`` is everything a checkpoint restores (online network, eval EMA, teacher EMA, optimizer,
+progress); :func:`checkpoint_content` builds the file's content and :func:`restore` loads it back,
+with errors that name the file, the first mismatching parameter and the differing settings.
+Sharded (FSDP2) states are gathered into and loaded from the same format (tvm/train/sharding.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from tvm.config import to_container
+from tvm.method.wrapper import TVMWrapper
+from tvm.train import distributed
+from tvm.train.checkpoint import (CheckpointError, capture_rng_state, module_state_dict, restore_rng_state,
+                                  state_dict_differences)
+from tvm.train.logging import sanitize_config
+from tvm.train.sharding import full_state_dict, is_sharded, shard_optimizer_state, shard_state_dict
+
+
+@dataclass
+class Progress:
+    step: int = 0         # optimizer steps done
+    skipped: int = 0      # steps skipped for non-finite values
+    in_row: int = 0       # consecutive skipped steps at the last check
+
+    def state_dict(self, batch_size: int, steps_per_tick: int) -> dict[str, int]:
+        return {"step": self.step, "nimg": self.step * batch_size, "tick": self.step // steps_per_tick,
+                "skipped": self.skipped, "in_row": self.in_row}
+
+
+@dataclass
+class RunState:
+    """Everything a checkpoint restores."""
+
+    net: TVMWrapper
+    ema: TVMWrapper
+    teacher: TVMWrapper
+    optimizer: torch.optim.Optimizer
+    progress: Progress
+
+    @property
+    def sharded(self) -> bool:
+        """True when the modules are FSDP2-sharded (their parameters are DTensors)."""
+        return is_sharded(next(self.net.parameters()))
+
+
+def checkpoint_content(state: RunState, cfg: DictConfig, batch: int, steps_per_tick: int,
+                       data: dict[str, int]) -> dict[str, Any]:
+    """Everything to resume exactly. The data position is ``step · batch`` (the sampler's global
+    stream index) and each step's draws derive from (seed, step); the global RNG states are kept
+    for anything else that draws (e.g. dropout).
+
+    Sharded (FSDP2) runs call this on every rank: weights and optimizer moments are all-gathered
+    into full tensors kept on rank 0 (the file is the one a DDP run writes)."""
+    full = (lambda sd: full_state_dict(sd, distributed.is_main())) if state.sharded else (lambda sd: sd)
+    return {"net": full(module_state_dict(state.net)), "ema": full(module_state_dict(state.ema)),
+            "ema_target": full(module_state_dict(state.teacher)), "optimizer": full(state.optimizer.state_dict()),
+            "progress": state.progress.state_dict(batch, steps_per_tick),
+            "rng": capture_rng_state(),
+            "config": sanitize_config(to_container(cfg)), "data": data}
+
+
+def weights_mismatch(module: torch.nn.Module, weights: dict[str, Any]) -> str:
+    """What differs between a module and a state dict: the first key of each kind and the counts."""
+    own = module.state_dict()
+    missing, unexpected, shapes = state_dict_differences(own, weights)
+    parts = []
+    if shapes:
+        key = shapes[0]
+        parts.append(f"{key} is {list(weights[key].shape)} in the checkpoint but {list(own[key].shape)} here"
+                     + (f" ({len(shapes)} keys differ in shape)" if len(shapes) > 1 else ""))
+    if missing:
+        parts.append(f"{len(missing)} keys missing, e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[0]}")
+    return "; ".join(parts)
+
+
+def config_differences(stored: Any, cfg: DictConfig | None, section: str = "network") -> list[str]:
+    """``network.<key>: <stored> in the checkpoint, <current> here`` for every differing key of a section."""
+    if cfg is None or not isinstance(stored, dict) or not isinstance(stored.get(section), dict):
+        return []
+    current = to_container(cfg).get(section) or {}
+    return [f"{section}.{key}: {stored[section].get(key)!r} in the checkpoint, {value!r} here"
+            for key, value in current.items() if key in stored[section] and stored[section][key] != value]
+
+
+def restore(state: RunState, ckpt: dict[str, Any], weights_only: bool, path: Path | str = "<checkpoint>",
+            cfg: DictConfig | None = None) -> None:
+    """Load a checkpoint into the run (``weights_only``: fine-tuning transfer of the EMA weights).
+
+    Weights of another model size or data shape raise ``CheckpointError`` naming ``path``, the
+    first mismatching parameter and the ``network.*`` settings that differ from ``cfg``.
+    """
+    def load(module: torch.nn.Module, name: str) -> None:
+        try:
+            module.load_state_dict(shard_state_dict(ckpt[name], module) if state.sharded else ckpt[name])
+        except RuntimeError as exc:
+            differences = config_differences(ckpt.get("config"), cfg)
+            raise CheckpointError(
+                f"{path}: its {name!r} weights do not fit the network this run builds "
+                f"({weights_mismatch(module, ckpt[name]) or str(exc).splitlines()[0]})"
+                + (f"; config differences: {', '.join(differences)}" if differences else "")
+                + "; it was written for another model size or data shape: use the config it was trained with, "
+                "or another run directory") from exc
+
+    if weights_only:
+        for module in (state.net, state.ema, state.teacher):
+            load(module, "ema")
+        return
+    load(state.net, "net")
+    load(state.ema, "ema")
+    load(state.teacher, "ema_target")
+    try:
+        state.optimizer.load_state_dict(shard_optimizer_state(ckpt["optimizer"], state.optimizer) if state.sharded
+                                        else ckpt["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: its optimizer state does not fit this run's optimizer ({exc})") from exc
+    progress = ckpt["progress"]
+    state.progress = Progress(progress["step"], progress.get("skipped", 0), progress.get("in_row", 0))
+    if "rng" in ckpt:
+        restore_rng_state(ckpt["rng"])

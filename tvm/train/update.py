@@ -1,0 +1,116 @@
+"""One optimizer step's pieces: how the global batch is split over ranks and rounds, gradient
+synchronisation per round, the update (norm, clipping, AdamW, both EMAs) and the non-finite policy.
+
+The update is skipped on device when any rank saw a non-finite loss or the gradient norm is not
+finite (fused AdamW's ``found_inf``, EMA weight 1): no host sync per step; the policy is checked
+once per tick (:func:`check_nonfinite`).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+
+from tvm.method.times import StepDraws
+from tvm.method.wrapper import TVMWrapper
+from tvm.train.stats import StatsCollector
+from tvm.train.ema import update_ema_
+from tvm.train.sharding import gradient_norm, is_sharded, local
+from tvm.train.state import Progress, RunState
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when non-finite losses/gradients exceed the configured policy."""
+
+
+@dataclass
+class Batching:
+    """How a global batch is split: ``batch = world · batch_gpu · rounds`` (docs/method.md §5.1 item 7)."""
+
+    batch: int
+    world: int
+    batch_gpu: int
+    rounds: int
+
+    @classmethod
+    def from_config(cls, batch: int, batch_gpu: int | None, world: int) -> "Batching":
+        if batch % world:
+            raise ValueError(f"training.batch_size={batch} is not divisible by the world size {world}")
+        per_rank = batch // world
+        batch_gpu = batch_gpu or per_rank
+        if per_rank % batch_gpu:
+            raise ValueError(f"training.batch_size={batch} is not divisible by world size × batch_gpu "
+                             f"= {world} × {batch_gpu}")
+        return cls(batch, world, batch_gpu, per_rank // batch_gpu)
+
+    def positions(self, rank: int, round_: int) -> torch.Tensor:
+        """Positions in the global batch of this rank's micro-batch: the sampler gives rank r the
+        stream positions ``r, r + W, …``, so round j holds ``r + W·(j·b + m)``, m < b."""
+        return rank + self.world * (round_ * self.batch_gpu + torch.arange(self.batch_gpu))
+
+
+def take(draws: StepDraws, index: torch.Tensor) -> StepDraws:
+    return StepDraws(*(getattr(draws, f)[index.to(getattr(draws, f).device)]
+                       for f in ("t", "s", "s_prime", "beta", "noise", "drop")))
+
+
+def step_flops(net: TVMWrapper, batch: int) -> float:
+    """≈ 11 forward-equivalents per image (JVP ≈ 3, teacher 2, FM forward 1, backward ≈ 5);
+    2.6 TFLOP per image for DiT-XL/2 at 256 px."""
+    return 11 * net.model.forward_flops() * batch
+
+
+def grad_norm_and_skip(net: TVMWrapper, max_norm: float | None, nonfinite_loss: torch.Tensor,
+                       stats: StatsCollector | None = None) -> torch.Tensor:
+    """Gradient norm (after the DDP all-reduce, so equal on all ranks), optional clipping, and the
+    skip flag ``non-finite loss on any rank or non-finite gradient`` as a 0-dim bool tensor."""
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    if grads and is_sharded(grads[0]):  # FSDP2: norms of the local slices, summed over the ranks
+        norm, grads = gradient_norm(grads), [local(g) for g in grads]
+    else:
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+    if max_norm is not None:
+        torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+    if stats is not None:
+        stats.report("Loss/grad_norm", norm.detach().reshape(1))
+    return (~torch.isfinite(norm)) | (nonfinite_loss > 0)
+
+
+def gradient_sync(module: torch.nn.Module, sharded: bool, distributed: bool, sync: bool
+                   ) -> contextlib.AbstractContextManager:
+    """Gradient synchronisation of one accumulation round: only the last round (``sync``) reduces
+    (DDP: ``no_sync`` before it; FSDP2: ``set_requiresgradient_sync``)."""
+    if sharded:
+        module.set_requiresgradient_sync(sync)
+        return contextlib.nullcontext()
+    return module.no_sync() if distributed and not sync else contextlib.nullcontext()
+
+
+def apply_update(state: RunState, max_grad_norm: float | None, ema_beta: float, ema_target_beta: float | None,
+                 nonfinite_loss: torch.Tensor, stats: StatsCollector | None = None) -> torch.Tensor:
+    """Clip, AdamW (skipped on device by fused AdamW's ``found_inf`` when non-finite), then the eval
+    EMA and the teacher EMA in that order (docs/method.md §5.2 items 5–9). Returns the skip flag."""
+    skip = grad_norm_and_skip(state.net, max_grad_norm, nonfinite_loss, stats)
+    state.optimizer.found_inf = skip.float()
+    state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    update_ema_(state.ema, state.net, ema_beta, skip)
+    if ema_target_beta is not None:
+        update_ema_(state.teacher, state.net, ema_target_beta, skip)
+    return skip
+
+
+def check_nonfinite(tcfg: DictConfig, progress: Progress, longest_in_row: int = 0) -> None:
+    """The non-finite policy, checked once per tick (one host sync). ``longest_in_row`` is the longest
+    run of consecutive skipped steps since the last check: a run of K in mid-tick followed by good
+    steps must stop the run too, not only K in a row at the end of the tick."""
+    if tcfg.nonfinite_policy == "raise" and progress.skipped:
+        raise NonFiniteLossError(f"{progress.skipped} step(s) had non-finite losses or gradients by step "
+                                 f"{progress.step} (training.nonfinite_policy=raise); nothing was applied")
+    in_row = max(progress.in_row, longest_in_row)
+    if in_row >= tcfg.max_nonfinite_in_row:
+        raise NonFiniteLossError(f"{in_row} consecutive steps had non-finite losses or gradients "
+                                 f"(limit training.max_nonfinite_in_row={tcfg.max_nonfinite_in_row}) by step "
+                                 f"{progress.step}; the weights, EMAs and checkpoints hold no NaN")
