@@ -626,7 +626,7 @@ def _save_sample_grids(ema: TVMWrapper, encoder, cfg: DictConfig, run_dir: Path,
     classes = [i % num_classes for i in range(n)] if num_classes else None
     for name, sampler_cfg in cfg.sampling.items():
         images = generate_images(ema, encoder, list(range(n)), steps=sampler_cfg.num_steps,
-                                 cfg=sampler_cfg.cfg_scale, seed=cfg.eval.seed, classes=classes, device=device)
+                                 guidance=sampler_cfg.cfg_scale, seed=cfg.eval.seed, classes=classes, device=device)
         path = save_image_grid(images, run_dir / "samples" / f"{name}-tick{tick:06d}.png",
                                cols=min(n, num_classes) if num_classes else None,
                                upscale=max(1, 64 // images.shape[-1]))
