@@ -121,7 +121,6 @@ def test_fsdp2_checkpoint_resumes_exactly_and_loads_anywhere(runs, tmp_path):
 
 
 @pytest.mark.parametrize("settings, match", [
-    ({"sharding": "zero3"}, "unknown network.sharding 'zero3'"),
     ({"distributed": False}, "needs a process group"),
     ({"jvp_mode": "autograd"}, "network.jvp_mode=explicit"),
     ({"compile": True, "compile_scope": "full"}, "network.compile_scope=blocks"),
