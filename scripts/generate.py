@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ckpt", required=True, help="checkpoint file or run directory (newest checkpoint)")
     parser.add_argument("--out", required=True, help="output folder (PNG files) or a .npz file")
     parser.add_argument("--steps", type=positive_int, default=1, help="sampler steps = network evaluations (1, 2, 4)")
-    parser.add_argument("--cfg", type=guidance_scale, default=None,
+    parser.add_argument("--cfg", dest="guidance", type=guidance_scale, default=None,
                         help="guidance scale w >= 1 (1 = unguided); default: the config's sampler with --steps")
     parser.add_argument("--seeds", default="0-63", help="image indices, e.g. 0-49999 or 0-9,20 (default 0-63)")
     parser.add_argument("--seed", type=int, default=0, help="base seed combined with each image index")
@@ -82,14 +82,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             allow_tracing_this_package()
             net.model.compile()
         classes = parse_classes(args.classes, net.model.num_classes) if args.classes else None
-        cfg_scale = args.cfg if args.cfg is not None else default_cfg_scale(cfg.sampling, args.steps)
+        guidance = args.guidance if args.guidance is not None else default_cfg_scale(cfg.sampling, args.steps)
         if dist.is_main:
-            print(f"{paths[0]} (step {step}): {len(indices)} images, {args.steps} step(s), cfg {cfg_scale}, "
+            print(f"{paths[0]} (step {step}): {len(indices)} images, {args.steps} step(s), guidance {guidance}, "
                   f"{dist.world_size} process(es) -> {args.out}", flush=True)
             for path in stale:  # --force on a folder: none of its old images may remain
                 path.unlink(missing_ok=True)
         distributed.barrier()
-        out = generate_to(net, encoder_from_config(cfg.encoder), indices, args.out, steps=args.steps, cfg=cfg_scale,
+        out = generate_to(net, encoder_from_config(cfg.encoder), indices, args.out, steps=args.steps, guidance=guidance,
                           seed=args.seed, classes=classes, batch_size=args.batch, device=dist.device)
     except (CheckpointError, ValueError, OSError) as exc:
         print(f"generate.py: error: {exc}", file=sys.stderr)

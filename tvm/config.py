@@ -11,6 +11,11 @@ The schema is registered with Hydra's ConfigStore, so an unknown or mistyped key
 on the command line) is an error that names the key. Hydra adds a key given as ``+key=value``
 whatever the schema says; :func:`validate_config` (run by the trainer before anything else) refuses
 such keys and out-of-range values, naming the key.
+
+Fields with a fixed set of values are :class:`Choice` enums, so a bad value fails at composition
+with an error naming the key and the allowed values. A choice compares equal to, hashes and
+formats as its plain string (``cfg.network.jvp_mode == "explicit"``); :func:`to_container` (what
+checkpoints, ``config.yaml`` and wandb receive) holds plain strings.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import difflib
 import math
 import typing
 from dataclasses import dataclass, field, is_dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,11 +33,45 @@ from omegaconf import DictConfig, OmegaConf
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
+class Choice(str, Enum):
+    """A config value out of a fixed set. The member names are the values (OmegaConf looks a
+    string up by name), so a value that is not an identifier (``reduce-overhead``) is made with
+    the functional API: ``Choice("CompileMode", ["default", "reduce-overhead"])``."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @staticmethod
+    def _generate_next_value_(name: str, start: int, count: int, last_values: list) -> str:
+        return name  # the functional API with a list of names: each value is its name
+
+
+WandbMode = Choice("WandbMode", ["online", "offline", "disabled"])
+DigitsSplit = Choice("DigitsSplit", ["train", "test", "all"])
+InitType = Choice("InitType", ["spectral", "xunif"])
+DataType = Choice("DataType", ["bf16", "fp16", "fp32"])
+CompileScope = Choice("CompileScope", ["blocks", "full"])
+CompileMode = Choice("CompileMode", ["default", "reduce-overhead", "max-autotune-no-cudagraphs"])
+Sharding = Choice("Sharding", ["ddp", "fsdp2"])
+Recompute = Choice("Recompute", ["none", "fm", "all"])
+AttnBackend = Choice("AttnBackend", ["sdpa", "math", "triton"])
+JVPAttnBackend = Choice("JVPAttnBackend", ["auto", "math", "triton"])
+JVPMode = Choice("JVPMode", ["explicit", "autograd"])
+TimeScheme = Choice("TimeScheme", ["gap", "trunc", "clamp"])
+FMTime = Choice("FMTime", ["separate", "shared"])
+CFGRangeMode = Choice("CFGRangeMode", ["w", "beta"])
+NonfinitePolicy = Choice("NonfinitePolicy", ["skip", "raise"])
+LabelMode = Choice("LabelMode", ["uniform", "empirical"])
+
+
 @dataclass
 class LoggerConfig:
     project: str = "tvm"                 # wandb project; also a run-dir component when run_dir is unset
     entity: Optional[str] = None         # wandb entity
-    mode: str = "disabled"               # wandb: online | offline | disabled (the key only from WANDB_API_KEY)
+    mode: WandbMode = WandbMode.disabled  # wandb mode (the key only from WANDB_API_KEY)
 
 
 @dataclass
@@ -43,7 +83,7 @@ class DatasetConfig:
     cache: bool = False                  # keep decoded items in each worker's memory (costs RAM per rank)
     max_size: Optional[int] = None       # random subset (seed 0) of this many items
     resolution: Optional[int] = None     # expected resolution; checked against the data when set
-    split: str = "train"                 # digits only: train | test | all
+    split: DigitsSplit = DigitsSplit.train  # digits only
 
 
 @dataclass
@@ -72,7 +112,7 @@ class ModelKwargs:
     do_mod_norm: bool = True
     learn_guidance: bool = True
     dropout: float = 0.0
-    init_type: str = "spectral"
+    init_type: InitType = InitType.spectral
     time_specinit: bool = False
     qk_norm: bool = True
 
@@ -87,26 +127,31 @@ class NetworkConfig:
     hidden_size: Optional[int] = None    # overrides of the variant (small models)
     depth: Optional[int] = None
     num_heads: Optional[int] = None
-    data_type: str = "bf16"              # CUDA autocast dtype: bf16 | fp16 | fp32 (CPU always fp32)
+    data_type: DataType = DataType.bf16  # CUDA autocast dtype (CPU always fp32)
     detach_jvp: bool = False
     do_scale_param: bool = True
     compile: bool = False                # torch.compile the training forward, see compile_scope (configs/base.yaml: true)
-    compile_scope: str = "blocks"        # blocks: each DiT block, regional (fast to compile) | full: the whole loss forward
+    # blocks: each DiT block, regional (fast to compile) | full: the whole loss forward
+    compile_scope: CompileScope = CompileScope.blocks
     compile_memory_budget: float = 1.0   # fraction of activations compiled graphs keep for the backward (1 = default partition; less recomputes cheap ops)
-    compile_mode: str = "default"        # torch.compile mode: default | reduce-overhead (CUDA graphs: no per-kernel launch cost)
+    # torch.compile mode; reduce-overhead = CUDA graphs (no per-kernel launch cost)
+    compile_mode: CompileMode = CompileMode.default
     compile_cache: bool = True           # keep compiled artifacts in <run dir>/compile-cache.bin; a restart loads them
-    sharding: str = "ddp"                # ddp: every rank holds the whole state | fsdp2: sharded per DiT block (tvm/train/sharding.py)
-    recompute: str = "none"              # activation checkpointing: none | fm (FM-branch forward; does not lower the peak) | all (+ JVP blocks)
-    attn_backend: str = "sdpa"           # plain forwards: sdpa | math
-    jvp_attn_backend: str = "auto"       # inside the JVP: auto (triton on CUDA, math on CPU) | math | triton
-    jvp_mode: str = "explicit"           # ∂F/∂s by explicit tangents through the layers | autograd (torch.func.jvp)
+    # ddp: every rank holds the whole state | fsdp2: sharded per DiT block (tvm/train/sharding.py)
+    sharding: Sharding = Sharding.ddp
+    # activation checkpointing: none | fm (FM-branch forward; does not lower the peak) | all (+ JVP blocks)
+    recompute: Recompute = Recompute.none
+    attn_backend: AttnBackend = AttnBackend.sdpa  # plain forwards
+    jvp_attn_backend: JVPAttnBackend = JVPAttnBackend.auto  # inside the JVP; auto: triton on CUDA, math on CPU
+    jvp_mode: JVPMode = JVPMode.explicit  # ∂F/∂s: explicit tangents through the layers | autograd (torch.func.jvp)
 
 
 @dataclass
 class LossConfig:
+    # Selects nothing (there is one objective); the names accepted are tvm/train/build.py LOSSES.
     class_name: str = "tvm.method.loss.TVMLoss"
-    scheme: str = "gap"                  # gap | trunc | clamp (docs/method.md §2, §10.3)
-    fm_time: str = "separate"            # separate s' (gap*) | shared (s' = s)
+    scheme: TimeScheme = TimeScheme.gap  # docs/method.md §2, §10.3
+    fm_time: FMTime = FMTime.separate    # separate s' (gap*) | shared (s' = s)
     s_P_mean: float = -0.4
     s_P_std: float = 1.0
     gap_P_mean: float = -0.8
@@ -117,7 +162,7 @@ class LossConfig:
     cfg: Optional[float] = 2.0           # fixed CFG scale w; null → range or β ~ U[0, 1)
     min_cfg: Optional[float] = None
     max_cfg: Optional[float] = None
-    cfg_range_mode: str = "w"            # w ~ U[min, max] (upstream) | beta ~ U[1/max, 1/min] (paper)
+    cfg_range_mode: CFGRangeMode = CFGRangeMode.w  # w ~ U[min, max] (upstream) | beta ~ U[1/max, 1/min] (paper)
     label_dropout: float = 0.1
 
 
@@ -141,7 +186,7 @@ class TrainingConfig:
     cudnn_benchmark: bool = True
     enable_tf32: bool = False
     snapshot_ticks: int = 500            # permanent checkpoints every this many ticks
-    state_dump_ticks: int = 500          # accepted for the authors' configs; checkpoints hold full state
+    state_dump_ticks: int = 500          # the authors' key, accepted and ignored: every checkpoint holds full state
     ckpt_ticks: int = 50                 # rolling checkpoint every this many ticks
     keep_last: int = 3                   # rolling checkpoints kept
     sample_ticks: int = 50               # sample grids every this many ticks
@@ -154,7 +199,7 @@ class TrainingConfig:
     max_grad_norm: Optional[float] = None  # L2 clipping after the all-reduce; null = none
     num_samples: int = 16                # images per sample grid
     do_log_image: bool = True
-    nonfinite_policy: str = "skip"       # skip (count, raise after max_nonfinite_in_row) | raise
+    nonfinite_policy: NonfinitePolicy = NonfinitePolicy.skip  # skip: count, raise after max_nonfinite_in_row
     max_nonfinite_in_row: int = 10
     preempt_check_steps: int = 10        # agree across ranks on a preemption signal every this many steps
     max_steps: Optional[int] = None      # stop after this many optimizer steps (tests, smoke runs)
@@ -171,7 +216,7 @@ class EvalConfig:
     seed: int = 0
     cudnn_benchmark: bool = True
     batch_size: int = 128                # images per generation batch (global; split over ranks)
-    batch_gpu: Optional[int] = None
+    batch_gpu: Optional[int] = None      # the authors' key, accepted and ignored (unused upstream too): see batch_size
     metrics: list[str] = field(default_factory=lambda: ["fid50k_full"])
     resume: Optional[str] = None         # a checkpoint or a run directory (newest first)
     detector_url: str = ("https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/"
@@ -186,8 +231,8 @@ class EvalConfig:
     dinov2_weights: Optional[str] = None     # state dict for a checkout (default <dir or hub>/dinov2_vitl14_pretrain.pth)
     dinov2_ref_stats: Optional[str] = None   # .npz (mu, sigma); default: ref_stats when it is an EDM2 pickle
     dinov2_allow_download: bool = False
-    num_images: int = 50000              # generated images per metric (fid50k_full: 50,000)
-    label_mode: str = "uniform"          # uniform | empirical (upstream: training-set label frequencies)
+    num_images: int = 50000
+    label_mode: LabelMode = LabelMode.uniform  # empirical: training-set label frequencies (upstream)
     enable_tf32: bool = False
 
 
@@ -227,10 +272,10 @@ def compose_config(config_name: str, overrides: list[str] | None = None) -> Dict
 
 
 def to_container(cfg: DictConfig | dict) -> dict[str, Any]:
-    """A plain, resolved dict (what checkpoints store)."""
+    """A plain, resolved dict (what checkpoints store): choices are plain strings."""
     if isinstance(cfg, dict):
         return cfg
-    return OmegaConf.to_container(cfg, resolve=True)
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
 def from_container(data: dict[str, Any]) -> DictConfig:

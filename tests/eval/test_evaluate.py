@@ -116,7 +116,7 @@ def test_fid_with_stand_in_detector_end_to_end(run_dir: Path, fid_files: tuple[P
     assert record["metric"] == "fid50k_full" and record["num_steps"] == 2
     # The same number by hand: 16 images seeded by index, uniform classes, unbiased covariance.
     net, _, _ = load_network_for_eval(ckpt)
-    images = generate_images(net, PixelEncoder(), range(16), steps=2, cfg=2.5, seed=3,
+    images = generate_images(net, PixelEncoder(), range(16), steps=2, guidance=2.5, seed=3,
                              classes=image_classes(range(16), 10, 3))
     stats = fid.FeatureStats(FEATURES)
     stats.update(fid.compute_features(fid.load_inception_detector(str(fid_files[0])), images))

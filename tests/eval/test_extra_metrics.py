@@ -377,7 +377,7 @@ def test_registered_metrics_end_to_end(ckpt: Path, files: dict[str, Path]) -> No
     # The same numbers by hand: 20 images seeded by index, uniform classes.
     net, _, _ = load_network_for_eval(ckpt)
     steps, cfg_scale = records[0]["num_steps"], records[0]["cfg_scale"]
-    images = generate_images(net, PixelEncoder(), range(20), steps=steps, cfg=cfg_scale, seed=3,
+    images = generate_images(net, PixelEncoder(), range(20), steps=steps, guidance=cfg_scale, seed=3,
                              classes=image_classes(range(20), 10, 3))
     det = fid.load_inception_detector(str(files["detector"]))
     mean, std = em.inception_score(em.detector_probabilities(det, images).float(), splits=10)

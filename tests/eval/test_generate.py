@@ -126,13 +126,13 @@ def test_sharded_generation_equals_one_rank(cond_ckpt: Path, tmp_path: Path, mon
     """Two simulated ranks writing a PNG folder give the images of one rank (any batch size)."""
     net, _, _ = load_network_for_eval(cond_ckpt)
     encoder, indices = PixelEncoder(), [3, 4, 5, 6, 7, 10, 11]
-    reference = gen.generate_images(net, encoder, indices, steps=2, cfg=1.5, seed=5)
-    gen.generate_to(net, encoder, indices, tmp_path / "one", steps=2, cfg=1.5, seed=5, batch_size=64,
+    reference = gen.generate_images(net, encoder, indices, steps=2, guidance=1.5, seed=5)
+    gen.generate_to(net, encoder, indices, tmp_path / "one", steps=2, guidance=1.5, seed=5, batch_size=64,
                     progress=False)
     monkeypatch.setattr(distributed, "get_world_size", lambda: 2)
     for rank in (0, 1):
         monkeypatch.setattr(distributed, "get_rank", lambda rank=rank: rank)
-        gen.generate_to(net, encoder, indices, tmp_path / "two", steps=2, cfg=1.5, seed=5, batch_size=2,
+        gen.generate_to(net, encoder, indices, tmp_path / "two", steps=2, guidance=1.5, seed=5, batch_size=2,
                         progress=False)
     one, two = _read_pngs(tmp_path / "one", indices), _read_pngs(tmp_path / "two", indices)
     np.testing.assert_array_equal(one, reference[:, 0].numpy())
@@ -166,7 +166,7 @@ def test_generate_cli_unconditional_unguided(uncond_ckpt: Path, tmp_path: Path, 
     assert net.model.num_classes == 0
     with np.load(out) as data:
         assert sorted(data.files) == ["images", "seeds"]
-        expected = gen.generate_images(net, PixelEncoder(), range(6), steps=1, cfg=1.0, seed=0)
+        expected = gen.generate_images(net, PixelEncoder(), range(6), steps=1, guidance=1.0, seed=0)
         np.testing.assert_array_equal(data["images"], expected.permute(0, 2, 3, 1).numpy())
     assert script.main(["--ckpt", str(uncond_ckpt), "--classes", "1", "--out", str(tmp_path / "x")]) == 1
     assert "unconditional" in capsys.readouterr().err

@@ -15,13 +15,13 @@ from tvm.method.times import Guidance, TimeSampling, draw_step
 D64 = torch.float64
 
 
-def setup_batch(net, n=4, cfg=2.0, seed=0):
+def setup_batch(net, n=4, guidance=2.0, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 2, 8, 8, generator=gen, dtype=D64)
     t = torch.rand(n, 1, 1, 1, generator=gen, dtype=D64) * 0.5 + 0.5
     s = t * torch.rand(n, 1, 1, 1, generator=gen, dtype=D64)
     labels = one_hot(list(range(n)))
-    beta = torch.full((n, 1, 1, 1), 1.0 / cfg, dtype=D64)
+    beta = torch.full((n, 1, 1, 1), 1.0 / guidance, dtype=D64)
     return x, t, s, labels, beta
 
 
@@ -79,7 +79,7 @@ def test_jvp_in_fp32_agrees_with_finite_difference_to_bf16_class_tolerance(jvp_m
 def test_flow_map_and_derivative_formulas_with_and_without_scaling():
     for scale in (True, False):
         net = tiny_wrapper(do_scale_param=scale)
-        x, t, s, labels, beta = setup_batch(net, cfg=2.0)
+        x, t, s, labels, beta = setup_batch(net, guidance=2.0)
         fn = velocity_fn(net, x, t, labels, beta)
         k = kappa(beta, scale)
         F, dF = velocity_and_ds(net, x, t, s, labels, beta)

@@ -31,7 +31,7 @@ def test_time_grids(steps, grid):
 def test_step_algebra(scale):
     net = RecordingNet(do_scale_param=scale)
     z = torch.randn(3, 2, 4, 4)
-    out = sample(net, z, one_hot([1, 2, 3]).float(), steps=4, cfg=1.5)
+    out = sample(net, z, one_hot([1, 2, 3]).float(), steps=4, guidance=1.5)
     kappa = 1.5 if scale else 1.0
     x = z.double()
     grid = [1, 0.75, 0.5, 0.25, 0]
@@ -58,16 +58,16 @@ def test_a_step_is_the_objectives_flow_map_in_the_samplers_operation_order():
 def test_sampling_a_real_network_unguided_and_unconditional():
     net = tiny_wrapper(dtype=torch.float32)
     z = torch.randn(4, 2, 8, 8)
-    one = sample(net, z, one_hot([0, 1, 2, 3]).float(), steps=1, cfg=1.0)
+    one = sample(net, z, one_hot([0, 1, 2, 3]).float(), steps=1, guidance=1.0)
     expected = z.double() - net.velocity(z, torch.ones(1), torch.ones(1), one_hot([0, 1, 2, 3]).float(),
                                          torch.ones(4), out_dtype=torch.float64)
     torch.testing.assert_close(one, expected)
-    uncond = sample(net, z, None, steps=2, cfg=1.0)
+    uncond = sample(net, z, None, steps=2, guidance=1.0)
     assert torch.isfinite(uncond).all() and not torch.equal(uncond, one)
 
 
 def test_cfg_below_one_is_rejected():
-    with pytest.raises(ValueError, match="cfg = 0.8 is not allowed"):
-        sample(RecordingNet(), torch.randn(1, 2, 4, 4), steps=1, cfg=0.8)
+    with pytest.raises(ValueError, match="guidance = 0.8 is not allowed"):
+        sample(RecordingNet(), torch.randn(1, 2, 4, 4), steps=1, guidance=0.8)
     with pytest.raises(ValueError, match="steps must be >= 1"):
         sample(RecordingNet(), torch.randn(1, 2, 4, 4), steps=0)

@@ -66,7 +66,7 @@ def test_cfg_modes():
     w = 1 / sample_beta(gen, N, Guidance(min_cfg=1.5, max_cfg=3.0)).double()
     assert w.min() >= 1.5 - 1e-5 and w.max() <= 3.0 + 1e-5
     assert stats.kstest(w.flatten().numpy(), "uniform", args=(1.5, 1.5)).pvalue > 1e-3
-    beta = sample_beta(gen, N, Guidance(min_cfg=1.5, max_cfg=3.0, range_mode="beta")).double()
+    beta = sample_beta(gen, N, Guidance(min_cfg=1.5, max_cfg=3.0, cfg_range_mode="beta")).double()
     assert stats.kstest(beta.flatten().numpy(), "uniform", args=(1 / 3, 1 / 1.5 - 1 / 3)).pvalue > 1e-3
     beta = sample_beta(gen, N, Guidance()).double()
     assert stats.kstest(beta.flatten().numpy(), "uniform").pvalue > 1e-3

@@ -166,17 +166,6 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     assert_state_dicts_close(one["ema_target"], two["ema_target"])
 
 
-def test_unknown_compile_scope_is_refused_by_name():
-    from tvm.compiling import compile_training
-
-    network = OmegaConf.create({"compile_scope": "everything", "compile_memory_budget": 1.0})
-    with pytest.raises(ValueError, match="network.compile_scope 'everything'"):
-        compile_training(torch.nn.Linear(1, 1), None, None, None, network)
-    network = OmegaConf.create({"compile_scope": "blocks", "compile_mode": "fastest", "compile_memory_budget": 1.0})
-    with pytest.raises(ValueError, match="network.compile_mode 'fastest'"):
-        compile_training(torch.nn.Linear(1, 1), None, None, None, network)
-
-
 def test_compiled_training_sets_the_memory_budget_and_static_shapes():
     import torch._functorch.config as functorch_config
 

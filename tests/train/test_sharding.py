@@ -116,12 +116,11 @@ def test_fsdp2_checkpoint_resumes_exactly_and_loads_anywhere(runs, tmp_path):
     net, cfg, step = load_network_for_eval(path)
     assert step == 8
     encoder = encoder_from_config(cfg.encoder)
-    images = generate_images(net, encoder, [0, 1, 2], steps=1, cfg=1.0, seed=0, device="cpu")
+    images = generate_images(net, encoder, [0, 1, 2], steps=1, guidance=1.0, seed=0, device="cpu")
     assert images.shape[0] == 3 and torch.isfinite(images.float()).all()
 
 
 @pytest.mark.parametrize("settings, match", [
-    ({"sharding": "zero3"}, "unknown network.sharding 'zero3'"),
     ({"distributed": False}, "needs a process group"),
     ({"jvp_mode": "autograd"}, "network.jvp_mode=explicit"),
     ({"compile": True, "compile_scope": "full"}, "network.compile_scope=blocks"),

@@ -72,7 +72,7 @@ def one_hot(classes: Sequence[int] | np.ndarray, num_classes: int, device: torch
 
 
 @torch.no_grad()
-def generate_images(net: TVMWrapper, encoder, indices: Sequence[int], *, steps: int, cfg: float, seed: int,
+def generate_images(net: TVMWrapper, encoder, indices: Sequence[int], *, steps: int, guidance: float, seed: int,
                     classes: Sequence[int] | np.ndarray | None = None, batch_size: int = 64,
                     device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 images for the given indices (noise from :func:`image_noise`, classes given or uniform).
@@ -89,7 +89,7 @@ def generate_images(net: TVMWrapper, encoder, indices: Sequence[int], *, steps: 
         chunk = list(indices[start:start + batch_size])
         z = image_noise(chunk, shape, seed, device)
         labels = one_hot(classes[start:start + batch_size], model.num_classes, device)
-        latents = sample(net, z, labels, steps=steps, cfg=cfg)
+        latents = sample(net, z, labels, steps=steps, guidance=guidance)
         out.append(encoder.decode(latents.to(torch.float32)).cpu())
     return torch.cat(out) if out else torch.empty(0, dtype=torch.uint8)
 
@@ -241,7 +241,7 @@ class NpzWriter:
 
 
 def generate_to(net: TVMWrapper, encoder: Any, indices: Sequence[int], out: str | os.PathLike[str], *,
-                steps: int, cfg: float, seed: int = 0, classes: Sequence[int] | None = None,
+                steps: int, guidance: float, seed: int = 0, classes: Sequence[int] | None = None,
                 batch_size: int = 64, device: torch.device | str = "cpu", progress: bool = True) -> Path:
     """Generate the images ``indices`` (seeds ``(seed, index)``) into a PNG folder or an ``.npz``.
 
@@ -268,8 +268,8 @@ def generate_to(net: TVMWrapper, encoder: Any, indices: Sequence[int], out: str 
     for start in range(0, len(indices), global_batch):
         positions = list(range(start, min(start + global_batch, len(indices))))[rank::world]
         mine = [indices[p] for p in positions]
-        images = generate_images(net, encoder, mine, steps=steps, cfg=cfg, seed=seed, classes=labels[positions],
-                                 batch_size=batch_size, device=device)
+        images = generate_images(net, encoder, mine, steps=steps, guidance=guidance, seed=seed,
+                                 classes=labels[positions], batch_size=batch_size, device=device)
         if gather:
             count = min(global_batch, len(indices) - start)
             gathered = distributed.gather_interleaved(images, count, dst=0)

@@ -90,14 +90,14 @@ def class_frequencies(dataset: torch.utils.data.Dataset) -> np.ndarray:
     return counts / counts.sum()
 
 
-def sharded_generate(net: TVMWrapper, ctx: MetricContext, num_images: int, steps: int, cfg: float
+def sharded_generate(net: TVMWrapper, ctx: MetricContext, num_images: int, steps: int, guidance: float
                      ) -> tuple[torch.Tensor, np.ndarray]:
     """All ``num_images`` images and their classes on every rank, generated ``i ≡ rank (mod W)``."""
     rank, world = distributed.get_rank(), distributed.get_world_size()
     mine = list(range(rank, num_images, world))
     classes = image_classes(range(num_images), net.model.num_classes, ctx.seed, ctx.label_mode, ctx.class_probs)
-    images = generate_images(net, ctx.encoder, mine, steps=steps, cfg=cfg, seed=ctx.seed, classes=classes[mine],
-                             batch_size=ctx.batch_size, device=ctx.device)
+    images = generate_images(net, ctx.encoder, mine, steps=steps, guidance=guidance, seed=ctx.seed,
+                             classes=classes[mine], batch_size=ctx.batch_size, device=ctx.device)
     return distributed.gather_interleaved(images, num_images), classes
 
 
@@ -108,9 +108,9 @@ def _digits_metrics():
     return DigitsMetrics()
 
 
-def digits_metric(net: TVMWrapper, ctx: MetricContext, steps: int, cfg: float) -> dict[str, float]:
+def digits_metric(net: TVMWrapper, ctx: MetricContext, steps: int, guidance: float) -> dict[str, float]:
     """Fréchet distance (pixels, float64) and classifier accuracy on the embedded digits."""
-    images, classes = sharded_generate(net, ctx, ctx.num_images or 1000, steps, cfg)
+    images, classes = sharded_generate(net, ctx, ctx.num_images or 1000, steps, guidance)
     metrics = _digits_metrics()
     return {"frechet": metrics.frechet(images), "accuracy": metrics.accuracy(images, classes)}
 
@@ -148,23 +148,25 @@ def _dinov2(source: str, weights: str | None, allow_download: bool, device: str)
                                                           allow_download=allow_download), f"DINOv2 {source}")
 
 
-def index_generator(net: TVMWrapper, ctx: MetricContext, steps: int, cfg: float) -> Callable[[range], torch.Tensor]:
+def index_generator(net: TVMWrapper, ctx: MetricContext, steps: int, guidance: float
+                    ) -> Callable[[range], torch.Tensor]:
     """``generate(indices) -> uint8 [len(indices), 3, H, W]``: image ``i`` has noise and class
     seeded by ``(ctx.seed, i)`` whatever the rank, so the image set does not depend on ``W``."""
     num_classes = net.model.num_classes
 
     def generate(indices: range) -> torch.Tensor:
         classes = image_classes(indices, num_classes, ctx.seed, ctx.label_mode, ctx.class_probs)
-        return generate_images(net, ctx.encoder, indices, steps=steps, cfg=cfg, seed=ctx.seed, classes=classes,
-                               batch_size=ctx.batch_size, device=ctx.device)
+        return generate_images(net, ctx.encoder, indices, steps=steps, guidance=guidance, seed=ctx.seed,
+                               classes=classes, batch_size=ctx.batch_size, device=ctx.device)
 
     return generate
 
 
-def _generated(net: TVMWrapper, ctx: MetricContext, steps: int, cfg: float, features: Callable[[torch.Tensor], torch.Tensor],
-               num_images: int, expected_resolution: int | None, desc: str) -> torch.Tensor | None:
+def _generated(net: TVMWrapper, ctx: MetricContext, steps: int, guidance: float,
+               features: Callable[[torch.Tensor], torch.Tensor], num_images: int, expected_resolution: int | None,
+               desc: str) -> torch.Tensor | None:
     """``features`` of ``num_images`` generated images, sharded by index, gathered on rank 0 (else None)."""
-    return fid.generated_features(index_generator(net, ctx, steps, cfg), features, num_images,
+    return fid.generated_features(index_generator(net, ctx, steps, guidance), features, num_images,
                                   batch_size=ctx.batch_size, rank=distributed.get_rank(),
                                   world_size=distributed.get_world_size(), expected_resolution=expected_resolution,
                                   desc=desc)
@@ -182,7 +184,7 @@ def _on_rank0(compute: Callable[[torch.Tensor], dict[str, float]], gathered: tor
     return distributed.broadcast_object(values)
 
 
-def fid50k_full_metric(net: TVMWrapper, ctx: MetricContext, steps: int, cfg: float) -> dict[str, float]:
+def fid50k_full_metric(net: TVMWrapper, ctx: MetricContext, steps: int, guidance: float) -> dict[str, float]:
     """FID of ``ctx.num_images or 50000`` samples against ``ctx.ref_stats`` (docs/method.md §7.1).
 
     Image ``i`` has noise and class seeded by ``(ctx.seed, i)``; rank ``r`` of ``W`` generates the
@@ -196,7 +198,8 @@ def fid50k_full_metric(net: TVMWrapper, ctx: MetricContext, steps: int, cfg: flo
         raise ValueError("fid50k_full needs the Inception detector: set eval.detector_url to its URL or a local file")
     ref = fid.load_ref_stats(ctx.ref_stats, expected_resolution=decoded_resolution(net, ctx.encoder))
     detector = _detector(str(ctx.detector_url), str(ctx.device))
-    value = fid.compute_fid(index_generator(net, ctx, steps, cfg), detector, ref, num_images=ctx.num_images or 50000, batch_size=ctx.batch_size,
+    value = fid.compute_fid(index_generator(net, ctx, steps, guidance), detector, ref,
+                            num_images=ctx.num_images or 50000, batch_size=ctx.batch_size,
                             rank=distributed.get_rank(), world_size=distributed.get_world_size(), device=ctx.device)
     return {"fid": value}
 
@@ -205,7 +208,7 @@ IS_SPLITS = 10
 PR_K = 3
 
 
-def is50k_metric(net: TVMWrapper, ctx: MetricContext, steps: int, cfg: float) -> dict[str, float]:
+def is50k_metric(net: TVMWrapper, ctx: MetricContext, steps: int, guidance: float) -> dict[str, float]:
     """Inception Score (10 splits) of ``ctx.num_images or 50000`` samples: ``is_mean``, ``is_std``.
 
     Needs a detector that gives class probabilities from ``detector(images, return_features=False)``
@@ -218,7 +221,8 @@ def is50k_metric(net: TVMWrapper, ctx: MetricContext, steps: int, cfg: float) ->
     if num_images < IS_SPLITS:
         raise ValueError(f"is50k needs at least {IS_SPLITS} images (one per split), got eval.num_images={num_images}")
     detector = _detector(str(ctx.detector_url), str(ctx.device))
-    probs = _generated(net, ctx, steps, cfg, lambda images: extra_metrics.detector_probabilities(detector, images, ctx.device),
+    probs = _generated(net, ctx, steps, guidance,
+                       lambda images: extra_metrics.detector_probabilities(detector, images, ctx.device),
                        num_images, None, "IS probabilities")
 
     def score(probs: torch.Tensor) -> dict[str, float]:
@@ -228,7 +232,7 @@ def is50k_metric(net: TVMWrapper, ctx: MetricContext, steps: int, cfg: float) ->
     return _on_rank0(score, probs)
 
 
-def pr50k3_full_metric(net: TVMWrapper, ctx: MetricContext, steps: int, cfg: float) -> dict[str, float]:
+def pr50k3_full_metric(net: TVMWrapper, ctx: MetricContext, steps: int, guidance: float) -> dict[str, float]:
     """Precision and recall (Kynkäänniemi et al. 2019, k = 3) of ``ctx.num_images or 50000``
     samples against all reference features in ``ctx.ref_features``, both from the network
     ``ctx.pr_detector_url`` (StyleGAN's VGG-16 by default; the reference file must come from the same
@@ -244,7 +248,7 @@ def pr50k3_full_metric(net: TVMWrapper, ctx: MetricContext, steps: int, cfg: flo
         raise ValueError(f"pr50k3_full needs more than {PR_K} generated and reference images, got {num_images} and "
                          f"{len(ref.features)}")
     detector = _detector(str(ctx.pr_detector_url), str(ctx.device))
-    gen = _generated(net, ctx, steps, cfg, lambda images: fid.compute_features(detector, images, ctx.device),
+    gen = _generated(net, ctx, steps, guidance, lambda images: fid.compute_features(detector, images, ctx.device),
                      num_images, ref.resolution, "PR features")
 
     def pr(gen: torch.Tensor) -> dict[str, float]:
@@ -266,7 +270,7 @@ def _dinov2_ref_path(ctx: MetricContext) -> str:
                      "scripts/ref_features.py --dinov2, or eval.ref_stats to an EDM2 pickle with an 'fd_dinov2' entry")
 
 
-def fd_dinov2_metric(net: TVMWrapper, ctx: MetricContext, steps: int, cfg: float) -> dict[str, float]:
+def fd_dinov2_metric(net: TVMWrapper, ctx: MetricContext, steps: int, guidance: float) -> dict[str, float]:
     """Fréchet distance of DINOv2 ViT-L/14 features (unbiased covariances) of ``ctx.num_images or
     50000`` samples against ``ctx.dinov2_ref_stats`` (``.npz`` ``mu``/``sigma``, or an EDM2 pickle's
     ``'fd_dinov2'`` entry read by the numpy-only unpickler). Sharded exactly as ``fid50k_full``."""
@@ -276,8 +280,8 @@ def fd_dinov2_metric(net: TVMWrapper, ctx: MetricContext, steps: int, cfg: float
                          f"{extra_metrics.DINOV2_HUB_REPO} (its torch.hub cache)")
     ref = fid.load_ref_stats(ref_path, expected_resolution=decoded_resolution(net, ctx.encoder), key="fd_dinov2")
     detector = _dinov2(str(ctx.dinov2), ctx.dinov2_weights, bool(ctx.dinov2_allow_download), str(ctx.device))
-    value = fid.compute_fid(index_generator(net, ctx, steps, cfg), detector, ref, num_images=ctx.num_images or 50000,
-                            batch_size=ctx.batch_size, rank=distributed.get_rank(),
+    value = fid.compute_fid(index_generator(net, ctx, steps, guidance), detector, ref,
+                            num_images=ctx.num_images or 50000, batch_size=ctx.batch_size, rank=distributed.get_rank(),
                             world_size=distributed.get_world_size(), device=ctx.device)
     return {"fd_dinov2": value}
 
@@ -291,11 +295,11 @@ METRICS: dict[str, Callable[..., dict[str, float]]] = {
 }
 
 
-def compute_metric(name: str, net: TVMWrapper, ctx: MetricContext, steps: int, cfg: float) -> dict[str, float]:
+def compute_metric(name: str, net: TVMWrapper, ctx: MetricContext, steps: int, guidance: float) -> dict[str, float]:
     """Run metric ``name``; ValueError listing the known metrics otherwise."""
     if name not in METRICS:
         raise ValueError(f"unknown metric {name!r}; allowed: {', '.join(METRICS)}")
-    return METRICS[name](net, ctx, steps, cfg)
+    return METRICS[name](net, ctx, steps, guidance)
 
 
 def check_reference_files(metrics: Sequence[str], net: TVMWrapper, ctx: MetricContext) -> None:

@@ -26,7 +26,7 @@ def time_grid(steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
 
 @torch.no_grad()
 def sample(net: TVMWrapper, z: torch.Tensor, labels: torch.Tensor | None = None, steps: int = 1,
-           cfg: float = 1.0) -> torch.Tensor:
+           guidance: float = 1.0) -> torch.Tensor:
     """Map noise ``z`` ``[N, C, R, R]`` to samples in ``steps`` network calls; returns float64.
 
     Args:
@@ -34,14 +34,14 @@ def sample(net: TVMWrapper, z: torch.Tensor, labels: torch.Tensor | None = None,
         z: standard normal noise.
         labels: one-hot ``[N, K]`` (zero rows = null class), or None for all-null.
         steps: number of network evaluations (1, 2, 4 in the configs; any ≥ 1).
-        cfg: guidance scale w ≥ 1.
+        guidance: guidance scale w ≥ 1 (the configs' ``cfg_scale``).
     """
-    if not cfg >= 1.0:
-        raise ValueError(f"cfg = {cfg} is not allowed: the guidance scale must be >= 1 (1 = unguided)")
+    if not guidance >= 1.0:
+        raise ValueError(f"guidance = {guidance} is not allowed: the guidance scale must be >= 1 (1 = unguided)")
     grid = time_grid(steps, z.device)
     x = z.to(torch.float64)
-    beta = torch.full((x.shape[0],), 1.0 / cfg, dtype=torch.float64, device=z.device)
-    kappa = cfg if net.do_scale_param else 1.0
+    beta = torch.full((x.shape[0],), 1.0 / guidance, dtype=torch.float64, device=z.device)
+    kappa = guidance if net.do_scale_param else 1.0
     for t_cur, t_next in zip(grid[:-1], grid[1:]):
         F = net.velocity(x, t_cur.reshape(1), (t_cur - t_next).reshape(1), labels, beta, out_dtype=torch.float64)
         x = flow_map(x, F, t_cur, t_next, kappa)

@@ -17,15 +17,18 @@ Time schemes (``TimeSampling.scheme``):
 ``s' = σ(N(μ_s, σ_s²))`` for the flow-matching term) or ``"shared"`` (``s' = s``).
 ``frac_t_eq_s``: a fraction of samples with ``s = t`` (paper Table 4d); 0 by default.
 
-Guidance (``Guidance``): a fixed ``cfg`` (β = 1/cfg); a range ``[min_cfg, max_cfg]`` with
-``w ~ U`` (upstream) or ``β ~ U[1/max, 1/min]`` (paper text, ``range_mode="beta"``); or neither,
+Guidance (``Guidance``): a fixed scale ``cfg`` (β = 1/cfg); a range ``[min_cfg, max_cfg]`` with
+``w ~ U`` (upstream) or ``β ~ U[1/max, 1/min]`` (paper text, ``cfg_range_mode="beta"``); or neither,
 ``β ~ U[0, 1)``.
+
+Both settings are built from the ``loss`` section of the run config by :meth:`from_config`: the
+field names are the schema's keys (``tvm/config.py`` ``LossConfig``), so nothing is copied by hand.
 """
 from __future__ import annotations
 
 import math
-
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, TypeVar
 
 import torch
 
@@ -33,9 +36,22 @@ TIME_SCHEMES = ("gap", "trunc", "clamp")
 FM_TIMES = ("separate", "shared")
 RANGE_MODES = ("w", "beta")
 
+_Settings = TypeVar("_Settings", bound="_FromConfig")
+
+
+class _FromConfig:
+    """``from_config(section)``: the dataclass from the config keys of the same names."""
+
+    @classmethod
+    def from_config(cls: type[_Settings], section: Mapping[str, Any]) -> _Settings:
+        """Build from a config section (``cfg.loss``) that has a key for every field; config
+        choices (``str`` enums) become plain strings."""
+        values = {f.name: section[f.name] for f in fields(cls)}  # type: ignore[arg-type]
+        return cls(**{name: str(v) if isinstance(v, str) else v for name, v in values.items()})
+
 
 @dataclass(frozen=True)
-class TimeSampling:
+class TimeSampling(_FromConfig):
     """Parameters of the time sampler (defaults: all four ImageNet configs, docs/method.md §2)."""
 
     scheme: str = "gap"
@@ -61,13 +77,14 @@ class TimeSampling:
 
 
 @dataclass(frozen=True)
-class Guidance:
-    """CFG-scale sampling (docs/method.md §2 item 6); all scales are w = 1/β ≥ 1."""
+class Guidance(_FromConfig):
+    """CFG-scale sampling (docs/method.md §2 item 6); all scales are w = 1/β ≥ 1. The field names are the
+    authors' config keys (``loss.cfg``: a fixed scale)."""
 
     cfg: float | None = None
     min_cfg: float | None = None
     max_cfg: float | None = None
-    range_mode: str = "w"
+    cfg_range_mode: str = "w"
     label_dropout: float = 0.1
 
     def __post_init__(self) -> None:
@@ -79,8 +96,8 @@ class Guidance:
             raise ValueError("min_cfg and max_cfg must be given together")
         if self.min_cfg is not None and self.min_cfg > self.max_cfg:
             raise ValueError(f"min_cfg = {self.min_cfg} exceeds max_cfg = {self.max_cfg}")
-        if self.range_mode not in RANGE_MODES:
-            raise ValueError(f"unknown range_mode {self.range_mode!r}; allowed: {', '.join(RANGE_MODES)}")
+        if self.cfg_range_mode not in RANGE_MODES:
+            raise ValueError(f"unknown cfg_range_mode {self.cfg_range_mode!r}; allowed: {', '.join(RANGE_MODES)}")
         if not 0.0 <= self.label_dropout <= 1.0:
             raise ValueError(f"label_dropout must lie in [0, 1], got {self.label_dropout}")
 
@@ -102,7 +119,7 @@ def truncated_logit_normal(u: torch.Tensor, upper_logit: torch.Tensor, mean: flo
     return torch.sigmoid(mean + std * torch.erfinv(2 * p - 1) * math.sqrt(2))
 
 
-def sample_times(gen: torch.Generator, n: int, cfg: TimeSampling, device: torch.device | str = "cpu"
+def sample_times(gen: torch.Generator, n: int, times: TimeSampling, device: torch.device | str = "cpu"
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draw ``(t, s, s')`` for n samples, each ``[n, 1, 1, 1]`` fp32, with ``0 ≤ s ≤ t ≤ 1``.
 
@@ -116,34 +133,34 @@ def sample_times(gen: torch.Generator, n: int, cfg: TimeSampling, device: torch.
     def rand() -> torch.Tensor:
         return torch.rand(shape, generator=gen, device=device)
 
-    if cfg.scheme == "gap":
-        g = torch.sigmoid(randn() * cfg.gap_P_std + cfg.gap_P_mean)
-        s = truncated_logit_normal(rand(), logit(1 - g), cfg.s_P_mean, cfg.s_P_std)
+    if times.scheme == "gap":
+        g = torch.sigmoid(randn() * times.gap_P_std + times.gap_P_mean)
+        s = truncated_logit_normal(rand(), logit(1 - g), times.s_P_mean, times.s_P_std)
         t = torch.clamp(s + g, max=1.0)
-    elif cfg.scheme == "trunc":
-        t = torch.sigmoid(randn() * cfg.t_P_std + cfg.t_P_mean)
-        s = truncated_logit_normal(rand(), logit(t), cfg.s_P_mean, cfg.s_P_std)
+    elif times.scheme == "trunc":
+        t = torch.sigmoid(randn() * times.t_P_std + times.t_P_mean)
+        s = truncated_logit_normal(rand(), logit(t), times.s_P_mean, times.s_P_std)
     else:  # clamp
-        t = torch.sigmoid(randn() * cfg.t_P_std + cfg.t_P_mean)
-        s = torch.minimum(torch.sigmoid(randn() * cfg.s_P_std + cfg.s_P_mean), t)
-    s_prime = torch.sigmoid(randn() * cfg.s_P_std + cfg.s_P_mean) if cfg.fm_time == "separate" else s
-    if cfg.frac_t_eq_s > 0:
-        s = torch.where(rand() < cfg.frac_t_eq_s, t, s)
-        if cfg.fm_time == "shared":
+        t = torch.sigmoid(randn() * times.t_P_std + times.t_P_mean)
+        s = torch.minimum(torch.sigmoid(randn() * times.s_P_std + times.s_P_mean), t)
+    s_prime = torch.sigmoid(randn() * times.s_P_std + times.s_P_mean) if times.fm_time == "separate" else s
+    if times.frac_t_eq_s > 0:
+        s = torch.where(rand() < times.frac_t_eq_s, t, s)
+        if times.fm_time == "shared":
             s_prime = s
     return t, s, s_prime
 
 
-def sample_beta(gen: torch.Generator, n: int, cfg: Guidance, device: torch.device | str = "cpu") -> torch.Tensor:
+def sample_beta(gen: torch.Generator, n: int, guidance: Guidance, device: torch.device | str = "cpu") -> torch.Tensor:
     """β = 1/w for n samples, ``[n, 1, 1, 1]`` fp32 (docs/method.md §2 item 6, §12 item 24)."""
     shape = (n, 1, 1, 1)
-    if cfg.cfg is not None:
-        return torch.ones(shape, device=device) / cfg.cfg
-    if cfg.min_cfg is not None:
+    if guidance.cfg is not None:
+        return torch.ones(shape, device=device) / guidance.cfg
+    if guidance.min_cfg is not None:
         u = torch.rand(shape, generator=gen, device=device)
-        if cfg.range_mode == "w":
-            return 1.0 / (cfg.min_cfg + u * (cfg.max_cfg - cfg.min_cfg))
-        lo, hi = 1.0 / cfg.max_cfg, 1.0 / cfg.min_cfg
+        if guidance.cfg_range_mode == "w":
+            return 1.0 / (guidance.min_cfg + u * (guidance.max_cfg - guidance.min_cfg))
+        lo, hi = 1.0 / guidance.max_cfg, 1.0 / guidance.min_cfg
         return lo + u * (hi - lo)
     return torch.rand(shape, generator=gen, device=device)
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from tvm.config import to_container
 from tvm.data.datasets import ImageFolderDataset
 from tvm.data.digits import DigitsDataset
 from tvm.data.encoders import build_encoder
@@ -22,9 +23,12 @@ DATASETS = {
     "tvm.data.digits.DigitsDataset": DigitsDataset,
 }
 NETWORKS = {"tvm.method.wrapper.TVMWrapper": TVMWrapper}
-# The authors' class path for their loss (upstream training/loss.py), kept accepted as the config
-# value; no module of ours has that name: the objective is tvm/method/objective.py.
-LOSSES = ("tvm.method.loss.TVMLoss",)
+# ``loss.class_name`` selects nothing: there is one TVM objective (tvm/method; no class of this name). The
+# key is the authors'; these are the names it may carry, each standing for that objective:
+# the authors' class (``training.loss.TVMLoss``, upstream's module layout) and the name our configs and
+# stored checkpoints have carried (``tvm.method.loss.TVMLoss``, kept so those load).
+LOSSES = {"training.loss.TVMLoss": "the TVM objective (the authors' class name)",
+          "tvm.method.loss.TVMLoss": "the TVM objective (this package's configs and checkpoints)"}
 OPTIMIZERS = {"torch.optim.AdamW": torch.optim.AdamW}
 
 
@@ -42,7 +46,7 @@ def build_dataset(cfg: DictConfig) -> torch.utils.data.Dataset:
             raise ValueError(f"dataset.path={cfg.path} is set but dataset.class_name={cfg.class_name} reads no files "
                              "(the digits ship with scikit-learn): drop dataset.path, or set "
                              "dataset.class_name=tvm.data.datasets.ImageFolderDataset to train on that path")
-        dataset = DigitsDataset(split=cfg.split, use_labels=cfg.use_labels)
+        dataset = DigitsDataset(split=str(cfg.split), use_labels=cfg.use_labels)
     else:
         if not cfg.path:
             raise ValueError("dataset.path is not set: point it at an EDM-format zip or folder "
@@ -81,30 +85,27 @@ def build_network(cfg: DictConfig, resolution: int, channels: int, label_dim: in
     ``network.honor_model_kwargs=true`` to apply them.
     """
     _lookup(NETWORKS, cfg.class_name, "network.class_name")
-    kwargs = dict(cfg.model_kwargs) if cfg.honor_model_kwargs else {}
+    kwargs = to_container(cfg.model_kwargs) if cfg.honor_model_kwargs else {}  # init_type a plain string
     arch = dict(mod_norm=kwargs.pop("do_mod_norm", True), **kwargs)
     model = DiT(cfg.model_type, input_size=resolution, in_channels=channels, num_classes=label_dim,
                 hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads,
                 patch_spectral=cfg.patch_spectral, init=init, **arch)
     device = torch.device(device)
-    return TVMWrapper(model, data_type=cfg.data_type, do_scale_param=cfg.do_scale_param, detach_jvp=cfg.detach_jvp,
-                      attn_backend=cfg.attn_backend, jvp_mode=cfg.jvp_mode, recompute=cfg.recompute,
-                      jvp_attn_backend=resolve_jvp_backend(cfg.jvp_attn_backend, device)).to(device)
+    return TVMWrapper(model, data_type=str(cfg.data_type), do_scale_param=cfg.do_scale_param,
+                      detach_jvp=cfg.detach_jvp, attn_backend=str(cfg.attn_backend), jvp_mode=str(cfg.jvp_mode),
+                      recompute=str(cfg.recompute),
+                      jvp_attn_backend=resolve_jvp_backend(str(cfg.jvp_attn_backend), device)).to(device)
 
 
 def time_sampling(cfg: DictConfig) -> TimeSampling:
     """The loss config's time sampler (docs/method.md §2)."""
-    if cfg.class_name not in LOSSES:
-        raise ValueError(f"unknown loss.class_name {cfg.class_name!r}; allowed: {', '.join(LOSSES)}")
-    return TimeSampling(scheme=cfg.scheme, fm_time=cfg.fm_time, s_P_mean=cfg.s_P_mean, s_P_std=cfg.s_P_std,
-                        gap_P_mean=cfg.gap_P_mean, gap_P_std=cfg.gap_P_std, t_P_mean=cfg.t_P_mean,
-                        t_P_std=cfg.t_P_std, frac_t_eq_s=cfg.frac_t_eq_s)
+    _lookup(LOSSES, cfg.class_name, "loss.class_name")
+    return TimeSampling.from_config(cfg)
 
 
 def guidance(cfg: DictConfig) -> Guidance:
     """The loss config's CFG sampling and label dropout (docs/method.md §2 item 6, §1.6)."""
-    return Guidance(cfg=cfg.cfg, min_cfg=cfg.min_cfg, max_cfg=cfg.max_cfg, range_mode=cfg.cfg_range_mode,
-                    label_dropout=cfg.label_dropout)
+    return Guidance.from_config(cfg)
 
 
 def build_optimizer(cfg: DictConfig, params: Any, device: torch.device) -> torch.optim.Optimizer:

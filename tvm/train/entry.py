@@ -42,13 +42,24 @@ def one_line(error: BaseException) -> str:
     message and of their cause (``Could not override 'training.bogus': Key 'bogus' not in 'TrainingConfig'``);
     other messages are joined onto one line whole. Unexpected errors are prefixed with their type."""
     if isinstance(error, (HydraException, OmegaConfBaseException)):
-        parts = [str(e).strip().splitlines()[0].rstrip(".") for e in (error, error.__cause__)
-                 if e is not None and str(e).strip()]
+        parts = [_first_line(e) for e in (error, error.__cause__) if e is not None and str(e).strip()]
         return ": ".join(parts) or type(error).__name__
     text = " ".join(str(error).split())
     if isinstance(error, USER_ERRORS) and text:
         return text
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of a message; where it is a header ending in ``:`` (a bad value in a config
+    file: ``In 'exp': ValidationError raised while composing config:``), with the detail below it
+    and the key (``Invalid value 'x', expected one of [a, b] (key network.jvp_mode)``)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    first = lines[0].rstrip(".:")
+    if lines[0].endswith(":") and len(lines) > 1:
+        keys = [line.split(":", 1)[1].strip() for line in lines[2:] if line.startswith("full_key:")]
+        first += f": {lines[1]}" + (f" (key {keys[0]})" if keys else "")
+    return first
 
 
 def report_error(prog: str, message: str) -> None:

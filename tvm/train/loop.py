@@ -104,8 +104,6 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     total_steps = tcfg.total_ticks * steps_per_tick
     if tcfg.max_steps is not None:
         total_steps = min(total_steps, tcfg.max_steps)
-    if tcfg.nonfinite_policy not in ("skip", "raise"):
-        raise ValueError(f"training.nonfinite_policy must be 'skip' or 'raise', got {tcfg.nonfinite_policy!r}")
     if cfg.network.data_type == "fp16":
         raise ValueError("network.data_type=fp16 is not supported for training (it needs loss scaling); use bf16 "
                          "on GPUs or fp32")
@@ -177,7 +175,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
 
     # Secrets come from the environment only; a value that reached the config (e.g. through
     # ${oc.env:WANDB_API_KEY}) is redacted from everything written or sent (docs/method.md §5.8).
-    logger = RunLogger(run_dir, dist.rank, wandb_mode=cfg.logger.mode, project=sanitize_config(cfg.logger.project),
+    logger = RunLogger(run_dir, dist.rank, wandb_mode=str(cfg.logger.mode), project=sanitize_config(cfg.logger.project),
                        entity=sanitize_config(cfg.logger.entity), run_name=sanitize_config(cfg.name),
                        config_dict=to_container(cfg))
     cleanup.callback(logger.close)
@@ -351,7 +349,7 @@ def _save_sample_grids(ema: TVMWrapper, encoder, cfg: DictConfig, run_dir: Path,
     classes = grid_classes(n, num_classes)
     for name, sampler_cfg in cfg.sampling.items():
         images = generate_images(ema, encoder, list(range(n)), steps=sampler_cfg.num_steps,
-                                 cfg=sampler_cfg.cfg_scale, seed=cfg.eval.seed, classes=classes, device=device)
+                                 guidance=sampler_cfg.cfg_scale, seed=cfg.eval.seed, classes=classes, device=device)
         path = save_image_grid(images, run_dir / "samples" / f"{name}-tick{tick:06d}.png",
                                **grid_layout(n, num_classes, images.shape[-1]))
         logger.log_images(f"samples/{name}", path, tick)

@@ -37,8 +37,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-SHARDINGS = ("ddp", "fsdp2")
-
 
 def _dtensor_type() -> type | None:
     try:
@@ -61,9 +59,8 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
 
 def check_sharding_supported(sharding: str, jvp_mode: str, compile_scope: str, compile: bool, recompute: str,
                              distributed: bool, compile_mode: str = "default") -> None:
-    """ValueError naming the setting for a combination ``fsdp2`` does not support."""
-    if sharding not in SHARDINGS:
-        raise ValueError(f"unknown network.sharding {sharding!r}; allowed: {', '.join(SHARDINGS)}")
+    """ValueError naming the setting for a combination ``fsdp2`` does not support (the values
+    themselves are checked by the config schema)."""
     if sharding != "fsdp2":
         return
     if not distributed:
