@@ -46,7 +46,7 @@ def test_step_algebra(scale):
 def test_a_step_is_the_objectives_flow_map_in_the_samplers_operation_order():
     """Bit for bit, also where the grid steps are not powers of two (3 steps) and κ = w ≠ 1."""
     z = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
-    out = sample(RecordingNet(), z, None, steps=3, cfg=1.75)
+    out = sample(RecordingNet(), z, None, steps=3, guidance=1.75)
     grid = time_grid(3)
     x = y = z.double()
     for t_cur, t_next in zip(grid[:-1], grid[1:]):
