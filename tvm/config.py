@@ -231,7 +231,7 @@ class EvalConfig:
     dinov2_weights: Optional[str] = None     # state dict for a checkout (default <dir or hub>/dinov2_vitl14_pretrain.pth)
     dinov2_ref_stats: Optional[str] = None   # .npz (mu, sigma); default: ref_stats when it is an EDM2 pickle
     dinov2_allow_download: bool = False
-    num_images: int = 50000
+    num_images: int = 50000              # generated images per metric (fid50k_full: 50,000)
     label_mode: LabelMode = LabelMode.uniform  # empirical: training-set label frequencies (upstream)
     enable_tf32: bool = False
 

@@ -35,6 +35,7 @@ def _rank(rank: int, run_dir: Path, out_dir: Path, inject: dict[int, str]) -> No
     import tvm.train.loop as loop
     from tvm.config import compose_config
     from tvm.train.checkpoint import module_state_dict
+    from tvm.train.update import NonFiniteLossError
 
     counter = HostReadCounter().install()
     step = 0
@@ -77,7 +78,7 @@ def _rank(rank: int, run_dir: Path, out_dir: Path, inject: dict[int, str]) -> No
     try:
         result = loop.run(compose_config("tiny", RUN + [f"run_dir={run_dir}"]))
         record["progress"] = result["progress"]
-    except loop.NonFiniteLossError as exc:
+    except NonFiniteLossError as exc:
         record["error"] = str(exc)
     state = captured["state"]
     torch.save({name: module_state_dict(getattr(state, name)) for name in ("net", "ema", "teacher")}

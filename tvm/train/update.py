@@ -81,9 +81,9 @@ def grad_norm_and_skip(net: TVMWrapper, max_norm: float | None, nonfinite_loss: 
 def gradient_sync(module: torch.nn.Module, sharded: bool, distributed: bool, sync: bool
                    ) -> contextlib.AbstractContextManager:
     """Gradient synchronisation of one accumulation round: only the last round (``sync``) reduces
-    (DDP: ``no_sync`` before it; FSDP2: ``set_requiresgradient_sync``)."""
+    (DDP: ``no_sync`` before it; FSDP2: ``set_requires_gradient_sync``)."""
     if sharded:
-        module.set_requiresgradient_sync(sync)
+        module.set_requires_gradient_sync(sync)
         return contextlib.nullcontext()
     return module.no_sync() if distributed and not sync else contextlib.nullcontext()
 
