@@ -9,8 +9,8 @@ from omegaconf import DictConfig
 
 import tvm.config  # noqa: F401  (registers the config schema with Hydra)
 from tvm.eval.evaluate import evaluate_checkpoints
-from tvm.train import distributed
-from tvm.train.checkpoint import CheckpointError
+from tvm.runtime import distributed
+from tvm.runtime.checkpoint import CheckpointError
 
 
 @hydra.main(config_path="configs", config_name="tiny", version_base=None)

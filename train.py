@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 import tvm.config  # noqa: F401  (registers the config schema with Hydra)
 from tvm.cli_help import print_help_if_asked
-from tvm.train import distributed
+from tvm.runtime import distributed
 from tvm.train.entry import outcome_line, run_entry_point
 from tvm.train.loop import run
 

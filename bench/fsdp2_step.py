@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 from step import Variant, batch, build_state, prepare, time_steps, tvm_step
 from tvm.config import compose_config
 from tvm.models.dit import count_parameters
-from tvm.train.build import build_network, build_optimizer
+from tvm.runtime.build import build_network, build_optimizer
 from tvm.train.sharding import shard_network, state_memory_per_rank
 
 

@@ -47,7 +47,7 @@ from tvm.data.encoders import StabilityVAEEncoder
 from tvm.method.objective import interpolate
 from tvm.method.sampler import sample
 from tvm.method.times import draw_step
-from tvm.train.build import build_network, build_optimizer, guidance, time_sampling
+from tvm.runtime.build import build_network, build_optimizer, guidance, time_sampling
 from tvm.train.ema import make_ema
 from tvm.train.state import Progress, RunState
 from tvm.train.update import apply_update

@@ -7,7 +7,7 @@ Usage::
 ``SRC.pkl`` is a released file (``im256_w2.pkl``, ``im256_w1p75.pkl``, ``im512_w2p5.pkl``) or a
 ``network-snapshot-*.pkl`` of an upstream run. It is read by :mod:`tvm.compat.upstream`, which
 never executes code from the pickle and maps CUDA storages to the CPU. ``DST.pt`` is written
-atomically by ``tvm.train.checkpoint.save_checkpoint`` and loads with ``weights_only=True``:
+atomically by ``tvm.runtime.checkpoint.save_checkpoint`` and loads with ``weights_only=True``:
 
 - ``ema``, ``net`` and ``ema_target``: the pickle's EMA weights (``model.*`` names);
 - ``config``: the named config plus the overrides, with the model facts read from the pickle
@@ -33,7 +33,7 @@ from pathlib import Path
 
 from tvm.compat.upstream import checkpoint_from_upstream
 from tvm.config import compose_config
-from tvm.train.checkpoint import save_checkpoint
+from tvm.runtime.checkpoint import save_checkpoint
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -25,9 +25,9 @@ from tvm.compiling import allow_tracing_this_package
 from tvm.config import compose_config
 from tvm.eval.checkpoints import load_network_for_eval
 from tvm.eval.generate import check_output, default_cfg_scale, generate_to, parse_classes, parse_index_ranges
-from tvm.train import distributed
-from tvm.train.build import encoder_from_config
-from tvm.train.checkpoint import CheckpointError, find_checkpoints
+from tvm.runtime import distributed
+from tvm.runtime.build import encoder_from_config
+from tvm.runtime.checkpoint import CheckpointError, find_checkpoints
 
 
 def positive_int(text: str) -> int:

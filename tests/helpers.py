@@ -116,7 +116,7 @@ def evaluate_on_ranks(cfg, out_dir, world_size: int = 2) -> list[list[dict]]:
     from pathlib import Path
 
     from tvm.eval.evaluate import evaluate_checkpoints
-    from tvm.train import distributed
+    from tvm.runtime import distributed
 
     def evaluate(rank: int) -> None:
         distributed.init_distributed(device="cpu")

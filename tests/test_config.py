@@ -158,7 +158,7 @@ def test_choices_are_the_values_the_library_accepts():
     from tvm.method.wrapper import DATA_TYPES, JVP_MODES, RECOMPUTE
     from tvm.models.attention import BACKENDS
     from tvm.models.init import INIT_TYPES
-    from tvm.train.logging import WANDB_MODES
+    from tvm.runtime.run_logging import WANDB_MODES
 
     def values(choice: type[Choice]) -> set[str]:
         return {member.value for member in choice}
@@ -173,7 +173,7 @@ def test_choices_are_the_values_the_library_accepts():
 
 def test_time_sampling_and_guidance_are_built_from_the_loss_section():
     from tvm.method.times import Guidance, TimeSampling
-    from tvm.train.build import guidance, time_sampling
+    from tvm.runtime.build import guidance, time_sampling
 
     loss_keys = {f.name for f in dataclasses.fields(schema.LossConfig)}
     for settings in (TimeSampling, Guidance):
@@ -192,7 +192,7 @@ def test_time_sampling_and_guidance_are_built_from_the_loss_section():
 
 
 def test_registries_name_what_exists():
-    from tvm.train import build
+    from tvm.runtime import build
 
     for registry in (build.DATASETS, build.NETWORKS, build.OPTIMIZERS):
         for name, cls in registry.items():

@@ -7,7 +7,7 @@ import sys
 from tqdm import tqdm
 
 from tvm.progress import LineProgress, format_duration, is_terminal, progress_bar
-from tvm.train.logging import RunLogger
+from tvm.runtime.run_logging import RunLogger
 
 
 class _Terminal(io.StringIO):

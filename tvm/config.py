@@ -148,7 +148,7 @@ class NetworkConfig:
 
 @dataclass
 class LossConfig:
-    # Selects nothing (there is one objective); the names accepted are tvm/train/build.py LOSSES.
+    # Selects nothing (there is one objective); the names accepted are tvm/runtime/build.py LOSSES.
     class_name: str = "tvm.method.loss.TVMLoss"
     scheme: TimeScheme = TimeScheme.gap  # docs/method.md §2, §10.3
     fm_time: FMTime = FMTime.separate    # separate s' (gap*) | shared (s' = s)

@@ -37,8 +37,8 @@ from tvm.compat.upstream import (ForeignObject, PersistentRecord, UnsafePickleEr
 from tvm.config import compose_config, from_container
 from tvm.method.wrapper import TVMWrapper
 from tvm.models.dit import DiT
-from tvm.train.build import build_network
-from tvm.train.checkpoint import load_checkpoint
+from tvm.runtime.build import build_network
+from tvm.runtime.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 RES, CHANNELS, LABELS, HIDDEN, DEPTH, HEADS = 8, 4, 10, 64, 2, 4

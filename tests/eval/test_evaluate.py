@@ -25,7 +25,7 @@ from tvm.eval.checkpoints import load_network_for_eval
 from tvm.eval.evaluate import RESULTS_FILE, evaluate_checkpoints
 from tvm.eval.generate import generate_images, image_classes
 from tvm.eval.metrics import MetricContext
-from tvm.train.checkpoint import CheckpointError
+from tvm.runtime.checkpoint import CheckpointError
 from tvm.train.loop import run
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -20,7 +20,6 @@ import torch.multiprocessing as mp
 
 from tvm.data.datasets import ImageFolderDataset
 from tvm.eval.fid import (
-    file_sha256,
     FeatureStats,
     RefStats,
     compute_fid,
@@ -30,6 +29,7 @@ from tvm.eval.fid import (
     load_ref_stats,
     save_ref_stats,
 )
+from tvm.runtime.checkpoint import file_sha256
 
 FEAT = 16
 # The stand-in detector is TorchScript, the format NVIDIA ships, which recent torch deprecates.

@@ -16,8 +16,8 @@ from tvm.config import compose_config
 from tvm.data.encoders import PixelEncoder
 from tvm.eval import generate as gen
 from tvm.eval.checkpoints import data_facts, load_network_for_eval
-from tvm.train import distributed
-from tvm.train.checkpoint import CheckpointError, find_checkpoints, load_checkpoint
+from tvm.runtime import distributed
+from tvm.runtime.checkpoint import CheckpointError, find_checkpoints, load_checkpoint
 from tvm.train.loop import run
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -92,7 +92,7 @@ def test_time_sampling_validation():
 
 
 def test_global_draws_are_a_function_of_the_generator_seed():
-    """Each rank draws the global batch from the same seed and takes its rows (tests/train/test_distributed.py)."""
+    """Each rank draws the global batch from the same seed and takes its rows (tests/runtime/test_distributed.py)."""
     args = (64, (2, 4, 4), TimeSampling(), Guidance(cfg=2.0))
     full = draw_step(torch.Generator().manual_seed(9), *args)
     again = draw_step(torch.Generator().manual_seed(9), *args)

@@ -26,7 +26,7 @@ import torch
 
 from helpers import QUICK_TINY
 from tvm.config import compose_config
-from tvm.train.checkpoint import CheckpointManager, checkpoint_step, load_checkpoint
+from tvm.runtime.checkpoint import CheckpointManager, checkpoint_step, load_checkpoint
 
 STEPS_PER_TICK = 2          # QUICK_TINY: 32 images per tick at batch 16
 CKPT_TICKS = 2
@@ -186,7 +186,7 @@ class SlowFile(FileWrapper):
 def _instrument(probe: Probe, slow_disk_s_per_mb: float | None) -> None:
     """Patch this (child) process so that it reports progress and checkpoint writes to ``probe``."""
     import tvm.train.loop as loop
-    from tvm.train import checkpoint
+    from tvm.runtime import checkpoint
 
     real_apply, real_restore, real_save = loop.apply_update, loop.restore, CheckpointManager.save
     real_replace = os.replace

@@ -28,7 +28,7 @@ from helpers import QUICK_TINY
 from tvm.config import CONFIG_DIR, compose_config
 from tvm.eval import fid
 from tvm.eval.evaluate import evaluate_checkpoints
-from tvm.train.checkpoint import CheckpointError, CheckpointManager, load_checkpoint, save_checkpoint
+from tvm.runtime.checkpoint import CheckpointError, CheckpointManager, load_checkpoint, save_checkpoint
 
 QUICK = QUICK_TINY + ["training.total_ticks=2", "training.ckpt_ticks=1", "training.snapshot_ticks=1000"]
 IMAGES = ["dataset.class_name=tvm.data.datasets.ImageFolderDataset"]

@@ -1,6 +1,6 @@
 """Fault 4: the disk fills up, or the run directory becomes unwritable, during a checkpoint write.
 
-Documented outcome (tvm/train/checkpoint.py, tvm/train/loop.py): training stops with
+Documented outcome (tvm/runtime/checkpoint.py, tvm/train/loop.py): training stops with
 ``CheckpointWriteError`` naming the file and the reason (``disk is full (ENOSPC)``, ``not
 writable``), on every rank alike; the previous checkpoint is intact byte for byte, no partial file
 is left under a checkpoint name nor as a temporary file; once space is freed, restarting on the
@@ -10,7 +10,7 @@ Disk full is injected where a real one shows up: inside ``torch.save`` after par
 written, at ``fsync`` (delayed allocation, network file systems) and at the final ``close``. An
 unwritable directory is made with ``chmod`` — except as root, where permission bits do not stop
 writes: then the kernel's answer (``EACCES``, or ``EROFS`` for a read-only mount) is injected at
-``open``. The unit tests in tests/train/test_checkpoint.py cover ``save_checkpoint`` alone; these go
+``open``. The unit tests in tests/runtime/test_checkpoint.py cover ``save_checkpoint`` alone; these go
 through the training loop.
 """
 from __future__ import annotations
@@ -28,8 +28,8 @@ import torch
 
 from fault_tools import FileWrapper, in_process_run, load_final, same_training_state, temp_files, watchdog
 from helpers import QUICK_TINY, fork_ranks
-from tvm.train import checkpoint as ckpt
-from tvm.train.checkpoint import CheckpointManager, CheckpointWriteError
+from tvm.runtime import checkpoint as ckpt
+from tvm.runtime.checkpoint import CheckpointManager, CheckpointWriteError
 
 RUN = QUICK_TINY + ["training.total_ticks=3", "training.ckpt_ticks=1", "training.snapshot_ticks=1000"]
 FAILING_STEP = 4  # the second checkpoint (2 steps per tick)

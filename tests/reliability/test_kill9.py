@@ -1,6 +1,6 @@
 """Fault 1: ``kill -9`` of a training process at random moments, some during a checkpoint write.
 
-Documented outcome (README "One run, one directory", tvm/train/checkpoint.py): after a kill the run
+Documented outcome (README "One run, one directory", tvm/runtime/checkpoint.py): after a kill the run
 directory holds only complete, loadable checkpoints (the newest is at most one checkpoint interval
 behind the killed process), and restarting on the directory continues from the newest one; a chain
 of killed and restarted processes ends with exactly the weights, optimizer state and data position

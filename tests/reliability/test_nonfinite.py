@@ -34,7 +34,7 @@ def _rank(rank: int, run_dir: Path, out_dir: Path, inject: dict[int, str]) -> No
     torch.set_num_threads(1)
     import tvm.train.loop as loop
     from tvm.config import compose_config
-    from tvm.train.checkpoint import module_state_dict
+    from tvm.runtime.checkpoint import module_state_dict
     from tvm.train.update import NonFiniteLossError
 
     counter = HostReadCounter().install()

@@ -1,12 +1,12 @@
 """Fault 7: a wandb API key in the environment must never reach a file under the run directory, the
 logs, or what is sent to wandb.
 
-Documented outcome (tvm/train/logging.py, README): the key is read from ``WANDB_API_KEY`` by wandb
+Documented outcome (tvm/runtime/run_logging.py, README): the key is read from ``WANDB_API_KEY`` by wandb
 itself; configs, checkpoints, ``log.txt``, ``stats.jsonl``, evaluation results and wandb's own files
 never hold it — also when a config value carries it (``${oc.env:WANDB_API_KEY}`` or typed in), in
 which case the value is redacted. A stand-in wandb module records everything the run gives it under
 the run directory (as the real one does in ``<run_dir>/wandb``), so a leak into wandb is a leak
-into a file. ``tests/train/test_logging.py`` covers the logger alone; this runs training and
+into a file. ``tests/runtime/test_run_logging.py`` covers the logger alone; this runs training and
 evaluation end to end.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from fault_tools import in_process_run
 from helpers import QUICK_TINY
 from tvm.config import compose_config
 from tvm.eval.evaluate import evaluate_checkpoints
-from tvm.train.checkpoint import CheckpointManager, load_checkpoint
+from tvm.runtime.checkpoint import CheckpointManager, load_checkpoint
 
 KEY = "0123456789abcdef0123456789abcdef01234567"  # the shape of a wandb key (40 hex digits)
 

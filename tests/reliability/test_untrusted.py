@@ -1,12 +1,12 @@
 """Fault 6: untrusted files — crafted pickles that would run code when loaded.
 
-Documented outcome (tvm/train/checkpoint.py, tvm/compat/upstream.py): our checkpoints are read with
+Documented outcome (tvm/runtime/checkpoint.py, tvm/compat/upstream.py): our checkpoints are read with
 ``torch.load(weights_only=True)`` only; the authors' pickles and other outside pickles go through a
 restricted unpickler; a crafted file is refused with an error naming it (or, as the newest file of
 a run directory, skipped with a warning naming it) and runs nothing. Every file the crafted pickles
 would create (``touch MARKER`` through ``os.system``) must be absent afterwards.
 
-The loaders' own tests (tests/compat, tests/eval/test_fid.py, tests/train/test_checkpoint.py) feed
+The loaders' own tests (tests/compat, tests/eval/test_fid.py, tests/runtime/test_checkpoint.py) feed
 crafted pickles to each loader; here they go through the entry points — auto-resume, ``resume``,
 ``transfer``, ``eval.py``'s library, ``generate.py``'s loader, a dataset — and a static scan checks
 that no deserialisation call outside the reviewed ones exists in the package and its scripts.
@@ -32,7 +32,7 @@ from tvm.compat.upstream import UnsafePickleError
 from tvm.config import compose_config
 from tvm.eval.checkpoints import load_network_for_eval
 from tvm.eval.evaluate import evaluate_checkpoints
-from tvm.train.checkpoint import FORMAT, CheckpointError
+from tvm.runtime.checkpoint import FORMAT, CheckpointError
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = QUICK_TINY + ["training.total_ticks=2", "training.ckpt_ticks=1", "training.snapshot_ticks=1000"]

@@ -13,7 +13,7 @@ import pytest
 
 from helpers import QUICK_TINY
 from tvm.train import entry
-from tvm.train.checkpoint import CheckpointManager, checkpoint_step
+from tvm.runtime.checkpoint import CheckpointManager, checkpoint_step
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from helpers import QUICK_TINY
 from tvm.config import compose_config
-from tvm.train.checkpoint import CheckpointManager, load_checkpoint
+from tvm.runtime.checkpoint import CheckpointManager, load_checkpoint
 from tvm.train.loop import run
 from tvm.train.update import NonFiniteLossError
 

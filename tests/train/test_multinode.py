@@ -27,7 +27,7 @@ from submitit.slurm.test_slurm import mocked_slurm
 import launch
 from helpers import QUICK_TINY
 from tvm.config import compose_config
-from tvm.train.checkpoint import CheckpointManager, load_checkpoint
+from tvm.runtime.checkpoint import CheckpointManager, load_checkpoint
 from tvm.train.slurm import free_port
 
 pytestmark = pytest.mark.slow

@@ -99,7 +99,7 @@ def test_should_stop_checks_only_every_k_steps(monkeypatch) -> None:
 _WORKER = textwrap.dedent(
     """
     import json, os, signal, torch
-    from tvm.train import distributed as D
+    from tvm.runtime import distributed as D
     from tvm.train.preemption import PreemptionHandler
     ctx = D.init_distributed(device="cpu")
     handler = PreemptionHandler().install()

@@ -16,7 +16,7 @@ import torch
 
 from helpers import QUICK_TINY, fork_ranks
 from tvm.config import compose_config
-from tvm.train.checkpoint import CheckpointManager, load_checkpoint
+from tvm.runtime.checkpoint import CheckpointManager, load_checkpoint
 from tvm.train.sharding import check_sharding_supported, state_memory_per_rank
 
 # 4 ticks of 2 steps, batch 16 = 2 ranks × 4 per micro-batch × 2 rounds; lr 1e-4 (see test_multinode.py:
@@ -95,7 +95,7 @@ def latest_initial(runs: Path) -> dict:
 def test_fsdp2_checkpoint_resumes_exactly_and_loads_anywhere(runs, tmp_path):
     from tvm.eval.checkpoints import load_network_for_eval
     from tvm.eval.generate import generate_images
-    from tvm.train.build import encoder_from_config
+    from tvm.runtime.build import encoder_from_config
 
     # A sharded run stopped after 2 ticks and continued to 4 equals the uninterrupted sharded run.
     train_on_two_ranks(tmp_path / "resumed", "training.total_ticks=2", "network.sharding=fsdp2")

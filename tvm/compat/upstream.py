@@ -51,11 +51,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tvm.config import Config, compose_config, to_container
-from tvm.eval.fid import file_sha256
+from tvm.runtime.checkpoint import file_sha256
 from tvm.method.wrapper import DATA_TYPES, TVMWrapper
 from tvm.models.dit import VARIANT_ALIASES, VARIANTS, resolve_variant
-from tvm.train.build import build_network
-from tvm.train.checkpoint import state_dict_differences
+from tvm.runtime.build import build_network
+from tvm.runtime.checkpoint import state_dict_differences
 
 PathLike = str | Path
 OPTIMIZED_MODULE = "torch._dynamo.eval_frame.OptimizedModule"

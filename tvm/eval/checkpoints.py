@@ -29,8 +29,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from tvm.config import from_container
 from tvm.method.wrapper import TVMWrapper
-from tvm.train.build import build_network
-from tvm.train.checkpoint import CheckpointError, checkpoint_step, load_checkpoint, strip_wrapper_prefixes
+from tvm.runtime.build import build_network
+from tvm.runtime.checkpoint import CheckpointError, checkpoint_step, load_checkpoint, strip_wrapper_prefixes
 
 __all__ = ["DataFacts", "data_facts", "apply_overrides", "load_network_for_eval"]
 

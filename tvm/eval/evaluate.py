@@ -32,9 +32,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from tvm.eval.checkpoints import load_network_for_eval
 from tvm.eval.metrics import METRICS, MetricContext, compute_metric
-from tvm.train import distributed
-from tvm.train.build import encoder_from_config
-from tvm.train.checkpoint import CheckpointError, find_checkpoints
+from tvm.runtime import distributed
+from tvm.runtime.build import encoder_from_config
+from tvm.runtime.checkpoint import CheckpointError, find_checkpoints
 
 __all__ = ["RESULTS_FILE", "evaluate_checkpoints", "set_eval_backend_flags"]
 

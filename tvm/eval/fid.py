@@ -26,7 +26,6 @@ reference-pickle reader (``load_ref_stats(path, key='fd_dinov2')`` for EDM2's DI
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 import pickle
@@ -46,14 +45,14 @@ import scipy.linalg
 import torch
 
 from tvm.progress import progress_bar
-from tvm.train import distributed
+from tvm.runtime import distributed
+from tvm.runtime.checkpoint import file_sha256
 
 __all__ = [
     "INCEPTION_URL",
     "INCEPTION_PT_URL",
     "FEATURE_DIM",
     "load_inception_detector",
-    "file_sha256",
     "default_cache_dir",
     "FeatureStats",
     "frechet_distance",
@@ -136,15 +135,6 @@ def _load_persistent_pickle(path: Path, device: torch.device) -> Detector:
     with open(path, "rb") as f:
         detector = pickle.load(f)  # noqa: S301 - configured, trusted source (module docstring)
     return detector.to(device)
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file, read in 16 MiB chunks (detector checks, provenance of converted pickles)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_inception_detector(

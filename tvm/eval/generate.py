@@ -27,7 +27,7 @@ from tvm.data.encoders import Encoder
 from tvm.method.sampler import sample
 from tvm.method.wrapper import TVMWrapper
 from tvm.progress import progress_bar
-from tvm.train import distributed
+from tvm.runtime import distributed
 
 LABEL_MODES = ("uniform", "empirical")
 

@@ -31,8 +31,8 @@ from tvm.data.encoders import Encoder
 from tvm.eval import extra_metrics, fid
 from tvm.eval.generate import decoded_resolution, generate_images, image_classes
 from tvm.method.wrapper import TVMWrapper
-from tvm.train import distributed
-from tvm.train.build import build_dataset
+from tvm.runtime import distributed
+from tvm.runtime.build import build_dataset
 
 
 @dataclass

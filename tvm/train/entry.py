@@ -27,7 +27,7 @@ from typing import Any
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from tvm.train.checkpoint import CheckpointError
+from tvm.runtime.checkpoint import CheckpointError
 from tvm.train.update import NonFiniteLossError
 
 ERROR_DIR_ENV = "TVM_ERROR_DIR"  # set by train.sh: where each worker writes its one-line cause

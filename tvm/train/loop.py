@@ -36,18 +36,18 @@ from tvm.eval.metrics import METRICS, MetricContext, check_reference_files, comp
 from tvm.method.times import draw_step
 from tvm.method.wrapper import TVMWrapper
 from tvm.models.dit import count_parameters
-from tvm.train import distributed
-from tvm.train.build import (build_dataset, build_network, build_optimizer, encoder_from_config, guidance,
+from tvm.runtime import distributed
+from tvm.runtime.build import (build_dataset, build_network, build_optimizer, encoder_from_config, guidance,
                              time_sampling)
-from tvm.train.checkpoint import CheckpointManager, CheckpointWriteError, load_checkpoint
+from tvm.runtime.checkpoint import CheckpointManager, CheckpointWriteError, load_checkpoint
 from tvm.train.ema import make_ema
-from tvm.train.logging import (RunLogger, binned_means, peak_memory_gb, reset_peak_memory, sanitize_config,
+from tvm.runtime.run_logging import (RunLogger, binned_means, peak_memory_gb, reset_peak_memory, sanitize_config,
                                status_line)
 from tvm.train.preemption import PreemptionHandler, ignore_interrupts
 from tvm.train.sharding import (broadcast_parameters_, check_sharding_supported, gather_module, shard_network,
                                 state_memory_per_rank)
 from tvm.train.state import Progress, RunState, checkpoint_content, restore
-from tvm.train.stats import StatsCollector
+from tvm.runtime.stats import StatsCollector
 from tvm.train.update import Batching, apply_update, check_nonfinite, gradient_sync, step_flops, take
 
 PEAK_FLOPS = {"cuda": 800e12}  # bf16 dense peak used for MFU (measured on the lent H100)

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from tvm.train import distributed
+from tvm.runtime import distributed
 
 DEFAULT_SIGNALS: tuple[signal.Signals, ...] = tuple(
     getattr(signal, name) for name in ("SIGUSR2", "SIGUSR1", "SIGTERM", "SIGINT") if hasattr(signal, name)

@@ -5,7 +5,7 @@ Topology (docs/method.md §8.2 lists the authors' choice; this module makes a di
 ``srun`` starts ``N·G`` copies of submitit's runner, each of which unpickles a :class:`TrainJob`
 and runs the trainer *in-process* (``tvm.train.loop.run``). The trainer reads its place in the
 job from Slurm's variables (``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``, master = first
-host of ``SLURM_JOB_NODELIST``, port from the job id; ``tvm/train/distributed.py``), so no
+host of ``SLURM_JOB_NODELIST``, port from the job id; ``tvm/runtime/distributed.py``), so no
 rendezvous service is involved. Why not the authors' "one task per node running torchrun":
 
 * Slurm delivers ``--signal`` (and preemption's SIGTERM) to *every process of the job step*.
@@ -342,7 +342,7 @@ class TrainJob(Checkpointable):
             for name in TORCHRUN_VARS:
                 os.environ.pop(name, None)
         elif executor == "local":
-            from tvm.train.distributed import slurm_master_port
+            from tvm.runtime.distributed import slurm_master_port
 
             env = submitit.JobEnvironment()
             port = self.master_port or slurm_master_port(env.job_id)  # same on every task
@@ -352,7 +352,7 @@ class TrainJob(Checkpointable):
 
     @staticmethod
     def _cleanup_process_group() -> None:
-        from tvm.train import distributed
+        from tvm.runtime import distributed
 
         distributed.cleanup()
 

@@ -16,10 +16,10 @@ from omegaconf import DictConfig
 
 from tvm.config import to_container
 from tvm.method.wrapper import TVMWrapper
-from tvm.train import distributed
-from tvm.train.checkpoint import (CheckpointError, capture_rng_state, module_state_dict, restore_rng_state,
+from tvm.runtime import distributed
+from tvm.runtime.checkpoint import (CheckpointError, capture_rng_state, module_state_dict, restore_rng_state,
                                   state_dict_differences)
-from tvm.train.logging import sanitize_config
+from tvm.runtime.run_logging import sanitize_config
 from tvm.train.sharding import full_state_dict, is_sharded, shard_optimizer_state, shard_state_dict
 
 

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from tvm.method.times import StepDraws
 from tvm.method.wrapper import TVMWrapper
-from tvm.train.stats import StatsCollector
+from tvm.runtime.stats import StatsCollector
 from tvm.train.ema import update_ema_
 from tvm.train.sharding import gradient_norm, is_sharded, local
 from tvm.train.state import Progress, RunState

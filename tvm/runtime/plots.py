@@ -1,7 +1,7 @@
 """Line charts of a run's losses and metrics, drawn with Pillow (no plotting library needed).
 
 ``plot_training_curves(stats_jsonl, out_png)`` reads a run's ``stats.jsonl`` (one record per tick
-and per evaluation, ``tvm.train.logging.RunLogger.log_stats``) and writes one PNG with a grid of
+and per evaluation, ``tvm.runtime.run_logging.RunLogger.log_stats``) and writes one PNG with a grid of
 panels over optimizer steps:
 
 * terminal-velocity loss and flow-matching loss, one line per time bin (q0: t < 0.25, ...,

@@ -1,4 +1,4 @@
-"""Checkpoint format, atomic writes, rotation and safe loading (tvm/train/checkpoint.py)."""
+"""Checkpoint format, atomic writes, rotation and safe loading (tvm/runtime/checkpoint.py)."""
 from __future__ import annotations
 
 import errno
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from tvm.train import checkpoint as ckpt
-from tvm.train.checkpoint import CheckpointError, CheckpointManager, CheckpointWriteError
+from tvm.runtime import checkpoint as ckpt
+from tvm.runtime.checkpoint import CheckpointError, CheckpointManager, CheckpointWriteError
 
 
 def _state(step: int = 1, size: int = 8) -> dict:
@@ -290,7 +290,7 @@ def test_find_checkpoints(tmp_path: Path) -> None:
 _WRITER = textwrap.dedent(
     """
     import sys, torch
-    from tvm.train.checkpoint import CheckpointManager
+    from tvm.runtime.checkpoint import CheckpointManager
     manager = CheckpointManager(sys.argv[1], keep_last=2)
     step = int(sys.argv[2])
     weights = torch.empty(2_000_000)

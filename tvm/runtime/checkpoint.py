@@ -24,11 +24,12 @@ complete new one, never a torn file under the final name (docs/method.md §5.4 i
 overwrote ``training-state-latest.pt`` in place and ignored failures).
 
 Only rank 0 may write. Nothing here checks the rank: the caller gates every ``save`` call with
-``tvm.train.distributed.is_main()``; all ranks may read.
+``tvm.runtime.distributed.is_main()``; all ranks may read.
 """
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import random
 import re
@@ -474,3 +475,12 @@ class CheckpointManager:
             except CheckpointError as exc:
                 warnings.warn(f"skipping unreadable checkpoint: {exc}", RuntimeWarning, stacklevel=2)
         return None
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file, read in 16 MiB chunks (detector checks, provenance of converted pickles)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

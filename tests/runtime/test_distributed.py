@@ -1,4 +1,4 @@
-"""Launcher environment resolution, hostlists, rank helpers and seeding (tvm/train/distributed.py)."""
+"""Launcher environment resolution, hostlists, rank helpers and seeding (tvm/runtime/distributed.py)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from tvm.train import distributed as D
+from tvm.runtime import distributed as D
 
 _LAUNCH_VARS = (
     "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
@@ -116,7 +116,7 @@ def test_batch_positions_tile_the_global_batch_as_the_data_sampler_does() -> Non
 _WORKER = textwrap.dedent(
     """
     import json, torch
-    from tvm.train import distributed as D
+    from tvm.runtime import distributed as D
     ctx = D.init_distributed(device="cpu")
     total = D.all_reduce_sum_(torch.tensor([ctx.rank + 1.0, 10.0]))
     obj = D.broadcast_object({"seed": 1234, "path": "/run"} if ctx.rank == 0 else None)

@@ -5,7 +5,7 @@ What goes where (docs/method.md §5.4 items 1 and 8, §5.8), rank 0 only:
 * ``<run_dir>/log.txt`` — every line passed to ``RunLogger.log`` (also printed to stdout);
 * ``<run_dir>/stats.jsonl`` — one JSON object per tick and per evaluation (``RunLogger.log_stats``);
 * ``<run_dir>/training_curves.png`` — redrawn from ``stats.jsonl`` after each of its records:
-  losses by t bin, gradient norm, img/s and metrics over steps (``tvm.train.plots``);
+  losses by t bin, gradient norm, img/s and metrics over steps (``tvm.runtime.plots``);
 * progress over steps (``RunLogger.progress``): a tqdm bar on a terminal; in a redirected log no
   ``\r`` bar, only a plain line every few minutes (``tvm.progress``), since the tick lines report;
 * wandb, only when asked for: imported lazily, so it is not a dependency.
@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from tvm.progress import LineProgress, format_duration, progress_bar
-from tvm.train.plots import plot_training_curves
+from tvm.runtime.plots import plot_training_curves
 
 WANDB_MODES = ("disabled", "offline", "online")
 API_KEY_ENV = "WANDB_API_KEY"
@@ -136,7 +136,7 @@ def status_line(
         mfu 41.3%  maint 2.1  mem 61.25GB  terminal 0.012/0.008/0.005/0.003  fm 0.41/0.33/0.29/0.27
 
     ``losses`` maps a short name to its per-t-bin means (``binned_means``: bins q0..q3 of the
-    sample's time t, q0 = t < 0.25, ..., q3 = t ≥ 0.75, ``tvm.train.stats.time_bins``; "-" for a bin
+    sample's time t, q0 = t < 0.25, ..., q3 = t ≥ 0.75, ``tvm.runtime.stats.time_bins``; "-" for a bin
     without samples); ``mfu`` is a fraction.
     Optional fields are omitted when None.
     """

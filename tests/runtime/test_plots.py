@@ -1,4 +1,4 @@
-"""Training curves drawn with Pillow (tvm/train/plots.py) and written by the run logger."""
+"""Training curves drawn with Pillow (tvm/runtime/plots.py) and written by the run logger."""
 from __future__ import annotations
 
 import json
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from tvm.train import logging as L
-from tvm.train import plots
-from tvm.train.plots import COLORS, Series, draw_chart, plot_training_curves, read_stats, render_training_curves
+from tvm.runtime import run_logging as L
+from tvm.runtime import plots
+from tvm.runtime.plots import COLORS, Series, draw_chart, plot_training_curves, read_stats, render_training_curves
 
 
 def _write_stats(path: Path, records: list[dict]) -> Path:

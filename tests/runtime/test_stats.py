@@ -1,4 +1,4 @@
-"""Device-side training statistics (tvm/train/stats.py)."""
+"""Device-side training statistics (tvm/runtime/stats.py)."""
 from __future__ import annotations
 
 import textwrap
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import run_gloo_workers
-from tvm.train.stats import StatsCollector, time_bins
+from tvm.runtime.stats import StatsCollector, time_bins
 
 
 def _expected_binned(values: np.ndarray, t: np.ndarray, bins: int = 4) -> dict[str, float]:
@@ -66,8 +66,8 @@ def test_report_binned_checks_lengths() -> None:
 _WORKER = textwrap.dedent(
     """
     import json, torch
-    from tvm.train import distributed as D
-    from tvm.train.stats import StatsCollector
+    from tvm.runtime import distributed as D
+    from tvm.runtime.stats import StatsCollector
     ctx = D.init_distributed(device="cpu")
     collector = StatsCollector(ctx.device)
     gen = torch.Generator().manual_seed(0)

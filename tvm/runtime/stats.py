@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from tvm.train import distributed
+from tvm.runtime import distributed
 
 INF_REPLACEMENT = 1e5  # docs/method.md §5.2 item 3: NaN -> 0, ±inf -> ±1e5 before reporting
 

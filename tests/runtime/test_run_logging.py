@@ -1,4 +1,4 @@
-"""Run logging: jsonl, log.txt, status line, wandb handling and secret hygiene (tvm/train/logging.py)."""
+"""Run logging: jsonl, log.txt, status line, wandb handling and secret hygiene (tvm/runtime/run_logging.py)."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tvm.train import logging as L
-from tvm.train.logging import RunLogger
+from tvm.runtime import run_logging as L
+from tvm.runtime.run_logging import RunLogger
 
 FAKE_KEY = "fakekey0123456789abcdef0123456789abcdef01"
 
