@@ -184,6 +184,13 @@ def _on_rank0(compute: Callable[[torch.Tensor], dict[str, float]], gathered: tor
     return distributed.broadcast_object(values)
 
 
+def _required(value: Any, message: str) -> Any:
+    """``value``, or ValueError(``message``) when it is unset (a metric's required setting)."""
+    if not value:
+        raise ValueError(message)
+    return value
+
+
 def fid50k_full_metric(net: TVMWrapper, ctx: MetricContext, steps: int, guidance: float) -> dict[str, float]:
     """FID of ``ctx.num_images or 50000`` samples against ``ctx.ref_stats`` (docs/method.md §7.1).
 
@@ -191,13 +198,12 @@ def fid50k_full_metric(net: TVMWrapper, ctx: MetricContext, steps: int, guidance
     indices ``i ≡ r (mod W)`` and :func:`tvm.eval.fid.compute_fid` gathers the features in index
     order, so the value does not depend on the number of GPUs.
     """
-    if not ctx.ref_stats:
-        raise ValueError("fid50k_full needs reference statistics: set eval.ref_stats to the authors' "
-                         "img256.pkl / img512.pkl or an .npz made by scripts/ref_stats.py")
-    if not ctx.detector_url:
-        raise ValueError("fid50k_full needs the Inception detector: set eval.detector_url to its URL or a local file")
-    ref = fid.load_ref_stats(ctx.ref_stats, expected_resolution=decoded_resolution(net, ctx.encoder))
-    detector = _detector(str(ctx.detector_url), str(ctx.device))
+    ref_stats = _required(ctx.ref_stats, "fid50k_full needs reference statistics: set eval.ref_stats to the "
+                          "authors' img256.pkl / img512.pkl or an .npz made by scripts/ref_stats.py")
+    detector_url = _required(ctx.detector_url, "fid50k_full needs the Inception detector: set eval.detector_url "
+                             "to its URL or a local file")
+    ref = fid.load_ref_stats(ref_stats, expected_resolution=decoded_resolution(net, ctx.encoder))
+    detector = _detector(str(detector_url), str(ctx.device))
     value = fid.compute_fid(index_generator(net, ctx, steps, guidance), detector, ref,
                             num_images=ctx.num_images or 50000, batch_size=ctx.batch_size,
                             rank=distributed.get_rank(), world_size=distributed.get_world_size(), device=ctx.device)
@@ -237,12 +243,11 @@ def pr50k3_full_metric(net: TVMWrapper, ctx: MetricContext, steps: int, guidance
     samples against all reference features in ``ctx.ref_features``, both from the network
     ``ctx.pr_detector_url`` (StyleGAN's VGG-16 by default; the reference file must come from the same
     network). Distances are computed on rank 0 (``ctx.device``) in float64."""
-    if not ctx.ref_features:
-        raise ValueError("pr50k3_full needs reference features: set eval.ref_features to an .npz made by "
-                         "scripts/ref_features.py (with the network of eval.pr_detector_url)")
-    if not ctx.pr_detector_url:
-        raise ValueError("pr50k3_full needs a feature network: set eval.pr_detector_url to its URL or a local file")
-    ref = extra_metrics.load_ref_features(ctx.ref_features, expected_resolution=decoded_resolution(net, ctx.encoder))
+    ref_features = _required(ctx.ref_features, "pr50k3_full needs reference features: set eval.ref_features to "
+                             "an .npz made by scripts/ref_features.py (with the network of eval.pr_detector_url)")
+    _required(ctx.pr_detector_url, "pr50k3_full needs a feature network: set eval.pr_detector_url to its URL or a "
+              "local file")
+    ref = extra_metrics.load_ref_features(ref_features, expected_resolution=decoded_resolution(net, ctx.encoder))
     num_images = ctx.num_images or 50000
     if min(num_images, len(ref.features)) <= PR_K:
         raise ValueError(f"pr50k3_full needs more than {PR_K} generated and reference images, got {num_images} and "
