@@ -166,7 +166,8 @@ def _attention_jvp_fwd_kernel(
     Q, K, V, TQ, TK, TV, O, T, LSE2, MU,
     sb, sh, sn,
     H, N_CTX,
-    SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     HAS_TANGENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(N, BLOCK_M), B·H). Writes O, lse2 and, with HAS_TANGENT, T and μ."""
@@ -219,10 +220,12 @@ def _attention_jvp_fwd_kernel(
         m_i = m_new
 
     inv_l = 1.0 / l_i
-    _store_tile(_contiguous_base(O, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM, acc_o * inv_l[:, None])
+    _store_tile(_contiguous_base(O, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM,
+                acc_o * inv_l[:, None])
     _store_row_stat(LSE2, pid_bh, rows, N_CTX, m_i + tl.math.log2(l_i))
     if HAS_TANGENT:
-        _store_tile(_contiguous_base(T, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM, acc_t * inv_l[:, None])
+        _store_tile(_contiguous_base(T, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM,
+                    acc_t * inv_l[:, None])
         _store_row_stat(MU, pid_bh, rows, N_CTX, mean_i)
 
 
@@ -237,7 +240,8 @@ def _attention_jvp_bwd_q_kernel(
     Q, K, V, TQ, TK, TV, O, T, GO, GT, LSE2, MU, DELTA, GQ, GTQ,
     sb, sh, sn,
     H, N_CTX,
-    SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     HAS_GO: tl.constexpr, HAS_GT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(N, BLOCK_M), B·H). Writes δP, δG (rows of DELTA[0], DELTA[1]) and gQ, gtQ.
@@ -259,13 +263,15 @@ def _attention_jvp_bwd_q_kernel(
 
     delta_p = tl.zeros([BLOCK_M], ACC_DTYPE)
     if HAS_GO or HAS_GT:
-        o = _load_tile(_contiguous_base(O, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM).to(ACC_DTYPE)
+        o = _load_tile(_contiguous_base(O, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX,
+                       HEAD_DIM).to(ACC_DTYPE)
     if HAS_GO:
         go = _load_tile(_contiguous_base(GO, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM)
         delta_p += tl.sum(go.to(ACC_DTYPE) * o, 1)
     if HAS_GT:
         gt = _load_tile(_contiguous_base(GT, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM)
-        t = _load_tile(_contiguous_base(T, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM).to(ACC_DTYPE)
+        t = _load_tile(_contiguous_base(T, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX,
+                       HEAD_DIM).to(ACC_DTYPE)
         tq = _load_tile(_head_base(TQ, pid_bh, H, sb, sh), rows, dims, sn, N_CTX, HEAD_DIM)
         tk_base = _head_base(TK, pid_bh, H, sb, sh)
         tv_base = _head_base(TV, pid_bh, H, sb, sh)
@@ -306,7 +312,8 @@ def _attention_jvp_bwd_q_kernel(
 
     _store_tile(_contiguous_base(GQ, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM, acc_gq * scale)
     if HAS_GT:
-        _store_tile(_contiguous_base(GTQ, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM, acc_gtq * scale)
+        _store_tile(_contiguous_base(GTQ, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM,
+                    acc_gtq * scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,7 +327,8 @@ def _attention_jvp_bwd_kv_kernel(
     Q, K, V, TQ, TK, TV, GO, GT, LSE2, MU, DELTA, GK, GV, GTK, GTV,
     sb, sh, sn,
     H, N_CTX,
-    SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     HAS_GO: tl.constexpr, HAS_GT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(N, BLOCK_N), B·H); loops over query blocks of BLOCK_M rows.
@@ -389,7 +397,8 @@ def _attention_jvp_bwd_kv_kernel(
     _store_tile(_contiguous_base(GK, pid_bh, N_CTX, HEAD_DIM), cols, dims, HEAD_DIM, N_CTX, HEAD_DIM, acc_gk * scale)
     _store_tile(_contiguous_base(GV, pid_bh, N_CTX, HEAD_DIM), cols, dims, HEAD_DIM, N_CTX, HEAD_DIM, acc_gv)
     if HAS_GT:
-        _store_tile(_contiguous_base(GTK, pid_bh, N_CTX, HEAD_DIM), cols, dims, HEAD_DIM, N_CTX, HEAD_DIM, acc_gtk * scale)
+        _store_tile(_contiguous_base(GTK, pid_bh, N_CTX, HEAD_DIM), cols, dims, HEAD_DIM, N_CTX, HEAD_DIM,
+                    acc_gtk * scale)
         _store_tile(_contiguous_base(GTV, pid_bh, N_CTX, HEAD_DIM), cols, dims, HEAD_DIM, N_CTX, HEAD_DIM, acc_gtv)
 
 
@@ -650,7 +659,9 @@ def attention_jvp_backward(
     grad_o: Optional[torch.Tensor],
     grad_t: Optional[torch.Tensor],
     scale: Optional[float] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]
+]:
     """Backward through O and T (docs/attention_jvp.md §3, §4): returns (gQ, gK, gV, gtQ, gtK, gtV).
 
     ``grad_o`` / ``grad_t`` may be None (treated as zero). Without ``grad_t`` this is the plain

@@ -8,8 +8,8 @@ a warning where the internals differ); :func:`compile_model` does that, then ``t
 Call the former before ``nn.Module.compile()``.
 
 :func:`compile_training` is the training run's compile policy (``network.compile*``: scope, mode,
-memory budget, static shapes). :func:`set_activation_memory_budget` sets how much of its activations a compiled graph keeps for
-the backward (``network.compile_memory_budget``).
+memory budget, static shapes). :func:`set_activation_memory_budget` sets how much of its activations a
+compiled graph keeps for the backward (``network.compile_memory_budget``).
 
 :func:`save_compile_cache` / :func:`load_compile_cache` keep the compiled artifacts (Inductor's
 kernels and graphs, AOTAutograd's joint graphs, Triton binaries: PyTorch's "mega-cache") in a file

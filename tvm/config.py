@@ -130,10 +130,10 @@ class NetworkConfig:
     data_type: DataType = DataType.bf16  # CUDA autocast dtype (CPU always fp32)
     detach_jvp: bool = False
     do_scale_param: bool = True
-    compile: bool = False                # torch.compile the training forward, see compile_scope (configs/base.yaml: true)
+    compile: bool = False                # torch.compile training forward, see compile_scope (configs/base.yaml: true)
     # blocks: each DiT block, regional (fast to compile) | full: the whole loss forward
     compile_scope: CompileScope = CompileScope.blocks
-    compile_memory_budget: float = 1.0   # fraction of activations compiled graphs keep for the backward (1 = default partition; less recomputes cheap ops)
+    compile_memory_budget: float = 1.0   # share of activations kept for the backward (1: default; less recomputes)
     # torch.compile mode; reduce-overhead = CUDA graphs (no per-kernel launch cost)
     compile_mode: CompileMode = CompileMode.default
     compile_cache: bool = True           # keep compiled artifacts in <run dir>/compile-cache.bin; a restart loads them
@@ -228,7 +228,7 @@ class EvalConfig:
                             "metrics/vgg16.pkl")
     ref_features: Optional[str] = None
     dinov2: Optional[str] = "facebookresearch/dinov2"  # TorchScript file, local hub checkout, or hub repo (its cache)
-    dinov2_weights: Optional[str] = None     # state dict for a checkout (default <dir or hub>/dinov2_vitl14_pretrain.pth)
+    dinov2_weights: Optional[str] = None     # checkout state dict (default <dir or hub>/dinov2_vitl14_pretrain.pth)
     dinov2_ref_stats: Optional[str] = None   # .npz (mu, sigma); default: ref_stats when it is an EDM2 pickle
     dinov2_allow_download: bool = False
     num_images: int = 50000              # generated images per metric (fid50k_full: 50,000)

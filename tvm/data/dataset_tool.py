@@ -118,7 +118,9 @@ def _source_labels(names: list[str], read_json: Callable[[], bytes | None], wher
             raise ValueError(f"{where}: {_LABELS_FILE} has no label for {missing[0]!r}")
         bad = [n for n in names if not isinstance(table[n], int) or isinstance(table[n], bool) or table[n] < 0]
         if bad:
-            raise ValueError(f"{where}: {_LABELS_FILE} label of {bad[0]!r} is not a non-negative int: {table[bad[0]]!r}")
+            raise ValueError(
+                f"{where}: {_LABELS_FILE} label of {bad[0]!r} is not a non-negative int: {table[bad[0]]!r}"
+            )
         return {n: int(table[n]) for n in names}
     if names and all("/" in n for n in names):
         classes = sorted({n.split("/", 1)[0] for n in names})
@@ -263,7 +265,9 @@ def convert_dataset(
             img = TRANSFORMS[transform](img, resolution)
         size = size or img.size
         if img.size != size or size[0] != size[1]:
-            raise ValueError(f"{source}:{item.name}: size {img.size} differs from {size} or is not square; pass --resolution")
+            raise ValueError(
+                f"{source}:{item.name}: size {img.size} differs from {size} or is not square; pass --resolution"
+            )
         name = _archive_name(index, "img", ".png")
         buf = io.BytesIO()
         img.save(buf, format="png", compress_level=0)
@@ -397,7 +401,9 @@ def latent_stats(source: str | os.PathLike[str], seed: int = 0, progress: bool =
     """
     data = ImageFolderDataset(source, use_labels=False)
     if not data.is_npy or data.num_channels % 2:
-        raise ValueError(f"{source}: expected .npy posterior moments with an even channel count, got {data.image_shape}")
+        raise ValueError(
+            f"{source}: expected .npy posterior moments with an even channel count, got {data.image_shape}"
+        )
     c = data.num_channels // 2
     rng = np.random.default_rng(seed)
     sum_mean = np.zeros(c)

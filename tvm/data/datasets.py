@@ -285,7 +285,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             with self._open(_LABELS_FILE) as f:
                 data = json.load(f)
         except (FileNotFoundError, KeyError):
-            raise ValueError(f"{where}: labels requested (use_labels=True) but the dataset has no {_LABELS_FILE}") from None
+            raise ValueError(
+                f"{where}: labels requested (use_labels=True) but the dataset has no {_LABELS_FILE}"
+            ) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{where}: not valid JSON: {e}") from e
         if not isinstance(data, dict) or "labels" not in data:
@@ -434,7 +436,9 @@ class InfiniteSampler(torch.utils.data.Sampler[int]):
     the training loop resumes it from the images consumed, ``start_index = step × global batch``.
     """
 
-    def __init__(self, dataset_len: int, rank: int = 0, world_size: int = 1, seed: int = 0, start_index: int = 0) -> None:
+    def __init__(
+        self, dataset_len: int, rank: int = 0, world_size: int = 1, seed: int = 0, start_index: int = 0
+    ) -> None:
         if dataset_len <= 0:
             raise ValueError(f"dataset_len must be positive, got {dataset_len}")
         if not 0 <= rank < world_size:

@@ -31,7 +31,9 @@ _MAX_VALUE = 16
 Split = Literal["train", "test", "all"]
 
 
-def digits_split_indices(targets: np.ndarray, seed: int = 0, test_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+def digits_split_indices(
+    targets: np.ndarray, seed: int = 0, test_fraction: float = 0.2
+) -> tuple[np.ndarray, np.ndarray]:
     """Stratified ``(train_idx, test_idx)`` of ``targets`` (see the module docstring)."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
@@ -57,7 +59,9 @@ class DigitsDataset(torch.utils.data.Dataset):
         seed, test_fraction: the split (defaults are the documented fixed split).
     """
 
-    def __init__(self, split: Split = "train", use_labels: bool = True, seed: int = 0, test_fraction: float = 0.2) -> None:
+    def __init__(
+        self, split: Split = "train", use_labels: bool = True, seed: int = 0, test_fraction: float = 0.2
+    ) -> None:
         bunch = load_digits()
         values = np.asarray(bunch.images)  # float64 [1797, 8, 8], integers 0..16
         targets = np.asarray(bunch.target, dtype=np.int64)

@@ -152,7 +152,8 @@ def detector_probabilities(
         out = detector(images, **kwargs)
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != images.shape[0]:
         raise ValueError(f"the detector gave {getattr(out, 'shape', type(out))} for {images.shape[0]} images; "
-                         "the Inception Score needs [N, K] class probabilities from detector(images, return_features=False)")
+                         "the Inception Score needs [N, K] class probabilities "
+                         "from detector(images, return_features=False)")
     out = out.detach().to(torch.float64)
     if output == "logits":
         return out.softmax(dim=1)
@@ -242,7 +243,9 @@ def precision_recall(
     if real.ndim != 2 or gen.ndim != 2 or real.shape[1] != gen.shape[1]:
         raise ValueError(f"expected features [N_r, D] and [N_g, D], got {list(real.shape)} and {list(gen.shape)}")
     if k < 1 or min(real.shape[0], gen.shape[0]) <= k:
-        raise ValueError(f"need more than k={k} ≥ 1 features per set, got {real.shape[0]} real and {gen.shape[0]} generated")
+        raise ValueError(
+            f"need more than k={k} ≥ 1 features per set, got {real.shape[0]} real and {gen.shape[0]} generated"
+        )
     if batch < 1:
         raise ValueError(f"batch must be positive, got {batch}")
     with fid.tf32_disabled():
@@ -291,10 +294,14 @@ def load_ref_features(path: str | os.PathLike[str], expected_resolution: int | N
     recorded and ``expected_resolution`` is given, must agree."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: reference features file does not exist (make it with scripts/ref_features.py)")
+        raise FileNotFoundError(
+            f"{path}: reference features file does not exist (make it with scripts/ref_features.py)"
+        )
     with np.load(path, allow_pickle=False) as z:
         if "features" not in z:
-            raise ValueError(f"{path}: a reference-features .npz needs a 'features' [N, D] array, found {sorted(z.files)}")
+            raise ValueError(
+                f"{path}: a reference-features .npz needs a 'features' [N, D] array, found {sorted(z.files)}"
+            )
         feats = np.asarray(z["features"], dtype=np.float32)
         res = int(z["resolution"]) if "resolution" in z else None
         det = str(z["detector"]) if "detector" in z else None
@@ -319,7 +326,9 @@ def compute_reference_features(
     """Detector features of the first ``max_images`` (default all) images of an RGB uint8 dataset,
     in dataset order (``dataset[i] -> (uint8 [3, H, W], label)``), TF32 off."""
     if getattr(dataset, "is_npy", False):
-        raise ValueError(f"{getattr(dataset, 'path', 'dataset')}: reference features need an RGB image dataset, not .npy latents")
+        raise ValueError(
+            f"{getattr(dataset, 'path', 'dataset')}: reference features need an RGB image dataset, not .npy latents"
+        )
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size,
                                          shuffle=False, num_workers=num_workers)
@@ -368,7 +377,9 @@ class DINOv2Detector(torch.nn.Module):
             raise ValueError("DINOv2 gives features only (return_features=True)")
         feats = self.model(self.preprocess(images))
         if not isinstance(feats, torch.Tensor) or feats.ndim != 2 or feats.shape[0] != images.shape[0]:
-            raise ValueError(f"the DINOv2 model must return [N, D] features, got {getattr(feats, 'shape', type(feats))}")
+            raise ValueError(
+                f"the DINOv2 model must return [N, D] features, got {getattr(feats, 'shape', type(feats))}"
+            )
         return feats.to(torch.float32)
 
 
@@ -394,7 +405,9 @@ def _weights_candidates(local_dir: Path, model_name: str, hub: Path) -> list[Pat
     return [local_dir / name, hub / "checkpoints" / name]
 
 
-def _load_hub_dir(local_dir: Path, model_name: str, weights: str | None, hub: Path, device: torch.device) -> torch.nn.Module:
+def _load_hub_dir(
+    local_dir: Path, model_name: str, weights: str | None, hub: Path, device: torch.device
+) -> torch.nn.Module:
     """Build ``model_name`` from a local torch.hub checkout (its ``hubconf.py``) without pretrained
     download, then load a local state dict (``torch.load(weights_only=True)``, strict)."""
     candidates = [Path(weights).expanduser()] if weights else _weights_candidates(local_dir, model_name, hub)
@@ -450,7 +463,9 @@ def load_dinov2(
     path = Path(source).expanduser()
     if path.is_file():
         if weights is not None:
-            raise ValueError(f"{path}: a TorchScript DINOv2 file carries its own weights; do not also give weights={weights}")
+            raise ValueError(
+                f"{path}: a TorchScript DINOv2 file carries its own weights; do not also give weights={weights}"
+            )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             try:

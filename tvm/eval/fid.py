@@ -99,7 +99,9 @@ def _download(url: str, dest: Path, timeout: float) -> None:
             os.remove(tmp)
 
 
-def _resolve_detector_file(url_or_path: str, cache_dir: str | os.PathLike[str] | None, allow_download: bool, timeout: float) -> Path:
+def _resolve_detector_file(
+    url_or_path: str, cache_dir: str | os.PathLike[str] | None, allow_download: bool, timeout: float
+) -> Path:
     if not _is_url(url_or_path):
         path = Path(url_or_path).expanduser()
         if not path.is_file():
@@ -387,7 +389,9 @@ def compute_reference_stats(
     a latent (``.npy``) dataset is rejected because its arrays are not images.
     """
     if getattr(dataset, "is_npy", False):
-        raise ValueError(f"{getattr(dataset, 'path', 'dataset')}: reference statistics need an RGB image dataset, not .npy latents")
+        raise ValueError(
+            f"{getattr(dataset, 'path', 'dataset')}: reference statistics need an RGB image dataset, not .npy latents"
+        )
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
     subset = torch.utils.data.Subset(dataset, range(n))
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
@@ -433,7 +437,8 @@ def generated_features(
             images = _check_images(generate(chunk), len(chunk))
             if expected_resolution is not None and images.shape[-1] != expected_resolution:
                 raise ValueError(
-                    f"generated images are {images.shape[-1]}px but the reference statistics are for {expected_resolution}px"
+                    f"generated images are {images.shape[-1]}px but the reference statistics are for "
+                    f"{expected_resolution}px"
                 )
             feats.append(features(images).to(torch.float32))
     local = torch.cat(feats)

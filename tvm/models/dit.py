@@ -122,7 +122,9 @@ def sincos_pos_embed_2d(hidden_size: int, grid_size: int) -> np.ndarray:
         raise ValueError(f"hidden size {hidden_size} must be divisible by 4 for the 2-D sin-cos embedding")
     quarter = hidden_size // 4
     omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
-    rows, cols = np.meshgrid(np.arange(grid_size, dtype=np.float64), np.arange(grid_size, dtype=np.float64), indexing="ij")
+    rows, cols = np.meshgrid(
+        np.arange(grid_size, dtype=np.float64), np.arange(grid_size, dtype=np.float64), indexing="ij"
+    )
 
     def encode(pos: np.ndarray) -> np.ndarray:
         args = pos.reshape(-1)[:, None] * omega[None]

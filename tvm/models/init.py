@@ -100,7 +100,9 @@ def initialize_dit(model: nn.Module, init_type: str = "spectral", time_specinit:
     nn.init.normal_(model.y_embedder.embedding_table.weight, std=EMBED_STD)  # step 5
 
     specinit = time_specinit and init_type == "spectral"  # step 6, upstream order: t, guidance, gap
-    for embedder in [model.t_embedder] + ([model.guidance_embedder] if model.learn_guidance else []) + [model.s_embedder]:
+    for embedder in (
+        [model.t_embedder] + ([model.guidance_embedder] if model.learn_guidance else []) + [model.s_embedder]
+    ):
         init_timestep_embedder_(embedder, spectral=specinit)
 
     for layer in zeroed:  # step 7

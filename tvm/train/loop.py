@@ -188,7 +188,8 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
                f"{steps_per_tick} steps/tick; steps {progress.step} → {total_steps}"
                + (f"; resumed from {resumed_from}" if resumed_from else "")
                + f"; {ncfg.sharding}: weights, gradients, AdamW and EMAs "
-               f"{state_memory_per_rank(total, dist.world_size, str(ncfg.sharding)) / 2**30:.2f} GiB per rank (computed)")
+               f"{state_memory_per_rank(total, dist.world_size, str(ncfg.sharding)) / 2**30:.2f} "
+               "GiB per rank (computed)")
     if tcfg.do_log_image and dist.is_main:  # real training images, decoded like the samples, beside their grids
         logger.log_images("samples/reference", save_reference_grid(dataset, encoder, run_dir / "samples",
                           tcfg.num_samples, label_dim, device, cfg.eval.seed), progress.step)
