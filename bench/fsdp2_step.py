@@ -4,7 +4,7 @@
 
 Builds DiT-XL/2-18h twice from the same seed (``bench/step.py``'s random weights), runs the same
 steps (same batch, same draws) once as the loop runs a DDP rank (at one GPU: the plain module) and
-once sharded with ``tvm.train.sharding.shard_network`` (one unit per block, teacher and eval EMA
+once sharded with ``tvm.train.sharding.shard_run`` (one unit per block, teacher and eval EMA
 too), and prints each step's mean loss for both, their largest relative difference, the step
 times and peak memory. With one GPU the shards are whole tensors: this checks that the sharded
 code path (DTensor parameters, hooks on the blocks and on the teacher's ``velocity``, the local
@@ -27,15 +27,13 @@ from step import Variant, batch, build_state, prepare, time_steps, tvm_step
 from tvm.config import compose_config
 from tvm.models.dit import count_parameters
 from tvm.runtime.build import build_network, build_optimizer
-from tvm.train.sharding import shard_network, state_memory_per_rank
+from tvm.train.sharding import shard_run, state_memory_per_rank
 
 
 def run(cfg, R: int, variant: Variant, sharded: bool, x, labels, args) -> tuple[list[float], float, float]:
     state = build_state(cfg, R, variant, seed=0)
     if sharded:
-        shard_network(state.net)
-        for module in (state.ema, state.teacher):
-            shard_network(module, methods=("velocity",))
+        shard_run(state.net, state.ema, state.teacher)
         state.optimizer = build_optimizer(cfg.optimizer, state.net.parameters(), "cuda")
     net = prepare(state, "tvm", variant.how, variant.budget, variant.mode)
     torch.cuda.reset_peak_memory_stats()

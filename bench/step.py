@@ -98,14 +98,21 @@ def batch(n: int, resolution: int, seed: int):
     return x, labels
 
 
-def tvm_step(state: RunState, cfg, x, labels, step: int, net=None) -> torch.Tensor:
+def tvm_step(state: RunState, cfg, x, labels, step: int, net=None, events=None) -> torch.Tensor:
+    """One TVM step; ``events`` (4 CUDA events) are recorded before the loss forward, after it,
+    after the backward and after the update (:func:`phase_times`)."""
+    record = (lambda i: events[i].record()) if events else (lambda i: None)
     torch.compiler.cudagraph_mark_step_begin()  # as the loop does (matters for compile mode reduce-overhead)
     gen = torch.Generator(device="cuda").manual_seed(step)
     draws = draw_step(gen, x.shape[0], tuple(x.shape[1:]), time_sampling(cfg.loss), guidance(cfg.loss), "cuda")
+    record(0)
     loss = (state.net if net is None else net)(x, labels, draws, state.teacher)["loss"]
+    record(1)
     loss.mean().backward()
+    record(2)
     apply_update(state, cfg.training.max_grad_norm, cfg.training.ema_beta, cfg.training.ema_target_beta,
                  (~torch.isfinite(loss)).any().float())
+    record(3)
     return loss.detach()
 
 
@@ -171,16 +178,7 @@ def phase_times(state: RunState, cfg, x, labels, net, warmup: int, steps: int) -
     phases = collections.defaultdict(list)
     for i in range(warmup + steps):
         events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
-        gen = torch.Generator(device="cuda").manual_seed(i)
-        draws = draw_step(gen, x.shape[0], tuple(x.shape[1:]), time_sampling(cfg.loss), guidance(cfg.loss), "cuda")
-        events[0].record()
-        loss = net(x, labels, draws, state.teacher)["loss"]
-        events[1].record()
-        loss.mean().backward()
-        events[2].record()
-        apply_update(state, cfg.training.max_grad_norm, cfg.training.ema_beta, cfg.training.ema_target_beta,
-                     (~torch.isfinite(loss)).any().float())
-        events[3].record()
+        tvm_step(state, cfg, x, labels, i, net, events)
         torch.cuda.synchronize()
         if i >= warmup:
             for name, a, b in (("forward", 0, 1), ("backward", 1, 2), ("update", 2, 3)):

@@ -44,7 +44,7 @@ from tvm.train.ema import make_ema
 from tvm.runtime.run_logging import (RunLogger, binned_means, peak_memory_gb, reset_peak_memory, sanitize_config,
                                status_line)
 from tvm.train.preemption import PreemptionHandler, ignore_interrupts
-from tvm.train.sharding import (broadcast_parameters_, check_sharding_supported, gather_module, shard_network,
+from tvm.train.sharding import (broadcast_parameters_, check_sharding_supported, gather_module, shard_run,
                                 state_memory_per_rank)
 from tvm.train.state import Progress, RunState, checkpoint_content, restore
 from tvm.runtime.stats import StatsCollector
@@ -135,9 +135,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     if sharded:
         broadcast_parameters_(net)
         ema, teacher = make_ema(net), make_ema(net)
-        shard_network(net)
-        for module in (ema, teacher):  # called through velocity() inside the loss, not forward()
-            shard_network(module, methods=("velocity",))
+        shard_run(net, ema, teacher)
         ddp = net
     else:
         ddp = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
@@ -163,7 +161,8 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     compile_cache = run_dir / COMPILE_CACHE if cfg.network.compile and cfg.network.compile_cache else None
     if compile_cache is not None:
         loaded_artifacts = load_compile_cache(compile_cache)
-    train_net = compile_training(ddp, state.net, state.teacher, state.ema, cfg.network) if cfg.network.compile else ddp
+    train_net = compile_training(ddp, state.net, state.teacher, state.ema, ncfg) if ncfg.compile else ddp
+    cuda_graphs = ncfg.compile and ncfg.compile_mode == "reduce-overhead"
 
     sampler = _make_sampler(len(dataset), dist, seed, progress.step * batching.batch)
     loader = torch.utils.data.DataLoader(
@@ -221,7 +220,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
 
     # ---------------------------------------------------------------- the loop
     while progress.step < total_steps:
-        if cfg.network.compile:  # CUDA graphs (compile_mode=reduce-overhead): a new step may reuse their outputs
+        if cuda_graphs:  # a new step: CUDA graph trees may reuse the previous step's outputs
             torch.compiler.cudagraph_mark_step_begin()
         gen = distributed.step_generator(seed, progress.step, device)
         draws = draw_step(gen, batching.batch, sample_shape, times, guide, device)

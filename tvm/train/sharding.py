@@ -96,6 +96,14 @@ def shard_network(wrapper: nn.Module, reshard_after_forward: bool = True, method
         register_fsdp_forward_method(wrapper, method)
 
 
+def shard_run(net: nn.Module, ema: nn.Module, teacher: nn.Module) -> None:
+    """Shard the online network and both EMAs alike (same units, same layout, so EMA updates are
+    local). The EMAs are called through ``velocity`` (inside the loss, for sampling), not ``forward``."""
+    shard_network(net)
+    for module in (ema, teacher):
+        shard_network(module, methods=("velocity",))
+
+
 def broadcast_parameters_(module: nn.Module, src: int = 0) -> None:
     """Copy rank ``src``'s parameters and buffers to every rank (what DDP does when it wraps a module)."""
     import torch.distributed as dist
@@ -125,26 +133,20 @@ def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(full.to(like.to_local().device, like.dtype), like.device_mesh, like.placements)
 
 
-def _gather(value: Any, keep: bool) -> Any:
-    """Full CPU copy of every sharded tensor in a nested state (kept where ``keep``, else None)."""
-    if isinstance(value, torch.Tensor):
-        full = value.full_tensor() if is_sharded(value) else value
-        return full.detach().cpu() if keep else None
-    if isinstance(value, dict):
-        return {key: _gather(item, keep) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_gather(item, keep) for item in value]
-    return value
-
-
-def full_state_dict(state: dict[str, Any], keep: bool) -> dict[str, Any] | None:
+def full_state_dict(state: Any, keep: bool) -> Any:
     """A (module or optimizer) state dict with every DTensor all-gathered into a full CPU tensor.
 
-    Collective: every rank calls it with its own state, in the same order; the result is kept on
+    Collective: every rank calls it with its own state, in the same order; the tensors are kept on
     the ranks where ``keep`` is true (rank 0) and None elsewhere, so the others never hold the full
     state."""
-    gathered = _gather(state, keep)
-    return gathered if keep else None
+    if isinstance(state, torch.Tensor):
+        full = state.full_tensor() if is_sharded(state) else state
+        return full.detach().cpu() if keep else None
+    if isinstance(state, dict):
+        return {key: full_state_dict(item, keep) for key, item in state.items()}
+    if isinstance(state, list):
+        return [full_state_dict(item, keep) for item in state]
+    return state
 
 
 def shard_state_dict(full: dict[str, torch.Tensor], module: nn.Module) -> dict[str, torch.Tensor]:

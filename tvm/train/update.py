@@ -79,7 +79,7 @@ def grad_norm_and_skip(net: TVMWrapper, max_norm: float | None, nonfinite_loss: 
 
 
 def gradient_sync(module: torch.nn.Module, sharded: bool, distributed: bool, sync: bool
-                   ) -> contextlib.AbstractContextManager:
+                  ) -> contextlib.AbstractContextManager:
     """Gradient synchronisation of one accumulation round: only the last round (``sync``) reduces
     (DDP: ``no_sync`` before it; FSDP2: ``set_requires_gradient_sync``)."""
     if sharded:
