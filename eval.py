@@ -4,6 +4,7 @@
 ``eval.resume`` is a checkpoint or a run directory (newest first); results are appended to
 ``metrics-eval.jsonl`` next to the checkpoints (docs/method.md §7.2; :mod:`tvm.eval.evaluate`).
 """
+
 import hydra
 from omegaconf import DictConfig
 

@@ -8,6 +8,7 @@ limit), SIGUSR1 or SIGTERM, is requeued by submitit and resumes in the same run 
 Arguments this script does not know are forwarded to ``train.py`` (``--config-name`` and Hydra
 overrides). See docs/launch.md and ``tvm/train/slurm.py``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,32 +22,55 @@ except ImportError as exc:  # submitit is the optional extra [slurm]; the messag
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     defaults = SlurmOptions()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--ngpus", type=int, default=defaults.ngpus, help="GPUs per node = tasks per node")
     parser.add_argument("--nodes", type=int, default=defaults.nodes)
     parser.add_argument("--partition", default=None)
     parser.add_argument("--account", default=None)
     parser.add_argument("--qos", default=None)
     parser.add_argument("--constraint", default=None)
-    parser.add_argument("--timeout-min", "--time", dest="timeout_min", type=int, default=defaults.timeout_min,
-                        help="time limit of each job run in minutes (requeues continue the run)")
+    parser.add_argument(
+        "--timeout-min",
+        "--time",
+        dest="timeout_min",
+        type=int,
+        default=defaults.timeout_min,
+        help="time limit of each job run in minutes (requeues continue the run)",
+    )
     parser.add_argument("--cpus-per-task", type=int, default=defaults.cpus_per_task, help="CPUs per GPU task")
-    parser.add_argument("--mem-gb", type=int, default=None,
-                        help="memory per node in GB (default: 32 per GPU; 0 = all of the node's memory)")
+    parser.add_argument(
+        "--mem-gb",
+        type=int,
+        default=None,
+        help="memory per node in GB (default: 32 per GPU; 0 = all of the node's memory)",
+    )
     parser.add_argument("--job-name", default=None, help="default: tvm-<config name>")
-    parser.add_argument("--signal-delay-s", type=int, default=defaults.signal_delay_s,
-                        help="SIGUSR2 is sent this long before the time limit")
-    parser.add_argument("--max-timeouts", type=int, default=defaults.max_timeouts,
-                        help="how many time-limit requeues are allowed (preemptions are not counted)")
+    parser.add_argument(
+        "--signal-delay-s",
+        type=int,
+        default=defaults.signal_delay_s,
+        help="SIGUSR2 is sent this long before the time limit",
+    )
+    parser.add_argument(
+        "--max-timeouts",
+        type=int,
+        default=defaults.max_timeouts,
+        help="how many time-limit requeues are allowed (preemptions are not counted)",
+    )
     parser.add_argument("--gpu-type", default=None, help="typed GRES, e.g. h100 -> --gres=gpu:h100:NGPUS")
     parser.add_argument("--comment", default=None)
     parser.add_argument("--exclude", default=None, help="nodes to avoid")
-    parser.add_argument("--setup", action="append", default=[],
-                        help="shell line run in the sbatch script before srun (repeatable), "
-                             "e.g. 'export NCCL_SOCKET_IFNAME=ib0'")
-    parser.add_argument("--srun-arg", dest="srun_args", action="append", default=[],
-                        help="extra srun argument (repeatable)")
+    parser.add_argument(
+        "--setup",
+        action="append",
+        default=[],
+        help="shell line run in the sbatch script before srun (repeatable), " "e.g. 'export NCCL_SOCKET_IFNAME=ib0'",
+    )
+    parser.add_argument(
+        "--srun-arg", dest="srun_args", action="append", default=[], help="extra srun argument (repeatable)"
+    )
     parser.add_argument("--folder", default=None, help="submitit folder (default <run dir>/submitit)")
     parser.add_argument("--local", action="store_true", help="run on this machine with submitit's local executor")
     return parser.parse_known_args(argv)
@@ -57,11 +81,24 @@ def options_from_args(args: argparse.Namespace, train_args: list[str]) -> SlurmO
 
     config_name, _ = split_train_args(train_args)
     return SlurmOptions(
-        nodes=args.nodes, ngpus=args.ngpus, partition=args.partition, account=args.account, qos=args.qos,
-        constraint=args.constraint, timeout_min=args.timeout_min, cpus_per_task=args.cpus_per_task,
-        mem_gb=args.mem_gb, job_name=args.job_name or f"tvm-{config_name}", signal_delay_s=args.signal_delay_s,
-        max_timeouts=args.max_timeouts, gpu_type=args.gpu_type, comment=args.comment, exclude=args.exclude,
-        setup=args.setup, srun_args=args.srun_args)
+        nodes=args.nodes,
+        ngpus=args.ngpus,
+        partition=args.partition,
+        account=args.account,
+        qos=args.qos,
+        constraint=args.constraint,
+        timeout_min=args.timeout_min,
+        cpus_per_task=args.cpus_per_task,
+        mem_gb=args.mem_gb,
+        job_name=args.job_name or f"tvm-{config_name}",
+        signal_delay_s=args.signal_delay_s,
+        max_timeouts=args.max_timeouts,
+        gpu_type=args.gpu_type,
+        comment=args.comment,
+        exclude=args.exclude,
+        setup=args.setup,
+        srun_args=args.srun_args,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,8 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     submission = submit(opts, train_args, local=args.local, folder=args.folder)
     job = submission.job
     where = "locally" if args.local else "to Slurm"
-    print(f"submitted job {job.job_id} {where}: {opts.nodes} node(s) x {opts.ngpus} task(s)\n"
-          f"  run dir  {submission.run_dir}\n  logs     {submission.folder}", flush=True)
+    print(
+        f"submitted job {job.job_id} {where}: {opts.nodes} node(s) x {opts.ngpus} task(s)\n"
+        f"  run dir  {submission.run_dir}\n  logs     {submission.folder}",
+        flush=True,
+    )
     if not args.local:
         return 0
     from submitit.core.utils import FailedJobError, UncompletedJobError
@@ -80,18 +120,26 @@ def main(argv: list[str] | None = None) -> int:
         result = job.results()[0]  # rank 0's; the local executor restarts the tasks on requeue, like Slurm
     except KeyboardInterrupt:
         job.cancel(check=False)
-        print("launch.py: interrupted: the local job was cancelled; running the same command again continues "
-              "from the latest checkpoint", file=sys.stderr)
+        print(
+            "launch.py: interrupted: the local job was cancelled; running the same command again continues "
+            "from the latest checkpoint",
+            file=sys.stderr,
+        )
         return 130
     except (FailedJobError, UncompletedJobError) as error:
-        print(f"launch.py: error: the job ended without finishing ({type(error).__name__}); see the logs in "
-              f"{submission.folder}. Running the same command again continues from the latest checkpoint.",
-              file=sys.stderr)
+        print(
+            f"launch.py: error: the job ended without finishing ({type(error).__name__}); see the logs in "
+            f"{submission.folder}. Running the same command again continues from the latest checkpoint.",
+            file=sys.stderr,
+        )
         return 1
     step = result["progress"]["step"]
     if result.get("preempted"):
-        print(f"stopped at step {step} on {result.get('signal')} with a checkpoint, run dir {result['run_dir']}; "
-              "running the same command again continues the run", flush=True)
+        print(
+            f"stopped at step {step} on {result.get('signal')} with a checkpoint, run dir {result['run_dir']}; "
+            "running the same command again continues the run",
+            flush=True,
+        )
     else:
         print(f"finished: step {step}, run dir {result['run_dir']}", flush=True)
     return 0

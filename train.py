@@ -5,6 +5,7 @@
 Whatever stops the run, the last line says why (``train.py: error: …``; tvm/train/entry.py).
 Ctrl-C stops at the next step boundary with a checkpoint; a second Ctrl-C aborts at once.
 """
+
 import sys
 
 import hydra

@@ -13,6 +13,7 @@
    of forward+backward, TFLOP/s by the counts of docs/attention_jvp.md §5 (u = N²·D per
    batch·head: JVP forward 12u, JVP forward+backward 42u; SDPA forward 4u, forward+backward 14u).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,8 +89,9 @@ def run_accuracy() -> bool:
         ((1, 4, 256, 64), torch.float32, {"op": attention_with_tangent}),
     ]
     print("== accuracy: ||out - ref|| / ||ref|| vs float64 on the same inputs ==")
-    print(f"{'face':9} {'dtype':9} {'shape':18} " + " ".join(f"{n:>8}" for n in OUTPUT_NAMES)
-          + "  ok  repeat-identical")
+    print(
+        f"{'face':9} {'dtype':9} {'shape':18} " + " ".join(f"{n:>8}" for n in OUTPUT_NAMES) + "  ok  repeat-identical"
+    )
     all_ok = True
     for shape, dtype, faces in cases:
         for face, dtype_name, shape_, errors, repeat in accuracy_rows(shape, dtype, faces):
@@ -98,8 +100,11 @@ def run_accuracy() -> bool:
             if not face.startswith("math"):
                 all_ok &= ok and repeat
             cells = " ".join(f"{e:8.1e}" for e in errors)
-            print(f"{face:9} {dtype_name:9} {str(shape_):18} {cells}  {'yes' if ok else 'NO'}  "
-                  f"{'yes' if repeat else 'NO'}", flush=True)
+            print(
+                f"{face:9} {dtype_name:9} {str(shape_):18} {cells}  {'yes' if ok else 'NO'}  "
+                f"{'yes' if repeat else 'NO'}",
+                flush=True,
+            )
     print(f"launch plans recorded: {len(launch_plans.recorded())}")
     return all_ok
 
@@ -137,6 +142,7 @@ def timing_rows(batch: int, n_ctx: int, heads: int = 18, head_dim: int = 64) -> 
         def run():
             o, t = attention(*inputs)
             torch.autograd.grad((o, t), inputs, (grad_o, grad_t))
+
         return run
 
     def sdpa_fwd_bwd():
@@ -147,18 +153,25 @@ def timing_rows(batch: int, n_ctx: int, heads: int = 18, head_dim: int = 64) -> 
         def run():
             with torch.no_grad():
                 fn(*inputs)
+
         return run
 
     def dispatch_path(fn):
         def run():
             with launch_plans.fast_launch(False):
                 fn()
+
         return run
 
     variants = [
         ("ours: op", no_grad(attention_with_tangent), jvp_fwd_bwd(attention_with_tangent), 12, 42),
-        ("ours: op, no plans", dispatch_path(no_grad(attention_with_tangent)),
-         dispatch_path(jvp_fwd_bwd(attention_with_tangent)), 12, 42),
+        (
+            "ours: op, no plans",
+            dispatch_path(no_grad(attention_with_tangent)),
+            dispatch_path(jvp_fwd_bwd(attention_with_tangent)),
+            12,
+            42,
+        ),
         ("ours: func.jvp", no_grad(with_func_jvp), jvp_fwd_bwd(with_func_jvp), 12, 42),
         ("math func.jvp", no_grad(attention_jvp_math), jvp_fwd_bwd(attention_jvp_math), 12, 42),
         ("SDPA (no JVP)", no_grad(lambda q, k, v, *_: F.scaled_dot_product_attention(q, k, v)), sdpa_fwd_bwd, 4, 14),
@@ -170,9 +183,14 @@ def timing_rows(batch: int, n_ctx: int, heads: int = 18, head_dim: int = 64) -> 
         fwd_ms = median_ms(fwd, warmup, iters)
         total_ms = median_ms(fwd_bwd, warmup, iters)
         mem = peak_gib(fwd_bwd)
-        rows.append((n_ctx, batch, name, fwd_ms, fwd_units * u / fwd_ms / 1e9, total_ms, total_units * u / total_ms / 1e9, mem))
-        print(f"  timed N={n_ctx} B={batch} {name}: fwd {fwd_ms:.3f} ms, fwd+bwd {total_ms:.3f} ms, "
-              f"peak {mem:.2f} GiB", flush=True)
+        rows.append(
+            (n_ctx, batch, name, fwd_ms, fwd_units * u / fwd_ms / 1e9, total_ms, total_units * u / total_ms / 1e9, mem)
+        )
+        print(
+            f"  timed N={n_ctx} B={batch} {name}: fwd {fwd_ms:.3f} ms, fwd+bwd {total_ms:.3f} ms, "
+            f"peak {mem:.2f} GiB",
+            flush=True,
+        )
     return rows
 
 
@@ -181,7 +199,10 @@ def print_timing_table(rows: list[tuple]) -> None:
     print("| N | B | implementation | fwd ms | fwd TF/s | fwd+bwd ms | fwd+bwd TF/s | peak GiB |")
     print("|---|---|---|---|---|---|---|---|")
     for n_ctx, batch, name, fwd_ms, fwd_tf, total_ms, total_tf, mem in rows:
-        print(f"| {n_ctx} | {batch} | {name} | {fwd_ms:.3f} | {fwd_tf:.0f} | {total_ms:.3f} | {total_tf:.0f} | {mem:.2f} |")
+        print(
+            f"| {n_ctx} | {batch} | {name} | {fwd_ms:.3f} | {fwd_tf:.0f} "
+            f"| {total_ms:.3f} | {total_tf:.0f} | {mem:.2f} |"
+        )
 
 
 def print_kernel_profile(batch: int, n_ctx: int, heads: int = 18, head_dim: int = 64) -> None:
@@ -196,7 +217,9 @@ def print_kernel_profile(batch: int, n_ctx: int, heads: int = 18, head_dim: int 
 
     step()
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    ) as prof:
         for _ in range(10):
             step()
         torch.cuda.synchronize()
@@ -221,6 +244,7 @@ def print_host_overhead(calls: int = 300) -> None:
         def run():
             o, t = face(*inputs)[:2]
             torch.autograd.grad((o, t), inputs, (grad, grad))
+
         return run
 
     class Identity(torch.autograd.Function):
@@ -288,8 +312,10 @@ def main() -> None:
     parser.add_argument("--sizes", default="256x32,256x64,1024x32,1024x64", help="comma list of NxB")
     args = parser.parse_args()
     props = torch.cuda.get_device_properties(0)
-    print(f"device: {props.name}; torch {torch.__version__}; triton {triton.__version__}; "
-          f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print(
+        f"device: {props.name}; torch {torch.__version__}; triton {triton.__version__}; "
+        f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+    )
     accuracy_ok = True if args.skip_accuracy else run_accuracy()
     rows = []
     for size in args.sizes.split(","):

@@ -16,6 +16,7 @@ Three starts, as a user meets them:
 * ``local cache``: the first run's Inductor/Triton caches, ``network.compile_cache=false``
   (a restart on the same node).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,14 +51,16 @@ def write_latent_dataset(folder: Path, count: int, latent: int, classes: int = 1
     (folder / "dataset.json").write_text(json.dumps({"labels": labels}))
 
 
-def time_to_first_step(command: list[str], env: dict[str, str], log: Path, limit_s: float, wait: bool = False
-                       ) -> float | None:
+def time_to_first_step(
+    command: list[str], env: dict[str, str], log: Path, limit_s: float, wait: bool = False
+) -> float | None:
     """Seconds from start until the first tick line; the process group is then stopped, or with
     ``wait`` left to finish (writing its checkpoint and compile cache)."""
     start = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
         elapsed = None
         try:
             for line in proc.stdout:
@@ -86,10 +89,20 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="tvm-cold-start-"))
     write_latent_dataset(tmp / "data", 2 * args.batch, args.resolution // 8)
-    base = ["bash", str(REPO / "train.sh"), "1", args.config, f"dataset.path={tmp / 'data'}",
-            f"training.batch_size={args.batch}", f"training.kimg_per_tick={args.batch / 1000}",
-            "training.max_steps=1", "training.metrics=[]", "training.do_log_image=false",
-            "training.no_eval_before_tick=1000000", *overrides]
+    base = [
+        "bash",
+        str(REPO / "train.sh"),
+        "1",
+        args.config,
+        f"dataset.path={tmp / 'data'}",
+        f"training.batch_size={args.batch}",
+        f"training.kimg_per_tick={args.batch / 1000}",
+        "training.max_steps=1",
+        "training.metrics=[]",
+        "training.do_log_image=false",
+        "training.no_eval_before_tick=1000000",
+        *overrides,
+    ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     first_caches = {"TORCHINDUCTOR_CACHE_DIR": str(tmp / "inductor-1"), "TRITON_CACHE_DIR": str(tmp / "triton-1")}
@@ -111,12 +124,21 @@ def main() -> None:
             caches, extra = first_caches, ["network.compile_cache=false"]
         else:
             raise SystemExit(f"unknown start {start!r}")
-        seconds = time_to_first_step(base + [f"run_dir={run_dir}", *extra], dict(env, **caches),
-                                     tmp / f"{run_dir.name}.log", args.limit, wait=start == "cold")
+        seconds = time_to_first_step(
+            base + [f"run_dir={run_dir}", *extra],
+            dict(env, **caches),
+            tmp / f"{run_dir.name}.log",
+            args.limit,
+            wait=start == "cold",
+        )
         if start == "cold":
             cache = run_dir / "compile-cache.bin"
-            print(f"# cold start wrote {cache.stat().st_size / 2**20:.1f} MiB to compile-cache.bin" if cache.exists()
-                  else "# cold start wrote no compile-cache.bin", flush=True)
+            print(
+                f"# cold start wrote {cache.stat().st_size / 2**20:.1f} MiB to compile-cache.bin"
+                if cache.exists()
+                else "# cold start wrote no compile-cache.bin",
+                flush=True,
+            )
         results.append((start, seconds))
         print(f"# {start}: {seconds if seconds is None else f'{seconds:.1f} s'}", flush=True)
         if seconds is None:
@@ -125,8 +147,9 @@ def main() -> None:
     for start, seconds in results:
         print(f"| {start} | {'not reached' if seconds is None else f'{seconds:.1f}'} |")
     if args.keep:
-        shutil.copytree(tmp, args.keep, ignore=shutil.ignore_patterns("data", "inductor-*", "triton-*", "*.pt"),
-                        dirs_exist_ok=True)
+        shutil.copytree(
+            tmp, args.keep, ignore=shutil.ignore_patterns("data", "inductor-*", "triton-*", "*.pt"), dirs_exist_ok=True
+        )
     shutil.rmtree(tmp, ignore_errors=True)
 
 

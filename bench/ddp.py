@@ -10,6 +10,7 @@ global, so the two runs compute the same losses up to bf16/reduction-order round
 per-tick losses of both runs, their relative difference, and the img/s per GPU (weak scaling:
 the per-GPU batch is the same in both runs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,12 +41,28 @@ def make_latent_dataset(path: Path, n: int, resolution: int = 32, classes: int =
     return path
 
 
-def train(run_dir: Path, data: Path, nproc: int, batch: int, batch_gpu: int, ticks: int, steps_per_tick: int) -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "train.py"), "--config-name=im256_w2", f"dataset.path={data}", f"run_dir={run_dir}",
-           f"training.batch_size={batch}", f"training.batch_gpu={batch_gpu}",
-           f"training.kimg_per_tick={batch * steps_per_tick / 1000}", f"training.total_ticks={ticks}",
-           "training.metrics=[]", "training.do_log_image=false", "training.ckpt_ticks=100000", "training.keep_last=1"]
+def train(
+    run_dir: Path, data: Path, nproc: int, batch: int, batch_gpu: int, ticks: int, steps_per_tick: int
+) -> list[dict]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(ROOT / "train.py"),
+        "--config-name=im256_w2",
+        f"dataset.path={data}",
+        f"run_dir={run_dir}",
+        f"training.batch_size={batch}",
+        f"training.batch_gpu={batch_gpu}",
+        f"training.kimg_per_tick={batch * steps_per_tick / 1000}",
+        f"training.total_ticks={ticks}",
+        "training.metrics=[]",
+        "training.do_log_image=false",
+        "training.ckpt_ticks=100000",
+        "training.keep_last=1",
+    ]
     subprocess.run(cmd, check=True, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     return [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
 
@@ -66,21 +83,27 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="tvm-ddp-"))
     data = make_latent_dataset(work / "latents", args.images)
     batch = args.gpus * args.batch_gpu
-    runs = {n: train(work / f"gpus{n}", data, n, batch, args.batch_gpu, args.ticks, args.steps_per_tick)
-            for n in (1, args.gpus)}
+    runs = {
+        n: train(work / f"gpus{n}", data, n, batch, args.batch_gpu, args.ticks, args.steps_per_tick)
+        for n in (1, args.gpus)
+    }
     one, many = runs[1], runs[args.gpus]
     print(f"| tick | terminal 1 GPU | terminal {args.gpus} GPUs | fm 1 GPU | fm {args.gpus} GPUs | rel. diff fm |")
     print("|---|---|---|---|---|---|")
     for a, b in zip(one, many):
         fa, fb = mean_loss(a, "fm_loss"), mean_loss(b, "fm_loss")
-        print(f"| {a['tick']} | {mean_loss(a, 'terminal_loss'):.5f} | {mean_loss(b, 'terminal_loss'):.5f} | "
-              f"{fa:.5f} | {fb:.5f} | {abs(fa - fb) / abs(fa):.2e} |")
+        print(
+            f"| {a['tick']} | {mean_loss(a, 'terminal_loss'):.5f} | {mean_loss(b, 'terminal_loss'):.5f} | "
+            f"{fa:.5f} | {fb:.5f} | {abs(fa - fb) / abs(fa):.2e} |"
+        )
     # The first tick includes compilation/autotuning; use the later ones for throughput.
     ips1 = float(np.median([s["img_per_sec"] for s in one[1:]]))
     ipsn = float(np.median([s["img_per_sec"] for s in many[1:]]))
     print(f"# global batch {batch}; per-GPU batch {args.batch_gpu}; 1 GPU uses {args.gpus} accumulation rounds")
-    print(f"# img/s per GPU: 1 GPU {ips1:.1f}, {args.gpus} GPUs {ipsn / args.gpus:.1f} "
-          f"→ weak-scaling efficiency {ipsn / args.gpus / ips1:.1%}")
+    print(
+        f"# img/s per GPU: 1 GPU {ips1:.1f}, {args.gpus} GPUs {ipsn / args.gpus:.1f} "
+        f"→ weak-scaling efficiency {ipsn / args.gpus / ips1:.1%}"
+    )
 
 
 if __name__ == "__main__":

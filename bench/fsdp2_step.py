@@ -12,6 +12,7 @@ gradient norm and EMA updates, fused AdamW on DTensors) computes what the plain 
 Per-rank memory of the training state at 2 and 8 GPUs is printed as a computed estimate
 (``tvm.train.sharding.state_memory_per_rank``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,13 +60,17 @@ def main() -> None:
     rows = {}
     for name in ("ddp", "fsdp2"):
         rows[name] = run(cfg, R, variant, name == "fsdp2", x, labels, args)
-        print(f"# {name}: losses {rows[name][0]}, {rows[name][1]:.1f} ms/step, peak {rows[name][2]:.1f} GiB", flush=True)
+        print(
+            f"# {name}: losses {rows[name][0]}, {rows[name][1]:.1f} ms/step, peak {rows[name][2]:.1f} GiB", flush=True
+        )
         torch._dynamo.reset()  # the state of the finished run is freed on return; drop its graphs too
         torch.cuda.empty_cache()
     ddp_losses, fsdp_losses = rows["ddp"][0], rows["fsdp2"][0]
     rel = max(abs(a - b) / abs(a) for a, b in zip(ddp_losses, fsdp_losses))
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.model}, {args.variant}, "
-          f"batch {args.batch}, world {dist.get_world_size()}")
+    print(
+        f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.model}, {args.variant}, "
+        f"batch {args.batch}, world {dist.get_world_size()}"
+    )
     print("| step | DDP mean loss | FSDP2 mean loss |\n|---|---|---|")
     for step, (a, b) in enumerate(zip(ddp_losses, fsdp_losses)):
         print(f"| {step} | {a:.6f} | {b:.6f} |")
@@ -77,8 +82,10 @@ def main() -> None:
         total, _ = count_parameters(build_network(cfg.network, R, 4, 1000, "meta", init=False).model)
     print("| GPUs | DDP state GiB/rank | FSDP2 state GiB/rank (computed) |\n|---|---|---|")
     for world in (1, 2, 8):
-        print(f"| {world} | {state_memory_per_rank(total, world, 'ddp') / 2**30:.2f} | "
-              f"{state_memory_per_rank(total, world, 'fsdp2') / 2**30:.2f} |")
+        print(
+            f"| {world} | {state_memory_per_rank(total, world, 'ddp') / 2**30:.2f} | "
+            f"{state_memory_per_rank(total, world, 'fsdp2') / 2**30:.2f} |"
+        )
     dist.destroy_process_group()
 
 

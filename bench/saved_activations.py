@@ -13,6 +13,7 @@ per ``network.compile_memory_budget``, partitioned as Inductor would partition t
 generation). This predicts the *relative* effect on GPU memory; bf16 storage and Inductor's
 kernels change the absolute numbers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,11 @@ def main() -> None:
     parser.add_argument("--variant", default="DiT-XL/2-18h")
     parser.add_argument("--resolution", type=int, default=32, help="latent resolution")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--budgets", default="1.0,0.8,0.7,0.5",
-                        help="network.compile_memory_budget values of the compiled rows ('' for none)")
+    parser.add_argument(
+        "--budgets",
+        default="1.0,0.8,0.7,0.5",
+        help="network.compile_memory_budget values of the compiled rows ('' for none)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     model = DiT(args.variant, input_size=args.resolution, in_channels=4, num_classes=1000, init=False)
@@ -67,7 +71,10 @@ def main() -> None:
     print(f"| {args.variant}, latent {args.resolution}, batch {args.batch} | saved GiB | vs eager | backward GFLOP |")
     print("|---|---|---|---|")
     rows = [(f"eager, recompute={mode}", mode, None) for mode in ("none", "fm", "all")]
-    rows += [(f"blocks compiled, budget={b:g}", "none", b) for b in map(float, args.budgets.split(",") if args.budgets else [])]
+    rows += [
+        (f"blocks compiled, budget={b:g}", "none", b)
+        for b in map(float, args.budgets.split(",") if args.budgets else [])
+    ]
     base = None
     for name, mode, budget in rows:
         net = TVMWrapper(model, data_type="fp32", recompute=mode)

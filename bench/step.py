@@ -26,6 +26,7 @@ It first checks that each variant computes the same loss and gradients as the re
 equivalents per image, a flow-matching step 3. MFU uses ``--peak`` (800 TFLOP/s, the bf16 rate
 measured on the lent H100).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,6 +59,7 @@ class Variant:
     """A TVM step variant ``JVPMODE:ATTENTION[:HOW][:recompute=R][:budget=B]``, e.g.
     ``explicit:triton:blocks:budget=0.5``: ``HOW`` = eager | compile | blocks, ``R`` =
     ``network.recompute``, ``B`` = ``network.compile_memory_budget``."""
+
     jvp_mode: str
     attention: str
     how: str = "eager"
@@ -72,10 +74,17 @@ class Variant:
         how = next((f for f in fields[2:] if "=" not in f), "eager")
         unknown = set(options) - {"recompute", "budget", "mode"}
         if len(fields) < 2 or unknown or how not in ("eager", "compile", "blocks"):
-            raise SystemExit(f"bad variant {text!r}: "
-                             "JVPMODE:ATTENTION[:eager|compile|blocks][:recompute=R][:budget=B][:mode=M]")
-        return cls(fields[0], fields[1], how, options.get("recompute", recompute), float(options.get("budget", 1.0)),
-                   options.get("mode"))
+            raise SystemExit(
+                f"bad variant {text!r}: " "JVPMODE:ATTENTION[:eager|compile|blocks][:recompute=R][:budget=B][:mode=M]"
+            )
+        return cls(
+            fields[0],
+            fields[1],
+            how,
+            options.get("recompute", recompute),
+            float(options.get("budget", 1.0)),
+            options.get("mode"),
+        )
 
 
 def build_state(cfg, resolution: int, variant: Variant = Variant("autograd", "math"), seed: int = 0) -> RunState:
@@ -87,8 +96,9 @@ def build_state(cfg, resolution: int, variant: Variant = Variant("autograd", "ma
         for name, p in net.named_parameters():
             if p.requires_grad and torch.count_nonzero(p) == 0:
                 p.normal_(0, 0.02)
-    return RunState(net, make_ema(net), make_ema(net), build_optimizer(cfg.optimizer, net.parameters(), "cuda"),
-                    Progress())
+    return RunState(
+        net, make_ema(net), make_ema(net), build_optimizer(cfg.optimizer, net.parameters(), "cuda"), Progress()
+    )
 
 
 def batch(n: int, resolution: int, seed: int):
@@ -110,8 +120,13 @@ def tvm_step(state: RunState, cfg, x, labels, step: int, net=None, events=None) 
     record(1)
     loss.mean().backward()
     record(2)
-    apply_update(state, cfg.training.max_grad_norm, cfg.training.ema_beta, cfg.training.ema_target_beta,
-                 (~torch.isfinite(loss)).any().float())
+    apply_update(
+        state,
+        cfg.training.max_grad_norm,
+        cfg.training.ema_beta,
+        cfg.training.ema_target_beta,
+        (~torch.isfinite(loss)).any().float(),
+    )
     record(3)
     return loss.detach()
 
@@ -124,8 +139,13 @@ def fm_step(state: RunState, cfg, x, labels, step: int, net=None) -> torch.Tenso
     F = (state.net if net is None else net).velocity(x_t, draws.t, torch.zeros_like(draws.t), labels, draws.beta)
     loss = ((F - (draws.noise - x)) ** 2).flatten(1).mean(1)
     loss.mean().backward()
-    apply_update(state, cfg.training.max_grad_norm, cfg.training.ema_beta, cfg.training.ema_target_beta,
-                 (~torch.isfinite(loss)).any().float())
+    apply_update(
+        state,
+        cfg.training.max_grad_norm,
+        cfg.training.ema_beta,
+        cfg.training.ema_target_beta,
+        (~torch.isfinite(loss)).any().float(),
+    )
     return loss.detach()
 
 
@@ -152,8 +172,10 @@ KERNEL_CATEGORIES = (
     ("GEMM", ("gemm", "nvjet", "xmma", "cutlass", "matmul", "sm90_", "splitk", "cublas")),
     ("optimizer + EMAs", ("adam", "multi_tensor", "foreach", "lerp")),
     ("elementwise / normalisation (Inductor)", ("triton_",)),
-    ("elementwise / normalisation (ATen)", ("elementwise", "reduce", "vectorized", "norm", "copy", "fill",
-                                            "cat", "index", "gather", "scatter", "softmax")),
+    (
+        "elementwise / normalisation (ATen)",
+        ("elementwise", "reduce", "vectorized", "norm", "copy", "fill", "cat", "index", "gather", "scatter", "softmax"),
+    ),
 )
 
 
@@ -202,16 +224,17 @@ def profile(cfg, R: int, variant: str, x, labels, args) -> None:
         prof.export_chrome_trace(path)
         with open(path) as f:
             trace = json.load(f)
-    kernels = [e for e in trace["traceEvents"] if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
-               and "dur" in e]
+    kernels = [e for e in trace["traceEvents"] if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
     by_category: dict[str, float] = collections.defaultdict(float)
     by_name: dict[str, float] = collections.defaultdict(float)
     for e in kernels:
         by_category[kernel_category(e["name"])] += e["dur"] / 1e3 / args.steps
         by_name[e["name"]] += e["dur"] / 1e3 / args.steps
     busy = _busy_ms([(e["ts"], e["ts"] + e["dur"]) for e in kernels]) / args.steps
-    print(f"# profile of {variant}: step {wall:.1f} ms (median of {args.steps}, unprofiled); GPU busy "
-          f"{busy:.1f} ms/step; {len(kernels) / args.steps:.0f} kernels/step")
+    print(
+        f"# profile of {variant}: step {wall:.1f} ms (median of {args.steps}, unprofiled); GPU busy "
+        f"{busy:.1f} ms/step; {len(kernels) / args.steps:.0f} kernels/step"
+    )
     print("| category | ms/step | share of step |\n|---|---|---|")
     for category, ms in sorted(by_category.items(), key=lambda kv: -kv[1]):
         print(f"| {category} | {ms:.1f} | {ms / wall:.1%} |")
@@ -228,8 +251,9 @@ def grads_of(state: RunState) -> torch.Tensor:
     return torch.cat([p.grad.float().flatten() for p in state.net.parameters() if p.grad is not None])
 
 
-def check_variants(cfg, resolution: int, variants: list[str], recompute: str, n: int = 4
-                   ) -> dict[str, dict[str, float]]:
+def check_variants(
+    cfg, resolution: int, variants: list[str], recompute: str, n: int = 4
+) -> dict[str, dict[str, float]]:
     """Relative difference of loss and gradients of each variant vs autograd JVP with math attention."""
     x, labels = batch(n, resolution, 1)
 
@@ -245,8 +269,10 @@ def check_variants(cfg, resolution: int, variants: list[str], recompute: str, n:
     out = {}
     for variant in variants:
         l_v, g_v = loss_and_grads(variant)
-        out[variant] = {"loss_rel": float((l_v - l_ref).norm() / l_ref.norm()),
-                        "grad_rel": float((g_v - g_ref).norm() / g_ref.norm())}
+        out[variant] = {
+            "loss_rel": float((l_v - l_ref).norm() / l_ref.norm()),
+            "grad_rel": float((g_v - g_ref).norm() / g_ref.norm()),
+        }
         torch._dynamo.reset()
         torch.cuda.empty_cache()
     return out
@@ -295,16 +321,32 @@ def measure(kind: str, variant: str, cfg, R: int, x: torch.Tensor, labels: torch
             lab = torch.nn.functional.one_hot(torch.randint(0, 1000, (args.sample_batch,), device="cuda"), 1000)
             times = time_steps(lambda i: sample(state.ema, z, lab.float(), 1, 2.0), args.warmup, max(args.steps, 20))
             ms = statistics.median(times)
-            return [("1-step gen", f"batch {args.sample_batch}, {variant}", ms,
-                     args.sample_batch / ms * 1e3, None, torch.cuda.max_memory_allocated() / 2**30)]
+            return [
+                (
+                    "1-step gen",
+                    f"batch {args.sample_batch}, {variant}",
+                    ms,
+                    args.sample_batch / ms * 1e3,
+                    None,
+                    torch.cuda.max_memory_allocated() / 2**30,
+                )
+            ]
         step = tvm_step if kind == "tvm" else fm_step
         times = time_steps(lambda i: step(state, cfg, x, labels, i, net), args.warmup, args.steps)
     except torch.OutOfMemoryError:
         return [(kind, variant, None, None, None, None)]
     ms = statistics.median(times)
     flops = (11 if kind == "tvm" else 3) * state.net.model.forward_flops() * args.batch
-    return [(kind, variant, ms, args.batch / ms * 1e3, flops / (ms / 1e3) / args.peak,
-             torch.cuda.max_memory_allocated() / 2**30)]
+    return [
+        (
+            kind,
+            variant,
+            ms,
+            args.batch / ms * 1e3,
+            flops / (ms / 1e3) / args.peak,
+            torch.cuda.max_memory_allocated() / 2**30,
+        )
+    ]
 
 
 AB_DEFAULT_VARIANT = "explicit:triton:blocks:budget=0.7"  # configs/base.yaml: explicit JVP, Triton, blocks, 0.7
@@ -329,24 +371,43 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="per-GPU batch")
     parser.add_argument("--steps", type=int, default=8, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--variants", default="autograd:triton,explicit:triton,explicit:triton:blocks",
-                        help="TVM step variants JVPMODE:ATTENTION[:compile|:blocks][:recompute=R][:budget=B], "
-                             "comma-separated (B: network.compile_memory_budget)")
-    parser.add_argument("--plain", default="eager,blocks",
-                        help="flow-matching step and generation: [fm:|gen:]eager|compile|blocks[:mode=M], "
-                             "comma-separated; a prefix limits an entry to that kind ('' for none)")
-    parser.add_argument("--recompute", default="none", choices=["none", "fm", "all"],
-                        help="network.recompute (activation checkpointing) of explicit-JVP TVM rows without "
-                             "their own recompute=")
+    parser.add_argument(
+        "--variants",
+        default="autograd:triton,explicit:triton,explicit:triton:blocks",
+        help="TVM step variants JVPMODE:ATTENTION[:compile|:blocks][:recompute=R][:budget=B], "
+        "comma-separated (B: network.compile_memory_budget)",
+    )
+    parser.add_argument(
+        "--plain",
+        default="eager,blocks",
+        help="flow-matching step and generation: [fm:|gen:]eager|compile|blocks[:mode=M], "
+        "comma-separated; a prefix limits an entry to that kind ('' for none)",
+    )
+    parser.add_argument(
+        "--recompute",
+        default="none",
+        choices=["none", "fm", "all"],
+        help="network.recompute (activation checkpointing) of explicit-JVP TVM rows without " "their own recompute=",
+    )
     parser.add_argument("--peak", type=float, default=800e12, help="peak FLOP/s for MFU")
-    parser.add_argument("--check", default="autograd:triton,explicit:triton,explicit:triton:blocks",
-                        help="variants to check against autograd:math first ('' for none)")
+    parser.add_argument(
+        "--check",
+        default="autograd:triton,explicit:triton,explicit:triton:blocks",
+        help="variants to check against autograd:math first ('' for none)",
+    )
     parser.add_argument("--sample-batch", type=int, default=256, help="batch of the 1-step generation timing")
-    parser.add_argument("--profile", default="",
-                        help="a TVM variant to profile first: kernel time by category, phases, host gaps")
-    parser.add_argument("--ab-fast-launch", nargs="?", const=AB_DEFAULT_VARIANT, default=None, metavar="VARIANT",
-                        help="time only VARIANT (default %(const)s) with the attention launch plans on, then off, "
-                             "in this process (replaces --variants, --plain and --check)")
+    parser.add_argument(
+        "--profile", default="", help="a TVM variant to profile first: kernel time by category, phases, host gaps"
+    )
+    parser.add_argument(
+        "--ab-fast-launch",
+        nargs="?",
+        const=AB_DEFAULT_VARIANT,
+        default=None,
+        metavar="VARIANT",
+        help="time only VARIANT (default %(const)s) with the attention launch plans on, then off, "
+        "in this process (replaces --variants, --plain and --check)",
+    )
     args = parser.parse_args()
     if args.ab_fast_launch is not None:
         Variant.parse(args.ab_fast_launch)  # a bad variant fails before any GPU work
@@ -359,9 +420,11 @@ def main() -> None:
     config = "im256_w2" if args.resolution == 256 else "im512_w2p25"
     cfg = compose_config(config)
     R = StabilityVAEEncoder().latent_shape((3, args.resolution, args.resolution))[1]
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; config {config}, latent {R}x{R}, "
-          f"batch {args.batch}, recompute {args.recompute}")
+    print(
+        f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; config {config}, latent {R}x{R}, "
+        f"batch {args.batch}, recompute {args.recompute}"
+    )
     variants = [v for v in args.variants.split(",") if v]
     if args.check:
         checked = [v for v in variants if v in args.check.split(",")]
@@ -376,8 +439,12 @@ def main() -> None:
         torch.cuda.empty_cache()
     if args.ab_fast_launch is not None:
         rows += ab_fast_launch(args.ab_fast_launch, cfg, R, x, labels, args)
-    plain = [(kind, how.removeprefix(f"{kind}:")) for kind in ("fm", "gen") for how in args.plain.split(",")
-             if how and (how.split(":")[0] == kind or how.split(":")[0] not in ("fm", "gen"))]
+    plain = [
+        (kind, how.removeprefix(f"{kind}:"))
+        for kind in ("fm", "gen")
+        for how in args.plain.split(",")
+        if how and (how.split(":")[0] == kind or how.split(":")[0] not in ("fm", "gen"))
+    ]
     for kind, variant in [("tvm", v) for v in variants] + plain:
         try:
             rows += measure(kind, variant, cfg, R, x, labels, args)
@@ -395,8 +462,10 @@ def main() -> None:
         if ms is None:
             print(f"| {kind} | {backend} | OOM or failed | | | |")
             continue
-        print(f"| {kind} | {backend} | {ms:.1f} | {ips:.1f} | {'' if mfu is None else f'{mfu:.1%}'} | "
-              f"{'' if mem is None else f'{mem:.1f}'} |")
+        print(
+            f"| {kind} | {backend} | {ms:.1f} | {ips:.1f} | {'' if mfu is None else f'{mfu:.1%}'} | "
+            f"{'' if mem is None else f'{mem:.1f}'} |"
+        )
     tvm = {b: ms for k, b, ms, *_ in rows if k == "tvm" and ms}
     if args.ab_fast_launch is not None and len(tvm) == 2:
         on, off = tvm.values()

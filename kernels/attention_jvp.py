@@ -29,6 +29,7 @@ dots (``input_precision="ieee"``); fp64 inputs (interpreter only) run in fp64 th
 The launchers repeat a call with a known input signature through :mod:`kernels.launch_plans`
 (the compiled kernels launched directly, without the autotuner and the JIT).
 """
+
 from __future__ import annotations
 
 import math
@@ -163,12 +164,29 @@ def _store_row_stat(ptr, pid_bh, rows, N_CTX, value):
 @_autotune(_FWD_CONFIGS)
 @triton.jit
 def _attention_jvp_fwd_kernel(
-    Q, K, V, TQ, TK, TV, O, T, LSE2, MU,
-    sb, sh, sn,
-    H, N_CTX,
-    SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    Q,
+    K,
+    V,
+    TQ,
+    TK,
+    TV,
+    O,
+    T,
+    LSE2,
+    MU,
+    sb,
+    sh,
+    sn,
+    H,
+    N_CTX,
+    SCALE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    HAS_TANGENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_TANGENT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(N, BLOCK_M), B·H). Writes O, lse2 and, with HAS_TANGENT, T and μ."""
     pid_m = tl.program_id(0)
@@ -220,12 +238,14 @@ def _attention_jvp_fwd_kernel(
         m_i = m_new
 
     inv_l = 1.0 / l_i
-    _store_tile(_contiguous_base(O, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM,
-                acc_o * inv_l[:, None])
+    _store_tile(
+        _contiguous_base(O, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM, acc_o * inv_l[:, None]
+    )
     _store_row_stat(LSE2, pid_bh, rows, N_CTX, m_i + tl.math.log2(l_i))
     if HAS_TANGENT:
-        _store_tile(_contiguous_base(T, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM,
-                    acc_t * inv_l[:, None])
+        _store_tile(
+            _contiguous_base(T, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM, acc_t * inv_l[:, None]
+        )
         _store_row_stat(MU, pid_bh, rows, N_CTX, mean_i)
 
 
@@ -237,12 +257,35 @@ def _attention_jvp_fwd_kernel(
 @_autotune(_BWD_Q_CONFIGS)
 @triton.jit
 def _attention_jvp_bwd_q_kernel(
-    Q, K, V, TQ, TK, TV, O, T, GO, GT, LSE2, MU, DELTA, GQ, GTQ,
-    sb, sh, sn,
-    H, N_CTX,
-    SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    Q,
+    K,
+    V,
+    TQ,
+    TK,
+    TV,
+    O,
+    T,
+    GO,
+    GT,
+    LSE2,
+    MU,
+    DELTA,
+    GQ,
+    GTQ,
+    sb,
+    sh,
+    sn,
+    H,
+    N_CTX,
+    SCALE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    HAS_GO: tl.constexpr, HAS_GT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_GO: tl.constexpr,
+    HAS_GT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(N, BLOCK_M), B·H). Writes δP, δG (rows of DELTA[0], DELTA[1]) and gQ, gtQ.
 
@@ -263,15 +306,17 @@ def _attention_jvp_bwd_q_kernel(
 
     delta_p = tl.zeros([BLOCK_M], ACC_DTYPE)
     if HAS_GO or HAS_GT:
-        o = _load_tile(_contiguous_base(O, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX,
-                       HEAD_DIM).to(ACC_DTYPE)
+        o = _load_tile(_contiguous_base(O, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM).to(
+            ACC_DTYPE
+        )
     if HAS_GO:
         go = _load_tile(_contiguous_base(GO, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM)
         delta_p += tl.sum(go.to(ACC_DTYPE) * o, 1)
     if HAS_GT:
         gt = _load_tile(_contiguous_base(GT, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM)
-        t = _load_tile(_contiguous_base(T, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX,
-                       HEAD_DIM).to(ACC_DTYPE)
+        t = _load_tile(_contiguous_base(T, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM).to(
+            ACC_DTYPE
+        )
         tq = _load_tile(_head_base(TQ, pid_bh, H, sb, sh), rows, dims, sn, N_CTX, HEAD_DIM)
         tk_base = _head_base(TK, pid_bh, H, sb, sh)
         tv_base = _head_base(TV, pid_bh, H, sb, sh)
@@ -312,8 +357,9 @@ def _attention_jvp_bwd_q_kernel(
 
     _store_tile(_contiguous_base(GQ, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM, acc_gq * scale)
     if HAS_GT:
-        _store_tile(_contiguous_base(GTQ, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM,
-                    acc_gtq * scale)
+        _store_tile(
+            _contiguous_base(GTQ, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM, acc_gtq * scale
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,12 +370,35 @@ def _attention_jvp_bwd_q_kernel(
 @_autotune(_BWD_KV_CONFIGS)
 @triton.jit
 def _attention_jvp_bwd_kv_kernel(
-    Q, K, V, TQ, TK, TV, GO, GT, LSE2, MU, DELTA, GK, GV, GTK, GTV,
-    sb, sh, sn,
-    H, N_CTX,
-    SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    Q,
+    K,
+    V,
+    TQ,
+    TK,
+    TV,
+    GO,
+    GT,
+    LSE2,
+    MU,
+    DELTA,
+    GK,
+    GV,
+    GTK,
+    GTV,
+    sb,
+    sh,
+    sn,
+    H,
+    N_CTX,
+    SCALE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    HAS_GO: tl.constexpr, HAS_GT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_GO: tl.constexpr,
+    HAS_GT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(N, BLOCK_N), B·H); loops over query blocks of BLOCK_M rows.
 
@@ -397,8 +466,9 @@ def _attention_jvp_bwd_kv_kernel(
     _store_tile(_contiguous_base(GK, pid_bh, N_CTX, HEAD_DIM), cols, dims, HEAD_DIM, N_CTX, HEAD_DIM, acc_gk * scale)
     _store_tile(_contiguous_base(GV, pid_bh, N_CTX, HEAD_DIM), cols, dims, HEAD_DIM, N_CTX, HEAD_DIM, acc_gv)
     if HAS_GT:
-        _store_tile(_contiguous_base(GTK, pid_bh, N_CTX, HEAD_DIM), cols, dims, HEAD_DIM, N_CTX, HEAD_DIM,
-                    acc_gtk * scale)
+        _store_tile(
+            _contiguous_base(GTK, pid_bh, N_CTX, HEAD_DIM), cols, dims, HEAD_DIM, N_CTX, HEAD_DIM, acc_gtk * scale
+        )
         _store_tile(_contiguous_base(GTV, pid_bh, N_CTX, HEAD_DIM), cols, dims, HEAD_DIM, N_CTX, HEAD_DIM, acc_gtv)
 
 
@@ -478,9 +548,7 @@ def check_inputs(names: tuple[str, ...], *tensors: torch.Tensor) -> None:
         if x.dim() != 4:
             raise ValueError(f"attention_jvp: {name} must have shape [B, H, N, D], got {tuple(x.shape)}")
         if x.shape != ref.shape:
-            raise ValueError(
-                f"attention_jvp: {name} has shape {tuple(x.shape)} but {names[0]} has {tuple(ref.shape)}"
-            )
+            raise ValueError(f"attention_jvp: {name} has shape {tuple(x.shape)} but {names[0]} has {tuple(ref.shape)}")
         if x.dtype != ref.dtype:
             raise TypeError(f"attention_jvp: {name} has dtype {x.dtype} but {names[0]} has {ref.dtype}")
         if x.device != ref.device:
@@ -526,8 +594,7 @@ def _grid(n_ctx: int, batch_heads: int, block: str) -> Any:
     return lambda meta: (triton.cdiv(n_ctx, meta[block]), batch_heads)
 
 
-def forward_with_key(inputs: tuple, has_tangent: bool, scale: Optional[float]
-                     ) -> tuple[ForwardResult, Optional[tuple]]:
+def forward_with_key(inputs: tuple, has_tangent: bool, scale: Optional[float]) -> tuple[ForwardResult, Optional[tuple]]:
     """Forward on (q, k, v[, tq, tk, tv]); also returns the inputs' launch-plan key
     (:func:`kernels.launch_plans.input_key`; None: no plan applies), for :func:`backward_with_key`.
 
@@ -548,11 +615,20 @@ def forward_with_key(inputs: tuple, has_tangent: bool, scale: Optional[float]
     if plan is not None:
         plan[0](*six, o, t, lse2, mu)
     else:
-        constexprs = dict(SCALE=default_scale(head_dim) if scale is None else float(scale), HAS_TANGENT=has_tangent,
-                          **_kernel_dtype_args(q.dtype, head_dim))
-        launch = launch_plans.launch_and_record(_attention_jvp_fwd_kernel, _grid(n_ctx, batch * heads, "BLOCK_M"),
-                                                (*six, o, t, lse2, mu), (*q.stride()[:3], heads, n_ctx), constexprs,
-                                                q.get_device(), record)
+        constexprs = dict(
+            SCALE=default_scale(head_dim) if scale is None else float(scale),
+            HAS_TANGENT=has_tangent,
+            **_kernel_dtype_args(q.dtype, head_dim),
+        )
+        launch = launch_plans.launch_and_record(
+            _attention_jvp_fwd_kernel,
+            _grid(n_ctx, batch * heads, "BLOCK_M"),
+            (*six, o, t, lse2, mu),
+            (*q.stride()[:3], heads, n_ctx),
+            constexprs,
+            q.get_device(),
+            record,
+        )
         if launch is not None:
             launch_plans.record(plan_key, (launch,))
     return ForwardResult(o, t if has_tangent else None, lse2, mu if has_tangent else None), key
@@ -607,16 +683,24 @@ def backward_with_key(
         t, grad_t = _contiguous(t, dtype), _contiguous(grad_t, dtype)
     else:
         t, grad_t, mu = o, o, lse2
-    if key is not None and (not launch_plans.FAST_LAUNCH or lse2.dtype != stats_dtype or mu.dtype != stats_dtype
-                            or not launch_plans.aligned(o, t, grad_o, grad_t, lse2, mu)):
+    if key is not None and (
+        not launch_plans.FAST_LAUNCH
+        or lse2.dtype != stats_dtype
+        or mu.dtype != stats_dtype
+        or not launch_plans.aligned(o, t, grad_o, grad_t, lse2, mu)
+    ):
         key = None
     plan_key = ("bwd", key, has_go, has_gt, scale)
     plan = launch_plans.lookup(plan_key) if key is not None else None
     six, record = (_six(inputs), False) if plan is not None else _validated(inputs, key)
     q = six[0]
     batch, heads, n_ctx, head_dim = q.shape
-    constexprs = dict(SCALE=default_scale(head_dim) if scale is None else float(scale), HAS_GO=has_go,
-                      HAS_GT=has_gt, **_kernel_dtype_args(dtype, head_dim))
+    constexprs = dict(
+        SCALE=default_scale(head_dim) if scale is None else float(scale),
+        HAS_GO=has_go,
+        HAS_GT=has_gt,
+        **_kernel_dtype_args(dtype, head_dim),
+    )
     ints = (*q.stride()[:3], heads, n_ctx)
 
     # Allocate what pass Q writes, launch it, then allocate the rest while it runs.
@@ -627,17 +711,30 @@ def backward_with_key(
     if plan is not None:
         plan[0](*pass_q)
     else:
-        launch_q = launch_plans.launch_and_record(_attention_jvp_bwd_q_kernel, _grid(n_ctx, batch * heads, "BLOCK_M"),
-                                                  pass_q, ints, constexprs, q.get_device(), record)
+        launch_q = launch_plans.launch_and_record(
+            _attention_jvp_bwd_q_kernel,
+            _grid(n_ctx, batch * heads, "BLOCK_M"),
+            pass_q,
+            ints,
+            constexprs,
+            q.get_device(),
+            record,
+        )
     gk, gv = _empty_like(q), _empty_like(q)
     gtk, gtv = (_empty_like(q), _empty_like(q)) if has_gt else (gk, gv)
     pass_kv = (*six, grad_o, grad_t, lse2, mu, delta, gk, gv, gtk, gtv)
     if plan is not None:
         plan[1](*pass_kv)
     else:
-        launch_kv = launch_plans.launch_and_record(_attention_jvp_bwd_kv_kernel,
-                                                   _grid(n_ctx, batch * heads, "BLOCK_N"), pass_kv, ints, constexprs,
-                                                   q.get_device(), record)
+        launch_kv = launch_plans.launch_and_record(
+            _attention_jvp_bwd_kv_kernel,
+            _grid(n_ctx, batch * heads, "BLOCK_N"),
+            pass_kv,
+            ints,
+            constexprs,
+            q.get_device(),
+            record,
+        )
         if launch_q is not None and launch_kv is not None:
             launch_plans.record(plan_key, (launch_q, launch_kv))
     if has_gt:

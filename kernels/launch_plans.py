@@ -22,6 +22,7 @@ through the autotuner and the JIT that returns a :class:`Launch` for later calls
 False`` on this module at run time (:func:`fast_launch` for a block of code), to always take the
 dispatch path.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -86,12 +87,14 @@ class Launch:
             metadata = self.compiled.launch_metadata(grid, stream, *args)
             self.launcher(*grid, stream, self.function, self.packed, metadata, enter, leave, *args)
         else:
-            self.launcher(grid[0], grid[1], grid[2], stream, self.function, self.packed, None, None, None,
-                          *pointers, *self.tail)
+            self.launcher(
+                grid[0], grid[1], grid[2], stream, self.function, self.packed, None, None, None, *pointers, *self.tail
+            )
 
 
-def _plan_from(kernel: Any, grid_fn: Callable, meta: dict[str, Any], compiled: Any, pointers: tuple, ints: tuple,
-               device: int) -> Optional[Launch]:
+def _plan_from(
+    kernel: Any, grid_fn: Callable, meta: dict[str, Any], compiled: Any, pointers: tuple, ints: tuple, device: int
+) -> Optional[Launch]:
     """The :class:`Launch` of the call that just ran with arguments ``meta`` (None if Triton's
     objects do not look as expected; reading them may then raise one of ``_INTERNALS_ERRORS``)."""
     names = list(kernel.arg_names)  # signature order
@@ -99,7 +102,7 @@ def _plan_from(kernel: Any, grid_fn: Callable, meta: dict[str, Any], compiled: A
         return None
     launch_grid = tuple(grid_fn(meta))
     launch_grid = launch_grid + (1,) * (3 - len(launch_grid))
-    tail = (*ints, *(meta[name] for name in names[len(pointers) + len(ints):]))
+    tail = (*ints, *(meta[name] for name in names[len(pointers) + len(ints) :]))
     if is_interpreting():
         return Launch(launch_grid, tail, None, device, kernel.fn)
     if _RUNTIME_KNOBS is None:
@@ -111,8 +114,15 @@ def _plan_from(kernel: Any, grid_fn: Callable, meta: dict[str, Any], compiled: A
     return Launch(launch_grid, tail, compiled, device, None)
 
 
-def launch_and_record(kernel: Any, grid_fn: Callable[[dict[str, Any]], tuple[int, ...]], pointers: tuple, ints: tuple,
-                      constexprs: dict[str, Any], device: int, record: bool) -> Optional[Launch]:
+def launch_and_record(
+    kernel: Any,
+    grid_fn: Callable[[dict[str, Any]], tuple[int, ...]],
+    pointers: tuple,
+    ints: tuple,
+    constexprs: dict[str, Any],
+    device: int,
+    record: bool,
+) -> Optional[Launch]:
     """Launch ``kernel[grid_fn](*pointers, *ints, **constexprs)`` through the autotuner and the JIT;
     with ``record``, return a :class:`Launch` that repeats it for later calls with the same key
     (None when no plan can be made: the caller then stays on this dispatch path)."""

@@ -17,14 +17,20 @@
 All tensors are ``[B, H, N, D]``; inputs may be strided views (inputs of one call that do not
 share one layout with a unit last stride are copied, see ``attention_jvp._shared_layout``).
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
 
 import torch
 
-from kernels.attention_jvp import (attention_jvp_backward, attention_jvp_forward, backward_with_key, check_inputs,
-                                   forward_with_key)
+from kernels.attention_jvp import (
+    attention_jvp_backward,
+    attention_jvp_forward,
+    backward_with_key,
+    check_inputs,
+    forward_with_key,
+)
 
 _NAMES = ("q", "k", "v", "tq", "tk", "tv")
 

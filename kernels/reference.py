@@ -3,6 +3,7 @@
 Plain PyTorch ops with an explicit softmax, so it works in any dtype (float64 for ground truth),
 under ``torch.func.jvp`` and under double backward. Tensors are ``[B, H, N, D]``.
 """
+
 from __future__ import annotations
 
 import math
@@ -11,9 +12,7 @@ from typing import Optional
 import torch
 
 
-def attention_math(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None
-) -> torch.Tensor:
+def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
     """O = softmax(c·Q Kᵀ) V with c = scale or 1/√D; O(N²) memory."""
     return torch.matmul(torch.softmax(_scaled_scores(q, k, scale)[0], dim=-1), v)
 

@@ -25,6 +25,7 @@ Then:
 - fine-tune: ``bash train.sh NGPU im256_w2 training.transfer=DST.pt dataset.path=...``, which loads
   the ``ema`` weights into the online network, the EMA and the target EMA and starts at step 0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,10 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     state = checkpoint_from_upstream(args.src, compose_config(args.config, args.overrides))
     save_checkpoint(args.dst, state)
     facts = state["source"]["facts"]
-    print(f"wrote {args.dst}: {facts['model_type']} (D={facts['hidden_size']}, depth {facts['depth']}, "
-          f"{facts['num_heads']} heads), latent {facts['img_channels']}x{facts['img_resolution']}^2, "
-          f"{facts['label_dim']} labels, do_scale_param={state['config']['network']['do_scale_param']}; "
-          f"{len(state['ema'])} tensors from {args.src} (sha256 {state['source']['sha256'][:12]}…)")
+    print(
+        f"wrote {args.dst}: {facts['model_type']} (D={facts['hidden_size']}, depth {facts['depth']}, "
+        f"{facts['num_heads']} heads), latent {facts['img_channels']}x{facts['img_resolution']}^2, "
+        f"{facts['label_dim']} labels, do_scale_param={state['config']['network']['do_scale_param']}; "
+        f"{len(state['ema'])} tensors from {args.src} (sha256 {state['source']['sha256'][:12]}…)"
+    )
     return 0
 
 

@@ -11,6 +11,7 @@ Examples::
 
 The logic lives in :mod:`tvm.data.dataset_tool`.
 """
+
 import sys
 
 from tvm.data.dataset_tool import main

@@ -17,6 +17,7 @@ or an ``.npz`` with ``images`` uint8 [N, H, W, C], ``seeds`` and ``labels`` (con
 An existing ``.npz`` or a folder that holds files is refused unless ``--force`` (which replaces
 the ``.npz``, or deletes the folder's old ``NNNNNN.png`` images first).
 """
+
 import argparse
 import sys
 from collections.abc import Sequence
@@ -51,22 +52,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ckpt", required=True, help="checkpoint file or run directory (newest checkpoint)")
     parser.add_argument("--out", required=True, help="output folder (PNG files) or a .npz file")
     parser.add_argument("--steps", type=positive_int, default=1, help="sampler steps = network evaluations (1, 2, 4)")
-    parser.add_argument("--cfg", dest="guidance", type=guidance_scale, default=None,
-                        help="guidance scale w >= 1 (1 = unguided); default: the config's sampler with --steps")
+    parser.add_argument(
+        "--cfg",
+        dest="guidance",
+        type=guidance_scale,
+        default=None,
+        help="guidance scale w >= 1 (1 = unguided); default: the config's sampler with --steps",
+    )
     parser.add_argument("--seeds", default="0-63", help="image indices, e.g. 0-49999 or 0-9,20 (default 0-63)")
     parser.add_argument("--seed", type=int, default=0, help="base seed combined with each image index")
-    parser.add_argument("--classes", default=None, help="class list cycled over the images, e.g. 1,2,3 "
-                                                        "(default: uniform per image)")
+    parser.add_argument(
+        "--classes", default=None, help="class list cycled over the images, e.g. 1,2,3 " "(default: uniform per image)"
+    )
     parser.add_argument("--batch", type=positive_int, default=64, help="images per process and batch")
     parser.add_argument("--config", default=None, help="experiment config for an authors' .pkl network")
-    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override applied before building the network/encoder (repeatable)")
-    parser.add_argument("--force", action="store_true",
-                        help="overwrite an existing --out (.npz replaced; a folder's old NNNNNN.png deleted first)")
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override applied before building the network/encoder (repeatable)",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite an existing --out (.npz replaced; a folder's old NNNNNN.png deleted first)",
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the whole DiT (worth it for many images on a GPU: 1903 img/s against "
-                             "1746 block by block, DiT-XL/2 on an H200, docs/benchmarks.md)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the whole DiT (worth it for many images on a GPU: 1903 img/s against "
+        "1746 block by block, DiT-XL/2 on an H200, docs/benchmarks.md)",
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -84,13 +102,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         classes = parse_classes(args.classes, net.model.num_classes) if args.classes else None
         guidance = args.guidance if args.guidance is not None else default_cfg_scale(cfg.sampling, args.steps)
         if dist.is_main:
-            print(f"{paths[0]} (step {step}): {len(indices)} images, {args.steps} step(s), guidance {guidance}, "
-                  f"{dist.world_size} process(es) -> {args.out}", flush=True)
+            print(
+                f"{paths[0]} (step {step}): {len(indices)} images, {args.steps} step(s), guidance {guidance}, "
+                f"{dist.world_size} process(es) -> {args.out}",
+                flush=True,
+            )
             for path in stale:  # --force on a folder: none of its old images may remain
                 path.unlink(missing_ok=True)
         distributed.barrier()
-        out = generate_to(net, encoder_from_config(cfg.encoder), indices, args.out, steps=args.steps, guidance=guidance,
-                          seed=args.seed, classes=classes, batch_size=args.batch, device=dist.device)
+        out = generate_to(
+            net,
+            encoder_from_config(cfg.encoder),
+            indices,
+            args.out,
+            steps=args.steps,
+            guidance=guidance,
+            seed=args.seed,
+            classes=classes,
+            batch_size=args.batch,
+            device=dist.device,
+        )
     except (CheckpointError, ValueError, OSError) as exc:
         print(f"generate.py: error: {exc}", file=sys.stderr)
         return 1

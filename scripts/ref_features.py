@@ -15,6 +15,7 @@ The first writes ``features`` (float32 [N, D]), ``num_images``, ``resolution`` a
 is loaded from local files only unless ``--allow-download``
 (:func:`tvm.eval.extra_metrics.load_dinov2`).
 """
+
 import argparse
 import sys
 from collections.abc import Sequence
@@ -31,8 +32,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="RGB dataset (zip or folder)")
     parser.add_argument("--dest", required=True, help="output .npz")
     parser.add_argument("--detector", default=em.VGG16_URL, help="feature network for precision/recall (URL or file)")
-    parser.add_argument("--dinov2", default=None, help="DINOv2 source: TorchScript file, local checkout or hub repo; "
-                        "writes FD-DINOv2 statistics instead of features")
+    parser.add_argument(
+        "--dinov2",
+        default=None,
+        help="DINOv2 source: TorchScript file, local checkout or hub repo; "
+        "writes FD-DINOv2 statistics instead of features",
+    )
     parser.add_argument("--dinov2-weights", default=None, help="state dict for a DINOv2 checkout")
     parser.add_argument("--allow-download", action="store_true", help="let torch.hub fetch DINOv2")
     parser.add_argument("--batch", type=int, default=64)
@@ -43,16 +48,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     dataset = ImageFolderDataset(args.data, use_labels=False, channels=3)
     if args.dinov2:
-        model = em.load_dinov2(args.dinov2, device=args.device, weights=args.dinov2_weights,
-                               allow_download=args.allow_download)
-        ref = compute_reference_stats(dataset, model, batch_size=args.batch, max_images=args.max_images,
-                                      device=args.device, num_workers=args.workers)
+        model = em.load_dinov2(
+            args.dinov2, device=args.device, weights=args.dinov2_weights, allow_download=args.allow_download
+        )
+        ref = compute_reference_stats(
+            dataset,
+            model,
+            batch_size=args.batch,
+            max_images=args.max_images,
+            device=args.device,
+            num_workers=args.workers,
+        )
         save_ref_stats(args.dest, ref)
         print(f"DINOv2 statistics of {ref.num_images} images at {ref.resolution}px -> {args.dest}")
         return 0
     detector = load_inception_detector(args.detector, device=args.device)
-    feats = em.compute_reference_features(dataset, detector, batch_size=args.batch, max_images=args.max_images,
-                                          device=args.device, num_workers=args.workers, detector_name=args.detector)
+    feats = em.compute_reference_features(
+        dataset,
+        detector,
+        batch_size=args.batch,
+        max_images=args.max_images,
+        device=args.device,
+        num_workers=args.workers,
+        detector_name=args.detector,
+    )
     em.save_ref_features(args.dest, feats)
     print(f"{feats.features.shape[0]} features ({feats.features.shape[1]}-d) at {feats.resolution}px -> {args.dest}")
     return 0

@@ -9,6 +9,7 @@ Writes our ``.npz`` format (``mu``, ``sigma`` with the unbiased covariance, ``nu
 ``resolution``), readable by :func:`tvm.eval.fid.load_ref_stats`. The detector is loaded only from
 ``--detector`` (a URL, cached under ``$TVM_CACHE_DIR/detectors``, or a local file).
 """
+
 import argparse
 import sys
 from collections.abc import Sequence
@@ -33,7 +34,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     dataset = ImageFolderDataset(args.data, use_labels=False, channels=3)
     detector = load_inception_detector(args.detector, device=args.device)
     ref = compute_reference_stats(
-        dataset, detector, batch_size=args.batch, max_images=args.max_images, device=args.device, num_workers=args.workers
+        dataset,
+        detector,
+        batch_size=args.batch,
+        max_images=args.max_images,
+        device=args.device,
+        num_workers=args.workers,
     )
     save_ref_stats(args.dest, ref)
     print(f"{ref.num_images} images at {ref.resolution}px -> {args.dest}")

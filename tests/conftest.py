@@ -3,6 +3,7 @@
 TRITON_INTERPRET must be set before any Triton kernel is defined (i.e. before `kernels` is
 imported), so that the Triton kernels run on the CPU interpreter in CI.
 """
+
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")

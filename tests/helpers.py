@@ -1,4 +1,5 @@
 """Small shared builders for tests (importable as ``tests.helpers``... via sys.path below)."""
+
 from __future__ import annotations
 
 import torch
@@ -17,10 +18,25 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_dit(num_classes: int = 10, input_size: int = 8, in_channels: int = 2, depth: int = 2, hidden: int = 32,
-             heads: int = 4, **kwargs) -> DiT:
-    return DiT("DiT-S/2", input_size=input_size, in_channels=in_channels, num_classes=num_classes,
-               hidden_size=hidden, depth=depth, num_heads=heads, **kwargs)
+def tiny_dit(
+    num_classes: int = 10,
+    input_size: int = 8,
+    in_channels: int = 2,
+    depth: int = 2,
+    hidden: int = 32,
+    heads: int = 4,
+    **kwargs,
+) -> DiT:
+    return DiT(
+        "DiT-S/2",
+        input_size=input_size,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        hidden_size=hidden,
+        depth=depth,
+        num_heads=heads,
+        **kwargs,
+    )
 
 
 @torch.no_grad()
@@ -33,8 +49,9 @@ def perturb_(module: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> tor
     return module
 
 
-def tiny_wrapper(do_scale_param: bool = True, perturb: bool = True, dtype: torch.dtype = torch.float64,
-                 **kwargs) -> TVMWrapper:
+def tiny_wrapper(
+    do_scale_param: bool = True, perturb: bool = True, dtype: torch.dtype = torch.float64, **kwargs
+) -> TVMWrapper:
     torch.manual_seed(0)
     model = tiny_dit(**kwargs)
     if perturb:
@@ -43,8 +60,9 @@ def tiny_wrapper(do_scale_param: bool = True, perturb: bool = True, dtype: torch
     return net.to(dtype)
 
 
-def undropped_draws(t: torch.Tensor, s: torch.Tensor, s_prime: torch.Tensor, beta: torch.Tensor,
-                    noise: torch.Tensor) -> StepDraws:
+def undropped_draws(
+    t: torch.Tensor, s: torch.Tensor, s_prime: torch.Tensor, beta: torch.Tensor, noise: torch.Tensor
+) -> StepDraws:
     """Draws with chosen times, β and noise and no label dropped (to call the objective directly)."""
     return StepDraws(t, s, s_prime, beta, noise, torch.zeros(t.shape[0], dtype=torch.bool))
 
@@ -69,21 +87,40 @@ def run_gloo_workers(code: str, world_size: int = 2, timeout: float = 60) -> lis
         port = sock.getsockname()[1]
     base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     procs = [
-        subprocess.Popen([sys.executable, "-c", code],
-                         env={**base, "RANK": str(r), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(r),
-                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            env={
+                **base,
+                "RANK": str(r),
+                "WORLD_SIZE": str(world_size),
+                "LOCAL_RANK": str(r),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for r in range(world_size)
     ]
     outputs = [p.communicate(timeout=timeout) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err for _, err in outputs]
     prefix = "RESULT "
-    return [json.loads(line[len(prefix):]) for out, _ in outputs for line in out.splitlines() if line.startswith(prefix)]
+    return [
+        json.loads(line[len(prefix) :]) for out, _ in outputs for line in out.splitlines() if line.startswith(prefix)
+    ]
 
 
 # Overrides that make the tiny config a seconds-long run (2 steps per tick, no metrics or grids).
-QUICK_TINY = ["network.hidden_size=32", "network.depth=2", "network.num_heads=2", "training.batch_size=16",
-              "training.kimg_per_tick=0.032", "training.metrics=[]", "training.do_log_image=false"]
+QUICK_TINY = [
+    "network.hidden_size=32",
+    "network.depth=2",
+    "network.num_heads=2",
+    "training.batch_size=16",
+    "training.kimg_per_tick=0.032",
+    "training.metrics=[]",
+    "training.do_log_image=false",
+]
 
 
 def fork_ranks(fn, world_size: int = 2, timeout: float = 120) -> None:
@@ -97,8 +134,13 @@ def fork_ranks(fn, world_size: int = 2, timeout: float = 120) -> None:
     port = free_port()
 
     def main(rank: int) -> None:
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
         fn(rank)
 
     ctx = multiprocessing.get_context("fork")

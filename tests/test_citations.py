@@ -1,5 +1,6 @@
 """Every document the code cites is in the repository, every cited section and equation exists, and
 no comment or string names an absolute path of some machine (docs/method.md is the method text)."""
+
 from __future__ import annotations
 
 import re
@@ -14,8 +15,10 @@ SUFFIXES = (".py", ".yaml", ".sh")
 # A document name: anything ending in .md (file names, relative paths, absolute paths).
 CITED_FILE = re.compile(r"[\w./-]*\w\.md\b")
 # ``docs/NAME.md §1.4``, ``docs/NAME.md §3–§5`` or ``docs/NAME.md §2 item 3``; and ``eq. M5`` / ``eq. A1–A3``.
-SECTION = re.compile(r"(docs/[\w-]+\.md)((?:[ ,;]*(?:§\s?[\d.]+\d|§?\d+(?:\.\d+)*)(?:[–-]§?[\d.]*\d)?"
-                     r"(?:\s+items?\s[\d,–\- ]+\d)?)+|(?:\s+eq\.\s+[AM]\d+(?:[–-][AM]\d+)?)+)")
+SECTION = re.compile(
+    r"(docs/[\w-]+\.md)((?:[ ,;]*(?:§\s?[\d.]+\d|§?\d+(?:\.\d+)*)(?:[–-]§?[\d.]*\d)?"
+    r"(?:\s+items?\s[\d,–\- ]+\d)?)+|(?:\s+eq\.\s+[AM]\d+(?:[–-][AM]\d+)?)+)"
+)
 SECTION_NUMBER = re.compile(r"§\s?(\d+(?:\.\d+)*)")
 EQUATION = re.compile(r"\b([AM]\d+)\b")
 # Directories that only exist on some machine; ``#!/usr/bin/env`` lines and /proc, /dev are fine.
@@ -80,14 +83,16 @@ def problems(text: str, citing: Path) -> list[str]:
 
 def test_the_checker_finds_each_kind_of_problem(tmp_path: Path) -> None:
     citing = ROOT / "tvm" / "example.py"
-    text = "\n".join([
-        '"""See TVM.md §1.4 and /work/shared/spec/ATTENTION_JVP.md."""',  # 1: two missing files + path
-        "# docs/method.md §1.4 and docs/method.md §99.1",                 # 2: one missing section
-        "# docs/attention_jvp.md eq. A1–A3, docs/method.md eq. M99",       # 3: one missing equation
-        "#!/usr/bin/env python",                                          # 4: fine
-        "x = open('/home/me/data.npz')",                                  # 5: absolute path
-        "# docs/method.md §2 item 3; README.md; benchmarks.md",          # 6: fine
-    ])
+    text = "\n".join(
+        [
+            '"""See TVM.md §1.4 and /work/shared/spec/ATTENTION_JVP.md."""',  # 1: two missing files + path
+            "# docs/method.md §1.4 and docs/method.md §99.1",  # 2: one missing section
+            "# docs/attention_jvp.md eq. A1–A3, docs/method.md eq. M99",  # 3: one missing equation
+            "#!/usr/bin/env python",  # 4: fine
+            "x = open('/home/me/data.npz')",  # 5: absolute path
+            "# docs/method.md §2 item 3; README.md; benchmarks.md",  # 6: fine
+        ]
+    )
     found = problems(text, citing)
     assert any(":1: cites TVM.md" in p for p in found)
     assert any(":1: cites /work/shared/spec/ATTENTION_JVP.md" in p for p in found)

@@ -1,4 +1,5 @@
 """``python train.py --help``: main knobs with units, from the schema's field comments (tvm/cli_help.py)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -20,8 +21,7 @@ def _knob_line(text: str, key: str) -> str:
 
 
 def test_train_help_lists_the_main_knobs_with_units() -> None:
-    done = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     text = done.stdout
     assert "global batch (images per optimizer step)" in _knob_line(text, "training.batch_size")
@@ -38,8 +38,9 @@ def test_values_follow_the_chosen_config_and_overrides() -> None:
     assert _knob_line(text, "training.batch_gpu").split()[1] == "32"
     assert _knob_line(text, "training.total_ticks").split()[1] == "3000"
     assert "value in config 'im256_w2' with the overrides" in text
-    assert _knob_line(cli_help.help_text(["-cn", "im512_w2p5"]), "eval.ref_stats").split()[1] == \
-        "dataset-refs/img512.pkl"
+    assert (
+        _knob_line(cli_help.help_text(["-cn", "im512_w2p5"]), "eval.ref_stats").split()[1] == "dataset-refs/img512.pkl"
+    )
     broken = cli_help.help_text(["--config-name=no_such_config"])  # still a help page, with the reason
     assert "schema default ('no_such_config' failed" in broken and _knob_line(broken, "training.batch_size")
     assert all(len(line) <= 120 for line in cli_help.help_text([]).splitlines() if "failed" not in line)

@@ -1,4 +1,5 @@
 """torch.compile over this package (tvm/compiling.py, DiT.compile_blocks)."""
+
 from __future__ import annotations
 
 import copy
@@ -110,20 +111,27 @@ def test_compile_cache_round_trip_in_a_fresh_process(tmp_path):
     import sys
     from pathlib import Path
 
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor-a"),
-               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(
+        os.environ,
+        TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor-a"),
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+    )
     cache = tmp_path / "compile-cache.bin"
-    writer = ("import sys, torch\nfrom tvm.compiling import compile_model, save_compile_cache\n"
-              "f = compile_model(lambda x: torch.sin(x) * 2 + x.cos())\nf(torch.arange(8.0))\n"
-              "print('RESULT', save_compile_cache(sys.argv[1]))\n")
-    out = subprocess.run([sys.executable, "-c", writer, str(cache)], env=env, capture_output=True, text=True,
-                         timeout=300)
+    writer = (
+        "import sys, torch\nfrom tvm.compiling import compile_model, save_compile_cache\n"
+        "f = compile_model(lambda x: torch.sin(x) * 2 + x.cos())\nf(torch.arange(8.0))\n"
+        "print('RESULT', save_compile_cache(sys.argv[1]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", writer, str(cache)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     written = int(out.stdout.split("RESULT")[1].split()[0])
     assert written >= 1 and cache.stat().st_size > 0
     env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor-b")  # another node: nothing cached locally
-    out = subprocess.run([sys.executable, "-c", _FRESH_PROCESS_LOAD, str(cache)], env=env, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", _FRESH_PROCESS_LOAD, str(cache)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     loaded, hits, misses = (int(v) for v in out.stdout.split("RESULT")[1].split())
     assert loaded == written and hits >= 1 and misses == 0

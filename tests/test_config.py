@@ -1,4 +1,5 @@
 """The configs: the authors' values (docs/method.md §8.5, §12 items 25, 27), composition, and the schema."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,13 +35,20 @@ def test_authors_configs(config_name):
     assert cfg.network.do_scale_param is scale and cfg.loss.cfg == w and cfg.training.max_grad_norm == clip
     assert cfg.eval.ref_stats.endswith(ref) and cfg.encoder.raw_std[0] == raw_std0
     assert {k: (v.num_steps, v.cfg_scale) for k, v in cfg.sampling.items()} == {
-        "1_step": (1, w), "2_step": (2, w), "4_step": (4, w)}
+        "1_step": (1, w),
+        "2_step": (2, w),
+        "4_step": (4, w),
+    }
     # Shared values (docs/method.md §2, §5.1, §8.3, paper Table 6).
     assert cfg.network.model_type == "DiT_XL_2_18h" and cfg.network.data_type == "bf16"
     assert (cfg.loss.s_P_mean, cfg.loss.s_P_std, cfg.loss.gap_P_mean, cfg.loss.gap_P_std) == (-0.4, 1.0, -0.8, 1.0)
     assert cfg.loss.label_dropout == 0.1
     assert (cfg.optimizer.lr, list(cfg.optimizer.betas), cfg.optimizer.eps, cfg.optimizer.weight_decay) == (
-        1e-4, [0.9, 0.95], 1e-8, 0.0)
+        1e-4,
+        [0.9, 0.95],
+        1e-8,
+        0.0,
+    )
     assert (cfg.training.ema_beta, cfg.training.ema_target_beta, cfg.training.batch_size) == (0.9999, 0.99, 2048)
     # One tick = 100 iterations at batch 2048; 3,000 ticks = the paper's 300K iterations (§11 item 9).
     assert cfg.training.kimg_per_tick * 1000 / cfg.training.batch_size == 100
@@ -59,18 +67,23 @@ def test_unknown_keys_are_errors_that_name_the_key():
         from_container({"training": {"nonsense": 3}})
 
 
-@pytest.mark.parametrize("override, message", [
-    ("+training.totl_ticks=3", "unknown config key training.totl_ticks (did you mean training.total_ticks?)"),
-    ("+network.model_kwargs.dropot=0.1", "unknown config key network.model_kwargs.dropot (did you mean "
-                                         "network.model_kwargs.dropout?)"),
-    ("+colour=red", "unknown config key colour: not in the schema"),
-    ("training.total_ticks=-3", "training.total_ticks=-3 is not allowed: it must be >= 0"),
-    ("training.batch_size=-64", "training.batch_size=-64 is not allowed: it must be > 0"),
-    ("training.batch_gpu=-8", "training.batch_gpu=-8 is not allowed: it must be > 0"),
-    ("training.kimg_per_tick=0", "training.kimg_per_tick=0.0 is not allowed: it must be > 0"),
-    ("eval.batch_size=0", "eval.batch_size=0 is not allowed: it must be > 0"),
-    ("dataloader.num_workers=-1", "dataloader.num_workers=-1 is not allowed: it must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("+training.totl_ticks=3", "unknown config key training.totl_ticks (did you mean training.total_ticks?)"),
+        (
+            "+network.model_kwargs.dropot=0.1",
+            "unknown config key network.model_kwargs.dropot (did you mean " "network.model_kwargs.dropout?)",
+        ),
+        ("+colour=red", "unknown config key colour: not in the schema"),
+        ("training.total_ticks=-3", "training.total_ticks=-3 is not allowed: it must be >= 0"),
+        ("training.batch_size=-64", "training.batch_size=-64 is not allowed: it must be > 0"),
+        ("training.batch_gpu=-8", "training.batch_gpu=-8 is not allowed: it must be > 0"),
+        ("training.kimg_per_tick=0", "training.kimg_per_tick=0.0 is not allowed: it must be > 0"),
+        ("eval.batch_size=0", "eval.batch_size=0 is not allowed: it must be > 0"),
+        ("dataloader.num_workers=-1", "dataloader.num_workers=-1 is not allowed: it must be >= 0"),
+    ],
+)
 def test_validate_config_names_the_key(override, message):
     """What Hydra lets through (``+key`` adds any key; values are only type-checked) is refused by the
     trainer's validation, naming the key."""
@@ -107,10 +120,23 @@ CHOICES = _choice_fields()
 
 def test_the_schema_has_the_choice_fields():
     assert {key for key, _ in CHOICES} == {
-        "logger.mode", "dataset.split", "network.model_kwargs.init_type", "network.data_type", "network.compile_scope",
-        "network.compile_mode", "network.sharding", "network.recompute", "network.attn_backend",
-        "network.jvp_attn_backend", "network.jvp_mode", "loss.scheme", "loss.fm_time", "loss.cfg_range_mode",
-        "training.nonfinite_policy", "eval.label_mode"}
+        "logger.mode",
+        "dataset.split",
+        "network.model_kwargs.init_type",
+        "network.data_type",
+        "network.compile_scope",
+        "network.compile_mode",
+        "network.sharding",
+        "network.recompute",
+        "network.attn_backend",
+        "network.jvp_attn_backend",
+        "network.jvp_mode",
+        "loss.scheme",
+        "loss.fm_time",
+        "loss.cfg_range_mode",
+        "training.nonfinite_policy",
+        "eval.label_mode",
+    }
 
 
 @pytest.mark.parametrize("key, choice", CHOICES, ids=[key for key, _ in CHOICES])
@@ -135,8 +161,9 @@ def test_choices_read_as_plain_strings_and_are_stored_as_plain_strings(tmp_path)
     cfg = compose_config("tiny", ["network.compile_mode=reduce-overhead", "network.jvp_mode=autograd"])
     mode = cfg.network.jvp_mode
     assert mode == "autograd" and mode != "explicit" and mode in ("autograd",) and {"autograd": 1}[mode] == 1
-    assert f"network.jvp_mode={mode}" == "network.jvp_mode=autograd" and str(cfg.network.compile_mode) == \
-        "reduce-overhead"
+    assert (
+        f"network.jvp_mode={mode}" == "network.jvp_mode=autograd" and str(cfg.network.compile_mode) == "reduce-overhead"
+    )
     stored = to_container(cfg)  # what checkpoints and wandb receive
     assert type(stored["network"]["jvp_mode"]) is str and stored["network"]["compile_mode"] == "reduce-overhead"
     assert type(stored["network"]["model_kwargs"]["init_type"]) is str
@@ -179,11 +206,26 @@ def test_time_sampling_and_guidance_are_built_from_the_loss_section():
     for settings in (TimeSampling, Guidance):
         assert {f.name for f in dataclasses.fields(settings)} <= loss_keys, settings
     defaults = schema.LossConfig()
-    assert TimeSampling() == TimeSampling(**{f.name: str(getattr(defaults, f.name)) if f.type == "str" else
-                                             getattr(defaults, f.name) for f in dataclasses.fields(TimeSampling)})
-    cfg = compose_config("tiny", ["loss.scheme=trunc", "loss.fm_time=shared", "loss.t_P_mean=0.5", "loss.cfg=null",
-                                  "loss.min_cfg=1.5", "loss.max_cfg=3", "loss.cfg_range_mode=beta",
-                                  "loss.label_dropout=0.2", "loss.frac_t_eq_s=0.1"])
+    assert TimeSampling() == TimeSampling(
+        **{
+            f.name: str(getattr(defaults, f.name)) if f.type == "str" else getattr(defaults, f.name)
+            for f in dataclasses.fields(TimeSampling)
+        }
+    )
+    cfg = compose_config(
+        "tiny",
+        [
+            "loss.scheme=trunc",
+            "loss.fm_time=shared",
+            "loss.t_P_mean=0.5",
+            "loss.cfg=null",
+            "loss.min_cfg=1.5",
+            "loss.max_cfg=3",
+            "loss.cfg_range_mode=beta",
+            "loss.label_dropout=0.2",
+            "loss.frac_t_eq_s=0.1",
+        ],
+    )
     times, guide = time_sampling(cfg.loss), guidance(cfg.loss)
     assert times == TimeSampling(scheme="trunc", fm_time="shared", t_P_mean=0.5, frac_t_eq_s=0.1)
     assert type(times.scheme) is str and type(guide.cfg_range_mode) is str
@@ -216,8 +258,9 @@ def test_base_yaml_holds_only_overrides_of_the_schema():
                 yield f"{prefix}{key}", value
 
     overrides = dict(leaves({k: v for k, v in base.items() if k not in ("defaults", "hydra")}))
-    assert overrides and all(OmegaConf.select(OmegaConf.create(defaults), key) != value
-                             for key, value in overrides.items()), overrides
+    assert overrides and all(
+        OmegaConf.select(OmegaConf.create(defaults), key) != value for key, value in overrides.items()
+    ), overrides
 
 
 def test_a_bad_choice_in_a_config_file_is_one_line_naming_the_key(tmp_path):
@@ -229,9 +272,13 @@ def test_a_bad_choice_in_a_config_file_is_one_line_naming_the_key(tmp_path):
     with initialize_config_dir(config_dir=str(tmp_path), version_base=None):
         with pytest.raises(ConfigCompositionException) as info:
             compose(config_name="exp")
-    assert one_line(info.value) == ("In 'exp': ValidationError raised while composing config: Invalid value 'explict', "
-                                    "expected one of [explicit, autograd] (key network.jvp_mode)")
+    assert one_line(info.value) == (
+        "In 'exp': ValidationError raised while composing config: Invalid value 'explict', "
+        "expected one of [explicit, autograd] (key network.jvp_mode)"
+    )
     with pytest.raises(ConfigCompositionException) as info:
         compose_config("tiny", ["network.jvp_mode=explict"])
-    assert one_line(info.value) == ("Error merging override network.jvp_mode=explict: Invalid value 'explict', "
-                                    "expected one of [explicit, autograd]")
+    assert one_line(info.value) == (
+        "Error merging override network.jvp_mode=explict: Invalid value 'explict', "
+        "expected one of [explicit, autograd]"
+    )

@@ -1,4 +1,5 @@
 """env.yml (GPU nodes) pins the torch/triton of the GPU benchmarks and otherwise what constraints.txt pins."""
+
 from __future__ import annotations
 
 import re
@@ -18,5 +19,6 @@ def test_env_yml_pins_the_benchmarked_gpu_stack_and_otherwise_the_ci_versions() 
     measured = set(re.findall(r"torch (\d+\.\d+\.\d+\+cu\d+);\s+triton (\d+\.\d+\.\d+)", benchmarks))
     assert measured == {(env["torch"], env["triton"])}, f"benchmarks used {measured}, env.yml pins {env}"
     assert set(env) - {"torch", "triton"} <= set(ci)
-    assert {name: v for name, v in env.items() if name not in ("torch", "triton")} == \
-        {name: ci[name] for name in env if name not in ("torch", "triton")}
+    assert {name: v for name, v in env.items() if name not in ("torch", "triton")} == {
+        name: ci[name] for name in env if name not in ("torch", "triton")
+    }

@@ -1,5 +1,6 @@
 """The package's layers point down only (README "Architecture"): a package imports from itself,
 the top-level helper modules and the layers below it, never from a layer above (no cycles)."""
+
 from __future__ import annotations
 
 import re

@@ -1,4 +1,5 @@
 """Progress reports (tvm/progress.py): a tqdm bar on a terminal, plain lines (no '\\r') in a redirected log."""
+
 from __future__ import annotations
 
 import io

@@ -6,6 +6,7 @@ descriptions are the schema's field comments in ``tvm/config.py`` (read from its
 those of the chosen config (``--config-name``, command-line overrides applied), and the choice and
 grouping of the main knobs is :data:`MAIN_KNOBS`. ``--hydra-help`` still gives Hydra's help.
 """
+
 from __future__ import annotations
 
 import ast
@@ -26,17 +27,48 @@ HELP_FLAGS = ("--help", "-h")
 # (group title, keys): the knobs a user sets first; every key must exist in the schema (tested).
 MAIN_KNOBS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("data", ("dataset.path", "dataset.use_labels", "dataset.xflip", "encoder.vae_name", "dataloader.num_workers")),
-    ("length and batch", ("training.total_ticks", "training.kimg_per_tick", "training.batch_size",
-                          "training.batch_gpu", "training.max_steps")),
-    ("method and optimiser", ("loss.cfg", "optimizer.lr", "training.ema_beta", "training.ema_target_beta",
-                              "training.max_grad_norm")),
-    ("model and speed", ("network.model_type", "network.data_type", "network.compile",
-                         "network.compile_memory_budget")),
-    ("run directory, checkpoints, pictures", ("run_dir", "training.ckpt_ticks", "training.keep_last",
-                                              "training.snapshot_ticks", "training.sample_ticks",
-                                              "training.resume", "training.transfer", "logger.mode")),
-    ("evaluation", ("training.metrics", "training.eval_ticks", "training.no_eval_before_tick", "eval.ref_stats",
-                    "eval.detector_url", "eval.num_images")),
+    (
+        "length and batch",
+        (
+            "training.total_ticks",
+            "training.kimg_per_tick",
+            "training.batch_size",
+            "training.batch_gpu",
+            "training.max_steps",
+        ),
+    ),
+    (
+        "method and optimiser",
+        ("loss.cfg", "optimizer.lr", "training.ema_beta", "training.ema_target_beta", "training.max_grad_norm"),
+    ),
+    (
+        "model and speed",
+        ("network.model_type", "network.data_type", "network.compile", "network.compile_memory_budget"),
+    ),
+    (
+        "run directory, checkpoints, pictures",
+        (
+            "run_dir",
+            "training.ckpt_ticks",
+            "training.keep_last",
+            "training.snapshot_ticks",
+            "training.sample_ticks",
+            "training.resume",
+            "training.transfer",
+            "logger.mode",
+        ),
+    ),
+    (
+        "evaluation",
+        (
+            "training.metrics",
+            "training.eval_ticks",
+            "training.no_eval_before_tick",
+            "eval.ref_stats",
+            "eval.detector_url",
+            "eval.num_images",
+        ),
+    ),
 )
 
 WIDTH = 120

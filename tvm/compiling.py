@@ -18,6 +18,7 @@ whose local Inductor cache is empty — skips most of the compilation (``network
 The file holds pickled compiled code, like Inductor's own cache directory: it is trusted as the
 run directory's other contents are (a run only loads the cache it wrote itself).
 """
+
 from __future__ import annotations
 
 import functools
@@ -35,6 +36,7 @@ def allow_tracing_this_package() -> bool:
     """Remove ``tvm/`` from Dynamo's skip directories; True if it was there and is gone."""
     try:
         from torch._dynamo import trace_rules
+
         skip_dirs, recompile = trace_rules.SKIP_DIRS, trace_rules._recompile_re
     except (ImportError, AttributeError):
         warnings.warn("torch._dynamo's skip list has an unknown layout: torch.compile may skip the tvm package")
@@ -116,8 +118,13 @@ def _artifact_count(info: Any) -> int:
 COMPILE_CACHE = "compile-cache.bin"
 
 
-def compile_training(ddp: torch.nn.Module, online: torch.nn.Module | None, teacher: torch.nn.Module | None,
-                     ema: torch.nn.Module | None, network: Any) -> torch.nn.Module:
+def compile_training(
+    ddp: torch.nn.Module,
+    online: torch.nn.Module | None,
+    teacher: torch.nn.Module | None,
+    ema: torch.nn.Module | None,
+    network: Any,
+) -> torch.nn.Module:
     """The training forward under ``torch.compile`` (``network.compile_scope``): ``blocks`` compiles
     each DiT block of the online net, the teacher and the eval EMA (TVMWrappers; their ``.model``) in
     place (regional compilation);
@@ -154,5 +161,8 @@ def update_compile_cache(path: Path, loaded: int, log: Callable[[str], None]) ->
     except OSError as exc:
         log(f"compile cache not written ({exc}); the next start compiles from scratch")
         return
-    log(f"compile cache: {loaded} artifacts loaded at start" if loaded else
-        f"compile cache: {written} artifacts written to {path}; a restart loads them")
+    log(
+        f"compile cache: {loaded} artifacts loaded at start"
+        if loaded
+        else f"compile cache: {written} artifacts written to {path}; a restart loads them"
+    )

@@ -17,6 +17,7 @@ with an error naming the key and the allowed values. A choice compares equal to,
 formats as its plain string (``cfg.network.jvp_mode == "explicit"``); :func:`to_container` (what
 checkpoints, ``config.yaml`` and wandb receive) holds plain strings.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -69,27 +70,27 @@ LabelMode = Choice("LabelMode", ["uniform", "empirical"])
 
 @dataclass
 class LoggerConfig:
-    project: str = "tvm"                 # wandb project; also a run-dir component when run_dir is unset
-    entity: Optional[str] = None         # wandb entity
+    project: str = "tvm"  # wandb project; also a run-dir component when run_dir is unset
+    entity: Optional[str] = None  # wandb entity
     mode: WandbMode = WandbMode.disabled  # wandb mode (the key only from WANDB_API_KEY)
 
 
 @dataclass
 class DatasetConfig:
     class_name: str = "tvm.data.datasets.ImageFolderDataset"  # or tvm.data.digits.DigitsDataset
-    path: Optional[str] = None           # zip or folder (EDM format); unused for the digits
-    use_labels: bool = True              # class-conditional training (false: unconditional)
-    xflip: bool = False                  # doubles the dataset with mirrored copies
-    cache: bool = False                  # keep decoded items in each worker's memory (costs RAM per rank)
-    max_size: Optional[int] = None       # random subset (seed 0) of this many items
-    resolution: Optional[int] = None     # expected resolution; checked against the data when set
+    path: Optional[str] = None  # zip or folder (EDM format); unused for the digits
+    use_labels: bool = True  # class-conditional training (false: unconditional)
+    xflip: bool = False  # doubles the dataset with mirrored copies
+    cache: bool = False  # keep decoded items in each worker's memory (costs RAM per rank)
+    max_size: Optional[int] = None  # random subset (seed 0) of this many items
+    resolution: Optional[int] = None  # expected resolution; checked against the data when set
     split: DigitsSplit = DigitsSplit.train  # digits only
 
 
 @dataclass
 class DataLoaderConfig:
     pin_memory: bool = True
-    num_workers: int = 1                 # data-loading processes per GPU (0: in the training process)
+    num_workers: int = 1  # data-loading processes per GPU (0: in the training process)
     prefetch_factor: int = 2
 
 
@@ -102,7 +103,7 @@ class EncoderConfig:
     final_mean: float = 0.0
     final_std: float = 1.0
     use_fp16: bool = True
-    batch_size: int = 8                  # VAE decode batch
+    batch_size: int = 8  # VAE decode batch
 
 
 @dataclass
@@ -120,23 +121,23 @@ class ModelKwargs:
 @dataclass
 class NetworkConfig:
     class_name: str = "tvm.method.wrapper.TVMWrapper"
-    model_type: str = "DiT_XL_2_18h"     # a name of tvm.models.dit.VARIANTS or an authors' class name
+    model_type: str = "DiT_XL_2_18h"  # a name of tvm.models.dit.VARIANTS or an authors' class name
     model_kwargs: ModelKwargs = field(default_factory=ModelKwargs)
-    honor_model_kwargs: bool = False     # apply model_kwargs (paper-faithful); false = upstream behaviour
-    patch_spectral: bool = False         # paper's intended spectral patch-embed init (docs/method.md §11 item 2)
-    hidden_size: Optional[int] = None    # overrides of the variant (small models)
+    honor_model_kwargs: bool = False  # apply model_kwargs (paper-faithful); false = upstream behaviour
+    patch_spectral: bool = False  # paper's intended spectral patch-embed init (docs/method.md §11 item 2)
+    hidden_size: Optional[int] = None  # overrides of the variant (small models)
     depth: Optional[int] = None
     num_heads: Optional[int] = None
     data_type: DataType = DataType.bf16  # CUDA autocast dtype (CPU always fp32)
     detach_jvp: bool = False
     do_scale_param: bool = True
-    compile: bool = False                # torch.compile training forward, see compile_scope (configs/base.yaml: true)
+    compile: bool = False  # torch.compile training forward, see compile_scope (configs/base.yaml: true)
     # blocks: each DiT block, regional (fast to compile) | full: the whole loss forward
     compile_scope: CompileScope = CompileScope.blocks
-    compile_memory_budget: float = 1.0   # share of activations kept for the backward (1: default; less recomputes)
+    compile_memory_budget: float = 1.0  # share of activations kept for the backward (1: default; less recomputes)
     # torch.compile mode; reduce-overhead = CUDA graphs (no per-kernel launch cost)
     compile_mode: CompileMode = CompileMode.default
-    compile_cache: bool = True           # keep compiled artifacts in <run dir>/compile-cache.bin; a restart loads them
+    compile_cache: bool = True  # keep compiled artifacts in <run dir>/compile-cache.bin; a restart loads them
     # ddp: every rank holds the whole state | fsdp2: sharded per DiT block (tvm/train/sharding.py)
     sharding: Sharding = Sharding.ddp
     # activation checkpointing: none | fm (FM-branch forward; does not lower the peak) | all (+ JVP blocks)
@@ -151,15 +152,15 @@ class LossConfig:
     # Selects nothing (there is one objective); the names accepted are tvm/runtime/build.py LOSSES.
     class_name: str = "tvm.method.loss.TVMLoss"
     scheme: TimeScheme = TimeScheme.gap  # docs/method.md §2, §10.3
-    fm_time: FMTime = FMTime.separate    # separate s' (gap*) | shared (s' = s)
+    fm_time: FMTime = FMTime.separate  # separate s' (gap*) | shared (s' = s)
     s_P_mean: float = -0.4
     s_P_std: float = 1.0
     gap_P_mean: float = -0.8
     gap_P_std: float = 1.0
-    t_P_mean: float = 1.0                # trunc/clamp only
+    t_P_mean: float = 1.0  # trunc/clamp only
     t_P_std: float = 1.0
     frac_t_eq_s: float = 0.0
-    cfg: Optional[float] = 2.0           # fixed CFG scale w; null → range or β ~ U[0, 1)
+    cfg: Optional[float] = 2.0  # fixed CFG scale w; null → range or β ~ U[0, 1)
     min_cfg: Optional[float] = None
     max_cfg: Optional[float] = None
     cfg_range_mode: CFGRangeMode = CFGRangeMode.w  # w ~ U[min, max] (upstream) | beta ~ U[1/max, 1/min] (paper)
@@ -169,7 +170,7 @@ class LossConfig:
 @dataclass
 class OptimizerConfig:
     class_name: str = "torch.optim.AdamW"
-    lr: float = 1e-4                     # learning rate (constant)
+    lr: float = 1e-4  # learning rate (constant)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.0
@@ -177,32 +178,32 @@ class OptimizerConfig:
 
 @dataclass
 class TrainingConfig:
-    total_ticks: int = 3000              # length in ticks (paper: 300K iterations = 3,000 ticks of 100 iterations)
-    kimg_per_tick: float = 204.8         # thousands of images per tick (100 iterations at batch 2048)
-    ema_beta: float = 0.9999             # eval EMA decay per step (samples, FID, snapshots)
+    total_ticks: int = 3000  # length in ticks (paper: 300K iterations = 3,000 ticks of 100 iterations)
+    kimg_per_tick: float = 204.8  # thousands of images per tick (100 iterations at batch 2048)
+    ema_beta: float = 0.9999  # eval EMA decay per step (samples, FID, snapshots)
     ema_target_beta: Optional[float] = 0.99  # teacher EMA; null = the online network is its own teacher
-    batch_size: int = 2048               # global batch (images per optimizer step)
-    batch_gpu: Optional[int] = None      # per-GPU micro-batch (images); below batch/world → gradient accumulation
+    batch_size: int = 2048  # global batch (images per optimizer step)
+    batch_gpu: Optional[int] = None  # per-GPU micro-batch (images); below batch/world → gradient accumulation
     cudnn_benchmark: bool = True
     enable_tf32: bool = False
-    snapshot_ticks: int = 500            # permanent checkpoints every this many ticks
-    state_dump_ticks: int = 500          # the authors' key, accepted and ignored: every checkpoint holds full state
-    ckpt_ticks: int = 50                 # rolling checkpoint every this many ticks
-    keep_last: int = 3                   # rolling checkpoints kept
-    sample_ticks: int = 50               # sample grids every this many ticks
-    eval_ticks: int = 250                # metrics every this many ticks (after no_eval_before_tick)
-    no_eval_before_tick: int = 300       # no metrics before this tick
+    snapshot_ticks: int = 500  # permanent checkpoints every this many ticks
+    state_dump_ticks: int = 500  # the authors' key, accepted and ignored: every checkpoint holds full state
+    ckpt_ticks: int = 50  # rolling checkpoint every this many ticks
+    keep_last: int = 3  # rolling checkpoints kept
+    sample_ticks: int = 50  # sample grids every this many ticks
+    eval_ticks: int = 250  # metrics every this many ticks (after no_eval_before_tick)
+    no_eval_before_tick: int = 300  # no metrics before this tick
     metrics: list[str] = field(default_factory=lambda: ["fid50k_full"])  # during training: fid50k_full, digits, ...
-    seed: Optional[int] = 0              # null: rank 0 draws one and broadcasts it
-    transfer: Optional[str] = None       # checkpoint path: load weights only (fine-tuning)
-    resume: Optional[str] = None         # checkpoint path to continue from (default: latest in run dir)
+    seed: Optional[int] = 0  # null: rank 0 draws one and broadcasts it
+    transfer: Optional[str] = None  # checkpoint path: load weights only (fine-tuning)
+    resume: Optional[str] = None  # checkpoint path to continue from (default: latest in run dir)
     max_grad_norm: Optional[float] = None  # L2 clipping after the all-reduce; null = none
-    num_samples: int = 16                # images per sample grid
+    num_samples: int = 16  # images per sample grid
     do_log_image: bool = True
     nonfinite_policy: NonfinitePolicy = NonfinitePolicy.skip  # skip: count, raise after max_nonfinite_in_row
     max_nonfinite_in_row: int = 10
-    preempt_check_steps: int = 10        # agree across ranks on a preemption signal every this many steps
-    max_steps: Optional[int] = None      # stop after this many optimizer steps (tests, smoke runs)
+    preempt_check_steps: int = 10  # agree across ranks on a preemption signal every this many steps
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (tests, smoke runs)
 
 
 @dataclass
@@ -215,23 +216,26 @@ class SamplerConfig:
 class EvalConfig:
     seed: int = 0
     cudnn_benchmark: bool = True
-    batch_size: int = 128                # images per generation batch (global; split over ranks)
-    batch_gpu: Optional[int] = None      # the authors' key, accepted and ignored (unused upstream too): see batch_size
+    batch_size: int = 128  # images per generation batch (global; split over ranks)
+    batch_gpu: Optional[int] = None  # the authors' key, accepted and ignored (unused upstream too): see batch_size
     metrics: list[str] = field(default_factory=lambda: ["fid50k_full"])
-    resume: Optional[str] = None         # a checkpoint or a run directory (newest first)
-    detector_url: str = ("https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/"
-                         "metrics/inception-2015-12-05.pkl")  # FID/IS Inception: URL (cached) or local file
-    ref_stats: Optional[str] = None      # reference statistics (authors' img256.pkl / img512.pkl or .npz)
+    resume: Optional[str] = None  # a checkpoint or a run directory (newest first)
+    detector_url: str = (
+        "https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/"
+        "metrics/inception-2015-12-05.pkl"
+    )  # FID/IS Inception: URL (cached) or local file
+    ref_stats: Optional[str] = None  # reference statistics (authors' img256.pkl / img512.pkl or .npz)
     # Optional metrics (tvm/eval/extra_metrics.py): is50k uses detector_url; pr50k3_full needs ref_features
     # (.npz 'features', scripts/ref_features.py) from pr_detector_url; fd_dinov2 needs DINOv2 locally.
-    pr_detector_url: str = ("https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/"
-                            "metrics/vgg16.pkl")
+    pr_detector_url: str = (
+        "https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/" "metrics/vgg16.pkl"
+    )
     ref_features: Optional[str] = None
     dinov2: Optional[str] = "facebookresearch/dinov2"  # TorchScript file, local hub checkout, or hub repo (its cache)
-    dinov2_weights: Optional[str] = None     # checkout state dict (default <dir or hub>/dinov2_vitl14_pretrain.pth)
-    dinov2_ref_stats: Optional[str] = None   # .npz (mu, sigma); default: ref_stats when it is an EDM2 pickle
+    dinov2_weights: Optional[str] = None  # checkout state dict (default <dir or hub>/dinov2_vitl14_pretrain.pth)
+    dinov2_ref_stats: Optional[str] = None  # .npz (mu, sigma); default: ref_stats when it is an EDM2 pickle
     dinov2_allow_download: bool = False
-    num_images: int = 50000              # generated images per metric (fid50k_full: 50,000)
+    num_images: int = 50000  # generated images per metric (fid50k_full: 50,000)
     label_mode: LabelMode = LabelMode.uniform  # empirical: training-set label frequencies (upstream)
     enable_tf32: bool = False
 
@@ -240,7 +244,7 @@ class EvalConfig:
 class Config:
     name: str = "tvm"
     outputdir: str = "./outputs"
-    run_dir: Optional[str] = None        # default: <outputdir>/<name>
+    run_dir: Optional[str] = None  # default: <outputdir>/<name>
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     dataloader: DataLoaderConfig = field(default_factory=DataLoaderConfig)
@@ -249,8 +253,13 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
-    sampling: dict[str, SamplerConfig] = field(default_factory=lambda: {
-        "1_step": SamplerConfig(1, 2.0), "2_step": SamplerConfig(2, 2.0), "4_step": SamplerConfig(4, 2.0)})
+    sampling: dict[str, SamplerConfig] = field(
+        default_factory=lambda: {
+            "1_step": SamplerConfig(1, 2.0),
+            "2_step": SamplerConfig(2, 2.0),
+            "4_step": SamplerConfig(4, 2.0),
+        }
+    )
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -286,14 +295,34 @@ def from_container(data: dict[str, Any]) -> DictConfig:
 
 # Keys whose value must be > 0 (None allowed where the schema has Optional), and >= 0
 # (training.total_ticks=0 sets the run up, evaluates at step 0 where configured, and stops).
-POSITIVE_KEYS = ("training.kimg_per_tick", "training.batch_size", "training.batch_gpu",
-                 "training.snapshot_ticks", "training.state_dump_ticks", "training.ckpt_ticks", "training.keep_last",
-                 "training.sample_ticks", "training.eval_ticks", "training.num_samples",
-                 "training.max_nonfinite_in_row", "training.preempt_check_steps", "training.max_steps",
-                 "training.max_grad_norm", "dataloader.prefetch_factor", "encoder.batch_size", "eval.batch_size",
-                 "eval.batch_gpu", "eval.num_images")
-NON_NEGATIVE_KEYS = ("training.total_ticks", "dataloader.num_workers", "optimizer.lr", "optimizer.eps",
-                     "optimizer.weight_decay")
+POSITIVE_KEYS = (
+    "training.kimg_per_tick",
+    "training.batch_size",
+    "training.batch_gpu",
+    "training.snapshot_ticks",
+    "training.state_dump_ticks",
+    "training.ckpt_ticks",
+    "training.keep_last",
+    "training.sample_ticks",
+    "training.eval_ticks",
+    "training.num_samples",
+    "training.max_nonfinite_in_row",
+    "training.preempt_check_steps",
+    "training.max_steps",
+    "training.max_grad_norm",
+    "dataloader.prefetch_factor",
+    "encoder.batch_size",
+    "eval.batch_size",
+    "eval.batch_gpu",
+    "eval.num_images",
+)
+NON_NEGATIVE_KEYS = (
+    "training.total_ticks",
+    "dataloader.num_workers",
+    "optimizer.lr",
+    "optimizer.eps",
+    "optimizer.weight_decay",
+)
 
 
 def _unknown_keys(data: Any, schema: type, prefix: str = "") -> list[str]:
@@ -332,5 +361,7 @@ def validate_config(cfg: DictConfig) -> None:
                 raise ValueError(f"{key}={value} is not allowed: it must be {what}")
     for name, sampler in (cfg.get("sampling") or {}).items():
         if not sampler.num_steps >= 1 or not sampler.cfg_scale >= 1:
-            raise ValueError(f"sampling.{name}: num_steps={sampler.num_steps}, cfg_scale={sampler.cfg_scale} is not "
-                             "allowed: num_steps must be >= 1 and cfg_scale >= 1 (1 = unguided)")
+            raise ValueError(
+                f"sampling.{name}: num_steps={sampler.num_steps}, cfg_scale={sampler.cfg_scale} is not "
+                "allowed: num_steps must be >= 1 and cfg_scale >= 1 (1 = unguided)"
+            )

@@ -9,6 +9,7 @@ there it returns a :class:`LineProgress` instead, which prints one plain line at
 Both offer the subset of tqdm's interface this package uses: iteration, ``update``, ``write``,
 ``close`` and use as a context manager.
 """
+
 from __future__ import annotations
 
 import sys

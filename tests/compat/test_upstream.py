@@ -8,6 +8,7 @@ class references, a timm enum, an OmegaConf DictConfig in ``_init_kwargs``, a re
 ``torch.compile`` wrapper, and storages tagged as CUDA. The fake modules are removed from
 ``sys.modules`` before anything is loaded, so nothing upstream is importable.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,10 +31,21 @@ import torch.nn as nn
 from omegaconf import OmegaConf
 
 from helpers import one_hot, perturb_
-from tvm.compat.upstream import (ForeignObject, PersistentRecord, UnsafePickleError, UpstreamFormatError,
-                                 collect_parameters, infer_architecture, is_upstream_pickle, load_params_strict,
-                                 load_pickle, load_upstream_network, module_dict, read_training_state,
-                                 read_upstream_network)
+from tvm.compat.upstream import (
+    ForeignObject,
+    PersistentRecord,
+    UnsafePickleError,
+    UpstreamFormatError,
+    collect_parameters,
+    infer_architecture,
+    is_upstream_pickle,
+    load_params_strict,
+    load_pickle,
+    load_upstream_network,
+    module_dict,
+    read_training_state,
+    read_upstream_network,
+)
 from tvm.config import compose_config, from_container
 from tvm.method.wrapper import TVMWrapper
 from tvm.models.dit import DiT
@@ -42,8 +54,18 @@ from tvm.runtime.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 RES, CHANNELS, LABELS, HIDDEN, DEPTH, HEADS = 8, 4, 10, 64, 2, 4
-FAKE_MODULES = ("torch_utils", "torch_utils.persistence", "training", "training.dit", "training.wrapper", "timm",
-                "timm.layers", "timm.layers.patch_embed", "timm.layers.mlp", "timm.layers.format")
+FAKE_MODULES = (
+    "torch_utils",
+    "torch_utils.persistence",
+    "training",
+    "training.dit",
+    "training.wrapper",
+    "timm",
+    "timm.layers",
+    "timm.layers.patch_embed",
+    "timm.layers.mlp",
+    "timm.layers.format",
+)
 PERSISTENT = ("TVMWrapper", "DiT_S_2", "TimestepEmbedder", "LabelEmbedder", "DiTBlock", "FinalLayer")
 
 
@@ -62,8 +84,13 @@ class Persistent(nn.Module):
     module_src = ""
 
     def __reduce__(self) -> tuple:
-        meta = {"type": "class", "version": 6, "module_src": self.module_src, "class_name": type(self).__name__,
-                "state": dict(self.__dict__)}
+        meta = {
+            "type": "class",
+            "version": 6,
+            "module_src": self.module_src,
+            "class_name": type(self).__name__,
+            "state": dict(self.__dict__),
+        }
         return _reconstruct_persistent_obj, (meta,)
 
 
@@ -91,13 +118,18 @@ def upstream_modules(module_src: str) -> Iterator[types.SimpleNamespace]:
         setattr(sys.modules[module], name, cls)
         return cls
 
-    ns = types.SimpleNamespace(**{name: make("training.wrapper" if name == "TVMWrapper" else "training.dit", name,
-                                             Persistent) for name in PERSISTENT})
+    ns = types.SimpleNamespace(
+        **{
+            name: make("training.wrapper" if name == "TVMWrapper" else "training.dit", name, Persistent)
+            for name in PERSISTENT
+        }
+    )
     ns.Attention = make("training.dit", "Attention", nn.Module)
     ns.PatchEmbed = make("timm.layers.patch_embed", "PatchEmbed", nn.Module)
     ns.Mlp = make("timm.layers.mlp", "Mlp", nn.Module)
-    ns.Format = enum.Enum("Format", {"NCHW": "NCHW", "NHWC": "NHWC"}, module="timm.layers.format",
-                          qualname="Format", type=str)
+    ns.Format = enum.Enum(
+        "Format", {"NCHW": "NCHW", "NHWC": "NHWC"}, module="timm.layers.format", qualname="Format", type=str
+    )
     sys.modules["timm.layers.format"].Format = ns.Format
     try:
         yield ns
@@ -129,45 +161,117 @@ def timestep_embedder(ns: types.SimpleNamespace, embedder: nn.Module) -> nn.Modu
 
 
 def upstream_block(ns: types.SimpleNamespace, block: nn.Module, dim: int, heads: int) -> nn.Module:
-    attn = build(ns.Attention, num_heads=heads, head_dim=dim // heads, scale=(dim // heads) ** -0.5,
-                 fused_attn=True, qkv=block.attn.qkv, q_norm=block.attn.q_norm, k_norm=block.attn.k_norm,
-                 attn_drop=nn.Dropout(0.0), proj=block.attn.proj, proj_drop=nn.Dropout(0.0))
-    mlp = build(ns.Mlp, fc1=block.mlp.fc1, act=nn.GELU(approximate="tanh"), drop1=nn.Dropout(0.0),
-                norm=nn.Identity(), fc2=block.mlp.fc2, drop2=nn.Dropout(0.0))
-    return build(ns.DiTBlock, norm1=rms_norm(dim), attn=attn, norm2=rms_norm(dim), mlp=mlp, adaLN_modulation=block.adaLN_modulation)
+    attn = build(
+        ns.Attention,
+        num_heads=heads,
+        head_dim=dim // heads,
+        scale=(dim // heads) ** -0.5,
+        fused_attn=True,
+        qkv=block.attn.qkv,
+        q_norm=block.attn.q_norm,
+        k_norm=block.attn.k_norm,
+        attn_drop=nn.Dropout(0.0),
+        proj=block.attn.proj,
+        proj_drop=nn.Dropout(0.0),
+    )
+    mlp = build(
+        ns.Mlp,
+        fc1=block.mlp.fc1,
+        act=nn.GELU(approximate="tanh"),
+        drop1=nn.Dropout(0.0),
+        norm=nn.Identity(),
+        fc2=block.mlp.fc2,
+        drop2=nn.Dropout(0.0),
+    )
+    return build(
+        ns.DiTBlock,
+        norm1=rms_norm(dim),
+        attn=attn,
+        norm2=rms_norm(dim),
+        mlp=mlp,
+        adaLN_modulation=block.adaLN_modulation,
+    )
 
 
 def upstream_wrapper(ns: types.SimpleNamespace, dit: DiT) -> nn.Module:
     """The authors' object tree (docs/method.md §9.2–9.3) around the weights of our ``dit``."""
     D = dit.hidden_size
     grid = RES // 2
-    patch = build(ns.PatchEmbed, img_size=(RES, RES), patch_size=(2, 2), grid_size=(grid, grid),
-                  num_patches=grid * grid, flatten=True, output_fmt=ns.Format.NCHW, strict_img_size=True,
-                  proj=dit.x_embedder.proj, norm=nn.Identity())
-    final = build(ns.FinalLayer, norm_final=rms_norm(D),
-                  linear=dit.final_layer.linear, adaLN_modulation=dit.final_layer.adaLN_modulation)
-    model = build(ns.DiT_S_2, s_embedder=timestep_embedder(ns, dit.s_embedder),
-                  guidance_embedder=timestep_embedder(ns, dit.guidance_embedder), x_embedder=patch,
-                  t_embedder=timestep_embedder(ns, dit.t_embedder),
-                  y_embedder=build(ns.LabelEmbedder, embedding_table=dit.y_embedder.embedding_table,
-                                   num_classes=LABELS, dropout_prob=0.0),
-                  pos_embed=dit.pos_embed,
-                  blocks=nn.ModuleList([upstream_block(ns, b, D, dit.num_heads) for b in dit.blocks]),
-                  final_layer=final)
-    model_kwargs = OmegaConf.create({"do_mod_norm": True, "learn_guidance": True, "dropout": 0.0,
-                                     "init_type": "spectral", "time_specinit": True, "qk_norm": True})
-    wrapper = build(ns.TVMWrapper, img_resolution=RES, img_channels=CHANNELS, label_dim=LABELS, do_scale_param=True,
-                    detach_jvp=False, dtype=torch.bfloat16, model=model)
-    wrapper._init_kwargs = {"model_type": "DiT_S_2", "model_kwargs": model_kwargs, "data_type": "bf16",
-                            "detach_jvp": False, "do_scale_param": True, "compile": False}
+    patch = build(
+        ns.PatchEmbed,
+        img_size=(RES, RES),
+        patch_size=(2, 2),
+        grid_size=(grid, grid),
+        num_patches=grid * grid,
+        flatten=True,
+        output_fmt=ns.Format.NCHW,
+        strict_img_size=True,
+        proj=dit.x_embedder.proj,
+        norm=nn.Identity(),
+    )
+    final = build(
+        ns.FinalLayer,
+        norm_final=rms_norm(D),
+        linear=dit.final_layer.linear,
+        adaLN_modulation=dit.final_layer.adaLN_modulation,
+    )
+    model = build(
+        ns.DiT_S_2,
+        s_embedder=timestep_embedder(ns, dit.s_embedder),
+        guidance_embedder=timestep_embedder(ns, dit.guidance_embedder),
+        x_embedder=patch,
+        t_embedder=timestep_embedder(ns, dit.t_embedder),
+        y_embedder=build(
+            ns.LabelEmbedder, embedding_table=dit.y_embedder.embedding_table, num_classes=LABELS, dropout_prob=0.0
+        ),
+        pos_embed=dit.pos_embed,
+        blocks=nn.ModuleList([upstream_block(ns, b, D, dit.num_heads) for b in dit.blocks]),
+        final_layer=final,
+    )
+    model_kwargs = OmegaConf.create(
+        {
+            "do_mod_norm": True,
+            "learn_guidance": True,
+            "dropout": 0.0,
+            "init_type": "spectral",
+            "time_specinit": True,
+            "qk_norm": True,
+        }
+    )
+    wrapper = build(
+        ns.TVMWrapper,
+        img_resolution=RES,
+        img_channels=CHANNELS,
+        label_dim=LABELS,
+        do_scale_param=True,
+        detach_jvp=False,
+        dtype=torch.bfloat16,
+        model=model,
+    )
+    wrapper._init_kwargs = {
+        "model_type": "DiT_S_2",
+        "model_kwargs": model_kwargs,
+        "data_type": "bf16",
+        "detach_jvp": False,
+        "do_scale_param": True,
+        "compile": False,
+    }
     return wrapper
 
 
 def tiny(seed: int = 0, mlp_hidden: int | None = None) -> DiT:
     """Our DiT at test size with random weights (the spectral init is not needed and slower)."""
     torch.manual_seed(seed)
-    dit = DiT("DiT-S/2", input_size=RES, in_channels=CHANNELS, num_classes=LABELS, hidden_size=HIDDEN, depth=DEPTH,
-              num_heads=HEADS, init=False)
+    dit = DiT(
+        "DiT-S/2",
+        input_size=RES,
+        in_channels=CHANNELS,
+        num_classes=LABELS,
+        hidden_size=HIDDEN,
+        depth=DEPTH,
+        num_heads=HEADS,
+        init=False,
+    )
     if mlp_hidden is not None:  # a model of another size: block 1's MLP is narrower
         dit.blocks[1].mlp.fc1 = nn.Linear(HIDDEN, mlp_hidden)
         dit.blocks[1].mlp.fc2 = nn.Linear(mlp_hidden, HIDDEN)
@@ -194,9 +298,20 @@ class CudaPickler(pickle.Pickler):
 
 def write_snapshot(path: Path, net: Any) -> Path:
     with open(path, "wb") as handle:
-        CudaPickler(handle).dump({"net": net, "dataset_kwargs": {
-            "class_name": "training.dataset.ImageFolderDataset", "path": "in256-latents.zip", "use_labels": True,
-            "xflip": False, "cache": True, "resolution": RES, "max_size": 1281167}})
+        CudaPickler(handle).dump(
+            {
+                "net": net,
+                "dataset_kwargs": {
+                    "class_name": "training.dataset.ImageFolderDataset",
+                    "path": "in256-latents.zip",
+                    "use_labels": True,
+                    "xflip": False,
+                    "cache": True,
+                    "resolution": RES,
+                    "max_size": 1281167,
+                },
+            }
+        )
     return path
 
 
@@ -208,8 +323,13 @@ class CompiledStandIn:
 
     def __reduce__(self) -> tuple:
         from torch._dynamo.eval_frame import OptimizedModule
-        state = {"_parameters": OrderedDict(), "_buffers": OrderedDict(), "_modules": OrderedDict(_orig_mod=self.inner),
-                 "training": False}
+
+        state = {
+            "_parameters": OrderedDict(),
+            "_buffers": OrderedDict(),
+            "_modules": OrderedDict(_orig_mod=self.inner),
+            "training": False,
+        }
         return OptimizedModule, (), state
 
 
@@ -282,6 +402,7 @@ def test_pickle_is_held_as_data(upstream):
     model_kwargs = wrapper.state["_init_kwargs"]["model_kwargs"]
     assert isinstance(model_kwargs, ForeignObject)
     assert model_kwargs.qualified_name == "omegaconf.dictconfig.DictConfig"
+
     def child(node: Any, name: str) -> Any:
         return module_dict(node)["_modules"][name]
 
@@ -292,8 +413,7 @@ def test_pickle_is_held_as_data(upstream):
     assert patch.attributes["output_fmt"].args == ("NCHW",)
     assert child(child(model, "blocks"), "0").class_name == "DiTBlock"
     assert child(child(child(model, "blocks"), "0"), "attn").qualified_name == "training.dit.Attention"
-    assert child(model, "t_embedder").state["_modules"]["mlp"].qualified_name == \
-        "torch.nn.modules.container.Sequential"
+    assert child(model, "t_embedder").state["_modules"]["mlp"].qualified_name == "torch.nn.modules.container.Sequential"
     assert is_upstream_pickle(upstream.plain) and not is_upstream_pickle(upstream.tmp / "missing.pkl")
     assert CUDA_PAYLOADS
     if not torch.cuda.is_available():
@@ -327,8 +447,12 @@ def test_convert_round_trip(upstream, tmp_path, capsys):
     assert ckpt["progress"] == {"step": 0, "nimg": 0, "tick": 0}
     assert ckpt["source"]["upstream_pickle"] == str(upstream.compiled) and len(ckpt["source"]["sha256"]) == 64
     cfg = from_container(ckpt["config"])
-    assert (cfg.network.model_type, cfg.network.hidden_size, cfg.network.depth, cfg.network.num_heads) == \
-        ("DiT_S_2", HIDDEN, DEPTH, HEADS)
+    assert (cfg.network.model_type, cfg.network.hidden_size, cfg.network.depth, cfg.network.num_heads) == (
+        "DiT_S_2",
+        HIDDEN,
+        DEPTH,
+        HEADS,
+    )
     assert cfg.network.do_scale_param and cfg.dataset.resolution == RES and cfg.dataset.use_labels
     assert cfg.sampling["1_step"].cfg_scale == 2.0 and cfg.eval.batch_size == 64  # from the named config
     facts = ckpt["source"]["facts"]
@@ -366,8 +490,11 @@ def test_strict_check_lists_missing_and_unexpected_keys():
     net = TVMWrapper(tiny())
     params = dict(net.state_dict())
     params["model.extra.weight"] = params.pop("model.final_layer.linear.bias")
-    with pytest.raises(UpstreamFormatError, match=r"missing in the file \(1\):\n    model.final_layer.linear.bias"
-                                                  r"(.|\n)*unexpected in the file \(1\):\n    model.extra.weight"):
+    with pytest.raises(
+        UpstreamFormatError,
+        match=r"missing in the file \(1\):\n    model.final_layer.linear.bias"
+        r"(.|\n)*unexpected in the file \(1\):\n    model.extra.weight",
+    ):
         load_params_strict(net, params, "x.pkl")
 
 
@@ -380,12 +507,15 @@ def test_wrapper_attributes_must_agree_with_the_weights(tmp_path):
         read_upstream_network(path)
 
 
-@pytest.mark.parametrize("variant, class_name, expected", [
-    ("DiT-XL/2-18h", None, "DiT_XL_2_18h"),
-    ("DiT-XL/2", None, "DiT_XL_2"),
-    ("DiT-XL/2-18h", "DiT_XL_2_18h", "DiT_XL_2_18h"),
-    ("DiT-B/2", "DiT", "DiT_B_2"),
-])
+@pytest.mark.parametrize(
+    "variant, class_name, expected",
+    [
+        ("DiT-XL/2-18h", None, "DiT_XL_2_18h"),
+        ("DiT-XL/2", None, "DiT_XL_2"),
+        ("DiT-XL/2-18h", "DiT_XL_2_18h", "DiT_XL_2_18h"),
+        ("DiT-B/2", "DiT", "DiT_B_2"),
+    ],
+)
 def test_infer_architecture_of_the_released_sizes(variant, class_name, expected):
     with torch.device("meta"):
         dit = DiT(variant, input_size=64, init=False)
@@ -422,9 +552,13 @@ def test_training_state(tmp_path):
     optimizer.step()
     path = tmp_path / "training-state-000010.pt"
     with upstream_modules("") as ns:
-        state = {"net": upstream_wrapper(ns, dits[0]), "ema": CompiledStandIn(upstream_wrapper(ns, dits[1])),
-                 "ema_target": upstream_wrapper(ns, dits[2]), "optimizer_state": optimizer.state_dict(),
-                 "scaler_state": {"scale": 65536.0, "growth_factor": 2.0}}
+        state = {
+            "net": upstream_wrapper(ns, dits[0]),
+            "ema": CompiledStandIn(upstream_wrapper(ns, dits[1])),
+            "ema_target": upstream_wrapper(ns, dits[2]),
+            "optimizer_state": optimizer.state_dict(),
+            "scaler_state": {"scale": 65536.0, "growth_factor": 2.0},
+        }
         torch.save(state, path)
     _retag_cuda(path)
     loaded = read_training_state(path)

@@ -1,4 +1,5 @@
 """dataset_tool: convert (class folders → PNG zip), encode (→ latent moments), getstats (docs/method.md §6.2)."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,14 @@ import PIL.Image
 import pytest
 import torch
 
-from tvm.data.dataset_tool import center_crop_dhariwal, convert_dataset, encode_dataset, latent_stats, main, stats_path_for
+from tvm.data.dataset_tool import (
+    center_crop_dhariwal,
+    convert_dataset,
+    encode_dataset,
+    latent_stats,
+    main,
+    stats_path_for,
+)
 from tvm.data.datasets import ImageFolderDataset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,7 +43,10 @@ def test_convert_round_trip_from_class_folders(tmp_path: Path) -> None:
     src = tmp_path / "train"
     images = _class_folders(src)
     dest = tmp_path / "rgb.zip"
-    assert main(["convert", "--source", str(src), "--dest", str(dest), "--resolution", "16x16", "--transform", "none"]) == 0
+    assert (
+        main(["convert", "--source", str(src), "--dest", str(dest), "--resolution", "16x16", "--transform", "none"])
+        == 0
+    )
     with zipfile.ZipFile(dest) as z:
         infos = z.infolist()
         assert all(i.compress_type == zipfile.ZIP_STORED for i in infos)
@@ -138,7 +149,19 @@ def test_scripts_run_as_cli(tmp_path: Path) -> None:
     src = tmp_path / "train"
     _class_folders(src, per_class=1)
     dest = tmp_path / "rgb"
-    cmd = [sys.executable, str(REPO / "scripts" / "dataset_tool.py"), "convert", "--source", str(src), "--dest", str(dest), "--resolution", "16", "--transform", "center-crop"]
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "dataset_tool.py"),
+        "convert",
+        "--source",
+        str(src),
+        "--dest",
+        str(dest),
+        "--resolution",
+        "16",
+        "--transform",
+        "center-crop",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert len(ImageFolderDataset(dest)) == 3

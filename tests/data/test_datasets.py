@@ -1,4 +1,5 @@
 """EDM-format datasets (docs/method.md §6.1) and the resumable sampler (§5.5)."""
+
 from __future__ import annotations
 
 import io
@@ -81,7 +82,9 @@ def test_xflip_max_size_and_no_labels(tmp_path: Path) -> None:
     assert ds[0][1].shape == (0,)
     sub = ImageFolderDataset(path, use_labels=False, max_size=4)
     expected = np.sort(np.random.RandomState(0).permutation(6)[:4])  # EDM subset rule
-    assert [sub.file_name(i) for i in range(4)] == [ImageFolderDataset(path, use_labels=False).file_name(j) for j in expected]
+    assert [sub.file_name(i) for i in range(4)] == [
+        ImageFolderDataset(path, use_labels=False).file_name(j) for j in expected
+    ]
 
 
 def test_npy_latents_and_cache(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
 """The embedded digits dataset (tvm.data.digits)."""
+
 from __future__ import annotations
 
 import numpy as np

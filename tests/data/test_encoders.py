@@ -1,4 +1,5 @@
 """Pixel and SD-VAE encoders (docs/method.md §6.3) with a tiny randomly initialised AutoencoderKL."""
+
 from __future__ import annotations
 
 from pathlib import Path

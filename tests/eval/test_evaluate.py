@@ -1,4 +1,5 @@
 """Checkpoint evaluation: eval.py's library (docs/method.md §7.2, §11 items 11, 15) and fid50k_full (§7.1)."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,19 @@ from tvm.train.loop import run
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = QUICK_TINY + ["training.total_ticks=2", "training.ckpt_ticks=1"]
-FIELDS = {"checkpoint", "step", "sampler", "num_steps", "cfg_scale", "metric", "results", "num_images", "num_gpus",
-          "seconds", "timestamp"}
+FIELDS = {
+    "checkpoint",
+    "step",
+    "sampler",
+    "num_steps",
+    "cfg_scale",
+    "metric",
+    "results",
+    "num_images",
+    "num_gpus",
+    "seconds",
+    "timestamp",
+}
 FEATURES = 8  # the real detector gives 2048; scipy's sqrtm of a 2048×2048 matrix takes ~1 min on 2 cores
 
 # The stand-in detector is TorchScript, the format NVIDIA ships, which recent torch deprecates.
@@ -64,8 +76,9 @@ def fid_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("fid")
     detector_path = folder / "detector.pt"
     torch.jit.save(torch.jit.script(StandInDetector()), str(detector_path))
-    ref = fid.compute_reference_stats(DigitsDataset("train"), fid.load_inception_detector(str(detector_path)),
-                                      batch_size=512, progress=False)
+    ref = fid.compute_reference_stats(
+        DigitsDataset("train"), fid.load_inception_detector(str(detector_path)), batch_size=512, progress=False
+    )
     fid.save_ref_stats(folder / "ref.npz", ref)
     return detector_path, folder / "ref.npz"
 
@@ -94,7 +107,13 @@ def test_run_directory_newest_first_appends_jsonl(run_dir: Path) -> None:
     before = read_lines(run_dir / RESULTS_FILE)
     records = evaluate_checkpoints(eval_config(run_dir, "eval.metrics=[digits]"))
     assert [(r["step"], r["sampler"]) for r in records] == [
-        (4, "1_step"), (4, "2_step"), (4, "4_step"), (2, "1_step"), (2, "2_step"), (2, "4_step")]
+        (4, "1_step"),
+        (4, "2_step"),
+        (4, "4_step"),
+        (2, "1_step"),
+        (2, "2_step"),
+        (2, "4_step"),
+    ]
     for record in records:
         assert record.keys() == FIELDS
         assert record["metric"] == "digits" and record["num_gpus"] == 1 and record["cfg_scale"] == 2.5
@@ -102,8 +121,9 @@ def test_run_directory_newest_first_appends_jsonl(run_dir: Path) -> None:
     assert Path(records[0]["checkpoint"]).name == "checkpoint-00000004.pt"
     assert read_lines(run_dir / RESULTS_FILE) == before + records
 
-    single = evaluate_checkpoints(eval_config(run_dir / "checkpoint-00000002.pt", "eval.metrics=[digits]",
-                                              samplers=("1_step",)))
+    single = evaluate_checkpoints(
+        eval_config(run_dir / "checkpoint-00000002.pt", "eval.metrics=[digits]", samplers=("1_step",))
+    )
     assert [(r["step"], r["sampler"]) for r in single] == [(2, "1_step")]
     assert single[0]["results"] == records[3]["results"]
     assert read_lines(run_dir / RESULTS_FILE) == before + records + single
@@ -111,30 +131,36 @@ def test_run_directory_newest_first_appends_jsonl(run_dir: Path) -> None:
 
 def test_fid_with_stand_in_detector_end_to_end(run_dir: Path, fid_files: tuple[Path, Path]) -> None:
     ckpt = run_dir / "checkpoint-00000004.pt"
-    (record,) = evaluate_checkpoints(eval_config(ckpt, *fid_overrides(fid_files), "eval.seed=3",
-                                                 samplers=("2_step",)))
+    (record,) = evaluate_checkpoints(eval_config(ckpt, *fid_overrides(fid_files), "eval.seed=3", samplers=("2_step",)))
     assert record["metric"] == "fid50k_full" and record["num_steps"] == 2
     # The same number by hand: 16 images seeded by index, uniform classes, unbiased covariance.
     net, _, _ = load_network_for_eval(ckpt)
-    images = generate_images(net, PixelEncoder(), range(16), steps=2, guidance=2.5, seed=3,
-                             classes=image_classes(range(16), 10, 3))
+    images = generate_images(
+        net, PixelEncoder(), range(16), steps=2, guidance=2.5, seed=3, classes=image_classes(range(16), 10, 3)
+    )
     stats = fid.FeatureStats(FEATURES)
     stats.update(fid.compute_features(fid.load_inception_detector(str(fid_files[0])), images))
     ref = fid.load_ref_stats(fid_files[1])
     expected = fid.frechet_distance(*stats.mean_cov(unbiased=True), ref.mu, ref.sigma)
     assert record["results"]["fid"] == pytest.approx(expected, rel=1e-9)
 
-    (empirical,) = evaluate_checkpoints(eval_config(ckpt, *fid_overrides(fid_files), "eval.seed=3",
-                                                    "eval.label_mode=empirical", samplers=("2_step",)))
+    (empirical,) = evaluate_checkpoints(
+        eval_config(ckpt, *fid_overrides(fid_files), "eval.seed=3", "eval.label_mode=empirical", samplers=("2_step",))
+    )
     assert math.isfinite(empirical["results"]["fid"])
 
 
 def test_two_ranks_give_the_one_rank_numbers(run_dir: Path, fid_files: tuple[Path, Path], tmp_path: Path) -> None:
     """Sharding by image index: 2 processes (gloo) reproduce the 1-process metrics, uneven split included."""
     shutil.copy(run_dir / "checkpoint-00000004.pt", tmp_path / "checkpoint-00000004.pt")
-    overrides = [f"eval.resume={tmp_path / 'checkpoint-00000004.pt'}", "eval.num_images=15", "eval.batch_size=6",
-                 "eval.metrics=[digits,fid50k_full]", f"eval.detector_url={fid_files[0]}",
-                 f"eval.ref_stats={fid_files[1]}"]
+    overrides = [
+        f"eval.resume={tmp_path / 'checkpoint-00000004.pt'}",
+        "eval.num_images=15",
+        "eval.batch_size=6",
+        "eval.metrics=[digits,fid50k_full]",
+        f"eval.detector_url={fid_files[0]}",
+        f"eval.ref_stats={fid_files[1]}",
+    ]
     one = evaluate_checkpoints(only_samplers(compose_config("tiny", overrides), "1_step"))
     for two in evaluate_on_ranks(only_samplers(compose_config("tiny", overrides), "1_step"), tmp_path):
         assert [r["num_gpus"] for r in two] == [2, 2]
@@ -169,8 +195,9 @@ def test_configuration_errors(run_dir: Path, fid_files: tuple[Path, Path], tmp_p
 def test_metric_context_from_config() -> None:
     """One constructor for the loop and eval.py: per-rank batch ceil(eval.batch_size / W), the eval
     section's settings, and float64 label frequencies for label_mode=empirical."""
-    cfg = compose_config("tiny", ["eval.batch_size=10", "eval.num_images=30", "eval.seed=4",
-                                  "eval.dinov2_ref_stats=stats.npz"])
+    cfg = compose_config(
+        "tiny", ["eval.batch_size=10", "eval.num_images=30", "eval.seed=4", "eval.dinov2_ref_stats=stats.npz"]
+    )
     encoder = PixelEncoder()
     sizes = [MetricContext.from_config(cfg, encoder, torch.device("cpu"), w).batch_size for w in (1, 2, 3, 4, 11)]
     assert sizes == [10, 5, 4, 3, 1]
@@ -205,10 +232,13 @@ def _run_eval_py(argv: list[str], stderr_path: str) -> None:
 
 def test_eval_py_exits_non_zero_for_a_missing_checkpoint(tmp_path: Path) -> None:
     proc = multiprocessing.get_context("fork").Process(
-        target=_run_eval_py, args=(["--config-name=tiny", f"eval.resume={tmp_path / 'nothing'}"],
-                                   str(tmp_path / "stderr.txt")))
+        target=_run_eval_py,
+        args=(["--config-name=tiny", f"eval.resume={tmp_path / 'nothing'}"], str(tmp_path / "stderr.txt")),
+    )
     proc.start()
     proc.join(timeout=60)
     assert proc.exitcode == 1
-    assert f"eval.py: error: no checkpoint file or run directory at {tmp_path / 'nothing'}" in \
-        (tmp_path / "stderr.txt").read_text()
+    assert (
+        f"eval.py: error: no checkpoint file or run directory at {tmp_path / 'nothing'}"
+        in (tmp_path / "stderr.txt").read_text()
+    )

@@ -1,5 +1,6 @@
 """Optional metrics: Inception Score, precision/recall, FD-DINOv2 (tvm/eval/extra_metrics.py) and
 their registered forms is50k, pr50k3_full, fd_dinov2 (tvm/eval/metrics.py)."""
+
 from __future__ import annotations
 
 import io
@@ -88,7 +89,7 @@ class TinyBackbone(torch.nn.Module):
         return self.head(torch.nn.functional.adaptive_avg_pool2d(x, 7).flatten(1))
 
 
-HUBCONF = '''
+HUBCONF = """
 import torch
 
 dependencies = ["torch"]
@@ -107,7 +108,7 @@ def dinov2_vitl14(*, pretrained=True, **kwargs):
     if pretrained:
         raise RuntimeError("this test must never fetch pretrained weights")
     return TinyBackbone()
-'''
+"""
 
 
 def write_hub_dir(folder: Path, with_weights: bool = True) -> TinyBackbone:
@@ -129,17 +130,28 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     digits = DigitsDataset("train")
     det = fid.load_inception_detector(str(out["detector"]))
     out["ref_features"] = folder / "features.npz"
-    em.save_ref_features(out["ref_features"], em.compute_reference_features(digits, det, batch_size=512, max_images=300,
-                                                                            progress=False, detector_name="stand-in"))
-    dino_ref = fid.compute_reference_stats(digits, em.load_dinov2(out["dinov2"]), batch_size=512, max_images=300,
-                                           progress=False)
+    em.save_ref_features(
+        out["ref_features"],
+        em.compute_reference_features(
+            digits, det, batch_size=512, max_images=300, progress=False, detector_name="stand-in"
+        ),
+    )
+    dino_ref = fid.compute_reference_stats(
+        digits, em.load_dinov2(out["dinov2"]), batch_size=512, max_images=300, progress=False
+    )
     out["dinov2_ref"] = folder / "dinov2.npz"
     fid.save_ref_stats(out["dinov2_ref"], dino_ref)
     out["edm2_pkl"] = folder / "img.pkl"  # EDM2 ref format: both entries in one pickle
     inc_ref = fid.compute_reference_stats(digits, det, batch_size=512, max_images=300, progress=False)
     with open(out["edm2_pkl"], "wb") as f:
-        pickle.dump({"fid": {"mu": inc_ref.mu, "sigma": inc_ref.sigma},
-                     "fd_dinov2": {"mu": dino_ref.mu, "sigma": dino_ref.sigma}, "num_images": 300}, f)
+        pickle.dump(
+            {
+                "fid": {"mu": inc_ref.mu, "sigma": inc_ref.sigma},
+                "fd_dinov2": {"mu": dino_ref.mu, "sigma": dino_ref.sigma},
+                "num_images": 300,
+            },
+            f,
+        )
     return out
 
 
@@ -164,7 +176,7 @@ def test_inception_score_matches_scipy_entropy() -> None:
     p = rng.dirichlet(np.full(6, 0.3), size=103)
     scores = []
     for i in range(4):
-        part = p[i * 103 // 4:(i + 1) * 103 // 4]
+        part = p[i * 103 // 4 : (i + 1) * 103 // 4]
         scores.append(np.exp(np.mean(scipy.stats.entropy(part.T, part.mean(0)[:, None]))))
     mean, std = em.inception_score(p, splits=4)
     assert mean == pytest.approx(np.mean(scores), rel=1e-12) and std == pytest.approx(np.std(scores), rel=1e-9)
@@ -183,7 +195,9 @@ def test_detector_probabilities(tmp_path: Path) -> None:
     # A detector without the no_output_logits keyword (TorchScript and plain modules).
     torch.jit.save(torch.jit.script(NoBiasKeyword()), str(tmp_path / "nokw.pt"))
     for nokw in (NoBiasKeyword(), fid.load_inception_detector(str(tmp_path / "nokw.pt"))):
-        torch.testing.assert_close(em.detector_probabilities(nokw, images), torch.full((5, 4), 0.25, dtype=torch.float64))
+        torch.testing.assert_close(
+            em.detector_probabilities(nokw, images), torch.full((5, 4), 0.25, dtype=torch.float64)
+        )
     with pytest.raises(ValueError, match="cannot give class probabilities"):
         em.detector_probabilities(FeaturesOnly(), images)
     logits = em.detector_probabilities(FeaturesOnly(), images, output="logits")
@@ -235,8 +249,9 @@ def test_precision_recall_matches_brute_force(batch: int) -> None:
         got = em.precision_recall(real, gen, k=k, batch=batch)
         assert got == pytest.approx(expected, abs=0), k
         assert 0 < min(got) and max(got) <= 1 and min(got) < 1
-    got32 = em.precision_recall(torch.from_numpy(real).float(), torch.from_numpy(gen).float(), k=3, batch=batch,
-                                dtype=torch.float32)
+    got32 = em.precision_recall(
+        torch.from_numpy(real).float(), torch.from_numpy(gen).float(), k=3, batch=batch, dtype=torch.float32
+    )
     assert got32 == pytest.approx(brute_force_pr(real, gen, 3), abs=2 / 110)
 
 
@@ -265,8 +280,9 @@ def test_ref_features_script(tmp_path: Path, files: dict[str, Path]) -> None:
             buf = io.BytesIO()
             PIL.Image.fromarray(img.permute(1, 2, 0).numpy()).save(buf, format="png")
             z.writestr(f"00000/img{i:08d}.png", buf.getvalue())
-    main = runpy.run_path(str(Path(__file__).resolve().parents[2] / "scripts" / "ref_features.py"),
-                          run_name="ref_features")["main"]
+    main = runpy.run_path(
+        str(Path(__file__).resolve().parents[2] / "scripts" / "ref_features.py"), run_name="ref_features"
+    )["main"]
     common = ["--data", str(data), "--device", "cpu", "--workers", "0", "--batch", "4"]
     assert main([*common, "--dest", str(tmp_path / "f.npz"), "--detector", str(files["detector"])]) == 0
     ref = em.load_ref_features(tmp_path / "f.npz", expected_resolution=8)
@@ -275,8 +291,9 @@ def test_ref_features_script(tmp_path: Path, files: dict[str, Path]) -> None:
     assert ref.detector == str(files["detector"])
     assert main([*common, "--dest", str(tmp_path / "d.npz"), "--dinov2", str(files["dinov2"])]) == 0
     stats = fid.load_ref_stats(tmp_path / "d.npz", expected_resolution=8)
-    expected = fid.compute_reference_stats(ImageFolderDataset(data, use_labels=False), em.load_dinov2(files["dinov2"]),
-                                           progress=False)
+    expected = fid.compute_reference_stats(
+        ImageFolderDataset(data, use_labels=False), em.load_dinov2(files["dinov2"]), progress=False
+    )
     np.testing.assert_allclose(stats.mu, expected.mu, rtol=1e-5, atol=1e-7)  # float32 batches of 4 vs 64
     assert stats.num_images == 9 and stats.mu.shape == (DINO_DIM,)
 
@@ -331,8 +348,9 @@ def test_dinov2_hub_repo_cache_and_missing_model_error(tmp_path: Path) -> None:
     # The torch.hub cache layout is used without any network access.
     backbone = write_hub_dir(hub / "facebookresearch_dinov2_main")
     images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
-    torch.testing.assert_close(em.load_dinov2("facebookresearch/dinov2", hub_dir=hub)(images),
-                               em.dinov2_features(backbone, images))
+    torch.testing.assert_close(
+        em.load_dinov2("facebookresearch/dinov2", hub_dir=hub)(images), em.dinov2_features(backbone, images)
+    )
 
 
 def test_edm2_pickle_fd_dinov2_entry(files: dict[str, Path], tmp_path: Path) -> None:
@@ -356,15 +374,28 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def extra_overrides(files: dict[str, Path]) -> list[str]:
-    return [f"eval.detector_url={files['detector']}", f"eval.pr_detector_url={files['detector']}",
-            f"eval.ref_features={files['ref_features']}", f"eval.dinov2={files['dinov2']}",
-            f"eval.dinov2_ref_stats={files['dinov2_ref']}"]
+    return [
+        f"eval.detector_url={files['detector']}",
+        f"eval.pr_detector_url={files['detector']}",
+        f"eval.ref_features={files['ref_features']}",
+        f"eval.dinov2={files['dinov2']}",
+        f"eval.dinov2_ref_stats={files['dinov2_ref']}",
+    ]
 
 
 def eval_cfg(ckpt: Path, files: dict[str, Path], *extra: str) -> DictConfig:
-    cfg = compose_config("tiny", [f"eval.resume={ckpt}", "eval.num_images=20", "eval.batch_size=8", "eval.seed=3",
-                                  "eval.metrics=[is50k,pr50k3_full,fd_dinov2]", *extra_overrides(files),
-                                  *extra])
+    cfg = compose_config(
+        "tiny",
+        [
+            f"eval.resume={ckpt}",
+            "eval.num_images=20",
+            "eval.batch_size=8",
+            "eval.seed=3",
+            "eval.metrics=[is50k,pr50k3_full,fd_dinov2]",
+            *extra_overrides(files),
+            *extra,
+        ],
+    )
     with open_dict(cfg):
         cfg.sampling = {"1_step": cfg.sampling["1_step"]}
     return cfg
@@ -377,14 +408,16 @@ def test_registered_metrics_end_to_end(ckpt: Path, files: dict[str, Path]) -> No
     # The same numbers by hand: 20 images seeded by index, uniform classes.
     net, _, _ = load_network_for_eval(ckpt)
     steps, cfg_scale = records[0]["num_steps"], records[0]["cfg_scale"]
-    images = generate_images(net, PixelEncoder(), range(20), steps=steps, guidance=cfg_scale, seed=3,
-                             classes=image_classes(range(20), 10, 3))
+    images = generate_images(
+        net, PixelEncoder(), range(20), steps=steps, guidance=cfg_scale, seed=3, classes=image_classes(range(20), 10, 3)
+    )
     det = fid.load_inception_detector(str(files["detector"]))
     mean, std = em.inception_score(em.detector_probabilities(det, images).float(), splits=10)
     assert results["is50k"] == pytest.approx({"is_mean": mean, "is_std": std}, rel=1e-9)
     assert 1 <= results["is50k"]["is_mean"] <= CLASSES
-    precision, recall = em.precision_recall(em.load_ref_features(files["ref_features"]).features,
-                                            fid.compute_features(det, images), k=3)
+    precision, recall = em.precision_recall(
+        em.load_ref_features(files["ref_features"]).features, fid.compute_features(det, images), k=3
+    )
     assert results["pr50k3_full"] == {"precision": precision, "recall": recall}
     stats = fid.FeatureStats(DINO_DIM)
     stats.update(em.dinov2_features(em.load_dinov2(files["dinov2"]), images))
@@ -392,13 +425,17 @@ def test_registered_metrics_end_to_end(ckpt: Path, files: dict[str, Path]) -> No
     expected = fid.frechet_distance(*stats.mean_cov(unbiased=True), ref.mu, ref.sigma)
     assert results["fd_dinov2"]["fd_dinov2"] == pytest.approx(expected, rel=1e-9)
     # EDM2's pickle as eval.ref_stats supplies the 'fd_dinov2' entry when dinov2_ref_stats is unset.
-    (edm2,) = evaluate_checkpoints(eval_cfg(ckpt, files, "eval.metrics=[fd_dinov2]", "eval.dinov2_ref_stats=null",
-                                            f"eval.ref_stats={files['edm2_pkl']}"))
+    (edm2,) = evaluate_checkpoints(
+        eval_cfg(
+            ckpt, files, "eval.metrics=[fd_dinov2]", "eval.dinov2_ref_stats=null", f"eval.ref_stats={files['edm2_pkl']}"
+        )
+    )
     assert edm2["results"]["fd_dinov2"] == pytest.approx(expected, rel=1e-9)
 
 
-def test_registered_metrics_configuration_errors(ckpt: Path, files: dict[str, Path], tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_registered_metrics_configuration_errors(
+    ckpt: Path, files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with pytest.raises(ValueError, match="eval.ref_features"):
         evaluate_checkpoints(eval_cfg(ckpt, files, "eval.metrics=[pr50k3_full]", "eval.ref_features=null"))
     with pytest.raises(ValueError, match="eval.dinov2_ref_stats"):

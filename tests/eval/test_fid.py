@@ -1,4 +1,5 @@
 """FID pieces (docs/method.md §7): statistics, Fréchet distance, reference I/O, detector loading, sharding."""
+
 from __future__ import annotations
 
 import hashlib
@@ -61,7 +62,10 @@ def detector_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _sample_images(indices: range, res: int = 8) -> torch.Tensor:
     """A generator seeded per sample index: image i depends on i only."""
-    out = [torch.randint(0, 256, (3, res, res), generator=torch.Generator().manual_seed(1000 + i), dtype=torch.uint8) for i in indices]
+    out = [
+        torch.randint(0, 256, (3, res, res), generator=torch.Generator().manual_seed(1000 + i), dtype=torch.uint8)
+        for i in indices
+    ]
     return torch.stack(out)
 
 
@@ -123,7 +127,11 @@ def test_ref_stats_round_trip_and_resolution_check(tmp_path: Path) -> None:
     # EDM .npz (mu, sigma only) and EDM2 pickle formats.
     np.savez(tmp_path / "edm.npz", mu=mu, sigma=sigma)
     assert load_ref_stats(tmp_path / "edm.npz", expected_resolution=512).resolution is None
-    edm2 = {"fid": {"mu": mu, "sigma": sigma}, "fd_dinov2": {"mu": mu[:4], "sigma": np.eye(4)}, "num_images": np.int64(50)}
+    edm2 = {
+        "fid": {"mu": mu, "sigma": sigma},
+        "fd_dinov2": {"mu": mu[:4], "sigma": np.eye(4)},
+        "num_images": np.int64(50),
+    }
     for protocol in (2, 4, 5):
         (tmp_path / "img256.pkl").write_bytes(pickle.dumps(edm2, protocol=protocol))
         ref = load_ref_stats(tmp_path / "img256.pkl")
@@ -220,7 +228,20 @@ def test_reference_stats_from_dataset(tmp_path: Path, detector_file: Path) -> No
     # The command-line wrapper writes the same statistics in our .npz format.
     script = runpy.run_path(str(Path(__file__).resolve().parents[2] / "scripts" / "ref_stats.py"), run_name="ref_stats")
     dest = tmp_path / "refs" / "rgb.npz"
-    argv = ["--data", str(path), "--dest", str(dest), "--detector", str(detector_file), "--device", "cpu", "--workers", "0", "--batch", "5"]
+    argv = [
+        "--data",
+        str(path),
+        "--dest",
+        str(dest),
+        "--detector",
+        str(detector_file),
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--batch",
+        "5",
+    ]
     assert script["main"](argv) == 0
     saved = load_ref_stats(dest, expected_resolution=8)
     np.testing.assert_allclose(saved.sigma, ref.sigma, rtol=1e-5, atol=1e-9)
@@ -256,7 +277,9 @@ def _fid_worker(rank: int, world: int, port: int, detector: str, ref: RefStats, 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         det = load_inception_detector(detector)
-        fid = compute_fid(_sample_images, det, ref, num_images=23, batch_size=4, rank=rank, world_size=world, progress=False)
+        fid = compute_fid(
+            _sample_images, det, ref, num_images=23, batch_size=4, rank=rank, world_size=world, progress=False
+        )
         Path(out, f"{rank}.txt").write_text(repr(fid))
     finally:
         dist.destroy_process_group()

@@ -1,4 +1,5 @@
 """Generation from checkpoints: loading, index sharding, scripts/generate.py (docs/method.md §4, §11 item 12)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -53,6 +54,7 @@ def _read_pngs(folder: Path, indices) -> np.ndarray:
 
 # ------------------------------------------------------------------------------ parsing
 
+
 def test_index_ranges_and_classes() -> None:
     assert gen.parse_index_ranges("0-3,10,20-21") == [0, 1, 2, 3, 10, 20, 21]
     assert gen.parse_index_ranges("7") == [7]
@@ -71,6 +73,7 @@ def test_index_ranges_and_classes() -> None:
 
 
 # ------------------------------------------------------------------------------ checkpoint loading
+
 
 def test_load_network_for_eval_uses_ema_and_infers_data_facts(cond_ckpt: Path, tmp_path: Path) -> None:
     net, cfg, step = load_network_for_eval(cond_ckpt, ["network.attn_backend=math"])
@@ -111,8 +114,9 @@ def test_upstream_pickle_goes_to_the_compat_loader(cond_ckpt: Path, tmp_path: Pa
         seen.update(path=path, config=config, device=device)
         return ours
 
-    monkeypatch.setitem(sys.modules, "tvm.compat.upstream",
-                        types.SimpleNamespace(load_upstream_network=load_upstream_network))
+    monkeypatch.setitem(
+        sys.modules, "tvm.compat.upstream", types.SimpleNamespace(load_upstream_network=load_upstream_network)
+    )
     with pytest.raises(ValueError, match="name the experiment config"):
         load_network_for_eval(pkl)
     net, got_cfg, step = load_network_for_eval(pkl, ["loss.cfg=2.0"], config=cfg)
@@ -122,18 +126,21 @@ def test_upstream_pickle_goes_to_the_compat_loader(cond_ckpt: Path, tmp_path: Pa
 
 # ------------------------------------------------------------------------------ sharding
 
+
 def test_sharded_generation_equals_one_rank(cond_ckpt: Path, tmp_path: Path, monkeypatch) -> None:
     """Two simulated ranks writing a PNG folder give the images of one rank (any batch size)."""
     net, _, _ = load_network_for_eval(cond_ckpt)
     encoder, indices = PixelEncoder(), [3, 4, 5, 6, 7, 10, 11]
     reference = gen.generate_images(net, encoder, indices, steps=2, guidance=1.5, seed=5)
-    gen.generate_to(net, encoder, indices, tmp_path / "one", steps=2, guidance=1.5, seed=5, batch_size=64,
-                    progress=False)
+    gen.generate_to(
+        net, encoder, indices, tmp_path / "one", steps=2, guidance=1.5, seed=5, batch_size=64, progress=False
+    )
     monkeypatch.setattr(distributed, "get_world_size", lambda: 2)
     for rank in (0, 1):
         monkeypatch.setattr(distributed, "get_rank", lambda rank=rank: rank)
-        gen.generate_to(net, encoder, indices, tmp_path / "two", steps=2, guidance=1.5, seed=5, batch_size=2,
-                        progress=False)
+        gen.generate_to(
+            net, encoder, indices, tmp_path / "two", steps=2, guidance=1.5, seed=5, batch_size=2, progress=False
+        )
     one, two = _read_pngs(tmp_path / "one", indices), _read_pngs(tmp_path / "two", indices)
     np.testing.assert_array_equal(one, reference[:, 0].numpy())
     np.testing.assert_array_equal(one, two)
@@ -141,6 +148,7 @@ def test_sharded_generation_equals_one_rank(cond_ckpt: Path, tmp_path: Path, mon
 
 
 # ------------------------------------------------------------------------------ the script
+
 
 def test_generate_cli_png_and_npz_two_processes(cond_ckpt: Path, tmp_path: Path) -> None:
     """Two CPU processes (gloo) write the .npz whose images one process writes as PNGs."""
@@ -160,8 +168,10 @@ def test_generate_cli_png_and_npz_two_processes(cond_ckpt: Path, tmp_path: Path)
 def test_generate_cli_unconditional_unguided(uncond_ckpt: Path, tmp_path: Path, capsys) -> None:
     script = _script()
     out = tmp_path / "u.npz"
-    assert script.main(["--ckpt", str(uncond_ckpt), "--steps", "1", "--cfg", "1", "--seeds", "0-5",
-                        "--out", str(out)]) == 0
+    assert (
+        script.main(["--ckpt", str(uncond_ckpt), "--steps", "1", "--cfg", "1", "--seeds", "0-5", "--out", str(out)])
+        == 0
+    )
     net, _, _ = load_network_for_eval(uncond_ckpt)
     assert net.model.num_classes == 0
     with np.load(out) as data:
@@ -200,11 +210,14 @@ def test_generate_cli_refuses_existing_output_without_force(cond_ckpt: Path, tmp
     assert script.main([*base, "--out", str(empty)]) == 0  # an empty folder holds nothing to mix with
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("--steps", "0", "argument --steps: must be >= 1, got 0"),
-    ("--cfg", "0.5", "argument --cfg: the guidance scale must be >= 1 (1 = unguided), got 0.5"),
-    ("--batch", "-1", "argument --batch: must be >= 1, got -1"),
-])
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--steps", "0", "argument --steps: must be >= 1, got 0"),
+        ("--cfg", "0.5", "argument --cfg: the guidance scale must be >= 1 (1 = unguided), got 0.5"),
+        ("--batch", "-1", "argument --batch: must be >= 1, got -1"),
+    ],
+)
 def test_generate_cli_checks_steps_and_cfg_before_loading(tmp_path: Path, capsys, flag, value, message) -> None:
     """Bad values fail at argument parsing (exit 2), before any checkpoint is looked at."""
     with pytest.raises(SystemExit) as exit_info:

@@ -1,4 +1,5 @@
 """Sample-grid layout and the real-data reference grid (tvm/eval/grid.py), also through a tiny run."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -85,8 +86,11 @@ def test_reference_grid_of_latents_goes_through_the_decoder(tmp_path) -> None:
 
 
 def test_tiny_run_writes_the_reference_grid_and_the_curves(tmp_path) -> None:
-    cfg = compose_config("tiny", QUICK_TINY + [f"run_dir={tmp_path}", "training.do_log_image=true",
-                                               "training.total_ticks=2", "training.num_samples=20"])
+    cfg = compose_config(
+        "tiny",
+        QUICK_TINY
+        + [f"run_dir={tmp_path}", "training.do_log_image=true", "training.total_ticks=2", "training.num_samples=20"],
+    )
     run(cfg)
     reference = Image.open(tmp_path / "samples" / "reference.png")
     sample = Image.open(tmp_path / "samples" / "1_step-tick000002.png")

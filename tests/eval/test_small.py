@@ -1,4 +1,5 @@
 """Download-free digits metrics (tvm.eval.small)."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -5,6 +5,7 @@ Ground truth: float64 math attention under torch.func.jvp, then torch.autograd.g
 NaN before the kernel runs, so an unwritten element fails the comparison. bf16 is checked on the
 GPU by bench/attention.py (the interpreter's bf16 dot is wrong).
 """
+
 from __future__ import annotations
 
 import math
@@ -309,10 +310,10 @@ def test_launch_plan_tail_matches_kernel_signature(monkeypatch):
     launch_plans.clear()
     inputs, _, _ = random_inputs((1, 2, 12, 16), torch.float64, seed=11)
     attention_jvp_forward(*inputs)
-    (key, plan), = launch_plans.recorded().items()
+    ((key, plan),) = launch_plans.recorded().items()
     kernel = kernel_module._attention_jvp_fwd_kernel
     names = kernel.arg_names
-    launch, = plan
+    (launch,) = plan
     assert 10 + len(launch.tail) == len(names)
     by_name = dict(zip(names[10:], launch.tail))
     assert by_name["N_CTX"] == 12 and by_name["H"] == 2 and by_name["HAS_TANGENT"] is True
@@ -327,7 +328,7 @@ def test_inputs_without_a_plan_take_the_dispatch_path(monkeypatch):
     calls = _count_dispatches(monkeypatch)
     launch_plans.clear()
     base = torch.randn(6 * 2 * 2 * 9 * 16 + 1, dtype=torch.float64)
-    unaligned = [base[1 + i * 576: 1 + (i + 1) * 576].view(2, 2, 9, 16) for i in range(6)]
+    unaligned = [base[1 + i * 576 : 1 + (i + 1) * 576].view(2, 2, 9, 16) for i in range(6)]
     assert unaligned[0].data_ptr() % 16 != 0
     assert launch_plans.input_key(tuple(unaligned)) is None
     transposed = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in unaligned]
@@ -376,8 +377,21 @@ def test_launch_hooks_and_arguments_of_a_compiled_plan(monkeypatch):
     assert compiled.launched[-1] == (3, 4, 1, 1000, "function", ("packed",), None, None, None, "a", "b", 7, 8)
     Knobs.launch_enter_hook.calls.append(print)
     launch("a", "b")
-    assert compiled.launched[-1] == (3, 4, 1, 1000, "function", ("packed",), ("metadata", (3, 4, 1), 1000, 4),
-                                     Knobs.launch_enter_hook, Knobs.launch_exit_hook, "a", "b", 7, 8)
+    assert compiled.launched[-1] == (
+        3,
+        4,
+        1,
+        1000,
+        "function",
+        ("packed",),
+        ("metadata", (3, 4, 1), 1000, 4),
+        Knobs.launch_enter_hook,
+        Knobs.launch_exit_hook,
+        "a",
+        "b",
+        7,
+        8,
+    )
 
 
 def test_step_benchmark_parses_the_launch_plan_ab(monkeypatch):

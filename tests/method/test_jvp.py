@@ -1,5 +1,6 @@
 """The flow map and d f/d s by forward-mode AD, in both JVP modes, against finite differences and
 forward_ad (docs/method.md §1.3, §12 items 13–17)."""
+
 from __future__ import annotations
 
 import copy
@@ -109,7 +110,9 @@ def test_gradients_flow_through_the_tangent_and_detach_jvp_changes_only_gradient
     base = tiny_wrapper(dtype=torch.float64)
     teacher = copy.deepcopy(base).eval().requires_grad_(False)
     x = torch.randn(6, 2, 8, 8, dtype=D64)
-    draws = draw_step(torch.Generator().manual_seed(3), 6, (2, 8, 8), TimeSampling(), Guidance(cfg=2.0, label_dropout=0))
+    draws = draw_step(
+        torch.Generator().manual_seed(3), 6, (2, 8, 8), TimeSampling(), Guidance(cfg=2.0, label_dropout=0)
+    )
     draws = draws.to("cpu")
     draws = type(draws)(*(v.double() if v.is_floating_point() else v for v in vars(draws).values()))
     grads, losses = {}, {}

@@ -1,4 +1,5 @@
 """The TVM objective (docs/method.md §1.4–1.6, §12 items 18–22)."""
+
 from __future__ import annotations
 
 import copy
@@ -45,8 +46,9 @@ def oracle_inputs(n=5):
 def test_oracle_average_velocity_has_zero_loss():
     x0, noise, t, s, s_prime = oracle_inputs()
     net, teacher = OracleNet(x0), OracleNet(x0)
-    out = tvm_loss(net, teacher, x0.expand_as(noise), one_hot([0] * 5),
-                   undropped_draws(t, s, s_prime, torch.ones_like(t), noise))
+    out = tvm_loss(
+        net, teacher, x0.expand_as(noise), one_hot([0] * 5), undropped_draws(t, s, s_prime, torch.ones_like(t), noise)
+    )
     assert out["terminal"].abs().max() < 1e-24 and out["fm"].abs().max() < 1e-24
     # The teacher is called once, with batch 2B: (f_ts, s, 0, c, β) then (x_{s'}, s', 0, null, 1).
     assert len(teacher.calls) == 1
@@ -142,13 +144,19 @@ def test_wrapper_forward_applies_the_draws_label_dropout():
     teacher = copy.deepcopy(net).eval()
     gen = torch.Generator().manual_seed(4)
     n = 3
-    draws = StepDraws(t=torch.full((n, 1, 1, 1), 0.8, dtype=D64), s=torch.full((n, 1, 1, 1), 0.3, dtype=D64),
-                      s_prime=torch.full((n, 1, 1, 1), 0.4, dtype=D64), beta=torch.full((n, 1, 1, 1), 0.5, dtype=D64),
-                      noise=torch.randn(n, 2, 8, 8, generator=gen, dtype=D64), drop=torch.tensor([True, False, False]))
+    draws = StepDraws(
+        t=torch.full((n, 1, 1, 1), 0.8, dtype=D64),
+        s=torch.full((n, 1, 1, 1), 0.3, dtype=D64),
+        s_prime=torch.full((n, 1, 1, 1), 0.4, dtype=D64),
+        beta=torch.full((n, 1, 1, 1), 0.5, dtype=D64),
+        noise=torch.randn(n, 2, 8, 8, generator=gen, dtype=D64),
+        drop=torch.tensor([True, False, False]),
+    )
     x, labels = torch.randn(n, 2, 8, 8, generator=gen, dtype=D64), one_hot([3, 4, 5])
     out = net(x, labels, draws, teacher)
     dropped_labels, dropped_beta = apply_label_dropout(labels, draws.beta, draws.drop)
-    ref = tvm_loss(net, teacher, x, dropped_labels, undropped_draws(draws.t, draws.s, draws.s_prime, dropped_beta,
-                                                                     draws.noise))
+    ref = tvm_loss(
+        net, teacher, x, dropped_labels, undropped_draws(draws.t, draws.s, draws.s_prime, dropped_beta, draws.noise)
+    )
     torch.testing.assert_close(out["loss"], ref["loss"])
     assert torch.equal(labels, one_hot([3, 4, 5]))

@@ -1,4 +1,5 @@
 """Few-step sampler (docs/method.md §4, §12 item 29)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -59,8 +60,9 @@ def test_sampling_a_real_network_unguided_and_unconditional():
     net = tiny_wrapper(dtype=torch.float32)
     z = torch.randn(4, 2, 8, 8)
     one = sample(net, z, one_hot([0, 1, 2, 3]).float(), steps=1, guidance=1.0)
-    expected = z.double() - net.velocity(z, torch.ones(1), torch.ones(1), one_hot([0, 1, 2, 3]).float(),
-                                         torch.ones(4), out_dtype=torch.float64)
+    expected = z.double() - net.velocity(
+        z, torch.ones(1), torch.ones(1), one_hot([0, 1, 2, 3]).float(), torch.ones(4), out_dtype=torch.float64
+    )
     torch.testing.assert_close(one, expected)
     uncond = sample(net, z, None, steps=2, guidance=1.0)
     assert torch.isfinite(uncond).all() and not torch.equal(uncond, one)

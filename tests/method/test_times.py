@@ -1,4 +1,5 @@
 """Time, CFG and label-dropout sampling (docs/method.md §2, §12 items 23–24)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -46,7 +47,9 @@ def test_gap_exactly_sigmoid_of_the_normal_draw():
 
 @pytest.mark.parametrize("scheme", ["trunc", "clamp"])
 def test_ablation_schemes_keep_s_below_t(scheme):
-    t, s, s_prime = sample_times(torch.Generator().manual_seed(1), 10_000, TimeSampling(scheme=scheme, fm_time="shared"))
+    t, s, s_prime = sample_times(
+        torch.Generator().manual_seed(1), 10_000, TimeSampling(scheme=scheme, fm_time="shared")
+    )
     assert (s <= t).all() and (t <= 1).all() and (s >= 0).all()
     assert torch.equal(s, s_prime)
     if scheme == "clamp":
@@ -72,13 +75,16 @@ def test_cfg_modes():
     assert stats.kstest(beta.flatten().numpy(), "uniform").pvalue > 1e-3
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(cfg=0.5), "cfg = 0.5 is not allowed: CFG scales must be >= 1"),
-    (dict(min_cfg=0.9, max_cfg=2.0), "min_cfg = 0.9 is not allowed"),
-    (dict(min_cfg=1.5), "must be given together"),
-    (dict(min_cfg=3.0, max_cfg=2.0), "exceeds max_cfg"),
-    (dict(label_dropout=1.5), "label_dropout must lie in"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(cfg=0.5), "cfg = 0.5 is not allowed: CFG scales must be >= 1"),
+        (dict(min_cfg=0.9, max_cfg=2.0), "min_cfg = 0.9 is not allowed"),
+        (dict(min_cfg=1.5), "must be given together"),
+        (dict(min_cfg=3.0, max_cfg=2.0), "exceeds max_cfg"),
+        (dict(label_dropout=1.5), "label_dropout must lie in"),
+    ],
+)
 def test_guidance_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Guidance(**kwargs)

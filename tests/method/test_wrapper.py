@@ -1,4 +1,5 @@
 """TVMWrapper options that must not change the function: activation recomputation."""
+
 from __future__ import annotations
 
 import copy
@@ -16,8 +17,14 @@ def loss_and_grads(net: TVMWrapper, teacher: TVMWrapper) -> tuple[torch.Tensor, 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4, 2, 8, 8, generator=gen, dtype=torch.float64)
     draws = draw_step(gen, 4, (2, 8, 8), TimeSampling(), Guidance(cfg=2.0), "cpu")
-    draws = dataclasses.replace(draws, **{f.name: getattr(draws, f.name).double() for f in dataclasses.fields(draws)
-                                          if getattr(draws, f.name).is_floating_point()})
+    draws = dataclasses.replace(
+        draws,
+        **{
+            f.name: getattr(draws, f.name).double()
+            for f in dataclasses.fields(draws)
+            if getattr(draws, f.name).is_floating_point()
+        },
+    )
     loss = net(x, one_hot([0, 1, 2, 3]), draws, teacher)["loss"]
     loss.sum().backward()
     return loss.detach(), torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
@@ -38,6 +45,7 @@ def test_recomputation_leaves_loss_and_gradients_unchanged(jvp_mode, recompute):
 
 def test_recomputation_saves_activation_memory():
     """Fewer tensors stay saved for the backward (counted with saved-tensor hooks)."""
+
     def saved_bytes(recompute: str) -> int:
         net = tiny_wrapper(depth=4)
         net.recompute = recompute

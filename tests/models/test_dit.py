@@ -1,4 +1,5 @@
 """DiT architecture and initialisation: docs/method.md §3 and the checklist §12 items 1–12."""
+
 from __future__ import annotations
 
 import math
@@ -8,8 +9,15 @@ import pytest
 import torch
 
 from helpers import one_hot, perturb_, tiny_dit
-from tvm.models.dit import (DiT, VARIANTS, count_parameters, label_indices, rms_normalize, sincos_pos_embed_2d,
-                            timestep_features)
+from tvm.models.dit import (
+    DiT,
+    VARIANTS,
+    count_parameters,
+    label_indices,
+    rms_normalize,
+    sincos_pos_embed_2d,
+    timestep_features,
+)
 
 # --- §12 item 1: parameter counts (built on the meta device: no init, no memory) -----------------
 
@@ -43,24 +51,43 @@ def test_unknown_variant_is_a_value_error_listing_the_allowed_names():
 
 # --- §12 item 2: the state dict has the authors' names and shapes (docs/method.md §9.3) ----------------
 
+
 def authors_state_dict_shapes(depth=28, D=1152, heads=18, R=32, C=4, classes=1000):
     """The table of docs/method.md §9.3, written out (prefix ``model.`` omitted)."""
     T = (R // 2) ** 2
-    shapes = {"pos_embed": (1, T, D), "x_embedder.proj.weight": (D, C, 2, 2), "x_embedder.proj.bias": (D,),
-              "y_embedder.embedding_table.weight": (classes + 1, D),
-              "final_layer.linear.weight": (4 * C, D), "final_layer.linear.bias": (4 * C,),
-              "final_layer.adaLN_modulation.1.weight": (2 * D, D), "final_layer.adaLN_modulation.1.bias": (2 * D,)}
+    shapes = {
+        "pos_embed": (1, T, D),
+        "x_embedder.proj.weight": (D, C, 2, 2),
+        "x_embedder.proj.bias": (D,),
+        "y_embedder.embedding_table.weight": (classes + 1, D),
+        "final_layer.linear.weight": (4 * C, D),
+        "final_layer.linear.bias": (4 * C,),
+        "final_layer.adaLN_modulation.1.weight": (2 * D, D),
+        "final_layer.adaLN_modulation.1.bias": (2 * D,),
+    }
     for emb in ("s_embedder", "guidance_embedder", "t_embedder"):
-        shapes |= {f"{emb}.mlp.0.weight": (D, 256), f"{emb}.mlp.0.bias": (D,),
-                   f"{emb}.mlp.2.weight": (D, D), f"{emb}.mlp.2.bias": (D,)}
+        shapes |= {
+            f"{emb}.mlp.0.weight": (D, 256),
+            f"{emb}.mlp.0.bias": (D,),
+            f"{emb}.mlp.2.weight": (D, D),
+            f"{emb}.mlp.2.bias": (D,),
+        }
     for i in range(depth):
         b = f"blocks.{i}."
-        shapes |= {b + "attn.qkv.weight": (3 * D, D), b + "attn.qkv.bias": (3 * D,),
-                   b + "attn.q_norm.weight": (D // heads,), b + "attn.k_norm.weight": (D // heads,),
-                   b + "attn.proj.weight": (D, D), b + "attn.proj.bias": (D,),
-                   b + "mlp.fc1.weight": (4 * D, D), b + "mlp.fc1.bias": (4 * D,),
-                   b + "mlp.fc2.weight": (D, 4 * D), b + "mlp.fc2.bias": (D,),
-                   b + "adaLN_modulation.1.weight": (6 * D, D), b + "adaLN_modulation.1.bias": (6 * D,)}
+        shapes |= {
+            b + "attn.qkv.weight": (3 * D, D),
+            b + "attn.qkv.bias": (3 * D,),
+            b + "attn.q_norm.weight": (D // heads,),
+            b + "attn.k_norm.weight": (D // heads,),
+            b + "attn.proj.weight": (D, D),
+            b + "attn.proj.bias": (D,),
+            b + "mlp.fc1.weight": (4 * D, D),
+            b + "mlp.fc1.bias": (4 * D,),
+            b + "mlp.fc2.weight": (D, 4 * D),
+            b + "mlp.fc2.bias": (D,),
+            b + "adaLN_modulation.1.weight": (6 * D, D),
+            b + "adaLN_modulation.1.bias": (6 * D,),
+        }
     return shapes
 
 
@@ -75,8 +102,16 @@ def test_state_dict_names_and_shapes_equal_the_authors():
     # then s_embedder, guidance_embedder, x_embedder, t_embedder, y_embedder, blocks, final_layer.
     order = [n.split(".")[0] for n, _ in model.named_parameters()]
     firsts = list(dict.fromkeys(order))
-    assert firsts == ["pos_embed", "s_embedder", "guidance_embedder", "x_embedder", "t_embedder", "y_embedder",
-                      "blocks", "final_layer"]
+    assert firsts == [
+        "pos_embed",
+        "s_embedder",
+        "guidance_embedder",
+        "x_embedder",
+        "t_embedder",
+        "y_embedder",
+        "blocks",
+        "final_layer",
+    ]
 
 
 def test_state_dict_round_trip_with_authors_names_is_strict_and_exact():
@@ -90,6 +125,7 @@ def test_state_dict_round_trip_with_authors_names_is_strict_and_exact():
 
 
 # --- §12 items 3–5: initialisation --------------------------------------------------------------
+
 
 def test_init_output_is_exactly_zero_and_blocks_are_identity():
     model = tiny_dit()
@@ -108,7 +144,8 @@ def test_init_statistics():
     model = DiT("DiT-S/2", input_size=32, depth=2)  # D = 384 keeps the SVDs quick
     D = model.hidden_size
     zeroed = {"final_layer.linear", "final_layer.adaLN_modulation.1"} | {
-        f"blocks.{i}.adaLN_modulation.1" for i in range(2)}
+        f"blocks.{i}.adaLN_modulation.1" for i in range(2)
+    }
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
             assert torch.count_nonzero(module.bias) == 0, name
@@ -141,6 +178,7 @@ def test_spectral_init_with_the_xl_shapes_is_a_spectral_norm_of_one():
     torch.manual_seed(0)
     layer = torch.nn.Linear(1152, 3456)
     from tvm.models.init import init_linear_
+
     init_linear_(layer, "spectral")
     assert abs(torch.linalg.matrix_norm(layer.weight, ord=2).item() - 1) < 1e-5
     with pytest.raises(ValueError, match="unknown init_type"):
@@ -148,6 +186,7 @@ def test_spectral_init_with_the_xl_shapes_is_a_spectral_norm_of_one():
 
 
 # --- §12 items 6–9, 12: embeddings and layout ------------------------------------------------------
+
 
 def test_pos_embed_halves_encode_column_then_row():
     D, G = 16, 4
@@ -157,7 +196,7 @@ def test_pos_embed_halves_encode_column_then_row():
         for j in range(G):
             row = pos[i * G + j]
             np.testing.assert_allclose(row[: D // 2], np.concatenate([np.sin(j * omega), np.cos(j * omega)]))
-            np.testing.assert_allclose(row[D // 2:], np.concatenate([np.sin(i * omega), np.cos(i * omega)]))
+            np.testing.assert_allclose(row[D // 2 :], np.concatenate([np.sin(i * omega), np.cos(i * omega)]))
 
 
 def test_timestep_features_are_cos_first_float64_and_unscaled():
@@ -185,8 +224,13 @@ def test_mod_norm_gives_unit_rms_chunks_and_maps_zero_to_zero():
 def test_scaling_the_adaln_layers_leaves_the_output_unchanged():
     model = perturb_(tiny_dit().double(), scale=1.0)  # modulation chunks of mean square ≫ eps = 1e-6
     x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
-    args = (x, torch.rand(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64), one_hot([4, 5, 6]),
-            torch.rand(3, dtype=torch.float64))
+    args = (
+        x,
+        torch.rand(3, dtype=torch.float64),
+        torch.rand(3, dtype=torch.float64),
+        one_hot([4, 5, 6]),
+        torch.rand(3, dtype=torch.float64),
+    )
     before = model(*args, attn_backend="math")
     with torch.no_grad():
         for layer in [b.adaLN_modulation[1] for b in model.blocks] + [model.final_layer.adaLN_modulation[1]]:
@@ -206,6 +250,7 @@ def test_unpatchify_inverts_the_patch_flattening():
 
 
 # --- §12 item 11: the first optimizer step moves only the final linear -----------------------------
+
 
 def test_first_adam_step_changes_only_the_final_linear():
     from tvm.method.times import Guidance, TimeSampling, draw_step
@@ -235,6 +280,7 @@ def test_first_adam_step_changes_only_the_final_linear():
 
 # --- forward semantics and bad input ----------------------------------------------------------------
 
+
 def test_broadcast_of_leading_one_times_and_labels():
     model = perturb_(tiny_dit())
     x = torch.randn(3, 2, 8, 8)
@@ -251,24 +297,34 @@ def test_unconditional_model_and_null_labels():
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert model.y_embedder.embedding_table.weight.shape[0] == 1
     cond = perturb_(tiny_dit())
-    torch.testing.assert_close(cond(x, torch.tensor([0.5]), torch.tensor([0.0])),
-                               cond(x, torch.tensor([0.5]), torch.tensor([0.0]), torch.zeros(2, 10)))
+    torch.testing.assert_close(
+        cond(x, torch.tensor([0.5]), torch.tensor([0.0])),
+        cond(x, torch.tensor([0.5]), torch.tensor([0.0]), torch.zeros(2, 10)),
+    )
 
 
 def test_attention_backends_agree():
     model = perturb_(tiny_dit()).double()
-    args = (torch.randn(2, 2, 8, 8, dtype=torch.float64), torch.rand(2, dtype=torch.float64),
-            torch.rand(2, dtype=torch.float64), one_hot([1, 7]), torch.rand(2, dtype=torch.float64))
+    args = (
+        torch.randn(2, 2, 8, 8, dtype=torch.float64),
+        torch.rand(2, dtype=torch.float64),
+        torch.rand(2, dtype=torch.float64),
+        one_hot([1, 7]),
+        torch.rand(2, dtype=torch.float64),
+    )
     torch.testing.assert_close(model(*args, attn_backend="math"), model(*args, attn_backend="sdpa"))
     with pytest.raises(ValueError, match="unknown attention backend 'flash'.*math, sdpa, triton"):
         model(*args, attn_backend="flash")
 
 
-@pytest.mark.parametrize("x_shape, labels, match", [
-    ((2, 3, 8, 8), one_hot([1, 2]).float(), r"x has shape \(2, 3, 8, 8\); expected \[B, 2, 8, 8\]"),
-    ((2, 2, 8, 8), torch.zeros(2, 7), r"labels have shape \(2, 7\); expected \[B or 1, 10\]"),
-    ((2, 2, 8, 8), torch.zeros(3, 10), "labels have 3 rows for a batch of 2"),
-])
+@pytest.mark.parametrize(
+    "x_shape, labels, match",
+    [
+        ((2, 3, 8, 8), one_hot([1, 2]).float(), r"x has shape \(2, 3, 8, 8\); expected \[B, 2, 8, 8\]"),
+        ((2, 2, 8, 8), torch.zeros(2, 7), r"labels have shape \(2, 7\); expected \[B or 1, 10\]"),
+        ((2, 2, 8, 8), torch.zeros(3, 10), "labels have 3 rows for a batch of 2"),
+    ],
+)
 def test_bad_inputs_name_the_problem(x_shape, labels, match):
     model = tiny_dit()
     with pytest.raises(ValueError, match=match):

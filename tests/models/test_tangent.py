@@ -1,5 +1,6 @@
 """Explicit tangent propagation (tvm/models/tangent.py, DiT.forward_with_tangent) against
 ``torch.func.jvp`` of the plain forward, in float64, and the loss in both JVP modes."""
+
 from __future__ import annotations
 
 import copy
@@ -39,15 +40,22 @@ def test_elementwise_and_norm_rules_match_forward_mode_autodiff():
     assert_jvp(lambda p, t: tangent.silu(p[0], t[0]), F.silu, x)
     assert_jvp(lambda p, t: tangent.gelu_tanh(p[0], t[0]), lambda a: F.gelu(a, approximate="tanh"), x)
     assert_jvp(lambda p, t: tangent.rms_norm(p[0], t[0], 1e-6), lambda a: F.rms_norm(a, (16,), eps=1e-6), x)
-    assert_jvp(lambda p, t: tangent.rms_norm(p[0], t[0], 1e-6, gamma),
-               lambda a: F.rms_norm(a, (16,), gamma, eps=1e-6), x)
+    assert_jvp(
+        lambda p, t: tangent.rms_norm(p[0], t[0], 1e-6, gamma), lambda a: F.rms_norm(a, (16,), gamma, eps=1e-6), x
+    )
     assert_jvp(lambda p, t: tangent.rms_normalize(p[0], t[0], 1e-6), dit_module.rms_normalize, x)
     shift, scale = randn(3, 16, seed=4), randn(3, 16, seed=5)
-    assert_jvp(lambda p, t: tangent.modulate(p[0], t[0], (p[1], t[1]), (p[2], t[2])), dit_module.modulate,
-               x, shift, scale)
+    assert_jvp(
+        lambda p, t: tangent.modulate(p[0], t[0], (p[1], t[1]), (p[2], t[2])), dit_module.modulate, x, shift, scale
+    )
     gate, branch = randn(3, 16, seed=6), randn(3, 5, 16, seed=7)
-    assert_jvp(lambda p, t: tangent.gated_residual(p[0], t[0], (p[1], t[1]), (p[2], t[2])),
-               lambda a, g, br: a + g[:, None] * br, x, gate, branch)
+    assert_jvp(
+        lambda p, t: tangent.gated_residual(p[0], t[0], (p[1], t[1]), (p[2], t[2])),
+        lambda a, g, br: a + g[:, None] * br,
+        x,
+        gate,
+        branch,
+    )
 
 
 def test_dropout_uses_one_mask_for_value_and_tangent():
@@ -138,8 +146,13 @@ def test_loss_and_gradients_equal_in_both_jvp_modes(dtype, tol):
     col = lambda v: v.view(-1, 1, 1, 1).to(dtype)  # noqa: E731
     results = {}
     for mode, net in nets.items():
-        out = tvm_loss(net, teacher, x.to(dtype), labels.to(dtype),
-                       undropped_draws(col(t), col(t - gap), col(s_prime), col(beta), noise.to(dtype)))
+        out = tvm_loss(
+            net,
+            teacher,
+            x.to(dtype),
+            labels.to(dtype),
+            undropped_draws(col(t), col(t - gap), col(s_prime), col(beta), noise.to(dtype)),
+        )
         out["loss"].sum().backward()
         grads = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
         results[mode] = out["loss"].detach(), grads

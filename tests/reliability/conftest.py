@@ -6,6 +6,7 @@
   numbers come from.
 * ``reference``: the uninterrupted run that the kill -9 and signal trials must reproduce exactly.
 """
+
 from __future__ import annotations
 
 import json
@@ -67,8 +68,9 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.write_line(text)
     report = os.environ.get("TVM_RELIABILITY_REPORT")
     if report:
-        Path(report).write_text(json.dumps({"classes": classes, "faults": _COUNTS, "notes": _NOTES}, indent=1,
-                                           sort_keys=True) + "\n")
+        Path(report).write_text(
+            json.dumps({"classes": classes, "faults": _COUNTS, "notes": _NOTES}, indent=1, sort_keys=True) + "\n"
+        )
 
 
 one_thread = pytest.fixture(autouse=True, scope="module", name="one_thread")(single_thread)

@@ -7,6 +7,7 @@ Forked children (``multiprocessing`` "fork" context) start training in well unde
 torch, Hydra and the package are already imported; they run the same ``tvm.train.loop.run`` that
 ``train.py`` calls. Everything a child patches dies with it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,15 +29,30 @@ from helpers import QUICK_TINY
 from tvm.config import compose_config
 from tvm.runtime.checkpoint import CheckpointManager, checkpoint_step, load_checkpoint
 
-STEPS_PER_TICK = 2          # QUICK_TINY: 32 images per tick at batch 16
+STEPS_PER_TICK = 2  # QUICK_TINY: 32 images per tick at batch 16
 CKPT_TICKS = 2
 INTERVAL = STEPS_PER_TICK * CKPT_TICKS  # steps between two checkpoints
 TOTAL_STEPS = 40
-RUN = QUICK_TINY + [f"training.ckpt_ticks={CKPT_TICKS}", "training.snapshot_ticks=1000", "training.keep_last=2",
-                    f"training.total_ticks={TOTAL_STEPS // STEPS_PER_TICK}",
-                    f"training.preempt_check_steps={STEPS_PER_TICK}"]
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                 "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "TORCHELASTIC_RUN_ID")
+RUN = QUICK_TINY + [
+    f"training.ckpt_ticks={CKPT_TICKS}",
+    "training.snapshot_ticks=1000",
+    "training.keep_last=2",
+    f"training.total_ticks={TOTAL_STEPS // STEPS_PER_TICK}",
+    f"training.preempt_check_steps={STEPS_PER_TICK}",
+]
+LAUNCHER_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_STEP_NUM_TASKS",
+    "SLURM_LOCALID",
+    "TORCHELASTIC_RUN_ID",
+)
 _REPO = Path(__file__).resolve().parents[2]
 COMPARED = ("net", "ema", "ema_target", "optimizer", "progress", "data")  # not rng (global
 # Python/NumPy generators are not seeded by a run) and not config (it names the run directory)
@@ -237,12 +253,14 @@ def _train_child(overrides: list[str], probe: Probe, slow_disk_s_per_mb: float |
     Path(f"{out}.json").write_text(json.dumps(result, default=str))
 
 
-def start_training(overrides: Sequence[str], probe: Probe, out: Path,
-                   slow_disk_s_per_mb: float | None = None) -> multiprocessing.Process:
+def start_training(
+    overrides: Sequence[str], probe: Probe, out: Path, slow_disk_s_per_mb: float | None = None
+) -> multiprocessing.Process:
     """Fork a process that trains with ``overrides`` and reports to ``probe`` (see ``_train_child``)."""
     Path(f"{out}.json").unlink(missing_ok=True)
     proc = multiprocessing.get_context("fork").Process(
-        target=_train_child, args=(list(overrides), probe, slow_disk_s_per_mb, str(out)))
+        target=_train_child, args=(list(overrides), probe, slow_disk_s_per_mb, str(out))
+    )
     proc.start()
     return proc
 

@@ -7,6 +7,7 @@ resume from the previous one; no checkpoint is written by a run that refused its
 The library-level checks have unit tests in tests/data, tests/eval and tests/train; these check
 that the entry points surface them.
 """
+
 from __future__ import annotations
 
 import io
@@ -90,23 +91,42 @@ def _truncated_png(tmp: Path) -> tuple[list[str], str]:
 def _bad_labels(kind: str) -> Callable[[Path], tuple[list[str], str]]:
     def make(tmp: Path) -> tuple[list[str], str]:
         names = [f"00000/img{i:08d}.png" for i in range(8)]
-        table = {"string label": [[n, "cat" if i == 6 else i % 4] for i, n in enumerate(names)],
-                 "unknown file": [[n, i % 4] for i, n in enumerate(names)] + [["00000/ghost.png", 1]],
-                 "missing label": [[n, i % 4] for i, n in enumerate(names[:-1])],
-                 "not json": None}[kind]
+        table = {
+            "string label": [[n, "cat" if i == 6 else i % 4] for i, n in enumerate(names)],
+            "unknown file": [[n, i % 4] for i, n in enumerate(names)] + [["00000/ghost.png", 1]],
+            "missing label": [[n, i % 4] for i, n in enumerate(names[:-1])],
+            "not json": None,
+        }[kind]
         files = _image_files(table)
         if kind == "not json":
             files["dataset.json"] = b'{"labels": [["00000/img00000000.png", 1],'
         root = _folder(tmp / "images", files)
         return IMAGES + [f"dataset.path={root}"], rf"{root / 'dataset.json'}: "
+
     return make
 
 
-@pytest.mark.parametrize("make", [_truncated_zip, _png_of_the_wrong_size, _truncated_png,
-                                  _bad_labels("string label"), _bad_labels("unknown file"),
-                                  _bad_labels("missing label"), _bad_labels("not json")],
-                         ids=["truncated zip", "png of the wrong size", "truncated png", "label not an int",
-                              "label for an unknown file", "file without a label", "dataset.json not json"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        _truncated_zip,
+        _png_of_the_wrong_size,
+        _truncated_png,
+        _bad_labels("string label"),
+        _bad_labels("unknown file"),
+        _bad_labels("missing label"),
+        _bad_labels("not json"),
+    ],
+    ids=[
+        "truncated zip",
+        "png of the wrong size",
+        "truncated png",
+        "label not an int",
+        "label for an unknown file",
+        "file without a label",
+        "dataset.json not json",
+    ],
+)
 def test_corrupt_dataset_names_the_file(make, tmp_path: Path, request, ledger) -> None:
     overrides, pattern = make(tmp_path)
     run_dir = tmp_path / "run"
@@ -150,15 +170,26 @@ def test_truncated_newest_checkpoint_in_the_run_directory_is_skipped(source: Pat
     assert resumed and diff == [], diff[:5]
 
 
-@pytest.mark.parametrize("how, change, expect", [
-    ("auto-resume", "network.hidden_size=48",
-     r"model\.\S+ is \[.*\] in the checkpoint but \[.*\] here.*network\.hidden_size: 32 in the checkpoint, 48 here"),
-    ("training.resume", "network.depth=3",
-     r"keys missing, e.g. model\.blocks\.2\..*network\.depth: 2 in the checkpoint, 3 here"),
-    ("training.transfer", "network.hidden_size=64", r"'ema' weights do not fit.*network\.hidden_size"),
-])
+@pytest.mark.parametrize(
+    "how, change, expect",
+    [
+        (
+            "auto-resume",
+            "network.hidden_size=48",
+            r"model\.\S+ is \[.*\] in the checkpoint but \[.*\] here"
+            r".*network\.hidden_size: 32 in the checkpoint, 48 here",
+        ),
+        (
+            "training.resume",
+            "network.depth=3",
+            r"keys missing, e.g. model\.blocks\.2\..*network\.depth: 2 in the checkpoint, 3 here",
+        ),
+        ("training.transfer", "network.hidden_size=64", r"'ema' weights do not fit.*network\.hidden_size"),
+    ],
+)
 def test_checkpoint_of_another_model_size_names_the_file_and_the_setting(
-        how: str, change: str, expect: str, source: Path, tmp_path: Path, ledger) -> None:
+    how: str, change: str, expect: str, source: Path, tmp_path: Path, ledger
+) -> None:
     checkpoint = source / "checkpoint-00000004.pt"
     if how == "auto-resume":
         run_dir = tmp_path / "run"
@@ -187,15 +218,32 @@ def test_reference_statistics_of_another_resolution_are_named(source: Path, tmp_
     pattern = rf"{ref}: reference statistics are for resolution 32, the images are 8"
     run_dir = tmp_path / "run"
     with pytest.raises(ValueError, match=pattern):  # at start-up, not at the first evaluation
-        in_process_run(QUICK + [f"run_dir={run_dir}", "training.metrics=[fid50k_full]", f"eval.ref_stats={ref}",
-                                f"eval.detector_url={detector}", "training.no_eval_before_tick=100"])
+        in_process_run(
+            QUICK
+            + [
+                f"run_dir={run_dir}",
+                "training.metrics=[fid50k_full]",
+                f"eval.ref_stats={ref}",
+                f"eval.detector_url={detector}",
+                "training.no_eval_before_tick=100",
+            ]
+        )
     trained = list(run_dir.glob("checkpoint-*"))
     ledger.record("corrupt input: reference statistics of another resolution (training)", trained == [])
     assert trained == []
     with pytest.raises(ValueError, match=pattern):
-        evaluate_checkpoints(compose_config("tiny", [f"eval.resume={source / 'checkpoint-00000004.pt'}",
-                                                     "eval.metrics=[fid50k_full]", f"eval.ref_stats={ref}",
-                                                     f"eval.detector_url={detector}", "eval.num_images=16"]))
+        evaluate_checkpoints(
+            compose_config(
+                "tiny",
+                [
+                    f"eval.resume={source / 'checkpoint-00000004.pt'}",
+                    "eval.metrics=[fid50k_full]",
+                    f"eval.ref_stats={ref}",
+                    f"eval.detector_url={detector}",
+                    "eval.num_images=16",
+                ],
+            )
+        )
     ledger.record("corrupt input: reference statistics of another resolution (eval)", True)  # raised as documented
 
 

@@ -13,6 +13,7 @@ writes: then the kernel's answer (``EACCES``, or ``EROFS`` for a read-only mount
 ``open``. The unit tests in tests/runtime/test_checkpoint.py cover ``save_checkpoint`` alone; these go
 through the training loop.
 """
+
 from __future__ import annotations
 
 import errno
@@ -95,8 +96,12 @@ class DiskFault:
                     super().__exit__(*exc_info)
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-            monkeypatch.setattr(ckpt, "open", lambda *a, **k: FailingClose(real_open(*a, **k)) if self.armed
-                                else real_open(*a, **k), raising=False)
+            monkeypatch.setattr(
+                ckpt,
+                "open",
+                lambda *a, **k: FailingClose(real_open(*a, **k)) if self.armed else real_open(*a, **k),
+                raising=False,
+            )
         elif kind in ("unwritable", "read-only file system") and (IS_ROOT or kind == "read-only file system"):
             code = errno.EACCES if kind == "unwritable" else errno.EROFS
             self.mechanism = f"{kind} ({errno.errorcode[code]} injected at open{' as root' if IS_ROOT else ''})"
@@ -110,15 +115,19 @@ class DiskFault:
             monkeypatch.setattr(ckpt, "open", denied, raising=False)
 
 
-@pytest.mark.parametrize("kind, reason", [
-    ("full in torch.save", "disk is full (ENOSPC)"),
-    ("full at fsync", "disk is full (ENOSPC)"),
-    ("full at close", "disk is full (ENOSPC)"),
-    ("unwritable", "is not writable"),
-    ("read-only file system", "is not writable"),
-])
+@pytest.mark.parametrize(
+    "kind, reason",
+    [
+        ("full in torch.save", "disk is full (ENOSPC)"),
+        ("full at fsync", "disk is full (ENOSPC)"),
+        ("full at close", "disk is full (ENOSPC)"),
+        ("unwritable", "is not writable"),
+        ("read-only file system", "is not writable"),
+    ],
+)
 def test_checkpoint_write_failure_stops_clearly_and_keeps_the_previous_checkpoint(
-        kind: str, reason: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uninterrupted: dict, ledger) -> None:
+    kind: str, reason: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uninterrupted: dict, ledger
+) -> None:
     run_dir = tmp_path / "run"
     manager = CheckpointManager(run_dir)
     handlers = {sig: signal.getsignal(sig) for sig in PREEMPTION_SIGNALS}
@@ -136,12 +145,21 @@ def test_checkpoint_write_failure_stops_clearly_and_keeps_the_previous_checkpoin
     clear = str(manager.path_for(FAILING_STEP)) in message and reason in message
     resumed = in_process_run(RUN + [f"run_dir={run_dir}"])  # space freed / permissions back: restart
     diff = same_training_state(load_final(run_dir), uninterrupted)
-    ledger.record(f"disk: {kind}", intact and clean and clear and restored and logged and diff == [] and
-                  "resumed from" in (run_dir / "log.txt").read_text(), 0 if diff == [] else 1)
+    ledger.record(
+        f"disk: {kind}",
+        intact
+        and clean
+        and clear
+        and restored
+        and logged
+        and diff == []
+        and "resumed from" in (run_dir / "log.txt").read_text(),
+        0 if diff == [] else 1,
+    )
     assert clear, message
     assert restored and logged
     assert intact, f"{previous} changed ({fault.mechanism})"
-    assert clean, (sorted(p.name for p in run_dir.iterdir()))
+    assert clean, sorted(p.name for p in run_dir.iterdir())
     assert resumed["progress"]["step"] == 6
     assert f"steps {FAILING_STEP - 2} → 6; resumed from {previous}" in (run_dir / "log.txt").read_text()
     assert diff == [], diff[:5]
@@ -186,8 +204,10 @@ def test_disk_full_on_rank_0_stops_every_rank_with_the_same_clear_error(tmp_path
     fork_ranks(lambda rank: _rank(rank, run_dir, tmp_path), world_size=2, timeout=90)
     records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     path = str(CheckpointManager(run_dir).path_for(FAILING_STEP))
-    ok = all(r["error"] and path in r["error"] and "disk is full" in r["error"] and r["errno"] == errno.ENOSPC
-             for r in records)
+    ok = all(
+        r["error"] and path in r["error"] and "disk is full" in r["error"] and r["errno"] == errno.ENOSPC
+        for r in records
+    )
     previous = CheckpointManager(run_dir).path_for(FAILING_STEP - 2)
     ledger.record("disk: full on rank 0 of 2", ok and ckpt.load_checkpoint(previous)["progress"]["step"] == 2)
     assert ok, records

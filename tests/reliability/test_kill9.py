@@ -11,6 +11,7 @@ up, steps, tick maintenance, checkpoint writes) and 8 inside a checkpoint write,
 ~0.3 s by a slow disk (a kill can then land before the rename, with a torn temporary file, or just
 after it).
 """
+
 from __future__ import annotations
 
 import os
@@ -21,9 +22,23 @@ import sys
 import time
 from pathlib import Path
 
-from fault_tools import (INTERVAL, LAUNCHER_VARS, RUN, TOTAL_STEPS, IDLE, Probe, child_log, latest_step,
-                         load_every_checkpoint, load_final, same_training_state, start_training, stats_lines_parse,
-                         temp_files, wait_for)
+from fault_tools import (
+    INTERVAL,
+    LAUNCHER_VARS,
+    RUN,
+    TOTAL_STEPS,
+    IDLE,
+    Probe,
+    child_log,
+    latest_step,
+    load_every_checkpoint,
+    load_final,
+    same_training_state,
+    start_training,
+    stats_lines_parse,
+    temp_files,
+    wait_for,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 RANDOM_KILLS = 16
@@ -79,20 +94,27 @@ def test_kill_9_at_random_moments_loses_at_most_one_interval(tmp_path: Path, ref
         newest = max(on_disk, default=0)
         lost = done - newest  # steps the restart redoes
         ok = 0 <= lost <= INTERVAL and stats_lines_parse(run_dir)
-        ledger.record("kill -9: at a random moment" if kind == "random" else "kill -9: during a checkpoint write",
-                      ok, max(0, lost - INTERVAL))
+        ledger.record(
+            "kill -9: at a random moment" if kind == "random" else "kill -9: during a checkpoint write",
+            ok,
+            max(0, lost - INTERVAL),
+        )
         redone += max(0, lost)
         if not ok:
-            problems.append(f"trial {trial} ({kind}): {done} steps done, newest checkpoint {newest}, "
-                            f"stats.jsonl parses: {stats_lines_parse(run_dir)}")
+            problems.append(
+                f"trial {trial} ({kind}): {done} steps done, newest checkpoint {newest}, "
+                f"stats.jsonl parses: {stats_lines_parse(run_dir)}"
+            )
     assert kinds == [], f"only {trial} kills: the runs kept ending before the kill"
     diff = _finish_chain(run_dir, out, reference)
     assert diff == [], f"the last chain differs from the uninterrupted run: {diff[:5]}"
     assert problems == [], problems
     # The slow disk must have put most of the write trials inside a write (else the test tests less).
     assert during_write >= WRITE_KILLS // 2, f"only {during_write} kills landed inside a checkpoint write"
-    ledger.note(f"kill -9: {trial} kills ({during_write} inside a checkpoint write), {chain + 1} chains of restarts "
-                f"each equal to the uninterrupted run, {redone} steps redone in total (at most {INTERVAL} per kill)")
+    ledger.note(
+        f"kill -9: {trial} kills ({during_write} inside a checkpoint write), {chain + 1} chains of restarts "
+        f"each equal to the uninterrupted run, {redone} steps redone in total (at most {INTERVAL} per kill)"
+    )
 
 
 def _status_step(run_dir: Path) -> int:
@@ -107,8 +129,10 @@ def test_kill_9_of_train_py(tmp_path: Path, reference: dict, ledger) -> None:
     at a random moment after its first checkpoint, then continued on the same run directory."""
     rng = random.Random(7)
     run_dir = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS} | {"OMP_NUM_THREADS": "1",
-                                                                             "PYTHONPATH": str(ROOT)}
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS} | {
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+    }
     command = [sys.executable, "train.py", "--config-name=tiny", *RUN, f"run_dir={run_dir}"]
     with open(tmp_path / "train.log", "w") as log:
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

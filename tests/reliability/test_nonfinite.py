@@ -11,6 +11,7 @@ The injection is a test-only patch inside rank 1: a non-finite value written int
 micro-batch, or a hook that replaces one parameter's local gradient before DDP's all-reduce.
 ``tests/train/test_loop.py`` covers the one-process policy; this file covers the ranks.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,13 @@ from fault_tools import HostReadCounter, all_finite, load_every_checkpoint, watc
 from helpers import QUICK_TINY, fork_ranks
 
 STEPS_PER_TICK = 4
-RUN = QUICK_TINY + ["training.kimg_per_tick=0.064", "training.total_ticks=3", "training.ckpt_ticks=1",
-                    "training.max_nonfinite_in_row=3", f"training.preempt_check_steps={STEPS_PER_TICK}"]
+RUN = QUICK_TINY + [
+    "training.kimg_per_tick=0.064",
+    "training.total_ticks=3",
+    "training.ckpt_ticks=1",
+    "training.max_nonfinite_in_row=3",
+    f"training.preempt_check_steps={STEPS_PER_TICK}",
+]
 
 
 def _rank(rank: int, run_dir: Path, out_dir: Path, inject: dict[int, str]) -> None:
@@ -81,8 +87,11 @@ def _rank(rank: int, run_dir: Path, out_dir: Path, inject: dict[int, str]) -> No
     except NonFiniteLossError as exc:
         record["error"] = str(exc)
     state = captured["state"]
-    torch.save({name: module_state_dict(getattr(state, name)) for name in ("net", "ema", "teacher")}
-               | {"optimizer": state.optimizer.state_dict()}, out_dir / f"rank{rank}.pt")
+    torch.save(
+        {name: module_state_dict(getattr(state, name)) for name in ("net", "ema", "teacher")}
+        | {"optimizer": state.optimizer.state_dict()},
+        out_dir / f"rank{rank}.pt",
+    )
     record["sites"] = counter.sites
     (out_dir / f"rank{rank}.json").write_text(json.dumps(record))
 
@@ -136,8 +145,9 @@ def test_nonfinite_batch_or_gradient_on_one_rank_is_skipped_on_all_ranks_alike(s
         assert all(record["unchanged"].values()), record["unchanged"]  # net, EMA and teacher untouched
         # Host reads belong to tick ends (status line, stats, policy check, checkpoint): none between
         # two steps of one tick, apart from the known reads of the time sampler (next test).
-        unknown = [site for sites in _reads_inside_ticks(record) for site in sites
-                   if not site.startswith(KNOWN_PER_STEP_READS)]
+        unknown = [
+            site for sites in _reads_inside_ticks(record) for site in sites if not site.startswith(KNOWN_PER_STEP_READS)
+        ]
         assert unknown == [], f"per-step host reads at {sorted(set(unknown))}"
     assert _identical(states[0], states[1]), "the ranks diverged"
     assert all(all(torch.isfinite(t).all() for t in states[0][name].values()) for name in ("net", "ema", "teacher"))
@@ -160,9 +170,13 @@ def test_k_nonfinite_steps_in_a_row_on_one_rank_stop_every_rank(tmp_path: Path, 
     records, states, run_dir = _run_two_ranks(tmp_path, inject)
     checkpoints = load_every_checkpoint(run_dir)
     errors = [r["error"] for r in records]
-    ok = (all(e is not None and "3 consecutive steps had non-finite" in e and "by step 8" in e for e in errors)
-          and errors[0] == errors[1] and sorted(checkpoints) == [4] and all_finite(checkpoints[4])
-          and _identical(states[0], states[1]))
+    ok = (
+        all(e is not None and "3 consecutive steps had non-finite" in e and "by step 8" in e for e in errors)
+        and errors[0] == errors[1]
+        and sorted(checkpoints) == [4]
+        and all_finite(checkpoints[4])
+        and _identical(states[0], states[1])
+    )
     ledger.record("NaN/inf: 3 in a row on rank 1 of 2, every rank stops", ok)
     assert errors[0] is not None and errors[0] == errors[1], errors
     assert "3 consecutive steps had non-finite" in errors[0] and "by step 8" in errors[0], errors[0]

@@ -9,6 +9,7 @@ the run directory (as the real one does in ``<run_dir>/wandb``), so a leak into 
 into a file. ``tests/runtime/test_run_logging.py`` covers the logger alone; this runs training and
 evaluation end to end.
 """
+
 from __future__ import annotations
 
 import json
@@ -72,20 +73,37 @@ def test_wandb_key_never_reaches_files_logs_or_wandb(where: str, tmp_path: Path,
     monkeypatch.setenv("WANDB_API_KEY", KEY)
     monkeypatch.setitem(sys.modules, "wandb", _stand_in_wandb())
     run_dir = tmp_path / "run"
-    extra = {"environment only": [],
-             "config interpolates it": ["logger.entity=${oc.env:WANDB_API_KEY}"],
-             "typed into a config value": [f"name=tiny-{KEY}"]}[where]
-    in_process_run(QUICK_TINY + [f"run_dir={run_dir}", "training.total_ticks=2", "training.ckpt_ticks=1",
-                                 "logger.mode=online", "training.do_log_image=true", "training.sample_ticks=1",
-                                 "training.metrics=[digits]", "training.eval_ticks=2", "eval.num_images=20",
-                                 *extra])
-    evaluate_checkpoints(compose_config("tiny", [f"eval.resume={run_dir}", "eval.metrics=[digits]",
-                                                 "eval.num_images=20", *extra]))
+    extra = {
+        "environment only": [],
+        "config interpolates it": ["logger.entity=${oc.env:WANDB_API_KEY}"],
+        "typed into a config value": [f"name=tiny-{KEY}"],
+    }[where]
+    in_process_run(
+        QUICK_TINY
+        + [
+            f"run_dir={run_dir}",
+            "training.total_ticks=2",
+            "training.ckpt_ticks=1",
+            "logger.mode=online",
+            "training.do_log_image=true",
+            "training.sample_ticks=1",
+            "training.metrics=[digits]",
+            "training.eval_ticks=2",
+            "eval.num_images=20",
+            *extra,
+        ]
+    )
+    evaluate_checkpoints(
+        compose_config("tiny", [f"eval.resume={run_dir}", "eval.metrics=[digits]", "eval.num_images=20", *extra])
+    )
     captured = capfd.readouterr()
     files = [p for p in run_dir.rglob("*") if p.is_file()]
     leaks = [str(p.relative_to(run_dir)) for p in files if KEY.encode() in p.read_bytes()]
-    leaks += [f"{p.name} (decoded)" for p in CheckpointManager(run_dir).all()
-              if any(KEY in s for s in _strings(load_checkpoint(p)))]
+    leaks += [
+        f"{p.name} (decoded)"
+        for p in CheckpointManager(run_dir).all()
+        if any(KEY in s for s in _strings(load_checkpoint(p)))
+    ]
     leaks += [name for name, text in (("stdout", captured.out), ("stderr", captured.err)) if KEY in text]
     kinds = {p.name for p in files}
     ledger.record(f"secrets: wandb key ({where})", leaks == [], len(leaks))

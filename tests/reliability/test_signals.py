@@ -13,6 +13,7 @@ continued to its end. ``tests/train/test_multinode.py``
 covers SIGUSR2 through ``train.py`` and the submitit requeue; this file covers all three signals at
 random moments with zero loss.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,15 +24,28 @@ from pathlib import Path
 
 import pytest
 
-from fault_tools import (RUN, TOTAL_STEPS, IDLE, Probe, child_log, child_result, latest_step, load_every_checkpoint,
-                         load_final, same_training_state, start_training, wait_for)
+from fault_tools import (
+    RUN,
+    TOTAL_STEPS,
+    IDLE,
+    Probe,
+    child_log,
+    child_result,
+    latest_step,
+    load_every_checkpoint,
+    load_final,
+    same_training_state,
+    start_training,
+    wait_for,
+)
 
 SLOW_DISK = 0.2  # seconds per MB (a checkpoint write then takes ~0.3 s)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGUSR1, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_signal_checkpoints_exits_cleanly_and_the_continuation_equals_the_uninterrupted_run(
-        sig: signal.Signals, tmp_path: Path, reference: dict, ledger) -> None:
+    sig: signal.Signals, tmp_path: Path, reference: dict, ledger
+) -> None:
     rng = random.Random(int(sig))
     run_dir, out = tmp_path / "run", tmp_path / "child"
     stops = []
@@ -59,9 +73,14 @@ def test_signal_checkpoints_exits_cleanly_and_the_continuation_equals_the_uninte
         result = child_result(out)
         on_disk = load_every_checkpoint(run_dir)
         done = probe.steps.value
-        ok = (proc.exitcode == 0 and result is not None and result["preempted"] and result["signal"] == sig.name
-              and max(on_disk) == done == result["progress"]["step"] < TOTAL_STEPS
-              and f"on {sig.name}: checkpoint written" in (run_dir / "log.txt").read_text())
+        ok = (
+            proc.exitcode == 0
+            and result is not None
+            and result["preempted"]
+            and result["signal"] == sig.name
+            and max(on_disk) == done == result["progress"]["step"] < TOTAL_STEPS
+            and f"on {sig.name}: checkpoint written" in (run_dir / "log.txt").read_text()
+        )
         ledger.record(f"signal: {sig.name} at {moment}", ok, done - max(on_disk, default=0))
         assert ok, (proc.exitcode, result, sorted(on_disk), done, child_log(out))
         stops.append(done)

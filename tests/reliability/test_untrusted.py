@@ -11,6 +11,7 @@ crafted pickles to each loader; here they go through the entry points — auto-r
 ``transfer``, ``eval.py``'s library, ``generate.py``'s loader, a dataset — and a static scan checks
 that no deserialisation call outside the reviewed ones exists in the package and its scripts.
 """
+
 from __future__ import annotations
 
 import ast
@@ -52,8 +53,16 @@ def _crafted(kind: str, path: Path, marker: Path) -> Path:
     """A file that runs code when loaded carelessly: a torch archive whose pickle calls
     ``os.system`` (everything else looks like our checkpoint), or a bare pickle."""
     if kind == "torch archive":
-        torch.save({"format": FORMAT, "version": 1, "net": {"w": torch.ones(1)}, "ema": Exploit(marker),
-                    "progress": {"step": 6}}, path)
+        torch.save(
+            {
+                "format": FORMAT,
+                "version": 1,
+                "net": {"w": torch.ones(1)},
+                "ema": Exploit(marker),
+                "progress": {"step": 6},
+            },
+            path,
+        )
     else:
         path.write_bytes(pickle.dumps({"net": Exploit(marker), "format": FORMAT}))
     return path
@@ -130,8 +139,15 @@ def test_pickled_array_in_a_dataset_is_refused(tmp_path: Path, ledger) -> None:
             archive.writestr(f"00000/img-mean-std-{i:08d}.npy", buffer.getvalue())
         archive.writestr("dataset.json", json.dumps({"labels": None}))
     with pytest.raises(ValueError, match=r"img-mean-std-00000002\.npy.*unsupported dtype object"):
-        in_process_run(QUICK + [f"run_dir={tmp_path / 'run'}", f"dataset.path={path}", "dataset.use_labels=false",
-                                "dataset.class_name=tvm.data.datasets.ImageFolderDataset"])
+        in_process_run(
+            QUICK
+            + [
+                f"run_dir={tmp_path / 'run'}",
+                f"dataset.path={path}",
+                "dataset.use_labels=false",
+                "dataset.class_name=tvm.data.datasets.ImageFolderDataset",
+            ]
+        )
     ledger.record("untrusted: pickled array in a dataset", not marker.exists())
     assert not marker.exists()
     with zipfile.ZipFile(path) as archive:
@@ -153,9 +169,25 @@ REVIEWED = {
     ("tvm/eval/extra_metrics.py", "torch.hub.load"): "DINOv2's hubconf from eval.dinov2: a local checkout or "
     "its torch.hub cache, downloaded only with eval.dinov2_allow_download=true",
 }
-UNSAFE = {"pickle.load", "pickle.loads", "pickle.Unpickler", "_pickle.load", "_pickle.loads", "marshal.loads",
-          "marshal.load", "yaml.load", "yaml.unsafe_load", "dill.load", "dill.loads", "joblib.load", "shelve.open",
-          "torch.jit.load", "torch.hub.load", "eval", "exec"}
+UNSAFE = {
+    "pickle.load",
+    "pickle.loads",
+    "pickle.Unpickler",
+    "_pickle.load",
+    "_pickle.loads",
+    "marshal.loads",
+    "marshal.load",
+    "yaml.load",
+    "yaml.unsafe_load",
+    "dill.load",
+    "dill.loads",
+    "joblib.load",
+    "shelve.open",
+    "torch.jit.load",
+    "torch.hub.load",
+    "eval",
+    "exec",
+}
 
 
 def _dotted(node: ast.AST) -> str:
@@ -206,8 +238,12 @@ def _problems(path: Path, root: Path = ROOT) -> list[str]:
 
 
 def test_every_deserialisation_call_site_is_safe_or_reviewed(ledger) -> None:
-    files = [p for entry in SCANNED for p in ((ROOT / entry).rglob("*.py") if (ROOT / entry).is_dir()
-                                               else [ROOT / entry]) if p.exists()]
+    files = [
+        p
+        for entry in SCANNED
+        for p in ((ROOT / entry).rglob("*.py") if (ROOT / entry).is_dir() else [ROOT / entry])
+        if p.exists()
+    ]
     assert len(files) > 20
     problems = [problem for path in files for problem in _problems(path)]
     ledger.record("untrusted: static scan of deserialisation call sites", problems == [])
@@ -217,9 +253,20 @@ def test_every_deserialisation_call_site_is_safe_or_reviewed(ledger) -> None:
 def test_the_scan_finds_unsafe_calls(tmp_path: Path) -> None:
     """The scan itself can fail: each unsafe line of this sample is reported."""
     sample = tmp_path / "sample.py"
-    sample.write_text("\n".join([
-        "import pickle, torch, numpy as np", "pickle.loads(b'')", "torch.load('x')",
-        "torch.load('x', weights_only=False)", "np.load('x', allow_pickle=True)", "eval('1')",
-        "torch.load('x', weights_only=True)", "np.load('x')", "class U(pickle.Unpickler):\n    pass"]))
+    sample.write_text(
+        "\n".join(
+            [
+                "import pickle, torch, numpy as np",
+                "pickle.loads(b'')",
+                "torch.load('x')",
+                "torch.load('x', weights_only=False)",
+                "np.load('x', allow_pickle=True)",
+                "eval('1')",
+                "torch.load('x', weights_only=True)",
+                "np.load('x')",
+                "class U(pickle.Unpickler):\n    pass",
+            ]
+        )
+    )
     problems = _problems(sample, tmp_path)
     assert sorted(int(p.split(":")[1]) for p in problems) == [2, 3, 4, 5, 6, 9], problems

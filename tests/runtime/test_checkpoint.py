@@ -1,4 +1,5 @@
 """Checkpoint format, atomic writes, rotation and safe loading (tvm/runtime/checkpoint.py)."""
+
 from __future__ import annotations
 
 import errno
@@ -151,6 +152,7 @@ def test_unwritable_directory_gives_clear_error(tmp_path: Path, monkeypatch) -> 
     directory = tmp_path / "ro"
     directory.mkdir()
     if os.geteuid() == 0:  # root ignores permission bits: simulate what the kernel would say
+
         def denied(*args, **kwargs):
             raise PermissionError(errno.EACCES, "Permission denied")
 

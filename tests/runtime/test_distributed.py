@@ -1,4 +1,5 @@
 """Launcher environment resolution, hostlists, rank helpers and seeding (tvm/runtime/distributed.py)."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,18 @@ import torch
 from tvm.runtime import distributed as D
 
 _LAUNCH_VARS = (
-    "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
-    "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_STEP_NODELIST", "SLURM_NODELIST",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_STEP_NUM_TASKS",
+    "SLURM_LOCALID",
+    "SLURM_JOB_NODELIST",
+    "SLURM_STEP_NODELIST",
+    "SLURM_NODELIST",
     "SLURM_JOB_ID",
 )
 
@@ -49,8 +60,13 @@ def test_resolve_torchrun_env() -> None:
 
 
 def test_resolve_slurm_env() -> None:
-    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5",
-           "SLURM_JOB_NODELIST": "node[07-08]", "SLURM_JOB_ID": "4123456"}
+    env = {
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "16",
+        "SLURM_LOCALID": "5",
+        "SLURM_JOB_NODELIST": "node[07-08]",
+        "SLURM_JOB_ID": "4123456",
+    }
     assert D.resolve_launch_env(env) == D.LaunchEnv(5, 16, 5, "node07", 13456, "slurm")
     step_env = {**env, "SLURM_STEP_NUM_TASKS": "8", "MASTER_ADDR": "override", "MASTER_PORT": "1234"}
     assert D.resolve_launch_env(step_env) == D.LaunchEnv(5, 8, 5, "override", 1234, "slurm")
@@ -145,8 +161,13 @@ def _launch_env(mode: str, rank: int, port: int) -> dict[str, str]:
     if mode == "torchrun":
         env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     else:  # Slurm: master host from the node list, port from the job id (10000 + last 4 digits)
-        env.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank),
-                   SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID=f"98{port - 10000:04d}")
+        env.update(
+            SLURM_PROCID=str(rank),
+            SLURM_NTASKS="2",
+            SLURM_LOCALID=str(rank),
+            SLURM_JOB_NODELIST="localhost",
+            SLURM_JOB_ID=f"98{port - 10000:04d}",
+        )
     return env
 
 
@@ -168,14 +189,19 @@ def _free_port_for_slurm() -> int:
 def test_two_process_gloo(mode: str) -> None:
     port = _free_port() if mode == "torchrun" else _free_port_for_slurm()
     procs = [
-        subprocess.Popen([sys.executable, "-c", _WORKER], env=_launch_env(mode, rank, port),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER],
+            env=_launch_env(mode, rank, port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for rank in range(2)
     ]
     outputs = [proc.communicate(timeout=60) for proc in procs]
     assert all(proc.returncode == 0 for proc in procs), [err for _, err in outputs]
     lines = [line for out, _ in outputs for line in out.splitlines() if line.startswith("RESULT ")]
-    results = sorted((json.loads(line[len("RESULT "):]) for line in lines), key=lambda r: r["rank"])
+    results = sorted((json.loads(line[len("RESULT ") :]) for line in lines), key=lambda r: r["rank"])
     assert [r["rank"] for r in results] == [0, 1]
     for r in results:
         assert r["world"] == 2 and r["backend"] == "gloo"

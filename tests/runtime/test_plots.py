@@ -1,4 +1,5 @@
 """Training curves drawn with Pillow (tvm/runtime/plots.py) and written by the run logger."""
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,7 @@ def _tick(step: int, **values) -> dict:
 
 def _rows_of(image: Image.Image, col: int, color: tuple[int, int, int], axes: plots.Axes) -> list[int]:
     """Rows of the plot area where column ``col`` has ``color`` (the legend above it excluded)."""
-    pixels = np.asarray(image)[axes.top:axes.bottom + 1, col, :]
+    pixels = np.asarray(image)[axes.top : axes.bottom + 1, col, :]
     return [axes.top + int(r) for r in np.nonzero((pixels == np.array(color)).all(axis=1))[0]]
 
 
@@ -42,10 +43,27 @@ def _chart(series: list[Series], size=(400, 300), **kwargs) -> tuple[Image.Image
 
 def test_png_has_the_panel_grid_size_and_the_line_colours(tmp_path: Path) -> None:
     records = [_tick(100 * i) for i in range(1, 31)]
-    records.insert(0, {"step": 0, "time": 0.0, "kind": "metrics", "1_step_digits_frechet": 11.0,
-                       "2_step_digits_frechet": 10.5, "1_step_digits_accuracy": 0.1})
-    records.append({"step": 3000, "time": 0.0, "kind": "metrics", "1_step_digits_frechet": 0.6,
-                    "2_step_digits_frechet": 0.62, "1_step_digits_accuracy": 1.0})
+    records.insert(
+        0,
+        {
+            "step": 0,
+            "time": 0.0,
+            "kind": "metrics",
+            "1_step_digits_frechet": 11.0,
+            "2_step_digits_frechet": 10.5,
+            "1_step_digits_accuracy": 0.1,
+        },
+    )
+    records.append(
+        {
+            "step": 3000,
+            "time": 0.0,
+            "kind": "metrics",
+            "1_step_digits_frechet": 0.6,
+            "2_step_digits_frechet": 0.62,
+            "1_step_digits_accuracy": 1.0,
+        }
+    )
     out = plot_training_curves(_write_stats(tmp_path / "stats.jsonl", records), tmp_path / "run" / "curves.png")
     assert out == tmp_path / "run" / "curves.png" and not list(out.parent.glob(".*.tmp"))
     image = Image.open(out).convert("RGB")
@@ -94,12 +112,16 @@ def test_gaps_single_points_and_empty_series() -> None:
 
 
 def test_read_stats_replaces_redone_steps_and_skips_torn_lines(tmp_path: Path) -> None:
-    path = _write_stats(tmp_path / "stats.jsonl", [
-        _tick(100, img_per_sec=1.0), _tick(200, img_per_sec=2.0),
-        _tick(200, img_per_sec=3.0),  # redone after a restart from the checkpoint at step 100
-        {"step": 200, "kind": "metrics", "1_step_fid50k_full_fid": 9.0},
-        {"step": 200, "kind": "metrics", "is50k_mean": 5.0},
-    ])
+    path = _write_stats(
+        tmp_path / "stats.jsonl",
+        [
+            _tick(100, img_per_sec=1.0),
+            _tick(200, img_per_sec=2.0),
+            _tick(200, img_per_sec=3.0),  # redone after a restart from the checkpoint at step 100
+            {"step": 200, "kind": "metrics", "1_step_fid50k_full_fid": 9.0},
+            {"step": 200, "kind": "metrics", "is50k_mean": 5.0},
+        ],
+    )
     with open(path, "a") as handle:
         handle.write('{"step": 300, "img_per')  # torn by a kill
     ticks, metrics = read_stats(path)
@@ -154,8 +176,14 @@ def test_other_ranks_draw_nothing(tmp_path: Path) -> None:
 
 
 def test_tick_labels_and_nice_ranges() -> None:
-    assert [plots.tick_label(v) for v in (0, 0.001, 2.5, 1500, 300000, 2.5e6)] == ["0", "0.001", "2.5", "1.5k",
-                                                                                   "300k", "2.5M"]
+    assert [plots.tick_label(v) for v in (0, 0.001, 2.5, 1500, 300000, 2.5e6)] == [
+        "0",
+        "0.001",
+        "2.5",
+        "1.5k",
+        "300k",
+        "2.5M",
+    ]
     assert plots.tick_label(-3.0, log=True) == "1e-3"
     assert plots.nice_range(0.0, 10.0) == (0.0, 10.0, [0.0, 2.0, 4.0, 6.0, 8.0, 10.0])
     lo, hi, ticks = plots.nice_range(0.013, 0.047)

@@ -1,4 +1,5 @@
 """Run logging: jsonl, log.txt, status line, wandb handling and secret hygiene (tvm/runtime/run_logging.py)."""
+
 from __future__ import annotations
 
 import json
@@ -90,11 +91,24 @@ def test_progress_bar_on_rank_zero(tmp_path: Path) -> None:
 
 def test_status_line_fields() -> None:
     line = L.status_line(
-        tick=7, kimg=1433.6, sec_per_kimg=1.234, img_per_sec=810.4, peak_mem_gb=12.5, mfu=0.385,
+        tick=7,
+        kimg=1433.6,
+        sec_per_kimg=1.234,
+        img_per_sec=810.4,
+        peak_mem_gb=12.5,
+        mfu=0.385,
         losses={"terminal": L.binned_means({"T_q0": 0.1, "T_q2": 0.3}, "T"), "fm": [1.0, 2.0, 3.0, 4.0]},
     )
-    for part in ("tick 7", "kimg 1433.6", "sec/kimg 1.234", "img/s 810.4", "mfu 38.5%", "mem 12.50GB",
-                 "terminal 0.1/-/0.3/-", "fm 1/2/3/4"):
+    for part in (
+        "tick 7",
+        "kimg 1433.6",
+        "sec/kimg 1.234",
+        "img/s 810.4",
+        "mfu 38.5%",
+        "mem 12.50GB",
+        "terminal 0.1/-/0.3/-",
+        "fm 1/2/3/4",
+    ):
         assert part in line
     assert "mfu" not in L.status_line(tick=1, kimg=0.1, sec_per_kimg=1.0, img_per_sec=1.0)
     assert L.peak_memory_gb("cpu") > 0
@@ -106,12 +120,16 @@ def test_sanitize_config_drops_secret_keys(monkeypatch) -> None:
     config = {
         "logger": {"project": "p", "api_key": "abc", "entity": "e"},
         "auth": [{"token": "t", "hf_token": "h", "num_tokens": 3}],
-        "password": "pw", "wandb_key": "k", "note": f"key={FAKE_KEY}", "tokenizer": "bpe",
+        "password": "pw",
+        "wandb_key": "k",
+        "note": f"key={FAKE_KEY}",
+        "tokenizer": "bpe",
     }
     assert L.sanitize_config(config) == {
         "logger": {"project": "p", "entity": "e"},
         "auth": [{"num_tokens": 3}],
-        "note": "key=<redacted>", "tokenizer": "bpe",
+        "note": "key=<redacted>",
+        "tokenizer": "bpe",
     }
 
 

@@ -1,4 +1,5 @@
 """Device-side training statistics (tvm/runtime/stats.py)."""
+
 from __future__ import annotations
 
 import textwrap

@@ -1,4 +1,5 @@
 """EMA updates (docs/method.md §5.2 items 8–9, §12 item 26)."""
+
 import torch
 
 from tvm.train.ema import make_ema, update_ema_
@@ -36,11 +37,15 @@ def test_in_place_update_has_upstreams_bits_for_every_beta_dtype_and_skip():
     for dtype in (torch.float32, torch.float64):
         for beta in (0.9999, 0.999, 0.99, 0.9, 0.5, 0.3, 0.0, 1.0):
             for skip in (None, torch.tensor(False), torch.tensor(True)):
-                net = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(2000, generator=gen, dtype=dtype) * s)
-                                              for s in (1e-3, 1.0, 30.0)])
-                ema = torch.nn.ParameterList([torch.nn.Parameter(p.detach() + torch.randn(p.shape, generator=gen,
-                                                                                          dtype=dtype) * 1e-2)
-                                              for p in net])
+                net = torch.nn.ParameterList(
+                    [torch.nn.Parameter(torch.randn(2000, generator=gen, dtype=dtype) * s) for s in (1e-3, 1.0, 30.0)]
+                )
+                ema = torch.nn.ParameterList(
+                    [
+                        torch.nn.Parameter(p.detach() + torch.randn(p.shape, generator=gen, dtype=dtype) * 1e-2)
+                        for p in net
+                    ]
+                )
                 expected = _reference_update([p.detach().clone() for p in ema], [p.detach() for p in net], beta, skip)
                 update_ema_(ema, net, beta, skip)
                 for got, want in zip(ema.parameters(), expected):

@@ -1,6 +1,7 @@
 """launch.py and tvm/train/slurm.py: what is submitted to Slurm (submitit's mocked Slurm), the
 preemption hand-over to submitit's checkpoint/requeue, in-process with a stand-in trainer, and a real
 two-process local launch."""
+
 from __future__ import annotations
 
 import os
@@ -44,12 +45,25 @@ def sbatch_flags(script: str) -> dict[str, str | None]:
 
 def test_multi_node_submission(tmp_path):
     script, job = submit_mocked(
-        tmp_path, "--ngpus=8", "--nodes=4", "--partition=gpu", "--account=proj", "--qos=high",
-        "--constraint=h100", "--timeout-min=720", "--cpus-per-task=12", "--mem-gb=900", "--job-name=im256",
-        "--signal-delay-s=240", "--config-name=tiny", "training.batch_size=64", "loss.cfg=2.0")
+        tmp_path,
+        "--ngpus=8",
+        "--nodes=4",
+        "--partition=gpu",
+        "--account=proj",
+        "--qos=high",
+        "--constraint=h100",
+        "--timeout-min=720",
+        "--cpus-per-task=12",
+        "--mem-gb=900",
+        "--job-name=im256",
+        "--signal-delay-s=240",
+        "--config-name=tiny",
+        "training.batch_size=64",
+        "loss.cfg=2.0",
+    )
     flags = sbatch_flags(script)
     assert flags["nodes"] == "4" and flags["ntasks-per-node"] == "8" and flags["gres"] == "gpu:8"
-    assert flags["signal"] == "USR2@240"           # submitit's preemption warning
+    assert flags["signal"] == "USR2@240"  # submitit's preemption warning
     assert "requeue" in flags and flags["requeue"] is None
     assert flags["time"] == "720" and flags["cpus-per-task"] == "12" and flags["mem"] == "900GB"
     assert flags["partition"] == "gpu" and flags["account"] == "proj" and flags["qos"] == "high"
@@ -62,8 +76,12 @@ def test_multi_node_submission(tmp_path):
     assert "NCCL" not in script
     # the pickled job: train.py's arguments, run from the submission directory
     assert isinstance(job, TrainJob)
-    assert job.train_args == ["--config-name=tiny", "training.batch_size=64", "loss.cfg=2.0",
-                              f"run_dir={tmp_path / 'run'}"]
+    assert job.train_args == [
+        "--config-name=tiny",
+        "training.batch_size=64",
+        "loss.cfg=2.0",
+        f"run_dir={tmp_path / 'run'}",
+    ]
     assert job.workdir == os.getcwd() and job.master_port is None
 
 
@@ -80,23 +98,35 @@ def test_defaults_leave_cluster_values_out(tmp_path):
 
 
 def test_setup_lines_gpu_type_and_all_memory(tmp_path):
-    script, _ = submit_mocked(tmp_path, "--ngpus=4", "--gpu-type=a100", "--mem-gb=0",
-                              "--setup", "export NCCL_SOCKET_IFNAME=ib0", "--srun-arg=--cpu-bind=none",
-                              "--config-name=tiny")
+    script, _ = submit_mocked(
+        tmp_path,
+        "--ngpus=4",
+        "--gpu-type=a100",
+        "--mem-gb=0",
+        "--setup",
+        "export NCCL_SOCKET_IFNAME=ib0",
+        "--srun-arg=--cpu-bind=none",
+        "--config-name=tiny",
+    )
     flags = sbatch_flags(script)
     assert flags["gres"] == "gpu:a100:4" and flags["mem"] == "0"
     lines = script.splitlines()
-    assert lines.index("export NCCL_SOCKET_IFNAME=ib0") < next(i for i, l in enumerate(lines) if l.startswith("srun"))
+    assert lines.index("export NCCL_SOCKET_IFNAME=ib0") < next(
+        i for i, line in enumerate(lines) if line.startswith("srun")
+    )
     assert "--cpu-bind=none" in script.strip().splitlines()[-1]  # the srun line
 
 
-@pytest.mark.parametrize("argv, error, match", [
-    (["--config-name=tiny", "training.bogus=1"], Exception, "bogus"),
-    (["--ngpus=3", "--config-name=tiny"], ValueError, "not divisible by the world size 3"),
-    (["--ngpus=2"], ValueError, "no --config-name"),
-    (["--ngpus=2", "--config-name=tiny", "--multirun"], ValueError, "unsupported training argument"),
-    (["--ngpus=2", "--timeout-min=2", "--signal-delay-s=300", "--config-name=tiny"], ValueError, "signal_delay_s"),
-])
+@pytest.mark.parametrize(
+    "argv, error, match",
+    [
+        (["--config-name=tiny", "training.bogus=1"], Exception, "bogus"),
+        (["--ngpus=3", "--config-name=tiny"], ValueError, "not divisible by the world size 3"),
+        (["--ngpus=2"], ValueError, "no --config-name"),
+        (["--ngpus=2", "--config-name=tiny", "--multirun"], ValueError, "unsupported training argument"),
+        (["--ngpus=2", "--timeout-min=2", "--signal-delay-s=300", "--config-name=tiny"], ValueError, "signal_delay_s"),
+    ],
+)
 def test_bad_requests_fail_before_anything_is_submitted(tmp_path, argv, error, match):
     with mocked_slurm(), pytest.raises(error, match=match):
         launch.main([*argv, f"run_dir={tmp_path / 'run'}"])
@@ -174,12 +204,23 @@ def run_under_submitit(tmp_path, monkeypatch, trainer, rank: int = 0, executor: 
     monkeypatch.setenv("SUBMITIT_FOLDER", str(folder))
     monkeypatch.setenv("SUBMITIT_EXECUTOR", executor)
     if executor == "slurm":
-        for key, value in dict(SLURM_JOB_ID="77", SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank),
-                               SLURM_JOB_NODELIST="localhost", RANK="5", MASTER_PORT="1").items():
+        for key, value in dict(
+            SLURM_JOB_ID="77",
+            SLURM_PROCID=str(rank),
+            SLURM_NTASKS="2",
+            SLURM_LOCALID=str(rank),
+            SLURM_JOB_NODELIST="localhost",
+            RANK="5",
+            MASTER_PORT="1",
+        ).items():
             monkeypatch.setenv(key, value)
     else:
-        for key, value in dict(SUBMITIT_LOCAL_JOB_ID="4242", SUBMITIT_LOCAL_GLOBALID=str(rank),
-                               SUBMITIT_LOCAL_LOCALID=str(rank), SUBMITIT_LOCAL_NTASKS="2").items():
+        for key, value in dict(
+            SUBMITIT_LOCAL_JOB_ID="4242",
+            SUBMITIT_LOCAL_GLOBALID=str(rank),
+            SUBMITIT_LOCAL_LOCALID=str(rank),
+            SUBMITIT_LOCAL_NTASKS="2",
+        ).items():
             monkeypatch.setenv(key, value)
     calls = []
     monkeypatch.setattr(submitit.slurm.slurm.subprocess, "check_call", lambda cmd, **kw: calls.append(cmd))
@@ -222,8 +263,8 @@ def test_sigterm_checkpoints_without_requeue(tmp_path, monkeypatch, job_sandbox)
 def test_only_the_warning_signals_requeue():
     assert slurm.wants_requeue({"preempted": True, "signal": "SIGUSR2"})
     assert slurm.wants_requeue({"preempted": True, "signal": "SIGUSR1"})
-    assert not slurm.wants_requeue({"preempted": True, "signal": "SIGTERM"})   # scancel stays a cancel
-    assert not slurm.wants_requeue({"preempted": True, "signal": "SIGINT"})    # a Ctrl-C: the user stopped it
+    assert not slurm.wants_requeue({"preempted": True, "signal": "SIGTERM"})  # scancel stays a cancel
+    assert not slurm.wants_requeue({"preempted": True, "signal": "SIGINT"})  # a Ctrl-C: the user stopped it
     assert not slurm.wants_requeue({"preempted": False})
 
 
@@ -256,9 +297,23 @@ def test_local_launch_with_two_processes_trains_and_exits_0(tmp_path):
 
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
-    proc = subprocess.run([sys.executable, "launch.py", "--local", "--ngpus=2", "--config-name=tiny", *QUICK_TINY,
-                           "training.total_ticks=1", f"run_dir={run_dir}"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, env=env | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "launch.py",
+            "--local",
+            "--ngpus=2",
+            "--config-name=tiny",
+            *QUICK_TINY,
+            "training.total_ticks=1",
+            f"run_dir={run_dir}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == f"finished: step 2, run dir {run_dir}"
     assert (run_dir / "checkpoint-00000002.pt").exists()
@@ -267,9 +322,11 @@ def test_local_launch_with_two_processes_trains_and_exits_0(tmp_path):
 
 def test_launch_without_submitit_names_the_extra_to_install(tmp_path):
     """After the README's plain install (no extras) launch.py says which extra it needs, in one line."""
-    code = ("import runpy, sys; sys.modules['submitit'] = None; "  # as if submitit were not installed
-            "sys.argv = ['launch.py', '--local', '--config-name=tiny']; "
-            "runpy.run_path('launch.py', run_name='__main__')")
+    code = (
+        "import runpy, sys; sys.modules['submitit'] = None; "  # as if submitit were not installed
+        "sys.argv = ['launch.py', '--local', '--config-name=tiny']; "
+        "runpy.run_path('launch.py', run_name='__main__')"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr

@@ -1,4 +1,5 @@
 """The training loop end to end on the digits (docs/method.md §5; issue: accumulation, resume, DDP, bad input)."""
+
 from __future__ import annotations
 
 import os
@@ -83,8 +84,10 @@ def test_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
     for ticks in (1, 2):
         result = run(quick_config(tmp_path, f"training.total_ticks={ticks}"))
         assert result["already_finished"] and result["progress"]["step"] == 4 and not result["preempted"]
-        assert (f"run already finished: {tmp_path / 'checkpoint-00000004.pt'} is at step 4 >= total {2 * ticks}"
-                in capsys.readouterr().out)
+        assert (
+            f"run already finished: {tmp_path / 'checkpoint-00000004.pt'} is at step 4 >= total {2 * ticks}"
+            in capsys.readouterr().out
+        )
     assert (tmp_path / "config.yaml").read_text() == config
     assert sorted(p.name for p in tmp_path.iterdir()) == files
 
@@ -93,8 +96,9 @@ def test_transfer_loads_weights_only(tmp_path):
     run(quick_config(tmp_path / "src", "training.total_ticks=1"))
     src = final_checkpoint(tmp_path / "src")
     path = CheckpointManager(tmp_path / "src").latest()
-    result = run(quick_config(tmp_path / "dst", "training.total_ticks=1", f"training.transfer={path}",
-                              "optimizer.lr=0"))
+    result = run(
+        quick_config(tmp_path / "dst", "training.total_ticks=1", f"training.transfer={path}", "optimizer.lr=0")
+    )
     assert result["progress"]["step"] == 2  # a fresh run: counters start at 0
     dst = final_checkpoint(tmp_path / "dst")
     for name in ("net", "ema", "ema_target"):  # lr = 0 keeps every copy at the transferred EMA weights
@@ -120,19 +124,27 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypa
     assert fresh["progress"]["step"] == 0
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (["dataset.class_name=tvm.data.datasets.ImageFolderDataset", "dataset.path=/nonexistent/data.zip"],
-     "/nonexistent/data.zip"),
-    (["dataset.class_name=tvm.data.datasets.ImageFolderDataset"], "dataset.path is not set"),
-    (["training.batch_size=10", "training.batch_gpu=4"], "not divisible by world size × batch_gpu"),
-    (["dataset.resolution=16"], "dataset resolution 8 does not match dataset.resolution=16"),
-    (["loss.cfg=0.5"], "cfg = 0.5 is not allowed"),
-    (["network.model_type=DiT-Q/2"], "unknown model variant 'DiT-Q/2'"),
-    (["dataset.path=data/imagenet.zip"], "dataset.path=data/imagenet.zip is set but "
-                                          "dataset.class_name=tvm.data.digits.DigitsDataset reads no files"),
-    (["+training.totl_ticks=3"], r"unknown config key training.totl_ticks \(did you mean training.total_ticks\?\)"),
-    (["training.total_ticks=-3"], "training.total_ticks=-3 is not allowed: it must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (
+            ["dataset.class_name=tvm.data.datasets.ImageFolderDataset", "dataset.path=/nonexistent/data.zip"],
+            "/nonexistent/data.zip",
+        ),
+        (["dataset.class_name=tvm.data.datasets.ImageFolderDataset"], "dataset.path is not set"),
+        (["training.batch_size=10", "training.batch_gpu=4"], "not divisible by world size × batch_gpu"),
+        (["dataset.resolution=16"], "dataset resolution 8 does not match dataset.resolution=16"),
+        (["loss.cfg=0.5"], "cfg = 0.5 is not allowed"),
+        (["network.model_type=DiT-Q/2"], "unknown model variant 'DiT-Q/2'"),
+        (
+            ["dataset.path=data/imagenet.zip"],
+            "dataset.path=data/imagenet.zip is set but "
+            "dataset.class_name=tvm.data.digits.DigitsDataset reads no files",
+        ),
+        (["+training.totl_ticks=3"], r"unknown config key training.totl_ticks \(did you mean training.total_ticks\?\)"),
+        (["training.total_ticks=-3"], "training.total_ticks=-3 is not allowed: it must be >= 0"),
+    ],
+)
 def test_bad_input_fails_clearly_without_a_checkpoint(tmp_path, overrides, match):
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         run(quick_config(tmp_path, "training.total_ticks=1", *overrides))
@@ -140,8 +152,13 @@ def test_bad_input_fails_clearly_without_a_checkpoint(tmp_path, overrides, match
 
 
 def test_unknown_config_key_is_named(tmp_path):
-    proc = subprocess.run([sys.executable, "train.py", "--config-name=tiny", "training.bogus_key=1",
-                           f"run_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--config-name=tiny", "training.bogus_key=1", f"run_dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "training.bogus_key" in proc.stderr
     assert not list(tmp_path.glob("checkpoint-*"))
@@ -149,8 +166,18 @@ def test_unknown_config_key_is_named(tmp_path):
 
 def torchrun(nproc: int, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
-           "--config-name=tiny", *QUICK, f"run_dir={run_dir}", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "train.py",
+        "--config-name=tiny",
+        *QUICK,
+        f"run_dir={run_dir}",
+        *extra,
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -173,15 +200,22 @@ def test_compiled_training_sets_the_memory_budget_and_static_shapes():
 
     # torch's config modules are restored with their own patch() (monkeypatch's undo deletes the
     # attribute of a config module, which breaks later compilations in the same process).
-    with functorch_config.patch(activation_memory_budget=1.0), \
-            torch._dynamo.config.patch(automatic_dynamic_shapes=True):
+    with (
+        functorch_config.patch(activation_memory_budget=1.0),
+        torch._dynamo.config.patch(automatic_dynamic_shapes=True),
+    ):
         network = OmegaConf.create({"compile_scope": "full", "compile_memory_budget": 0.7})
         compile_training(torch.nn.Linear(1, 1), None, None, None, network)
         assert functorch_config.activation_memory_budget == 0.7
         assert not torch._dynamo.config.automatic_dynamic_shapes
         with pytest.raises(ValueError, match="compile_memory_budget must be in"):
-            compile_training(torch.nn.Linear(1, 1), None, None, None,
-                             OmegaConf.create({"compile_scope": "full", "compile_memory_budget": 7}))
+            compile_training(
+                torch.nn.Linear(1, 1),
+                None,
+                None,
+                None,
+                OmegaConf.create({"compile_scope": "full", "compile_memory_budget": 7}),
+            )
 
 
 def test_imagenet_configs_compile_and_the_cpu_default_does_not():

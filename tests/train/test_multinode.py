@@ -7,6 +7,7 @@
   submitit job that ``launch.py`` submits (run here as Slurm would: the sbatch script's command
   with Slurm's variables, a recording ``scontrol``, then the requeued start).
 """
+
 from __future__ import annotations
 
 import os
@@ -44,8 +45,11 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER
 
 def clean_env(**extra: str) -> dict[str, str]:
     """This machine's environment without any launcher's variables (tests may run inside Slurm)."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "SUBMITIT_", "TORCHELASTIC_")) and k not in LAUNCHER_VARS}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "SUBMITIT_", "TORCHELASTIC_")) and k not in LAUNCHER_VARS
+    }
     return env | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)} | extra
 
 
@@ -94,11 +98,22 @@ def reference(tmp_path_factory) -> dict:
 
 def test_two_nodes_with_c10d_rendezvous_match_one_process(tmp_path, reference):
     port = free_port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=tvm-two-nodes",
-           "--max-restarts=0", *train_cmd(tmp_path)]
-    nodes = [subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for _ in range(2)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc_per_node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=tvm-two-nodes",
+        "--max-restarts=0",
+        *train_cmd(tmp_path),
+    ]
+    nodes = [
+        subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
     for node, output in zip(nodes, outputs):
         check(node, output)
@@ -119,15 +134,22 @@ def interrupt_after_first_checkpoint(proc: subprocess.Popen, run_dir: Path, sig=
 
 
 def test_train_py_preempted_then_continued_equals_uninterrupted(tmp_path, reference):
-    proc = subprocess.Popen([sys.executable, *train_cmd(tmp_path)], cwd=ROOT, env=clean_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, *train_cmd(tmp_path)],
+        cwd=ROOT,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     output = interrupt_after_first_checkpoint(proc, tmp_path)
     check(proc, output)
     assert "on SIGUSR2" in output
     stopped = final(tmp_path)["progress"]["step"]
     assert 2 <= stopped < TOTAL_STEPS
-    proc = subprocess.run([sys.executable, *train_cmd(tmp_path)], cwd=ROOT, env=clean_env(), capture_output=True,
-                          text=True, timeout=300)  # the requeued job: same command, same run dir
+    proc = subprocess.run(
+        [sys.executable, *train_cmd(tmp_path)], cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300
+    )  # the requeued job: same command, same run dir
     check(proc, proc.stdout + proc.stderr)
     assert f"steps {stopped} → {TOTAL_STEPS}" in (tmp_path / "log.txt").read_text()
     assert_same_weights(final(tmp_path), reference, exact=True)
@@ -139,15 +161,23 @@ def test_slurm_job_preempted_requeued_and_resumed_equals_uninterrupted(tmp_path,
         assert launch.main(["--ngpus=1", "--config-name=tiny", *RUN, f"run_dir={run_dir}"]) == 0
     script = (folder / "12_submission.sh").read_text()
     srun_line = shlex.split(script.strip().splitlines()[-1])
-    task_cmd = srun_line[srun_line.index("-u") - 1:]  # what srun starts in each task
+    task_cmd = srun_line[srun_line.index("-u") - 1 :]  # what srun starts in each task
     assert task_cmd[1:] == ["-u", "-m", "submitit.core._submit", str(folder)]
     bin_dir, requeues = tmp_path / "bin", tmp_path / "scontrol.log"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {requeues}\n')
     (bin_dir / "scontrol").chmod(0o755)
-    env = clean_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SUBMITIT_EXECUTOR="slurm", SLURM_JOB_ID="12",
-                    SLURM_PROCID="0", SLURM_NTASKS="1", SLURM_LOCALID="0", SLURM_NODEID="0",
-                    SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="localhost")
+    env = clean_env(
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        SUBMITIT_EXECUTOR="slurm",
+        SLURM_JOB_ID="12",
+        SLURM_PROCID="0",
+        SLURM_NTASKS="1",
+        SLURM_LOCALID="0",
+        SLURM_NODEID="0",
+        SLURM_JOB_NUM_NODES="1",
+        SLURM_JOB_NODELIST="localhost",
+    )
 
     task = subprocess.Popen(task_cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = interrupt_after_first_checkpoint(task, run_dir)  # Slurm's --signal=USR2@delay

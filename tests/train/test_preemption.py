@@ -1,4 +1,5 @@
 """Preemption signal handling and cross-rank stop agreement (tvm/train/preemption.py)."""
+
 from __future__ import annotations
 
 import os

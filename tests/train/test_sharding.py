@@ -6,6 +6,7 @@
   tools, resumable by a sharded run (exactly as an uninterrupted one) and by a DDP run;
 * unsupported combinations fail with an error naming the setting; the per-rank memory estimate.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,13 @@ from tvm.train.sharding import check_sharding_supported, state_memory_per_rank
 
 # 4 ticks of 2 steps, batch 16 = 2 ranks × 4 per micro-batch × 2 rounds; lr 1e-4 (see test_multinode.py:
 # Adam magnifies fp32 reduction-order noise in near-zero gradients at larger rates).
-RUN = QUICK_TINY + ["training.ckpt_ticks=1", "training.snapshot_ticks=1000", "training.batch_gpu=4",
-                    "optimizer.lr=1e-4", "training.seed=3"]
+RUN = QUICK_TINY + [
+    "training.ckpt_ticks=1",
+    "training.snapshot_ticks=1000",
+    "training.batch_gpu=4",
+    "optimizer.lr=1e-4",
+    "training.seed=3",
+]
 
 
 def train_on_two_ranks(run_dir: Path, *overrides: str) -> None:
@@ -74,9 +80,13 @@ def test_fsdp2_training_equals_ddp(runs):
     assert len(losses_fsdp) == 4 and all("Loss/grad_norm" in row for row in losses_fsdp)
     for tick, (row_fsdp, row_ddp) in enumerate(zip(losses_fsdp, losses_ddp), 1):
         assert row_fsdp.keys() == row_ddp.keys(), tick
-        torch.testing.assert_close(torch.tensor(list(row_fsdp.values()), dtype=torch.float64),
-                                   torch.tensor(list(row_ddp.values()), dtype=torch.float64),
-                                   rtol=1e-5, atol=1e-8, msg=f"tick {tick}")
+        torch.testing.assert_close(
+            torch.tensor(list(row_fsdp.values()), dtype=torch.float64),
+            torch.tensor(list(row_ddp.values()), dtype=torch.float64),
+            rtol=1e-5,
+            atol=1e-8,
+            msg=f"tick {tick}",
+        )
     earlier = latest_initial(runs)
     for name in ("net", "ema", "ema_target"):
         assert_tensors_close(fsdp[name], ddp[name], name)
@@ -120,16 +130,29 @@ def test_fsdp2_checkpoint_resumes_exactly_and_loads_anywhere(runs, tmp_path):
     assert images.shape[0] == 3 and torch.isfinite(images.float()).all()
 
 
-@pytest.mark.parametrize("settings, match", [
-    ({"distributed": False}, "needs a process group"),
-    ({"jvp_mode": "autograd"}, "network.jvp_mode=explicit"),
-    ({"compile": True, "compile_scope": "full"}, "network.compile_scope=blocks"),
-    ({"recompute": "fm"}, "network.recompute"),
-    ({"compile": True, "compile_mode": "reduce-overhead"}, "compile_mode=reduce-overhead"),
-])
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        ({"distributed": False}, "needs a process group"),
+        ({"jvp_mode": "autograd"}, "network.jvp_mode=explicit"),
+        ({"compile": True, "compile_scope": "full"}, "network.compile_scope=blocks"),
+        ({"recompute": "fm"}, "network.recompute"),
+        ({"compile": True, "compile_mode": "reduce-overhead"}, "compile_mode=reduce-overhead"),
+    ],
+)
 def test_unsupported_combinations_are_named(settings, match):
-    args = dict(sharding="fsdp2", jvp_mode="explicit", compile_scope="blocks", compile=False, recompute="none",
-                distributed=True, compile_mode="default") | settings
+    args = (
+        dict(
+            sharding="fsdp2",
+            jvp_mode="explicit",
+            compile_scope="blocks",
+            compile=False,
+            recompute="none",
+            distributed=True,
+            compile_mode="default",
+        )
+        | settings
+    )
     with pytest.raises(ValueError, match=match):
         check_sharding_supported(**args)
     if "sharding" not in settings:

@@ -1,4 +1,5 @@
 """A shortened embedded default run: real digits, the real config, metrics at the start and the end."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,16 @@ from tvm.train.loop import run
 
 @pytest.mark.slow
 def test_shortened_tiny_run_learns_digits(tmp_path):
-    cfg = compose_config("tiny", [f"run_dir={tmp_path}", "training.total_ticks=3", "training.eval_ticks=3",
-                                  "training.sample_ticks=3", "eval.num_images=500"])
+    cfg = compose_config(
+        "tiny",
+        [
+            f"run_dir={tmp_path}",
+            "training.total_ticks=3",
+            "training.eval_ticks=3",
+            "training.sample_ticks=3",
+            "eval.num_images=500",
+        ],
+    )
     result = run(cfg)
     assert result["progress"]["step"] == 300
     lines = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]

@@ -28,6 +28,7 @@ Loading here never imports or executes anything from the file:
   (``scripts/convert_upstream.py`` writes it); :func:`read_training_state` reads a training state
   into plain state dicts.
 """
+
 from __future__ import annotations
 
 import _compat_pickle
@@ -93,8 +94,10 @@ class PersistentRecord:
     version: int | None = None
 
     def __setstate__(self, state: Any) -> None:
-        raise UpstreamFormatError(f"persistence record of {self.class_name} followed by extra state; EDM records "
-                                  "carry their state inside meta")
+        raise UpstreamFormatError(
+            f"persistence record of {self.class_name} followed by extra state; EDM records "
+            "carry their state inside meta"
+        )
 
 
 class ForeignObject:
@@ -153,11 +156,13 @@ def persistent_record(meta: Any) -> PersistentRecord:
     if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("class_name"), str):
         raise UpstreamFormatError(
             "malformed persistence record: expected a dict with type='class', a str class_name and a state dict, "
-            f"got {type(meta).__name__} with keys {sorted(meta) if isinstance(meta, dict) else '-'}")
+            f"got {type(meta).__name__} with keys {sorted(meta) if isinstance(meta, dict) else '-'}"
+        )
     state = meta.get("state") or {}
     if not isinstance(state, dict):
-        raise UpstreamFormatError(f"persistence record of {meta['class_name']} has a state of type "
-                                  f"{type(state).__name__}, expected dict")
+        raise UpstreamFormatError(
+            f"persistence record of {meta['class_name']} has a state of type " f"{type(state).__name__}, expected dict"
+        )
     version = meta.get("version")
     return PersistentRecord(meta["class_name"], state, version if isinstance(version, int) else None)
 
@@ -174,8 +179,10 @@ def foreign_getattr(obj: Any, name: Any) -> type[ForeignObject]:
     (``__globals__`` …), so it is refused.
     """
     if not _is_holder(obj) or not isinstance(name, str):
-        raise UnsafePickleError(f"refusing builtins.getattr({type(obj).__module__}.{type(obj).__qualname__}, "
-                                f"{name!r}): only allowed on inert stand-ins of foreign classes")
+        raise UnsafePickleError(
+            f"refusing builtins.getattr({type(obj).__module__}.{type(obj).__qualname__}, "
+            f"{name!r}): only allowed on inert stand-ins of foreign classes"
+        )
     return foreign_class(f"{obj.qualified_name}.{name}")
 
 
@@ -202,17 +209,39 @@ def load_storage_bytes(data: Any) -> torch.storage.TypedStorage:
         with _quiet_storage_warnings():
             storage = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise UnsafePickleError(f"embedded storage payload refused by torch's weights_only loader: "
-                                f"{str(exc).splitlines()[0]}") from exc
+        raise UnsafePickleError(
+            f"embedded storage payload refused by torch's weights_only loader: " f"{str(exc).splitlines()[0]}"
+        ) from exc
     if not isinstance(storage, (torch.storage.TypedStorage, torch.UntypedStorage)):
         raise UpstreamFormatError(f"embedded storage payload holds {type(storage).__name__}, expected a storage")
     return storage
 
 
 def _torch_dtypes() -> dict[str, torch.dtype]:
-    names = ("float32", "float", "float64", "double", "float16", "half", "bfloat16", "int8", "uint8", "int16",
-             "short", "int32", "int", "int64", "long", "bool", "complex64", "cfloat", "complex128", "cdouble",
-             "float8_e4m3fn", "float8_e5m2")
+    names = (
+        "float32",
+        "float",
+        "float64",
+        "double",
+        "float16",
+        "half",
+        "bfloat16",
+        "int8",
+        "uint8",
+        "int16",
+        "short",
+        "int32",
+        "int",
+        "int64",
+        "long",
+        "bool",
+        "complex64",
+        "cfloat",
+        "complex128",
+        "cdouble",
+        "float8_e4m3fn",
+        "float8_e5m2",
+    )
     return {name: getattr(torch, name) for name in names if isinstance(getattr(torch, name, None), torch.dtype)}
 
 
@@ -236,10 +265,21 @@ SAFE_GLOBALS: dict[tuple[str, str], Any] = {
 }
 # Namespaces whose globals become inert holders: the authors' project (incl. modules that EDM's
 # persistence exec'd under generated names), its libraries, torch modules and the compile wrapper.
-NEUTRAL_NAMESPACES = ("training", "torch_utils", "dnnlib", "jvp_utils", "timm", "omegaconf", "typing",
-                      "torch.nn.modules", "torch._dynamo", "torch._inductor")
-NEUTRAL_GLOBALS = frozenset({"torch._TorchCompileInductorWrapper", "torch._TorchCompileWrapper",
-                             "contextlib.nullcontext"})
+NEUTRAL_NAMESPACES = (
+    "training",
+    "torch_utils",
+    "dnnlib",
+    "jvp_utils",
+    "timm",
+    "omegaconf",
+    "typing",
+    "torch.nn.modules",
+    "torch._dynamo",
+    "torch._inductor",
+)
+NEUTRAL_GLOBALS = frozenset(
+    {"torch._TorchCompileInductorWrapper", "torch._TorchCompileWrapper", "contextlib.nullcontext"}
+)
 # Protocol-2 pickles (torch.save's default) may carry Python 2 names such as ``__builtin__.set``;
 # pickle's own find_class renames them, so ours must too.
 _COMPAT_NAMES = _compat_pickle.NAME_MAPPING
@@ -261,8 +301,10 @@ def resolve_global(module: str, name: str, source: str = "<pickle>") -> Any:
     qualified = f"{module}.{name}"
     if _is_neutral(module, qualified):
         return foreign_class(qualified)
-    raise UnsafePickleError(f"{source}: refusing global {qualified!r}: not on the allow-list of "
-                            "tvm.compat.upstream (docs/method.md §9.2); nothing from the file was executed")
+    raise UnsafePickleError(
+        f"{source}: refusing global {qualified!r}: not on the allow-list of "
+        "tvm.compat.upstream (docs/method.md §9.2); nothing from the file was executed"
+    )
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -297,8 +339,7 @@ def _torch_archive(path: Path) -> Any:
     accepts a ``pickle_module`` with ``weights_only=False``; the restriction is then ours: every
     global goes through :func:`resolve_global`, storages through torch's map to the CPU.
     """
-    return torch.load(path, map_location="cpu", pickle_module=restricted_pickle_module(str(path)),
-                      weights_only=False)
+    return torch.load(path, map_location="cpu", pickle_module=restricted_pickle_module(str(path)), weights_only=False)
 
 
 def _plain_pickle(handle: BinaryIO, source: str) -> Any:
@@ -464,8 +505,10 @@ def _as_mapping(obj: Any) -> dict[str, Any]:
 
 def _shape(shapes: Mapping[str, Sequence[int]], key: str) -> tuple[int, ...]:
     if key not in shapes:
-        raise UpstreamFormatError(f"parameter {key!r} is missing; cannot infer the architecture "
-                                  f"(found {len(shapes)} tensors, e.g. {sorted(shapes)[:5]})")
+        raise UpstreamFormatError(
+            f"parameter {key!r} is missing; cannot infer the architecture "
+            f"(found {len(shapes)} tensors, e.g. {sorted(shapes)[:5]})"
+        )
     return tuple(shapes[key])
 
 
@@ -485,8 +528,9 @@ def _variant_name(class_name: str | None, hidden: int, depth: int, heads: int, p
     return DEFAULT_MODEL_TYPE
 
 
-def infer_architecture(shapes: Mapping[str, Sequence[int]], class_name: str | None = None,
-                       prefix: str = MODEL_PREFIX) -> dict[str, Any]:
+def infer_architecture(
+    shapes: Mapping[str, Sequence[int]], class_name: str | None = None, prefix: str = MODEL_PREFIX
+) -> dict[str, Any]:
     """Sizes of a DiT from its parameter shapes (docs/method.md §3.7, §9.3).
 
     Hidden size from ``pos_embed``, patch and channels from the patch-embed conv, resolution
@@ -509,11 +553,19 @@ def infer_architecture(shapes: Mapping[str, Sequence[int]], class_name: str | No
     elif _is_variant(class_name):
         heads = resolve_variant(class_name).num_heads
     else:
-        raise UpstreamFormatError(f"cannot infer the number of heads: no {q_norm!r} and class {class_name!r} is "
-                                  "not a known variant")
-    return dict(img_resolution=grid * patch, img_channels=channels, label_dim=label_dim, hidden_size=hidden,
-                depth=depth, num_heads=heads, patch_size=patch,
-                model_type=_variant_name(class_name, hidden, depth, heads, patch))
+        raise UpstreamFormatError(
+            f"cannot infer the number of heads: no {q_norm!r} and class {class_name!r} is " "not a known variant"
+        )
+    return dict(
+        img_resolution=grid * patch,
+        img_channels=channels,
+        label_dim=label_dim,
+        hidden_size=hidden,
+        depth=depth,
+        num_heads=heads,
+        patch_size=patch,
+        model_type=_variant_name(class_name, hidden, depth, heads, patch),
+    )
 
 
 def _recorded_int(attrs: Mapping[str, Any], name: str, inferred: int, source: str) -> int:
@@ -548,8 +600,9 @@ def _class_name(node: Any) -> str | None:
     return None
 
 
-def read_facts(net: Any, params: Mapping[str, torch.Tensor], dataset_kwargs: Any = None,
-               source: str = "<pickle>") -> UpstreamFacts:
+def read_facts(
+    net: Any, params: Mapping[str, torch.Tensor], dataset_kwargs: Any = None, source: str = "<pickle>"
+) -> UpstreamFacts:
     """Model facts of an upstream network object (docs/method.md §9.3): shapes decide the architecture,
     the wrapper's attributes (or its recorded ``_init_kwargs``) the settings, and they must agree.
     The variant name is the DiT's class name, else the recorded ``model_type``, if either is one."""
@@ -557,17 +610,20 @@ def read_facts(net: Any, params: Mapping[str, torch.Tensor], dataset_kwargs: Any
     own = module_dict(wrapper) or {}
     attrs = {**_as_mapping(own.get("_init_kwargs")), **own}
     class_name = _class_name(unwrap_compiled((own.get("_modules") or {}).get("model"), source))
-    variant = class_name if _is_variant(class_name) or not _is_variant(attrs.get("model_type")) \
-        else attrs["model_type"]
+    variant = class_name if _is_variant(class_name) or not _is_variant(attrs.get("model_type")) else attrs["model_type"]
     arch = infer_architecture({key: tuple(value.shape) for key, value in params.items()}, variant)
     for name in ("img_resolution", "img_channels", "label_dim"):
         arch[name] = _recorded_int(attrs, name, arch[name], source)
     resolution = _as_mapping(dataset_kwargs).get("resolution")
     return UpstreamFacts(
-        **arch, class_name=class_name, do_scale_param=_recorded_bool(attrs, "do_scale_param", source),
-        detach_jvp=_recorded_bool(attrs, "detach_jvp", source), data_type=_recorded_data_type(attrs),
+        **arch,
+        class_name=class_name,
+        do_scale_param=_recorded_bool(attrs, "do_scale_param", source),
+        detach_jvp=_recorded_bool(attrs, "detach_jvp", source),
+        data_type=_recorded_data_type(attrs),
         dataset_resolution=resolution if isinstance(resolution, int) else None,
-        compiled=wrapper is not net)
+        compiled=wrapper is not net,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -590,8 +646,10 @@ def network_object(obj: Any, source: str, key: str = "net") -> Any:
         if key not in obj:
             raise UpstreamFormatError(f"{source} has no {key!r} entry; its keys are {sorted(map(str, obj))}")
         if obj[key] is None:
-            raise UpstreamFormatError(f"{source}[{key!r}] is None: upstream stores None when pickling the network "
-                                      "failed (docs/method.md §11 item 19)")
+            raise UpstreamFormatError(
+                f"{source}[{key!r}] is None: upstream stores None when pickling the network "
+                "failed (docs/method.md §11 item 19)"
+            )
         return obj[key]
     if module_dict(unwrap_compiled(obj, source)) is not None:
         return obj
@@ -625,8 +683,10 @@ def config_with_facts(config: DictConfig | str | None, facts: UpstreamFacts, sou
     cfg = _base_config(config)
     spec = resolve_variant(facts.model_type)
     if facts.patch_size != spec.patch_size:
-        raise UpstreamFormatError(f"{source}: patch size {facts.patch_size} differs from {facts.model_type}'s and "
-                                  "the config has no network.patch_size")
+        raise UpstreamFormatError(
+            f"{source}: patch size {facts.patch_size} differs from {facts.model_type}'s and "
+            "the config has no network.patch_size"
+        )
     net = cfg.network
     net.model_type = facts.model_type
     net.hidden_size = None if facts.hidden_size == spec.hidden_size else facts.hidden_size
@@ -634,9 +694,12 @@ def config_with_facts(config: DictConfig | str | None, facts: UpstreamFacts, sou
     net.num_heads = None if facts.num_heads == spec.num_heads else facts.num_heads
     if facts.do_scale_param is not None:
         if net.do_scale_param != facts.do_scale_param:
-            warnings.warn(f"{source} was trained with do_scale_param={facts.do_scale_param} but the config says "
-                          f"{net.do_scale_param}; using the pickle's value (is --config the right one?)",
-                          UserWarning, stacklevel=2)
+            warnings.warn(
+                f"{source} was trained with do_scale_param={facts.do_scale_param} but the config says "
+                f"{net.do_scale_param}; using the pickle's value (is --config the right one?)",
+                UserWarning,
+                stacklevel=2,
+            )
         net.do_scale_param = facts.do_scale_param
     cfg.dataset.resolution = facts.dataset_resolution or facts.img_resolution
     cfg.dataset.use_labels = facts.label_dim > 0
@@ -648,8 +711,9 @@ def _listing(title: str, items: list[str], limit: int = 10) -> str:
     return f"\n  {title} ({len(items)}):" + "".join(f"\n    {item}" for item in items[:limit]) + more
 
 
-def check_state_dict(expected: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor],
-                     source: str = "<pickle>") -> None:
+def check_state_dict(
+    expected: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor], source: str = "<pickle>"
+) -> None:
     """UpstreamFormatError listing missing, unexpected and shape-mismatched keys, if any."""
     missing, unexpected, mismatched = state_dict_differences(expected, params)
     mismatched = [f"{key}: file {list(params[key].shape)} vs ours {list(expected[key].shape)}" for key in mismatched]
@@ -658,7 +722,8 @@ def check_state_dict(expected: Mapping[str, torch.Tensor], params: Mapping[str, 
             f"{source} does not fit the network built from the config:"
             + (_listing("missing in the file", missing) if missing else "")
             + (_listing("unexpected in the file", unexpected) if unexpected else "")
-            + (_listing("shape mismatches", mismatched) if mismatched else ""))
+            + (_listing("shape mismatches", mismatched) if mismatched else "")
+        )
 
 
 def load_params_strict(net: torch.nn.Module, params: Mapping[str, torch.Tensor], source: str = "<pickle>") -> None:
@@ -667,8 +732,9 @@ def load_params_strict(net: torch.nn.Module, params: Mapping[str, torch.Tensor],
     net.load_state_dict(params, strict=True)
 
 
-def build_upstream_network(upstream: UpstreamNetwork, config: DictConfig | str | None = None,
-                           device: torch.device | str = "cpu") -> tuple[TVMWrapper, DictConfig]:
+def build_upstream_network(
+    upstream: UpstreamNetwork, config: DictConfig | str | None = None, device: torch.device | str = "cpu"
+) -> tuple[TVMWrapper, DictConfig]:
     """Our TVMWrapper with the upstream weights, and the config it was built from (in eval mode)."""
     facts = upstream.facts
     cfg = config_with_facts(config, facts, upstream.source)
@@ -677,8 +743,9 @@ def build_upstream_network(upstream: UpstreamNetwork, config: DictConfig | str |
     return net.eval(), cfg
 
 
-def load_upstream_network(path: PathLike, config: DictConfig | str | None = None,
-                          device: torch.device | str = "cpu") -> TVMWrapper:
+def load_upstream_network(
+    path: PathLike, config: DictConfig | str | None = None, device: torch.device | str = "cpu"
+) -> TVMWrapper:
     """Our :class:`TVMWrapper` carrying the weights of an authors' network pickle (eval mode).
 
     ``config`` supplies what the pickle lacks (attention backends, autocast dtype); the
@@ -698,11 +765,19 @@ def checkpoint_from_upstream(path: PathLike, config: DictConfig | str | None = N
     upstream = read_upstream_network(path)
     net, cfg = build_upstream_network(upstream, config)
     weights = dict(net.state_dict())
-    return {"ema": weights, "net": weights, "ema_target": weights, "config": to_container(cfg),
-            "progress": {"step": 0, "nimg": 0, "tick": 0},
-            "data": {"resolution": upstream.facts.img_resolution, "channels": upstream.facts.img_channels,
-                     "label_dim": upstream.facts.label_dim},
-            "source": {"upstream_pickle": str(path), "sha256": file_sha256(path), "facts": upstream.facts.as_dict()}}
+    return {
+        "ema": weights,
+        "net": weights,
+        "ema_target": weights,
+        "config": to_container(cfg),
+        "progress": {"step": 0, "nimg": 0, "tick": 0},
+        "data": {
+            "resolution": upstream.facts.img_resolution,
+            "channels": upstream.facts.img_channels,
+            "label_dim": upstream.facts.label_dim,
+        },
+        "source": {"upstream_pickle": str(path), "sha256": file_sha256(path), "facts": upstream.facts.as_dict()},
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -737,12 +812,17 @@ def read_training_state(path: PathLike) -> dict[str, Any]:
     obj = load_pickle(path)
     if not isinstance(obj, dict):
         raise UpstreamFormatError(f"{source} holds {_describe(obj)}, expected a training-state dict")
-    out: dict[str, Any] = {key: collect_parameters(obj[key], f"{source}[{key!r}]")
-                           for key in TRAINING_STATE_NETWORKS if obj.get(key) is not None}
+    out: dict[str, Any] = {
+        key: collect_parameters(obj[key], f"{source}[{key!r}]")
+        for key in TRAINING_STATE_NETWORKS
+        if obj.get(key) is not None
+    }
     for theirs, ours in (("optimizer_state", "optimizer"), ("scaler_state", "scaler")):
         if obj.get(theirs) is not None:
             out[ours] = plain_data(obj[theirs], f"{source}[{theirs!r}]")
     if not out:
-        raise UpstreamFormatError(f"{source} has none of {TRAINING_STATE_NETWORKS} or optimizer_state; "
-                                  f"its keys are {sorted(map(str, obj))}")
+        raise UpstreamFormatError(
+            f"{source} has none of {TRAINING_STATE_NETWORKS} or optimizer_state; "
+            f"its keys are {sorted(map(str, obj))}"
+        )
     return out

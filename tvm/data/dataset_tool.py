@@ -15,6 +15,7 @@ Labels of a source folder or zip: its ``dataset.json`` if present; otherwise, wh
 lies in a top-level sub-folder (ImageNet layout), the index of that sub-folder among the sorted
 sub-folder names; otherwise none (``{"labels": null}``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -431,8 +432,9 @@ def latent_stats(source: str | os.PathLike[str], seed: int = 0, progress: bool =
 
 # ---------------------------------------------------------------------------------- command line
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dataset_tool",
-                                     description="Prepare EDM-format datasets (docs/method.md §6.2).")
+    parser = argparse.ArgumentParser(
+        prog="dataset_tool", description="Prepare EDM-format datasets (docs/method.md §6.2)."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="images (class folders, folder or zip) -> RGB PNG zip/folder")

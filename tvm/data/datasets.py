@@ -24,6 +24,7 @@ into DataLoader workers opens its own handle there and never copies the archive'
 unless ``cache=True`` keeps each decoded item in that process' memory (upstream's default, which
 holds a full copy of the dataset per rank, docs/method.md §11 item 17).
 """
+
 from __future__ import annotations
 
 import functools

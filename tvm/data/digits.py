@@ -14,6 +14,7 @@ class) and the training split 1,438. Both splits are sorted by the original inde
 is the "real-data floor" of :mod:`tvm.eval.small`: generated digits are compared with held-out
 real ones that no model has seen.
 """
+
 from __future__ import annotations
 
 from typing import Literal

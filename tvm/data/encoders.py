@@ -10,6 +10,7 @@ An encoder maps dataset items to the network's space and back:
 
 :class:`Encoder` states this protocol; the shape rules live only here (the SD-VAE's ×8 included).
 """
+
 from __future__ import annotations
 
 import os
@@ -146,8 +147,12 @@ class StabilityVAEEncoder:
                 self.vae_name, cache_dir=self.cache_dir, local_files_only=offline, torch_dtype=dtype
             )
         except (OSError, ValueError) as e:
-            cache = self.cache_dir or os.environ.get("HF_HUB_CACHE") or os.path.join(
-                os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")), "hub"
+            cache = (
+                self.cache_dir
+                or os.environ.get("HF_HUB_CACHE")
+                or os.path.join(
+                    os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")), "hub"
+                )
             )
             raise RuntimeError(
                 f"could not load the VAE {self.vae_name!r}: not found locally and not downloadable ({e}). "

@@ -14,6 +14,7 @@ width K — are read from the checkpoint's ``"data"`` entry (``{"resolution", "c
 The authors' ``.pkl`` network pickles hold no configuration this code can read; they are handed
 to :mod:`tvm.compat.upstream` together with the experiment config the user names.
 """
+
 from __future__ import annotations
 
 import math
@@ -81,28 +82,35 @@ def apply_overrides(cfg: DictConfig, overrides: Overrides) -> DictConfig:
         raise ValueError(f"bad config override {list(overrides)}: {exc}") from exc
 
 
-def _load_upstream(path: Path, config: DictConfig | None, overrides: Overrides,
-                   device: torch.device) -> tuple[TVMWrapper, DictConfig, int | None]:
+def _load_upstream(
+    path: Path, config: DictConfig | None, overrides: Overrides, device: torch.device
+) -> tuple[TVMWrapper, DictConfig, int | None]:
     """An authors' ``network-snapshot-*.pkl`` through :mod:`tvm.compat.upstream` (docs/method.md §9)."""
     try:
         from tvm.compat.upstream import load_upstream_network
     except ModuleNotFoundError as exc:
         if exc.name != "tvm.compat.upstream":
             raise
-        raise CheckpointError(f"{path}: the authors' .pkl networks are read by tvm.compat.upstream, which this "
-                              "installation lacks") from exc
+        raise CheckpointError(
+            f"{path}: the authors' .pkl networks are read by tvm.compat.upstream, which this " "installation lacks"
+        ) from exc
     if config is None:
-        raise ValueError(f"{path}: an upstream .pkl carries no configuration this code can read; name the "
-                         "experiment config it was trained with (e.g. im256_w2)")
+        raise ValueError(
+            f"{path}: an upstream .pkl carries no configuration this code can read; name the "
+            "experiment config it was trained with (e.g. im256_w2)"
+        )
     config = apply_overrides(config, overrides)
     net = load_upstream_network(path, config, device)
     net.eval().requires_grad_(False)
     return net, config, None
 
 
-def load_network_for_eval(path: str | os.PathLike[str], config_overrides: Overrides = None,
-                          device: torch.device | str = "cpu", config: DictConfig | None = None,
-                          ) -> tuple[TVMWrapper, DictConfig, int | None]:
+def load_network_for_eval(
+    path: str | os.PathLike[str],
+    config_overrides: Overrides = None,
+    device: torch.device | str = "cpu",
+    config: DictConfig | None = None,
+) -> tuple[TVMWrapper, DictConfig, int | None]:
     """The EMA network of a checkpoint, in eval mode without gradients, on ``device``.
 
     Args:

@@ -18,6 +18,7 @@ Decisions against upstream (docs/method.md §11 items 11, 14, 15, 23): TF32 foll
 the last checkpoint's FID (they perturbed its RNG upstream); ``eval.batch_size`` is the global
 generation batch, split over ranks; the results do not depend on the number of GPUs.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,12 +52,18 @@ def set_eval_backend_flags(cfg: DictConfig) -> None:
 def _check_encoder(stored: DictConfig, cfg: DictConfig, path: Path) -> None:
     """The named config must decode with the encoder the checkpoint was trained with."""
     if stored.encoder.class_name != cfg.encoder.class_name:
-        raise ValueError(f"{path} was trained with encoder {stored.encoder.class_name} but the config names "
-                         f"{cfg.encoder.class_name}; evaluate it with its own experiment config")
+        raise ValueError(
+            f"{path} was trained with encoder {stored.encoder.class_name} but the config names "
+            f"{cfg.encoder.class_name}; evaluate it with its own experiment config"
+        )
     if stored.encoder != cfg.encoder:
-        warnings.warn(f"{path}: the encoder settings differ from those it was trained with "
-                      f"({OmegaConf.to_container(stored.encoder)} vs {OmegaConf.to_container(cfg.encoder)}); "
-                      "using the named config's", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"{path}: the encoder settings differ from those it was trained with "
+            f"({OmegaConf.to_container(stored.encoder)} vs {OmegaConf.to_container(cfg.encoder)}); "
+            "using the named config's",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -100,14 +107,22 @@ def evaluate_checkpoints(cfg: DictConfig) -> list[dict[str, Any]]:
             for sampler, scfg in cfg.sampling.items():
                 start = time.time()
                 results = compute_metric(metric, net, ctx, scfg.num_steps, scfg.cfg_scale)
-                record = {"checkpoint": str(path), "step": step, "sampler": sampler, "num_steps": scfg.num_steps,
-                          "cfg_scale": scfg.cfg_scale, "metric": metric, "results": results,
-                          "num_images": ecfg.num_images, "num_gpus": dist.world_size,
-                          "seconds": round(time.time() - start, 3), "timestamp": time.time()}
+                record = {
+                    "checkpoint": str(path),
+                    "step": step,
+                    "sampler": sampler,
+                    "num_steps": scfg.num_steps,
+                    "cfg_scale": scfg.cfg_scale,
+                    "metric": metric,
+                    "results": results,
+                    "num_images": ecfg.num_images,
+                    "num_gpus": dist.world_size,
+                    "seconds": round(time.time() - start, 3),
+                    "timestamp": time.time(),
+                }
                 records.append(record)
                 if dist.is_main:
                     _append_jsonl(path.parent / RESULTS_FILE, record)
                     shown = ", ".join(f"{key} {value:.5g}" for key, value in results.items())
-                    print(f"{path.name} step {step} {sampler} {metric}: {shown} ({record['seconds']:.1f}s)",
-                          flush=True)
+                    print(f"{path.name} step {step} {sampler} {metric}: {shown} ({record['seconds']:.1f}s)", flush=True)
     return records

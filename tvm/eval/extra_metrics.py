@@ -29,6 +29,7 @@ unfair treatment of diffusion models"; used by EDM2): the Fréchet distance of
 :func:`tvm.eval.fid.frechet_distance` on the CLS-token features (1024-d) of DINOv2 ViT-L/14
 (Oquab et al. 2023) instead of Inception pool features. Preprocessing, see :class:`DINOv2Detector`.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -151,9 +152,11 @@ def detector_probabilities(
     with torch.no_grad():
         out = detector(images, **kwargs)
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != images.shape[0]:
-        raise ValueError(f"the detector gave {getattr(out, 'shape', type(out))} for {images.shape[0]} images; "
-                         "the Inception Score needs [N, K] class probabilities "
-                         "from detector(images, return_features=False)")
+        raise ValueError(
+            f"the detector gave {getattr(out, 'shape', type(out))} for {images.shape[0]} images; "
+            "the Inception Score needs [N, K] class probabilities "
+            "from detector(images, return_features=False)"
+        )
     out = out.detach().to(torch.float64)
     if output == "logits":
         return out.softmax(dim=1)
@@ -330,8 +333,9 @@ def compute_reference_features(
             f"{getattr(dataset, 'path', 'dataset')}: reference features need an RGB image dataset, not .npy latents"
         )
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size,
-                                         shuffle=False, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size, shuffle=False, num_workers=num_workers
+    )
     parts = []
     with fid.tf32_disabled():
         for images, _labels in progress_bar(loader, desc="reference features", unit="batch", disable=not progress):
@@ -367,8 +371,9 @@ class DINOv2Detector(torch.nn.Module):
         """uint8 ``[N, C, H, W]`` → normalised float32 ``[N, 3, 224, 224]``."""
         x = fid._check_images(images, images.shape[0]).to(self.mean.device, torch.float32) / 255
         if x.shape[-2:] != (self.resolution, self.resolution):
-            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bicubic", align_corners=False,
-                              antialias=True)
+            x = F.interpolate(
+                x, size=(self.resolution, self.resolution), mode="bicubic", align_corners=False, antialias=True
+            )
         return (x - self.mean) / self.std
 
     @torch.no_grad()
@@ -471,12 +476,16 @@ def load_dinov2(
             try:
                 model = torch.jit.load(str(path), map_location=device)
             except RuntimeError as e:
-                raise ValueError(f"{path}: not a TorchScript module ({e}). A DINOv2 state dict needs the model "
-                                 "code: give the dinov2 checkout directory and pass the .pth as the weights") from e
+                raise ValueError(
+                    f"{path}: not a TorchScript module ({e}). A DINOv2 state dict needs the model "
+                    "code: give the dinov2 checkout directory and pass the .pth as the weights"
+                ) from e
     elif path.is_dir():
         if not (path / "hubconf.py").is_file():
-            raise FileNotFoundError(f"{path}: not a torch.hub checkout (no hubconf.py); clone "
-                                    f"https://github.com/{DINOV2_HUB_REPO} there")
+            raise FileNotFoundError(
+                f"{path}: not a torch.hub checkout (no hubconf.py); clone "
+                f"https://github.com/{DINOV2_HUB_REPO} there"
+            )
         model = _load_hub_dir(path, model_name, None if weights is None else str(weights), hub, device)
     elif _is_hub_spec(source):
         repo, _, ref = source.partition(":")
@@ -499,10 +508,11 @@ def load_dinov2(
                 f"(or set eval.dinov2 to a local checkout directory or a TorchScript file)."
             )
     else:
-        raise FileNotFoundError(f"{source}: no such DINOv2 file or directory (expected a TorchScript file, a local "
-                                f"torch.hub checkout of {DINOV2_HUB_REPO}, or a hub repository name)")
+        raise FileNotFoundError(
+            f"{source}: no such DINOv2 file or directory (expected a TorchScript file, a local "
+            f"torch.hub checkout of {DINOV2_HUB_REPO}, or a hub repository name)"
+        )
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
     return DINOv2Detector(model).to(device).eval()
-

@@ -23,6 +23,7 @@ Inception Score, precision/recall and FD-DINOv2 live in :mod:`tvm.eval.extra_met
 this module's sharded feature extraction (:func:`generated_features`) and the restricted
 reference-pickle reader (``load_ref_stats(path, key='fd_dinov2')`` for EDM2's DINOv2 entry).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -483,8 +484,15 @@ def compute_fid(
     if num_images < max(2, world_size):
         raise ValueError(f"num_images must be at least max(2, world_size={world_size}), got {num_images}")
     gathered = generated_features(
-        generate, lambda images: compute_features(detector, images, device), num_images, batch_size, rank, world_size,
-        expected_resolution=ref.resolution, progress=progress, desc="FID features",
+        generate,
+        lambda images: compute_features(detector, images, device),
+        num_images,
+        batch_size,
+        rank,
+        world_size,
+        expected_resolution=ref.resolution,
+        progress=progress,
+        desc="FID features",
     )
     value = None
     if gathered is not None:

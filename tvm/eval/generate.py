@@ -10,6 +10,7 @@ upstream's broken ``generate_images.py``, docs/method.md §11 item 12): it shard
 over ranks in global batches and writes a PNG folder (every rank its own files) or one ``.npz``
 streamed by rank 0, so the output does not depend on the number of processes either.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,8 +38,9 @@ def image_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-def image_noise(indices: Sequence[int], shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu"
-                ) -> torch.Tensor:
+def image_noise(
+    indices: Sequence[int], shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Standard normal noise ``[len(indices), *shape]`` fp32, one generator per image index."""
     out = torch.empty((len(indices), *shape), dtype=torch.float32)
     for row, index in enumerate(indices):
@@ -47,8 +49,9 @@ def image_noise(indices: Sequence[int], shape: tuple[int, ...], seed: int, devic
     return out.to(device)
 
 
-def image_classes(indices: Sequence[int], num_classes: int, seed: int, mode: str = "uniform",
-                  class_probs: np.ndarray | None = None) -> np.ndarray:
+def image_classes(
+    indices: Sequence[int], num_classes: int, seed: int, mode: str = "uniform", class_probs: np.ndarray | None = None
+) -> np.ndarray:
     """Class index per image: uniform (default) or the training set's label frequencies."""
     if mode not in LABEL_MODES:
         raise ValueError(f"unknown label mode {mode!r}; allowed: {', '.join(LABEL_MODES)}")
@@ -63,8 +66,9 @@ def image_classes(indices: Sequence[int], num_classes: int, seed: int, mode: str
     return out
 
 
-def one_hot(classes: Sequence[int] | np.ndarray, num_classes: int, device: torch.device | str = "cpu"
-            ) -> torch.Tensor | None:
+def one_hot(
+    classes: Sequence[int] | np.ndarray, num_classes: int, device: torch.device | str = "cpu"
+) -> torch.Tensor | None:
     """Float one-hot ``[N, num_classes]``; None for an unconditional model."""
     if num_classes == 0:
         return None
@@ -72,9 +76,18 @@ def one_hot(classes: Sequence[int] | np.ndarray, num_classes: int, device: torch
 
 
 @torch.no_grad()
-def generate_images(net: TVMWrapper, encoder, indices: Sequence[int], *, steps: int, guidance: float, seed: int,
-                    classes: Sequence[int] | np.ndarray | None = None, batch_size: int = 64,
-                    device: torch.device | str = "cpu") -> torch.Tensor:
+def generate_images(
+    net: TVMWrapper,
+    encoder,
+    indices: Sequence[int],
+    *,
+    steps: int,
+    guidance: float,
+    seed: int,
+    classes: Sequence[int] | np.ndarray | None = None,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     """uint8 images for the given indices (noise from :func:`image_noise`, classes given or uniform).
 
     Returns ``[N, C_img, H, W]`` uint8 on the CPU.
@@ -86,15 +99,16 @@ def generate_images(net: TVMWrapper, encoder, indices: Sequence[int], *, steps: 
     classes = np.asarray(classes)
     out = []
     for start in range(0, len(indices), batch_size):
-        chunk = list(indices[start:start + batch_size])
+        chunk = list(indices[start : start + batch_size])
         z = image_noise(chunk, shape, seed, device)
-        labels = one_hot(classes[start:start + batch_size], model.num_classes, device)
+        labels = one_hot(classes[start : start + batch_size], model.num_classes, device)
         latents = sample(net, z, labels, steps=steps, guidance=guidance)
         out.append(encoder.decode(latents.to(torch.float32)).cpu())
     return torch.cat(out) if out else torch.empty(0, dtype=torch.uint8)
 
 
 # ------------------------------------------------------------------------------ command-line helpers
+
 
 def parse_index_ranges(text: str) -> list[int]:
     """``"0-3,10,20-21"`` → ``[0, 1, 2, 3, 10, 20, 21]`` (inclusive ranges, order kept).
@@ -225,8 +239,11 @@ class NpzWriter:
         batch = np.ascontiguousarray(images.permute(0, 2, 3, 1).numpy())
         if self._images is None:
             self._images = self._zip.open("images.npy", "w", force_zip64=True)
-            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-                      "shape": (self.total, *batch.shape[1:])}
+            header = {
+                "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                "fortran_order": False,
+                "shape": (self.total, *batch.shape[1:]),
+            }
             np.lib.format.write_array_header_2_0(self._images, header)
         self._images.write(batch.tobytes())
         self.written += len(batch)
@@ -240,9 +257,20 @@ class NpzWriter:
         return self.path
 
 
-def generate_to(net: TVMWrapper, encoder: Any, indices: Sequence[int], out: str | os.PathLike[str], *,
-                steps: int, guidance: float, seed: int = 0, classes: Sequence[int] | None = None,
-                batch_size: int = 64, device: torch.device | str = "cpu", progress: bool = True) -> Path:
+def generate_to(
+    net: TVMWrapper,
+    encoder: Any,
+    indices: Sequence[int],
+    out: str | os.PathLike[str],
+    *,
+    steps: int,
+    guidance: float,
+    seed: int = 0,
+    classes: Sequence[int] | None = None,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> Path:
     """Generate the images ``indices`` (seeds ``(seed, index)``) into a PNG folder or an ``.npz``.
 
     Sharding (docs/method.md §4 sampler, any world size): the index list is cut into global batches of
@@ -268,13 +296,22 @@ def generate_to(net: TVMWrapper, encoder: Any, indices: Sequence[int], out: str 
     for start in range(0, len(indices), global_batch):
         positions = list(range(start, min(start + global_batch, len(indices))))[rank::world]
         mine = [indices[p] for p in positions]
-        images = generate_images(net, encoder, mine, steps=steps, guidance=guidance, seed=seed,
-                                 classes=labels[positions], batch_size=batch_size, device=device)
+        images = generate_images(
+            net,
+            encoder,
+            mine,
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
+            classes=labels[positions],
+            batch_size=batch_size,
+            device=device,
+        )
         if gather:
             count = min(global_batch, len(indices) - start)
             gathered = distributed.gather_interleaved(images, count, dst=0)
             if writer is not None:
-                writer.write(indices[start:start + count], gathered)
+                writer.write(indices[start : start + count], gathered)
         elif mine:
             writer.write(mine, images)
         bar.update(min(global_batch, len(indices) - start))

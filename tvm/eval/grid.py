@@ -1,4 +1,5 @@
 """Sample grids and the real-data reference grid as PNG files."""
+
 from __future__ import annotations
 
 import math
@@ -76,8 +77,15 @@ def reference_indices(dataset: Any, n: int, num_classes: int, seed: int = 0, max
 
 
 @torch.no_grad()
-def save_reference_grid(dataset: Any, encoder: Any, folder: str | Path, n: int, num_classes: int,
-                        device: torch.device | str = "cpu", seed: int = 0) -> Path:
+def save_reference_grid(
+    dataset: Any,
+    encoder: Any,
+    folder: str | Path,
+    n: int,
+    num_classes: int,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> Path:
     """Write ``<folder>/reference.png``, a grid of real training items beside the sample grids.
 
     The items (:func:`reference_indices`) go through the same path as the training data and the

@@ -16,6 +16,7 @@ distance of DINOv2 ViT-L/14 features, ``eval.dinov2``, against ``eval.dinov2_ref
 ``'fd_dinov2'`` entry of an EDM2 ``eval.ref_stats`` pickle). All share the index-sharded
 generation of ``fid50k_full`` (:func:`index_generator`, :func:`tvm.eval.fid.generated_features`).
 """
+
 from __future__ import annotations
 
 import functools
@@ -43,21 +44,27 @@ class MetricContext:
     device: torch.device
     seed: int = 0
     batch_size: int = 64
-    num_images: int | None = None       # None: the metric's own default
+    num_images: int | None = None  # None: the metric's own default
     label_mode: str = "uniform"
     class_probs: np.ndarray | None = None
     detector_url: str | None = None
     ref_stats: str | None = None
-    ref_features: str | None = None         # pr50k3_full: .npz with 'features' (extra_metrics.save_ref_features)
-    pr_detector_url: str | None = None      # pr50k3_full: feature network (StyleGAN's VGG-16), as detector_url
-    dinov2: str | None = None               # fd_dinov2: TorchScript file, local hub checkout or hub repo name
-    dinov2_weights: str | None = None       # fd_dinov2: local state dict for a hub checkout
-    dinov2_ref_stats: str | None = None     # fd_dinov2: .npz (mu, sigma) or EDM2 pkl; default: ref_stats if a pkl
+    ref_features: str | None = None  # pr50k3_full: .npz with 'features' (extra_metrics.save_ref_features)
+    pr_detector_url: str | None = None  # pr50k3_full: feature network (StyleGAN's VGG-16), as detector_url
+    dinov2: str | None = None  # fd_dinov2: TorchScript file, local hub checkout or hub repo name
+    dinov2_weights: str | None = None  # fd_dinov2: local state dict for a hub checkout
+    dinov2_ref_stats: str | None = None  # fd_dinov2: .npz (mu, sigma) or EDM2 pkl; default: ref_stats if a pkl
     dinov2_allow_download: bool = False
 
     @classmethod
-    def from_config(cls, cfg: Any, encoder: Encoder, device: torch.device, world_size: int,
-                    dataset: torch.utils.data.Dataset | None = None) -> MetricContext:
+    def from_config(
+        cls,
+        cfg: Any,
+        encoder: Encoder,
+        device: torch.device,
+        world_size: int,
+        dataset: torch.utils.data.Dataset | None = None,
+    ) -> MetricContext:
         """The context of a run's ``eval`` section: the one constructor of the training loop and eval.py.
 
         ``batch_size`` is ``ceil(eval.batch_size / world_size)`` (at least 1): ``eval.batch_size``
@@ -73,13 +80,26 @@ class MetricContext:
         class_probs = None
         if ecfg.label_mode == "empirical":
             class_probs = class_frequencies(dataset if dataset is not None else build_dataset(cfg.dataset))
-        optional = ("ref_features", "pr_detector_url", "dinov2", "dinov2_weights", "dinov2_ref_stats",
-                    "dinov2_allow_download")  # absent keys keep their defaults, so older configs still work
-        return cls(encoder=encoder, device=device, seed=ecfg.seed,
-                   batch_size=max(1, math.ceil(ecfg.batch_size / world_size)), num_images=ecfg.num_images,
-                   label_mode=ecfg.label_mode, class_probs=class_probs, detector_url=ecfg.detector_url,
-                   ref_stats=ecfg.ref_stats,
-                   **{key: ecfg.get(key) for key in optional if ecfg.get(key) is not None})
+        optional = (
+            "ref_features",
+            "pr_detector_url",
+            "dinov2",
+            "dinov2_weights",
+            "dinov2_ref_stats",
+            "dinov2_allow_download",
+        )  # absent keys keep their defaults, so older configs still work
+        return cls(
+            encoder=encoder,
+            device=device,
+            seed=ecfg.seed,
+            batch_size=max(1, math.ceil(ecfg.batch_size / world_size)),
+            num_images=ecfg.num_images,
+            label_mode=ecfg.label_mode,
+            class_probs=class_probs,
+            detector_url=ecfg.detector_url,
+            ref_stats=ecfg.ref_stats,
+            **{key: ecfg.get(key) for key in optional if ecfg.get(key) is not None},
+        )
 
 
 def class_frequencies(dataset: torch.utils.data.Dataset) -> np.ndarray:
@@ -90,14 +110,24 @@ def class_frequencies(dataset: torch.utils.data.Dataset) -> np.ndarray:
     return counts / counts.sum()
 
 
-def sharded_generate(net: TVMWrapper, ctx: MetricContext, num_images: int, steps: int, guidance: float
-                     ) -> tuple[torch.Tensor, np.ndarray]:
+def sharded_generate(
+    net: TVMWrapper, ctx: MetricContext, num_images: int, steps: int, guidance: float
+) -> tuple[torch.Tensor, np.ndarray]:
     """All ``num_images`` images and their classes on every rank, generated ``i ≡ rank (mod W)``."""
     rank, world = distributed.get_rank(), distributed.get_world_size()
     mine = list(range(rank, num_images, world))
     classes = image_classes(range(num_images), net.model.num_classes, ctx.seed, ctx.label_mode, ctx.class_probs)
-    images = generate_images(net, ctx.encoder, mine, steps=steps, guidance=guidance, seed=ctx.seed,
-                             classes=classes[mine], batch_size=ctx.batch_size, device=ctx.device)
+    images = generate_images(
+        net,
+        ctx.encoder,
+        mine,
+        steps=steps,
+        guidance=guidance,
+        seed=ctx.seed,
+        classes=classes[mine],
+        batch_size=ctx.batch_size,
+        device=ctx.device,
+    )
     return distributed.gather_interleaved(images, num_images), classes
 
 
@@ -137,39 +167,63 @@ def _rank0_first(load: Callable[[], T], what: str) -> T:
 def _detector(url_or_path: str, device: str) -> fid.Detector:
     """The Inception detector, loaded once per process; rank 0 first (it may download the file),
     so that a missing file fails on every rank with fid.py's message saying where to put it."""
-    return _rank0_first(lambda: fid.load_inception_detector(url_or_path, device=device),
-                        f"the detector {url_or_path}")
+    return _rank0_first(lambda: fid.load_inception_detector(url_or_path, device=device), f"the detector {url_or_path}")
 
 
 @functools.cache
 def _dinov2(source: str, weights: str | None, allow_download: bool, device: str) -> extra_metrics.DINOv2Detector:
     """DINOv2, loaded once per process, rank 0 first (:func:`tvm.eval.extra_metrics.load_dinov2`)."""
-    return _rank0_first(lambda: extra_metrics.load_dinov2(source, device=device, weights=weights,
-                                                          allow_download=allow_download), f"DINOv2 {source}")
+    return _rank0_first(
+        lambda: extra_metrics.load_dinov2(source, device=device, weights=weights, allow_download=allow_download),
+        f"DINOv2 {source}",
+    )
 
 
-def index_generator(net: TVMWrapper, ctx: MetricContext, steps: int, guidance: float
-                    ) -> Callable[[range], torch.Tensor]:
+def index_generator(
+    net: TVMWrapper, ctx: MetricContext, steps: int, guidance: float
+) -> Callable[[range], torch.Tensor]:
     """``generate(indices) -> uint8 [len(indices), 3, H, W]``: image ``i`` has noise and class
     seeded by ``(ctx.seed, i)`` whatever the rank, so the image set does not depend on ``W``."""
     num_classes = net.model.num_classes
 
     def generate(indices: range) -> torch.Tensor:
         classes = image_classes(indices, num_classes, ctx.seed, ctx.label_mode, ctx.class_probs)
-        return generate_images(net, ctx.encoder, indices, steps=steps, guidance=guidance, seed=ctx.seed,
-                               classes=classes, batch_size=ctx.batch_size, device=ctx.device)
+        return generate_images(
+            net,
+            ctx.encoder,
+            indices,
+            steps=steps,
+            guidance=guidance,
+            seed=ctx.seed,
+            classes=classes,
+            batch_size=ctx.batch_size,
+            device=ctx.device,
+        )
 
     return generate
 
 
-def _generated(net: TVMWrapper, ctx: MetricContext, steps: int, guidance: float,
-               features: Callable[[torch.Tensor], torch.Tensor], num_images: int, expected_resolution: int | None,
-               desc: str) -> torch.Tensor | None:
+def _generated(
+    net: TVMWrapper,
+    ctx: MetricContext,
+    steps: int,
+    guidance: float,
+    features: Callable[[torch.Tensor], torch.Tensor],
+    num_images: int,
+    expected_resolution: int | None,
+    desc: str,
+) -> torch.Tensor | None:
     """``features`` of ``num_images`` generated images, sharded by index, gathered on rank 0 (else None)."""
-    return fid.generated_features(index_generator(net, ctx, steps, guidance), features, num_images,
-                                  batch_size=ctx.batch_size, rank=distributed.get_rank(),
-                                  world_size=distributed.get_world_size(), expected_resolution=expected_resolution,
-                                  desc=desc)
+    return fid.generated_features(
+        index_generator(net, ctx, steps, guidance),
+        features,
+        num_images,
+        batch_size=ctx.batch_size,
+        rank=distributed.get_rank(),
+        world_size=distributed.get_world_size(),
+        expected_resolution=expected_resolution,
+        desc=desc,
+    )
 
 
 def _on_rank0(compute: Callable[[torch.Tensor], dict[str, float]], gathered: torch.Tensor | None) -> dict[str, float]:
@@ -198,15 +252,27 @@ def fid50k_full_metric(net: TVMWrapper, ctx: MetricContext, steps: int, guidance
     indices ``i ≡ r (mod W)`` and :func:`tvm.eval.fid.compute_fid` gathers the features in index
     order, so the value does not depend on the number of GPUs.
     """
-    ref_stats = _required(ctx.ref_stats, "fid50k_full needs reference statistics: set eval.ref_stats to the "
-                          "authors' img256.pkl / img512.pkl or an .npz made by scripts/ref_stats.py")
-    detector_url = _required(ctx.detector_url, "fid50k_full needs the Inception detector: set eval.detector_url "
-                             "to its URL or a local file")
+    ref_stats = _required(
+        ctx.ref_stats,
+        "fid50k_full needs reference statistics: set eval.ref_stats to the "
+        "authors' img256.pkl / img512.pkl or an .npz made by scripts/ref_stats.py",
+    )
+    detector_url = _required(
+        ctx.detector_url,
+        "fid50k_full needs the Inception detector: set eval.detector_url " "to its URL or a local file",
+    )
     ref = fid.load_ref_stats(ref_stats, expected_resolution=decoded_resolution(net, ctx.encoder))
     detector = _detector(str(detector_url), str(ctx.device))
-    value = fid.compute_fid(index_generator(net, ctx, steps, guidance), detector, ref,
-                            num_images=ctx.num_images or 50000, batch_size=ctx.batch_size,
-                            rank=distributed.get_rank(), world_size=distributed.get_world_size(), device=ctx.device)
+    value = fid.compute_fid(
+        index_generator(net, ctx, steps, guidance),
+        detector,
+        ref,
+        num_images=ctx.num_images or 50000,
+        batch_size=ctx.batch_size,
+        rank=distributed.get_rank(),
+        world_size=distributed.get_world_size(),
+        device=ctx.device,
+    )
     return {"fid": value}
 
 
@@ -227,9 +293,16 @@ def is50k_metric(net: TVMWrapper, ctx: MetricContext, steps: int, guidance: floa
     if num_images < IS_SPLITS:
         raise ValueError(f"is50k needs at least {IS_SPLITS} images (one per split), got eval.num_images={num_images}")
     detector = _detector(str(ctx.detector_url), str(ctx.device))
-    probs = _generated(net, ctx, steps, guidance,
-                       lambda images: extra_metrics.detector_probabilities(detector, images, ctx.device),
-                       num_images, None, "IS probabilities")
+    probs = _generated(
+        net,
+        ctx,
+        steps,
+        guidance,
+        lambda images: extra_metrics.detector_probabilities(detector, images, ctx.device),
+        num_images,
+        None,
+        "IS probabilities",
+    )
 
     def score(probs: torch.Tensor) -> dict[str, float]:
         mean, std = extra_metrics.inception_score(probs, splits=IS_SPLITS)
@@ -243,23 +316,40 @@ def pr50k3_full_metric(net: TVMWrapper, ctx: MetricContext, steps: int, guidance
     samples against all reference features in ``ctx.ref_features``, both from the network
     ``ctx.pr_detector_url`` (StyleGAN's VGG-16 by default; the reference file must come from the same
     network). Distances are computed on rank 0 (``ctx.device``) in float64."""
-    ref_features = _required(ctx.ref_features, "pr50k3_full needs reference features: set eval.ref_features to "
-                             "an .npz made by scripts/ref_features.py (with the network of eval.pr_detector_url)")
-    _required(ctx.pr_detector_url, "pr50k3_full needs a feature network: set eval.pr_detector_url to its URL or a "
-              "local file")
+    ref_features = _required(
+        ctx.ref_features,
+        "pr50k3_full needs reference features: set eval.ref_features to "
+        "an .npz made by scripts/ref_features.py (with the network of eval.pr_detector_url)",
+    )
+    _required(
+        ctx.pr_detector_url,
+        "pr50k3_full needs a feature network: set eval.pr_detector_url to its URL or a " "local file",
+    )
     ref = extra_metrics.load_ref_features(ref_features, expected_resolution=decoded_resolution(net, ctx.encoder))
     num_images = ctx.num_images or 50000
     if min(num_images, len(ref.features)) <= PR_K:
-        raise ValueError(f"pr50k3_full needs more than {PR_K} generated and reference images, got {num_images} and "
-                         f"{len(ref.features)}")
+        raise ValueError(
+            f"pr50k3_full needs more than {PR_K} generated and reference images, got {num_images} and "
+            f"{len(ref.features)}"
+        )
     detector = _detector(str(ctx.pr_detector_url), str(ctx.device))
-    gen = _generated(net, ctx, steps, guidance, lambda images: fid.compute_features(detector, images, ctx.device),
-                     num_images, ref.resolution, "PR features")
+    gen = _generated(
+        net,
+        ctx,
+        steps,
+        guidance,
+        lambda images: fid.compute_features(detector, images, ctx.device),
+        num_images,
+        ref.resolution,
+        "PR features",
+    )
 
     def pr(gen: torch.Tensor) -> dict[str, float]:
         if gen.shape[1] != ref.features.shape[1]:
-            raise ValueError(f"{ctx.ref_features}: reference features are {ref.features.shape[1]}-d but "
-                             f"{ctx.pr_detector_url} gives {gen.shape[1]}-d features")
+            raise ValueError(
+                f"{ctx.ref_features}: reference features are {ref.features.shape[1]}-d but "
+                f"{ctx.pr_detector_url} gives {gen.shape[1]}-d features"
+            )
         precision, recall = extra_metrics.precision_recall(ref.features, gen, k=PR_K, device=ctx.device)
         return {"precision": precision, "recall": recall}
 
@@ -271,8 +361,10 @@ def _dinov2_ref_path(ctx: MetricContext) -> str:
         return ctx.dinov2_ref_stats
     if ctx.ref_stats and Path(ctx.ref_stats).suffix != ".npz":
         return ctx.ref_stats  # EDM2's pickle holds 'fid' and 'fd_dinov2' entries
-    raise ValueError("fd_dinov2 needs DINOv2 reference statistics: set eval.dinov2_ref_stats to an .npz made by "
-                     "scripts/ref_features.py --dinov2, or eval.ref_stats to an EDM2 pickle with an 'fd_dinov2' entry")
+    raise ValueError(
+        "fd_dinov2 needs DINOv2 reference statistics: set eval.dinov2_ref_stats to an .npz made by "
+        "scripts/ref_features.py --dinov2, or eval.ref_stats to an EDM2 pickle with an 'fd_dinov2' entry"
+    )
 
 
 def fd_dinov2_metric(net: TVMWrapper, ctx: MetricContext, steps: int, guidance: float) -> dict[str, float]:
@@ -281,13 +373,22 @@ def fd_dinov2_metric(net: TVMWrapper, ctx: MetricContext, steps: int, guidance: 
     ``'fd_dinov2'`` entry read by the numpy-only unpickler). Sharded exactly as ``fid50k_full``."""
     ref_path = _dinov2_ref_path(ctx)
     if not ctx.dinov2:
-        raise ValueError("fd_dinov2 needs DINOv2: set eval.dinov2 to a local checkout, a TorchScript file or "
-                         f"{extra_metrics.DINOV2_HUB_REPO} (its torch.hub cache)")
+        raise ValueError(
+            "fd_dinov2 needs DINOv2: set eval.dinov2 to a local checkout, a TorchScript file or "
+            f"{extra_metrics.DINOV2_HUB_REPO} (its torch.hub cache)"
+        )
     ref = fid.load_ref_stats(ref_path, expected_resolution=decoded_resolution(net, ctx.encoder), key="fd_dinov2")
     detector = _dinov2(str(ctx.dinov2), ctx.dinov2_weights, bool(ctx.dinov2_allow_download), str(ctx.device))
-    value = fid.compute_fid(index_generator(net, ctx, steps, guidance), detector, ref,
-                            num_images=ctx.num_images or 50000, batch_size=ctx.batch_size, rank=distributed.get_rank(),
-                            world_size=distributed.get_world_size(), device=ctx.device)
+    value = fid.compute_fid(
+        index_generator(net, ctx, steps, guidance),
+        detector,
+        ref,
+        num_images=ctx.num_images or 50000,
+        batch_size=ctx.batch_size,
+        rank=distributed.get_rank(),
+        world_size=distributed.get_world_size(),
+        device=ctx.device,
+    )
     return {"fd_dinov2": value}
 
 

@@ -13,6 +13,7 @@
   generator would score with a sample of that size (the Fréchet estimate is biased upwards for
   small samples, so compare generated sets of similar size with the floor).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

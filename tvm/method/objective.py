@@ -30,6 +30,7 @@ Non-finite values are returned as they are: the training loop counts them and ap
 The network (:class:`~tvm.method.wrapper.TVMWrapper`) holds the weights and the precision; its
 ``forward`` is :func:`tvm_loss`, so that under DDP the whole objective runs inside the wrapped forward.
 """
+
 from __future__ import annotations
 
 from typing import Protocol
@@ -42,24 +43,41 @@ from tvm.method.times import StepDraws
 class VelocityNet(Protocol):
     """What the objective needs from the online network and the teacher (``TVMWrapper``)."""
 
-    do_scale_param: bool     # κ = w (the scaled parametrisation) instead of 1
-    detach_jvp: bool         # stop the gradient through ∂_s F (the paper's "detached JVP")
-    jvp_mode: str            # "explicit" (tangents through the layers) or "autograd" (torch.func.jvp)
-    jvp_attn_backend: str    # attention inside the JVP
+    do_scale_param: bool  # κ = w (the scaled parametrisation) instead of 1
+    detach_jvp: bool  # stop the gradient through ∂_s F (the paper's "detached JVP")
+    jvp_mode: str  # "explicit" (tangents through the layers) or "autograd" (torch.func.jvp)
+    jvp_attn_backend: str  # attention inside the JVP
 
-    def velocity(self, x: torch.Tensor, t: torch.Tensor, gap: torch.Tensor, labels: torch.Tensor | None,
-                 beta: torch.Tensor | None, attn_backend: str | None = None, out_dtype: torch.dtype | None = None,
-                 *, recompute: bool = True) -> torch.Tensor: ...
+    def velocity(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        gap: torch.Tensor,
+        labels: torch.Tensor | None,
+        beta: torch.Tensor | None,
+        attn_backend: str | None = None,
+        out_dtype: torch.dtype | None = None,
+        *,
+        recompute: bool = True,
+    ) -> torch.Tensor: ...
 
-    def velocity_with_tangent(self, x: torch.Tensor, t: torch.Tensor, gap: torch.Tensor, dgap: torch.Tensor,
-                              labels: torch.Tensor | None, beta: torch.Tensor | None
-                              ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def velocity_with_tangent(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        gap: torch.Tensor,
+        dgap: torch.Tensor,
+        labels: torch.Tensor | None,
+        beta: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 # 1. Label dropout ---------------------------------------------------------------------------------
 
-def apply_label_dropout(labels: torch.Tensor | None, beta: torch.Tensor, drop: torch.Tensor
-                        ) -> tuple[torch.Tensor | None, torch.Tensor]:
+
+def apply_label_dropout(
+    labels: torch.Tensor | None, beta: torch.Tensor, drop: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Dropped rows → all-zero labels (null class) and β = 1. Never in place.
 
     Args:
@@ -73,6 +91,7 @@ def apply_label_dropout(labels: torch.Tensor | None, beta: torch.Tensor, drop: t
 
 # 2. Interpolation ---------------------------------------------------------------------------------
 
+
 def interpolate(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``x_t = (1 − t)·x + t·ε``: t = 0 is data, t = 1 pure noise."""
     return (1 - t) * x + t * noise
@@ -80,13 +99,15 @@ def interpolate(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.
 
 # 3. The flow map ----------------------------------------------------------------------------------
 
+
 def kappa(beta: torch.Tensor, do_scale_param: bool) -> torch.Tensor | float:
     """κ = w = 1/β, computed in fp32 from the fp32 β tensor, under the scaled parametrisation; else 1."""
     return 1.0 / beta if do_scale_param else 1.0
 
 
-def flow_map(x: torch.Tensor, F: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
-             kappa: torch.Tensor | float) -> torch.Tensor:
+def flow_map(
+    x: torch.Tensor, F: torch.Tensor, t: torch.Tensor, s: torch.Tensor, kappa: torch.Tensor | float
+) -> torch.Tensor:
     """``f_{t→s}(x) = x + (s − t)·κ·F``: the state reached at time s from x at time t.
 
     Used by the loss (t, s, κ ``[B, 1, 1, 1]`` fp32: ``x + ((s − t)·F)·κ``, upstream's order) and
@@ -102,14 +123,22 @@ def flow_map(x: torch.Tensor, F: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
 
 # 4. Its derivative in the terminal time -----------------------------------------------------------
 
-def flow_map_derivative(F: torch.Tensor, dF_ds: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
-                        kappa: torch.Tensor | float) -> torch.Tensor:
+
+def flow_map_derivative(
+    F: torch.Tensor, dF_ds: torch.Tensor, t: torch.Tensor, s: torch.Tensor, kappa: torch.Tensor | float
+) -> torch.Tensor:
     """``d f/d s = κ·(F + (s − t)·∂_s F)``."""
     return kappa * (F + (s - t) * dF_ds)
 
 
-def velocity_and_ds(net: VelocityNet, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
-                    labels: torch.Tensor | None, beta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def velocity_and_ds(
+    net: VelocityNet,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    s: torch.Tensor,
+    labels: torch.Tensor | None,
+    beta: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(F_θ(x, t, t − s, c, β), ∂_s F)`` in t's dtype, by one forward-mode JVP in s.
 
     The tangent is 1 on s, 0 on x and t (these are closed over, which gives the same numbers
@@ -121,6 +150,7 @@ def velocity_and_ds(net: VelocityNet, x: torch.Tensor, t: torch.Tensor, s: torch
     ``net.jvp_attn_backend``; gradients flow through both outputs.
     """
     if net.jvp_mode == "autograd":
+
         def velocity_of_s(s_: torch.Tensor) -> torch.Tensor:
             return net.velocity(x, t, t - s_, labels, beta, net.jvp_attn_backend, recompute=False)
 
@@ -136,8 +166,10 @@ def mean_chw(v: torch.Tensor) -> torch.Tensor:
 
 # The objective, steps 1–8 -------------------------------------------------------------------------
 
-def tvm_loss(net: VelocityNet, teacher: VelocityNet, x: torch.Tensor, labels: torch.Tensor | None,
-             draws: StepDraws) -> dict[str, torch.Tensor]:
+
+def tvm_loss(
+    net: VelocityNet, teacher: VelocityNet, x: torch.Tensor, labels: torch.Tensor | None, draws: StepDraws
+) -> dict[str, torch.Tensor]:
     """Per-sample terminal-velocity and flow-matching terms for a batch (module docstring).
 
     Args:
@@ -170,8 +202,12 @@ def tvm_loss(net: VelocityNet, teacher: VelocityNet, x: torch.Tensor, labels: to
     with torch.no_grad():
         null = None if labels is None else torch.zeros_like(labels)
         F_T = teacher.velocity(
-            torch.cat([f_ts.detach(), x_sp]), torch.cat([s, s_prime]), torch.cat([zero_gap, zero_gap]),
-            None if labels is None else torch.cat([labels, null]), torch.cat([beta, torch.ones_like(beta)]))
+            torch.cat([f_ts.detach(), x_sp]),
+            torch.cat([s, s_prime]),
+            torch.cat([zero_gap, zero_gap]),
+            None if labels is None else torch.cat([labels, null]),
+            torch.cat([beta, torch.ones_like(beta)]),
+        )
         F_T1, F_T0 = F_T.chunk(2)
 
     # The online velocity at (x_{s'}, s'), for the flow-matching term. Velocities are κ·F (gap 0);

@@ -9,6 +9,7 @@ Guidance is distilled into the β-conditioned network: one call per step, any w 
 unguided), and the sampling w may differ from the training w. ``labels=None`` (or all-zero
 rows) samples the null class, i.e. unconditionally.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,9 @@ def time_grid(steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(net: TVMWrapper, z: torch.Tensor, labels: torch.Tensor | None = None, steps: int = 1,
-           guidance: float = 1.0) -> torch.Tensor:
+def sample(
+    net: TVMWrapper, z: torch.Tensor, labels: torch.Tensor | None = None, steps: int = 1, guidance: float = 1.0
+) -> torch.Tensor:
     """Map noise ``z`` ``[N, C, R, R]`` to samples in ``steps`` network calls; returns float64.
 
     Args:

@@ -24,6 +24,7 @@ Guidance (``Guidance``): a fixed scale ``cfg`` (β = 1/cfg); a range ``[min_cfg,
 Both settings are built from the ``loss`` section of the run config by :meth:`from_config`: the
 field names are the schema's keys (``tvm/config.py`` ``LossConfig``), so nothing is copied by hand.
 """
+
 from __future__ import annotations
 
 import math
@@ -119,8 +120,9 @@ def truncated_logit_normal(u: torch.Tensor, upper_logit: torch.Tensor, mean: flo
     return torch.sigmoid(mean + std * torch.erfinv(2 * p - 1) * math.sqrt(2))
 
 
-def sample_times(gen: torch.Generator, n: int, times: TimeSampling, device: torch.device | str = "cpu"
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sample_times(
+    gen: torch.Generator, n: int, times: TimeSampling, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draw ``(t, s, s')`` for n samples, each ``[n, 1, 1, 1]`` fp32, with ``0 ≤ s ≤ t ≤ 1``.
 
     Draw order for the default gap scheme follows upstream (randn for g, rand for s, randn for s').
@@ -185,8 +187,14 @@ class StepDraws:
         return StepDraws(*(getattr(self, f).to(device) for f in ("t", "s", "s_prime", "beta", "noise", "drop")))
 
 
-def draw_step(gen: torch.Generator, n: int, sample_shape: tuple[int, ...], times: TimeSampling,
-              guidance: Guidance, device: torch.device | str = "cpu") -> StepDraws:
+def draw_step(
+    gen: torch.Generator,
+    n: int,
+    sample_shape: tuple[int, ...],
+    times: TimeSampling,
+    guidance: Guidance,
+    device: torch.device | str = "cpu",
+) -> StepDraws:
     """Make every draw of one step for n samples, in upstream's order (docs/method.md §2 items 1–8)."""
     t, s, s_prime = sample_times(gen, n, times, device)
     beta = sample_beta(gen, n, guidance, device)

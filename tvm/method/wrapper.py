@@ -12,6 +12,7 @@ CUDA autocast; ``"fp32"`` disables it. On a CPU the wrapper always computes in f
 cast to the parameters' dtype (fp32) before the network and outputs to the time tensor's dtype
 (fp32 in training, float64 in the sampler).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -52,9 +53,17 @@ class TVMWrapper(nn.Module):
             ``network.compile_memory_budget`` is the better lever (docs/benchmarks.md).
     """
 
-    def __init__(self, model: DiT, data_type: str = "bf16", do_scale_param: bool = True,
-                 detach_jvp: bool = False, attn_backend: str = "sdpa", jvp_attn_backend: str = "math",
-                 jvp_mode: str = "explicit", recompute: str = "none"):
+    def __init__(
+        self,
+        model: DiT,
+        data_type: str = "bf16",
+        do_scale_param: bool = True,
+        detach_jvp: bool = False,
+        attn_backend: str = "sdpa",
+        jvp_attn_backend: str = "math",
+        jvp_mode: str = "explicit",
+        recompute: str = "none",
+    ):
         super().__init__()
         if data_type not in DATA_TYPES:
             raise ValueError(f"unknown data_type {data_type!r}; allowed: {', '.join(DATA_TYPES)}")
@@ -63,14 +72,18 @@ class TVMWrapper(nn.Module):
         if recompute not in RECOMPUTE:
             raise ValueError(f"unknown recompute {recompute!r}; allowed: {', '.join(RECOMPUTE)}")
         if recompute == "all" and jvp_mode != "explicit":
-            raise ValueError("recompute='all' needs jvp_mode='explicit' (torch.func.jvp cannot run through "
-                             "activation checkpointing); use recompute='fm'")
+            raise ValueError(
+                "recompute='all' needs jvp_mode='explicit' (torch.func.jvp cannot run through "
+                "activation checkpointing); use recompute='fm'"
+            )
         for name, backend in (("attn_backend", attn_backend), ("jvp_attn_backend", jvp_attn_backend)):
             if backend not in BACKENDS:
                 raise ValueError(f"unknown {name} {backend!r}; allowed: {', '.join(BACKENDS)}")
         if jvp_attn_backend == "sdpa":
-            raise ValueError("jvp_attn_backend='sdpa' is not allowed: PyTorch's fused SDPA kernels have no "
-                             "forward-mode rule; use 'math' or 'triton'")
+            raise ValueError(
+                "jvp_attn_backend='sdpa' is not allowed: PyTorch's fused SDPA kernels have no "
+                "forward-mode rule; use 'math' or 'triton'"
+            )
         self.model = model
         self.data_type = data_type
         self.do_scale_param = do_scale_param
@@ -90,9 +103,18 @@ class TVMWrapper(nn.Module):
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=DATA_TYPES[self.data_type])
 
-    def velocity(self, x: torch.Tensor, t: torch.Tensor, gap: torch.Tensor, labels: torch.Tensor | None = None,
-                 beta: torch.Tensor | None = None, attn_backend: str | None = None,
-                 out_dtype: torch.dtype | None = None, *, recompute: bool = True) -> torch.Tensor:
+    def velocity(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        gap: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        beta: torch.Tensor | None = None,
+        attn_backend: str | None = None,
+        out_dtype: torch.dtype | None = None,
+        *,
+        recompute: bool = True,
+    ) -> torch.Tensor:
         """``F_θ(x, t, gap, c, β)`` with inputs cast to the parameter dtype (fp32; float64 in
         tests) and the output to ``out_dtype`` (default: t's dtype, as upstream). With gradients
         enabled, ``self.recompute`` set and ``recompute`` true (false inside ``torch.func.jvp``, which
@@ -109,17 +131,30 @@ class TVMWrapper(nn.Module):
                 out = self.model(*args)
         return out.to(out_dtype or t.dtype)
 
-    def velocity_with_tangent(self, x: torch.Tensor, t: torch.Tensor, gap: torch.Tensor, dgap: torch.Tensor,
-                              labels: torch.Tensor | None, beta: torch.Tensor | None
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    def velocity_with_tangent(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        gap: torch.Tensor,
+        dgap: torch.Tensor,
+        labels: torch.Tensor | None,
+        beta: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``F_θ(x, t, gap, c, β)`` and its tangent for the tangent ``dgap`` on the gap input, both in t's
         dtype, by explicit propagation through the layers (``DiT.forward_with_tangent``) with the
         ``jvp_attn_backend`` attention; ``recompute="all"`` recomputes each block in the backward."""
         x_, t_, gap_, dgap_, labels_, beta_ = self._param_dtype(x, t, gap, dgap, labels, beta)
         with self.autocast(x.device):
-            F, dF = self.model.forward_with_tangent(x_, t_, gap_, dgap_, labels_, beta_,
-                                                    attn_backend=self.jvp_attn_backend,
-                                                    recompute_blocks=self.recompute == "all")
+            F, dF = self.model.forward_with_tangent(
+                x_,
+                t_,
+                gap_,
+                dgap_,
+                labels_,
+                beta_,
+                attn_backend=self.jvp_attn_backend,
+                recompute_blocks=self.recompute == "all",
+            )
         return F.to(t.dtype), dF.to(t.dtype)
 
     def _param_dtype(self, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
@@ -127,8 +162,9 @@ class TVMWrapper(nn.Module):
         dtype = self.model.pos_embed.dtype
         return [None if x is None else x.to(dtype) for x in tensors]
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None, draws: StepDraws,
-                teacher: "TVMWrapper") -> dict[str, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, labels: torch.Tensor | None, draws: StepDraws, teacher: "TVMWrapper"
+    ) -> dict[str, torch.Tensor]:
         """The per-sample loss terms :func:`tvm.method.objective.tvm_loss` (label dropout from
         ``draws``; ``teacher`` is the target EMA): ``{"terminal", "fm", "loss"}``, each ``[B]``."""
         return tvm_loss(self, teacher, x, labels, draws)

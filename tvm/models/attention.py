@@ -17,6 +17,7 @@ mode everything stays fp32. Under autocast, q and k leave the QK-norm in whateve
 torch version's autocast rule for ``rms_norm`` gives, so the Triton path casts q, k, v to the
 autocast dtype (the kernel needs one operand dtype), as docs/method.md §3.9 prescribes.
 """
+
 from __future__ import annotations
 
 import torch
@@ -59,8 +60,15 @@ def _kernel_operands(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [x.to(dtype) for x in tensors]
 
 
-def attention_with_tangent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.Tensor, tk: torch.Tensor,
-                           tv: torch.Tensor, backend: str = "math") -> tuple[torch.Tensor, torch.Tensor]:
+def attention_with_tangent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tq: torch.Tensor,
+    tk: torch.Tensor,
+    tv: torch.Tensor,
+    backend: str = "math",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention and its tangent along ``(tq, tk, tv)``: ``(O, T)``, all ``[B, H, N, D]``.
 
     For explicit tangent propagation (``tvm.models.tangent``). Backends: ``"math"``

@@ -17,6 +17,7 @@ F and ``∂F/∂gap·ġap`` in one ordinary graph, the fast replacement for ``to
 Shapes: ``B`` batch, ``C`` channels, ``R`` resolution, ``p`` patch, ``G = R/p``, ``T = G²``
 tokens, ``D`` hidden size, ``H`` heads, ``d = D/H`` head dim.
 """
+
 from __future__ import annotations
 
 import math
@@ -90,8 +91,7 @@ def timestep_features(tau: torch.Tensor, dim: int = FREQ_DIM, max_period: float 
     return _sinusoids(tau, dim, max_period, derivative=False).to(tau.dtype)
 
 
-def timestep_features_derivative(tau: torch.Tensor, dim: int = FREQ_DIM, max_period: float = 10000.0
-                                 ) -> torch.Tensor:
+def timestep_features_derivative(tau: torch.Tensor, dim: int = FREQ_DIM, max_period: float = 10000.0) -> torch.Tensor:
     """``d/dτ`` of :func:`timestep_features`: ``[−f_k sin(τ f_k), f_k cos(τ f_k)]``, float64 ``[B, dim]``."""
     return _sinusoids(tau, dim, max_period, derivative=True)
 
@@ -283,16 +283,29 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
     """One DiT block with mod-norm'd adaLN (docs/method.md §3.4, eq. M9; the paper's Eq. 16 change)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True,
-                 mod_norm: bool = True, dropout: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qk_norm: bool = True,
+        mod_norm: bool = True,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.mod_norm = mod_norm
         self.attn = Attention(dim, num_heads, qk_norm=qk_norm)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, attn_backend: str, dx: torch.Tensor | None = None,
-                dc: torch.Tensor | None = None) -> torch.Tensor | tangent.Pair:
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        attn_backend: str,
+        dx: torch.Tensor | None = None,
+        dc: torch.Tensor | None = None,
+    ) -> torch.Tensor | tangent.Pair:
         """The block; with tangents ``dx``, ``dc`` given, :meth:`forward_with_tangent` (one entry
         point, so that ``block.compile()`` compiles both)."""
         if dx is not None:
@@ -306,8 +319,9 @@ class DiTBlock(nn.Module):
         x = x + gate2[:, None] * self.mlp(modulate(F.rms_norm(x, (D,), eps=RMS_EPS), shift2, scale2))
         return x
 
-    def forward_with_tangent(self, x: torch.Tensor, dx: torch.Tensor, c: torch.Tensor, dc: torch.Tensor,
-                             attn_backend: str) -> tangent.Pair:
+    def forward_with_tangent(
+        self, x: torch.Tensor, dx: torch.Tensor, c: torch.Tensor, dc: torch.Tensor, attn_backend: str
+    ) -> tangent.Pair:
         m = modulation_with_tangent(self.adaLN_modulation, c, dc, 6, self.mod_norm)
         shift1, scale1, gate1, shift2, scale2, gate2 = m
         h = tangent.modulate(*tangent.rms_norm(x, dx, RMS_EPS), shift1, scale1)
@@ -316,8 +330,9 @@ class DiTBlock(nn.Module):
         return tangent.gated_residual(x, dx, gate2, self.mlp.forward_with_tangent(*h))
 
 
-def modulation_with_tangent(ada_ln: nn.Sequential, c: torch.Tensor, dc: torch.Tensor, chunks: int,
-                            mod_norm: bool) -> list[tangent.Pair]:
+def modulation_with_tangent(
+    ada_ln: nn.Sequential, c: torch.Tensor, dc: torch.Tensor, chunks: int, mod_norm: bool
+) -> list[tangent.Pair]:
     """The adaLN chunks ``[(m_i, ṁ_i)]``, each ``[B, D]``: SiLU → Linear, then mod-norm per chunk."""
     _, lin = ada_ln
     m, dm = tangent.linear(*tangent.silu(c, dc), lin.weight, lin.bias)
@@ -343,8 +358,9 @@ class FinalLayer(nn.Module):
         shift, scale = m.unbind(1)
         return self.linear(modulate(F.rms_norm(x, (x.shape[-1],), eps=RMS_EPS), shift, scale))
 
-    def forward_with_tangent(self, x: torch.Tensor, dx: torch.Tensor, c: torch.Tensor, dc: torch.Tensor
-                             ) -> tangent.Pair:
+    def forward_with_tangent(
+        self, x: torch.Tensor, dx: torch.Tensor, c: torch.Tensor, dc: torch.Tensor
+    ) -> tangent.Pair:
         shift, scale = modulation_with_tangent(self.adaLN_modulation, c, dc, 2, self.mod_norm)
         h, dh = tangent.modulate(*tangent.rms_norm(x, dx, RMS_EPS), shift, scale)
         return tangent.linear(h, dh, self.linear.weight, self.linear.bias)
@@ -367,12 +383,27 @@ class DiT(nn.Module):
         init: run the initialisation (skip on the meta device or before loading weights).
     """
 
-    def __init__(self, variant: str = "DiT-XL/2-18h", input_size: int = 32, in_channels: int = 4,
-                 num_classes: int = 1000, *, mlp_ratio: float = 4.0, qk_norm: bool = True,
-                 mod_norm: bool = True, learn_guidance: bool = True, dropout: float = 0.0,
-                 init_type: str = "spectral", time_specinit: bool = False, patch_spectral: bool = False,
-                 init: bool = True, hidden_size: int | None = None, depth: int | None = None,
-                 num_heads: int | None = None, patch_size: int | None = None):
+    def __init__(
+        self,
+        variant: str = "DiT-XL/2-18h",
+        input_size: int = 32,
+        in_channels: int = 4,
+        num_classes: int = 1000,
+        *,
+        mlp_ratio: float = 4.0,
+        qk_norm: bool = True,
+        mod_norm: bool = True,
+        learn_guidance: bool = True,
+        dropout: float = 0.0,
+        init_type: str = "spectral",
+        time_specinit: bool = False,
+        patch_spectral: bool = False,
+        init: bool = True,
+        hidden_size: int | None = None,
+        depth: int | None = None,
+        num_heads: int | None = None,
+        patch_size: int | None = None,
+    ):
         super().__init__()
         spec = resolve_variant(variant)
         D = hidden_size or spec.hidden_size
@@ -395,10 +426,12 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder(num_classes, D)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, D), requires_grad=False)
-        self.blocks = nn.ModuleList([
-            DiTBlock(D, self.num_heads, mlp_ratio, qk_norm=qk_norm, mod_norm=mod_norm, dropout=dropout)
-            for _ in range(self.depth)
-        ])
+        self.blocks = nn.ModuleList(
+            [
+                DiTBlock(D, self.num_heads, mlp_ratio, qk_norm=qk_norm, mod_norm=mod_norm, dropout=dropout)
+                for _ in range(self.depth)
+            ]
+        )
         self.final_layer = FinalLayer(D, p, in_channels, mod_norm=mod_norm)
         if init:
             initialize_dit(self, init_type=init_type, time_specinit=time_specinit, patch_spectral=patch_spectral)
@@ -410,8 +443,9 @@ class DiT(nn.Module):
         T = self.x_embedder.num_patches
         token_params = self.x_embedder.proj.weight.numel() + self.final_layer.linear.weight.numel()
         for block in self.blocks:
-            token_params += sum(layer.weight.numel() for layer in
-                                (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2))
+            token_params += sum(
+                layer.weight.numel() for layer in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2)
+            )
         return 2 * token_params * T + 4 * T * T * self.hidden_size * len(self.blocks)
 
     def compile_blocks(self, **kwargs) -> None:
@@ -440,13 +474,21 @@ class DiT(nn.Module):
             raise ValueError(f"x has dtype {x.dtype}; expected a floating-point tensor")
         if labels is not None:
             if labels.dim() != 2 or labels.shape[1] != self.num_classes:
-                raise ValueError(f"labels have shape {tuple(labels.shape)}; expected [B or 1, {self.num_classes}] "
-                                 "(one-hot rows; all-zero rows mean the null class)")
+                raise ValueError(
+                    f"labels have shape {tuple(labels.shape)}; expected [B or 1, {self.num_classes}] "
+                    "(one-hot rows; all-zero rows mean the null class)"
+                )
             if labels.shape[0] not in (1, x.shape[0]):
                 raise ValueError(f"labels have {labels.shape[0]} rows for a batch of {x.shape[0]}")
 
-    def _embed(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, guidance: torch.Tensor | None,
-               gap_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _embed(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        labels: torch.Tensor | None,
+        guidance: torch.Tensor | None,
+        gap_embedding: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens ``h`` ``[B, T, D]`` and conditioning ``c`` ``[B, D]`` (docs/method.md §3.1 steps 1–3)
         from checked inputs and the gap's embedding ``[B, D]``."""
         B = x.shape[0]
@@ -460,8 +502,15 @@ class DiT(nn.Module):
             c = c + self.guidance_embedder(_broadcast_batch(guidance, B, "guidance"))
         return h, c + self.y_embedder(labels)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, gap: torch.Tensor, labels: torch.Tensor | None = None,
-                guidance: torch.Tensor | None = None, attn_backend: str = "sdpa") -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        gap: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
+        attn_backend: str = "sdpa",
+    ) -> torch.Tensor:
         """``F_θ(x, t, t − s, c, β)`` (docs/method.md §3.1).
 
         Args:
@@ -481,9 +530,17 @@ class DiT(nn.Module):
             h = block(h, c, attn_backend)
         return self.unpatchify(self.final_layer(h, c))
 
-    def forward_with_tangent(self, x: torch.Tensor, t: torch.Tensor, gap: torch.Tensor, gap_tangent: torch.Tensor,
-                             labels: torch.Tensor | None = None, guidance: torch.Tensor | None = None,
-                             attn_backend: str = "math", recompute_blocks: bool = False) -> tangent.Pair:
+    def forward_with_tangent(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        gap: torch.Tensor,
+        gap_tangent: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
+        attn_backend: str = "math",
+        recompute_blocks: bool = False,
+    ) -> tangent.Pair:
         """``(F, Ḟ)`` with ``Ḟ = ∂F/∂gap · ġap``: the JVP along the gap alone (x, t, c, β fixed).
 
         Same arguments as :meth:`forward`, plus ``gap_tangent`` (shapes as gap; −1 gives ``∂_s F``
@@ -494,8 +551,9 @@ class DiT(nn.Module):
         """
         self.check_inputs(x, labels)
         B = x.shape[0]
-        c_gap, dc = self.s_embedder.forward_with_tangent(_broadcast_batch(gap, B, "gap"),
-                                                         _broadcast_batch(gap_tangent, B, "gap_tangent"))
+        c_gap, dc = self.s_embedder.forward_with_tangent(
+            _broadcast_batch(gap, B, "gap"), _broadcast_batch(gap_tangent, B, "gap_tangent")
+        )
         h, c = self._embed(x, t, labels, guidance, c_gap)
         dh = torch.zeros_like(h)
         for block in self.blocks:

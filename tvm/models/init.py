@@ -16,6 +16,7 @@ Upstream order of operations, reproduced so that the random-number consumption m
 Layers that step 6 or 7 overwrite still draw their step-2 xavier values (to keep the RNG
 stream), but skip the SVD, which consumes no random numbers and is the slow part on a CPU.
 """
+
 from __future__ import annotations
 
 import torch
@@ -71,8 +72,9 @@ def zero_(layer: nn.Linear) -> None:
 
 
 @torch.no_grad()
-def initialize_dit(model: nn.Module, init_type: str = "spectral", time_specinit: bool = False,
-                   patch_spectral: bool = False) -> None:
+def initialize_dit(
+    model: nn.Module, init_type: str = "spectral", time_specinit: bool = False, patch_spectral: bool = False
+) -> None:
     """Run steps 2–7 on a freshly constructed :class:`~tvm.models.dit.DiT` (docs/method.md §3.8)."""
     from tvm.models.dit import sincos_pos_embed_2d
 

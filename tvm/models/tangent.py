@@ -11,6 +11,7 @@ plain forward's output; the tangent formulas are checked against ``torch.func.jv
 (tests/models/test_tangent.py). Shapes broadcast as in the primal op; tangents have the primal's
 shape.
 """
+
 from __future__ import annotations
 
 import math

@@ -3,6 +3,7 @@
 Class paths in the configs (``dataset.class_name`` …) keep the authors' key names but resolve
 through the explicit registries below, never through arbitrary imports.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -27,8 +28,10 @@ NETWORKS = {"tvm.method.wrapper.TVMWrapper": TVMWrapper}
 # key is the authors'; these are the names it may carry, each standing for that objective:
 # the authors' class (``training.loss.TVMLoss``, upstream's module layout) and the name our configs and
 # stored checkpoints have carried (``tvm.method.loss.TVMLoss``, kept so those load).
-LOSSES = {"training.loss.TVMLoss": "the TVM objective (the authors' class name)",
-          "tvm.method.loss.TVMLoss": "the TVM objective (this package's configs and checkpoints)"}
+LOSSES = {
+    "training.loss.TVMLoss": "the TVM objective (the authors' class name)",
+    "tvm.method.loss.TVMLoss": "the TVM objective (this package's configs and checkpoints)",
+}
 OPTIMIZERS = {"torch.optim.AdamW": torch.optim.AdamW}
 
 
@@ -43,20 +46,32 @@ def build_dataset(cfg: DictConfig) -> torch.utils.data.Dataset:
     cls = _lookup(DATASETS, cfg.class_name, "dataset.class_name")
     if cls is DigitsDataset:
         if cfg.path:
-            raise ValueError(f"dataset.path={cfg.path} is set but dataset.class_name={cfg.class_name} reads no files "
-                             "(the digits ship with scikit-learn): drop dataset.path, or set "
-                             "dataset.class_name=tvm.data.datasets.ImageFolderDataset to train on that path")
+            raise ValueError(
+                f"dataset.path={cfg.path} is set but dataset.class_name={cfg.class_name} reads no files "
+                "(the digits ship with scikit-learn): drop dataset.path, or set "
+                "dataset.class_name=tvm.data.datasets.ImageFolderDataset to train on that path"
+            )
         dataset = DigitsDataset(split=str(cfg.split), use_labels=cfg.use_labels)
     else:
         if not cfg.path:
-            raise ValueError("dataset.path is not set: point it at an EDM-format zip or folder "
-                             "(scripts/dataset_tool.py makes one)")
-        dataset = ImageFolderDataset(cfg.path, use_labels=cfg.use_labels, xflip=cfg.xflip, max_size=cfg.max_size,
-                                     cache=cfg.cache, resolution=cfg.resolution)
+            raise ValueError(
+                "dataset.path is not set: point it at an EDM-format zip or folder "
+                "(scripts/dataset_tool.py makes one)"
+            )
+        dataset = ImageFolderDataset(
+            cfg.path,
+            use_labels=cfg.use_labels,
+            xflip=cfg.xflip,
+            max_size=cfg.max_size,
+            cache=cfg.cache,
+            resolution=cfg.resolution,
+        )
     if cfg.use_labels and not dataset.has_labels:
-        raise ValueError(f"dataset.use_labels is true but the dataset at {cfg.path or cfg.class_name} has no labels "
-                         "(dataset.json 'labels' is null or missing); set dataset.use_labels=false for "
-                         "unconditional training")
+        raise ValueError(
+            f"dataset.use_labels is true but the dataset at {cfg.path or cfg.class_name} has no labels "
+            "(dataset.json 'labels' is null or missing); set dataset.use_labels=false for "
+            "unconditional training"
+        )
     if cfg.resolution is not None and dataset.resolution != cfg.resolution:
         raise ValueError(f"dataset resolution {dataset.resolution} does not match dataset.resolution={cfg.resolution}")
     return dataset
@@ -66,8 +81,9 @@ def encoder_from_config(cfg: DictConfig) -> Any:
     """The encoder of ``cfg.encoder`` (pixels or SD-VAE latents, docs/method.md §6.3)."""
     if cfg.class_name.endswith("PixelEncoder"):
         return build_encoder({"class_name": cfg.class_name})
-    return build_encoder({key: (list(value) if not isinstance(value, (str, int, float, bool)) else value)
-                          for key, value in cfg.items()})
+    return build_encoder(
+        {key: (list(value) if not isinstance(value, (str, int, float, bool)) else value) for key, value in cfg.items()}
+    )
 
 
 def resolve_jvp_backend(name: str, device: torch.device) -> str:
@@ -77,8 +93,14 @@ def resolve_jvp_backend(name: str, device: torch.device) -> str:
     return name
 
 
-def build_network(cfg: DictConfig, resolution: int, channels: int, label_dim: int,
-                  device: torch.device | str = "cpu", init: bool = True) -> TVMWrapper:
+def build_network(
+    cfg: DictConfig,
+    resolution: int,
+    channels: int,
+    label_dim: int,
+    device: torch.device | str = "cpu",
+    init: bool = True,
+) -> TVMWrapper:
     """The :class:`TVMWrapper` around a DiT for data of this shape (docs/method.md §3, §3.8).
 
     Upstream ignores ``network.model_kwargs`` (the DiT always uses its defaults); set
@@ -87,14 +109,29 @@ def build_network(cfg: DictConfig, resolution: int, channels: int, label_dim: in
     _lookup(NETWORKS, cfg.class_name, "network.class_name")
     kwargs = to_container(cfg.model_kwargs) if cfg.honor_model_kwargs else {}  # init_type a plain string
     arch = dict(mod_norm=kwargs.pop("do_mod_norm", True), **kwargs)
-    model = DiT(cfg.model_type, input_size=resolution, in_channels=channels, num_classes=label_dim,
-                hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads,
-                patch_spectral=cfg.patch_spectral, init=init, **arch)
+    model = DiT(
+        cfg.model_type,
+        input_size=resolution,
+        in_channels=channels,
+        num_classes=label_dim,
+        hidden_size=cfg.hidden_size,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        patch_spectral=cfg.patch_spectral,
+        init=init,
+        **arch,
+    )
     device = torch.device(device)
-    return TVMWrapper(model, data_type=str(cfg.data_type), do_scale_param=cfg.do_scale_param,
-                      detach_jvp=cfg.detach_jvp, attn_backend=str(cfg.attn_backend), jvp_mode=str(cfg.jvp_mode),
-                      recompute=str(cfg.recompute),
-                      jvp_attn_backend=resolve_jvp_backend(str(cfg.jvp_attn_backend), device)).to(device)
+    return TVMWrapper(
+        model,
+        data_type=str(cfg.data_type),
+        do_scale_param=cfg.do_scale_param,
+        detach_jvp=cfg.detach_jvp,
+        attn_backend=str(cfg.attn_backend),
+        jvp_mode=str(cfg.jvp_mode),
+        recompute=str(cfg.recompute),
+        jvp_attn_backend=resolve_jvp_backend(str(cfg.jvp_attn_backend), device),
+    ).to(device)
 
 
 def time_sampling(cfg: DictConfig) -> TimeSampling:

@@ -26,6 +26,7 @@ overwrote ``training-state-latest.pt`` in place and ignored failures).
 Only rank 0 may write. Nothing here checks the rank: the caller gates every ``save`` call with
 ``tvm.runtime.distributed.is_main()``; all ranks may read.
 """
+
 from __future__ import annotations
 
 import errno
@@ -104,13 +105,17 @@ def strip_wrapper_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return cleaned
 
 
-def state_dict_differences(expected: Mapping[str, Any], given: Mapping[str, Any]
-                           ) -> tuple[list[str], list[str], list[str]]:
+def state_dict_differences(
+    expected: Mapping[str, Any], given: Mapping[str, Any]
+) -> tuple[list[str], list[str], list[str]]:
     """Keys of ``given`` against ``expected``: (missing, unexpected, shape-mismatched), in order."""
     missing = [key for key in expected if key not in given]
     unexpected = [key for key in given if key not in expected]
-    mismatched = [key for key, value in expected.items()
-                  if key in given and tuple(getattr(given[key], "shape", ())) != tuple(value.shape)]
+    mismatched = [
+        key
+        for key, value in expected.items()
+        if key in given and tuple(getattr(given[key], "shape", ())) != tuple(value.shape)
+    ]
     return missing, unexpected, mismatched
 
 
@@ -300,9 +305,7 @@ def validate_checkpoint(obj: Any, path: str | os.PathLike[str] = "<memory>", req
         )
     version = obj.get("version")
     if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= VERSION:
-        raise CheckpointError(
-            f"{path} has checkpoint version {version!r}; this code reads versions 1..{VERSION}"
-        )
+        raise CheckpointError(f"{path} has checkpoint version {version!r}; this code reads versions 1..{VERSION}")
     progress = obj.get("progress")
     if progress is not None:
         if not isinstance(progress, dict):

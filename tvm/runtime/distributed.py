@@ -16,6 +16,7 @@ hosts without ``enp*`` interfaces; cluster-specific settings belong in the user'
 Every helper is a no-op (or the identity) when no process group is initialised, so the same
 code runs single-process on a laptop.
 """
+
 from __future__ import annotations
 
 import os
@@ -310,8 +311,9 @@ def raise_on_every_rank(error: Exception | None, remote_error: Callable[[str, in
     """Share rank 0's error (or its absence) with every rank, so that a failure there never leaves
     the other ranks waiting at the next collective: rank 0 re-raises its own exception, the others
     raise ``remote_error(message, errno)`` built from rank 0's ``"Type: message"`` and OS errno."""
-    shared = broadcast_object(None if error is None else (f"{type(error).__name__}: {error}",
-                                                          getattr(error, "errno", None)))
+    shared = broadcast_object(
+        None if error is None else (f"{type(error).__name__}: {error}", getattr(error, "errno", None))
+    )
     if error is not None:
         raise error
     if shared is not None:

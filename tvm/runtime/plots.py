@@ -14,6 +14,7 @@ markers, so a single evaluation is visible; the y axis is logarithmic when the v
 and span more than ``LOG_RATIO``. Records of a step that was redone after a restart replace the
 earlier ones.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,17 +28,27 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-          (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+COLORS = (
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+)
 BACKGROUND = (255, 255, 255)
 AXIS = (0, 0, 0)
 GRID = (225, 225, 225)
 TEXT = (0, 0, 0)
-PANEL_SIZE = (420, 270)       # pixels per panel (width, height)
-COLUMNS = 3                   # panels per row
-MARGINS = (62, 44, 12, 34)    # plot area inside a panel: left (y labels), top (title, legend), right, bottom
-MARKER_MAX_POINTS = 40        # series with at most this many points get markers
-LOG_RATIO = 50.0              # positive values spanning more than this ratio get a log y axis
+PANEL_SIZE = (420, 270)  # pixels per panel (width, height)
+COLUMNS = 3  # panels per row
+MARGINS = (62, 44, 12, 34)  # plot area inside a panel: left (y labels), top (title, legend), right, bottom
+MARKER_MAX_POINTS = 40  # series with at most this many points get markers
+LOG_RATIO = 50.0  # positive values spanning more than this ratio get a log y axis
 LINE_WIDTH = 2
 
 
@@ -59,7 +70,7 @@ class Axes:
     right: int
     bottom: int
     x_range: tuple[float, float]
-    y_range: tuple[float, float]   # log10 of the values when log_y
+    y_range: tuple[float, float]  # log10 of the values when log_y
     log_y: bool
 
     def pixel(self, x: float, y: float) -> tuple[int, int]:
@@ -149,8 +160,15 @@ def _segments(series: Series, log_y: bool) -> list[list[tuple[float, float]]]:
     return [run for run in runs if run]
 
 
-def draw_chart(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str, series: Sequence[Series],
-               *, log_y: bool | None = None, x_label: str = "step") -> Axes | None:
+def draw_chart(
+    draw: ImageDraw.ImageDraw,
+    box: tuple[int, int, int, int],
+    title: str,
+    series: Sequence[Series],
+    *,
+    log_y: bool | None = None,
+    x_label: str = "step",
+) -> Axes | None:
     """Draw a titled line chart with axes, tick labels, grid and legend inside ``box`` (x0, y0, x1, y1).
 
     ``log_y=None`` chooses: logarithmic when every value is positive and max/min > ``LOG_RATIO``.
@@ -193,8 +211,9 @@ def draw_chart(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title:
     return axes
 
 
-def _draw_ticks(draw: ImageDraw.ImageDraw, axes: Axes, x_ticks: list[float], y_ticks: list[float],
-                font: Any, x_label: str) -> None:
+def _draw_ticks(
+    draw: ImageDraw.ImageDraw, axes: Axes, x_ticks: list[float], y_ticks: list[float], font: Any, x_label: str
+) -> None:
     """Grid lines, tick marks and labels of both axes, and the x axis label."""
     for value in x_ticks:
         col, _ = axes.pixel(value, 10 ** axes.y_range[0] if axes.log_y else axes.y_range[0])
@@ -204,7 +223,7 @@ def _draw_ticks(draw: ImageDraw.ImageDraw, axes: Axes, x_ticks: list[float], y_t
         width = draw.textlength(label, font=font)
         draw.text((col - width / 2, axes.bottom + 6), label, fill=TEXT, font=font)
     for value in y_ticks:
-        _, row = axes.pixel(axes.x_range[0], 10 ** value if axes.log_y else value)
+        _, row = axes.pixel(axes.x_range[0], 10**value if axes.log_y else value)
         draw.line((axes.left + 1, row, axes.right - 1, row), fill=GRID)
         draw.line((axes.left - 4, row, axes.left, row), fill=AXIS)
         label = tick_label(value, axes.log_y)
@@ -262,12 +281,15 @@ _SAMPLER_PREFIX = re.compile(r"^(\d+_step)_(.+)$")
 _RECORD_FIELDS = ("step", "time", "kind", "tick")
 
 
-def training_panels(ticks: Sequence[Mapping[str, Any]], metrics: Sequence[Mapping[str, Any]]
-                    ) -> list[tuple[str, list[Series]]]:
+def training_panels(
+    ticks: Sequence[Mapping[str, Any]], metrics: Sequence[Mapping[str, Any]]
+) -> list[tuple[str, list[Series]]]:
     """The panels of :func:`plot_training_curves`: ``(title, series)`` in drawing order."""
     panels = []
-    for title, name in (("terminal-velocity loss by t bin", "Loss/terminal_loss"),
-                        ("flow-matching loss by t bin", "Loss/fm_loss")):
+    for title, name in (
+        ("terminal-velocity loss by t bin", "Loss/terminal_loss"),
+        ("flow-matching loss by t bin", "Loss/fm_loss"),
+    ):
         panels.append((title, [_column(ticks, f"{name}_q{k}", f"q{k}") for k in range(4)]))
     panels.append(("gradient norm (before clipping)", [_column(ticks, "Loss/grad_norm", "grad norm")]))
     panels.append(("throughput (img/s)", [_column(ticks, "img_per_sec", "img/s")]))
@@ -281,8 +303,9 @@ def training_panels(ticks: Sequence[Mapping[str, Any]], metrics: Sequence[Mappin
     return panels
 
 
-def render_training_curves(stats_jsonl: str | os.PathLike[str], panel_size: tuple[int, int] = PANEL_SIZE,
-                           columns: int = COLUMNS) -> tuple[Image.Image, dict[str, Axes | None]]:
+def render_training_curves(
+    stats_jsonl: str | os.PathLike[str], panel_size: tuple[int, int] = PANEL_SIZE, columns: int = COLUMNS
+) -> tuple[Image.Image, dict[str, Axes | None]]:
     """The image of :func:`plot_training_curves` and each panel's axes by title (None: no data)."""
     ticks, metrics = read_stats(stats_jsonl)
     panels = training_panels(ticks, metrics)

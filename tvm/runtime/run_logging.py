@@ -16,6 +16,7 @@ itself: it is never passed to any call, written to a file, or logged (``wandb.lo
 called because it stores the key in ``~/.netrc``). Config dicts are sanitised (secret-looking keys
 dropped) and every text written is scrubbed of the key's value as a second line of defence.
 """
+
 from __future__ import annotations
 
 import json
@@ -302,8 +303,11 @@ class RunLogger:
             plot_training_curves(self.run_dir / "stats.jsonl", self.run_dir / CURVES_FILE)
         except Exception as exc:  # noqa: BLE001 - any failure only costs the picture
             self._curves = False
-            warnings.warn(f"could not draw {self.run_dir / CURVES_FILE}: {exc}; no more curves for this run",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"could not draw {self.run_dir / CURVES_FILE}: {exc}; no more curves for this run",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def log_images(self, name: str, path: str | os.PathLike[str], step: int, caption: str | None = None) -> None:
         """Send an image file to wandb as ``name`` at ``step`` (no-op when wandb is off)."""
@@ -317,8 +321,14 @@ class RunLogger:
         when stderr is a terminal; otherwise a plain line every ``PLAIN_PROGRESS_SECONDS``."""
         if self._bar is not None:
             self._bar.close()
-        self._bar = progress_bar(total=total, initial=initial, desc="train", unit="step", disable=not self.is_main,
-                                 interval=PLAIN_PROGRESS_SECONDS)
+        self._bar = progress_bar(
+            total=total,
+            initial=initial,
+            desc="train",
+            unit="step",
+            disable=not self.is_main,
+            interval=PLAIN_PROGRESS_SECONDS,
+        )
         return self._bar
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ all-reduces the moments across ranks and returns the means (docs/method.md §5.8
 
 float64 accumulators need a device that supports them (CPU, CUDA).
 """
+
 from __future__ import annotations
 
 import math

@@ -9,6 +9,7 @@ start = p_net and end = p_ema is upstream's operation, so the values match it bi
 the step was skipped (non-finite gradients) the weight becomes exactly 1, which leaves the EMA
 untouched without a host sync.
 """
+
 from __future__ import annotations
 
 import copy

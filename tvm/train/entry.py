@@ -15,6 +15,7 @@ line on stderr:
 Under ``train.sh`` every worker also writes its line to ``$TVM_ERROR_DIR/rank<RANK>.txt``, and
 train.sh repeats the lowest rank's line after torchrun's report, so the cause ends the output there too.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,10 +32,17 @@ from tvm.runtime.checkpoint import CheckpointError
 from tvm.train.update import NonFiniteLossError
 
 ERROR_DIR_ENV = "TVM_ERROR_DIR"  # set by train.sh: where each worker writes its one-line cause
-INTERRUPTED_EXIT = 130           # the shell's code for a process stopped by SIGINT
+INTERRUPTED_EXIT = 130  # the shell's code for a process stopped by SIGINT
 # Errors that describe the user's input or machine, not a bug: their message is the whole story.
-USER_ERRORS = (HydraException, OmegaConfBaseException, CheckpointError, NonFiniteLossError, ValueError, OSError,
-               ImportError)
+USER_ERRORS = (
+    HydraException,
+    OmegaConfBaseException,
+    CheckpointError,
+    NonFiniteLossError,
+    ValueError,
+    OSError,
+    ImportError,
+)
 
 
 def one_line(error: BaseException) -> str:
@@ -80,8 +88,10 @@ def outcome_line(prog: str, result: dict[str, Any]) -> str | None:
     if not result.get("preempted"):
         return None
     step = result.get("progress", {}).get("step")
-    return (f"{prog}: stopped at step {step} on {result.get('signal') or 'a stop request'} with a checkpoint in "
-            f"{result.get('run_dir')}; run the same command to continue")
+    return (
+        f"{prog}: stopped at step {step} on {result.get('signal') or 'a stop request'} with a checkpoint in "
+        f"{result.get('run_dir')}; run the same command to continue"
+    )
 
 
 def run_entry_point(main: Callable[[], Any], prog: str) -> int:
@@ -91,8 +101,11 @@ def run_entry_point(main: Callable[[], Any], prog: str) -> int:
     try:
         main()
     except KeyboardInterrupt:
-        report_error(prog, "interrupted: stopped at once, without writing a checkpoint; the same command "
-                           "continues from the latest checkpoint of the run directory (if any)")
+        report_error(
+            prog,
+            "interrupted: stopped at once, without writing a checkpoint; the same command "
+            "continues from the latest checkpoint of the run directory (if any)",
+        )
         return INTERRUPTED_EXIT
     except Exception as error:  # noqa: BLE001 - reported in one line below, with the traceback if it is a bug
         if full_tracebacks:

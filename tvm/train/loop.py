@@ -16,6 +16,7 @@ What differs from upstream, on purpose (docs/method.md §11):
   a run directory that holds checkpoints resumes from the latest one;
 * the length is the paper's (300K iterations) and every tick has the same number of steps.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,15 +38,32 @@ from tvm.method.times import draw_step
 from tvm.method.wrapper import TVMWrapper
 from tvm.models.dit import count_parameters
 from tvm.runtime import distributed
-from tvm.runtime.build import (build_dataset, build_network, build_optimizer, encoder_from_config, guidance,
-                             time_sampling)
+from tvm.runtime.build import (
+    build_dataset,
+    build_network,
+    build_optimizer,
+    encoder_from_config,
+    guidance,
+    time_sampling,
+)
 from tvm.runtime.checkpoint import CheckpointManager, CheckpointWriteError, load_checkpoint
 from tvm.train.ema import make_ema
-from tvm.runtime.run_logging import (RunLogger, binned_means, peak_memory_gb, reset_peak_memory, sanitize_config,
-                               status_line)
+from tvm.runtime.run_logging import (
+    RunLogger,
+    binned_means,
+    peak_memory_gb,
+    reset_peak_memory,
+    sanitize_config,
+    status_line,
+)
 from tvm.train.preemption import PreemptionHandler, ignore_interrupts
-from tvm.train.sharding import (broadcast_parameters_, check_sharding_supported, gather_module, shard_run,
-                                state_memory_per_rank)
+from tvm.train.sharding import (
+    broadcast_parameters_,
+    check_sharding_supported,
+    gather_module,
+    shard_run,
+    state_memory_per_rank,
+)
 from tvm.train.state import Progress, RunState, checkpoint_content, restore
 from tvm.runtime.stats import StatsCollector
 from tvm.train.update import Batching, apply_update, check_nonfinite, gradient_sync, step_flops, take
@@ -84,10 +102,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def _log_error(logger: RunLogger) -> Callable[..., None]:
     """An ``ExitStack`` exit callback that writes the exception ending the run to the log (best effort)."""
+
     def log(kind: type[BaseException] | None, error: BaseException | None, _traceback: Any) -> None:
         if kind is not None:
             with contextlib.suppress(Exception):  # e.g. the disk that is full also holds log.txt
                 logger.log(f"run stopped by {kind.__name__}: {error}")
+
     return log
 
 
@@ -105,8 +125,9 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     if tcfg.max_steps is not None:
         total_steps = min(total_steps, tcfg.max_steps)
     if cfg.network.data_type == "fp16":
-        raise ValueError("network.data_type=fp16 is not supported for training (it needs loss scaling); use bf16 "
-                         "on GPUs or fp32")
+        raise ValueError(
+            "network.data_type=fp16 is not supported for training (it needs loss scaling); use bf16 " "on GPUs or fp32"
+        )
     if tcfg.resume and tcfg.transfer:
         raise ValueError("training.resume and training.transfer are mutually exclusive")
     seed = distributed.shared_seed(tcfg.seed)
@@ -121,12 +142,21 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         if metric not in METRICS:
             raise ValueError(f"unknown metric {metric!r} in training.metrics; allowed: {', '.join(METRICS)}")
     if "fid50k_full" in tcfg.metrics and not cfg.eval.ref_stats:
-        raise ValueError("training.metrics has fid50k_full but eval.ref_stats is not set (reference statistics, "
-                         "e.g. dataset-refs/img256.pkl or one made by scripts/ref_stats.py)")
+        raise ValueError(
+            "training.metrics has fid50k_full but eval.ref_stats is not set (reference statistics, "
+            "e.g. dataset-refs/img256.pkl or one made by scripts/ref_stats.py)"
+        )
 
     ncfg = cfg.network
-    check_sharding_supported(ncfg.sharding, ncfg.jvp_mode, ncfg.compile_scope, ncfg.compile, ncfg.recompute,
-                             dist.distributed, ncfg.compile_mode)
+    check_sharding_supported(
+        ncfg.sharding,
+        ncfg.jvp_mode,
+        ncfg.compile_scope,
+        ncfg.compile,
+        ncfg.recompute,
+        dist.distributed,
+        ncfg.compile_mode,
+    )
     sharded = ncfg.sharding == "fsdp2"
     torch.manual_seed(seed)
     net = build_network(ncfg, resolution, channels, label_dim, device)
@@ -138,20 +168,29 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         shard_run(net, ema, teacher)
         ddp = net
     else:
-        ddp = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
-            if dist.distributed else net
+        ddp = (
+            DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+            if dist.distributed
+            else net
+        )
         ema, teacher = make_ema(net), make_ema(net)
     state = RunState(net, ema, teacher, build_optimizer(cfg.optimizer, net.parameters(), device), Progress())
     teacher = state.teacher if tcfg.ema_target_beta is not None else None
-    ckpts = CheckpointManager(run_dir, keep_last=tcfg.keep_last,
-                              snapshot_every_steps=tcfg.snapshot_ticks * steps_per_tick)
+    ckpts = CheckpointManager(
+        run_dir, keep_last=tcfg.keep_last, snapshot_every_steps=tcfg.snapshot_ticks * steps_per_tick
+    )
     resumed_from = None
     if tcfg.transfer:
         restore(state, load_checkpoint(tcfg.transfer, require=("ema",)), True, tcfg.transfer, cfg)
     elif tcfg.resume:
         resumed_from = Path(tcfg.resume)
-        restore(state, load_checkpoint(resumed_from, require=("net", "ema", "ema_target", "optimizer")), False,
-                resumed_from, cfg)
+        restore(
+            state,
+            load_checkpoint(resumed_from, require=("net", "ema", "ema_target", "optimizer")),
+            False,
+            resumed_from,
+            cfg,
+        )
     elif (found := ckpts.load_latest()) is not None:
         resumed_from, ckpt = found
         restore(state, ckpt, False, resumed_from, cfg)
@@ -166,38 +205,56 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
 
     sampler = _make_sampler(len(dataset), dist, seed, progress.step * batching.batch)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batching.batch_gpu, sampler=sampler, num_workers=cfg.dataloader.num_workers,
+        dataset,
+        batch_size=batching.batch_gpu,
+        sampler=sampler,
+        num_workers=cfg.dataloader.num_workers,
         pin_memory=cfg.dataloader.pin_memory and device.type == "cuda",
         prefetch_factor=cfg.dataloader.prefetch_factor if cfg.dataloader.num_workers > 0 else None,
-        persistent_workers=cfg.dataloader.num_workers > 0, worker_init_fn=ignore_interrupts)
+        persistent_workers=cfg.dataloader.num_workers > 0,
+        worker_init_fn=ignore_interrupts,
+    )
     batches = infinite_batches(loader)
 
     # Secrets come from the environment only; a value that reached the config (e.g. through
     # ${oc.env:WANDB_API_KEY}) is redacted from everything written or sent (docs/method.md §5.8).
-    logger = RunLogger(run_dir, dist.rank, wandb_mode=str(cfg.logger.mode), project=sanitize_config(cfg.logger.project),
-                       entity=sanitize_config(cfg.logger.entity), run_name=sanitize_config(cfg.name),
-                       config_dict=to_container(cfg))
+    logger = RunLogger(
+        run_dir,
+        dist.rank,
+        wandb_mode=str(cfg.logger.mode),
+        project=sanitize_config(cfg.logger.project),
+        entity=sanitize_config(cfg.logger.entity),
+        run_name=sanitize_config(cfg.name),
+        config_dict=to_container(cfg),
+    )
     cleanup.callback(logger.close)
     cleanup.push(_log_error(logger))
     if dist.is_main:
         (run_dir / "config.yaml").write_text(sanitize_config(OmegaConf.to_yaml(cfg)))
     total, trainable = count_parameters(net.model)
-    logger.log(f"run dir {run_dir}; {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable); world "
-               f"{dist.world_size} × batch_gpu {batching.batch_gpu} × {batching.rounds} rounds = {batching.batch}; "
-               f"{steps_per_tick} steps/tick; steps {progress.step} → {total_steps}"
-               + (f"; resumed from {resumed_from}" if resumed_from else "")
-               + f"; {ncfg.sharding}: weights, gradients, AdamW and EMAs "
-               f"{state_memory_per_rank(total, dist.world_size, str(ncfg.sharding)) / 2**30:.2f} "
-               "GiB per rank (computed)")
+    logger.log(
+        f"run dir {run_dir}; {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable); world "
+        f"{dist.world_size} × batch_gpu {batching.batch_gpu} × {batching.rounds} rounds = {batching.batch}; "
+        f"{steps_per_tick} steps/tick; steps {progress.step} → {total_steps}"
+        + (f"; resumed from {resumed_from}" if resumed_from else "")
+        + f"; {ncfg.sharding}: weights, gradients, AdamW and EMAs "
+        f"{state_memory_per_rank(total, dist.world_size, str(ncfg.sharding)) / 2**30:.2f} "
+        "GiB per rank (computed)"
+    )
     if tcfg.do_log_image and dist.is_main:  # real training images, decoded like the samples, beside their grids
-        logger.log_images("samples/reference", save_reference_grid(dataset, encoder, run_dir / "samples",
-                          tcfg.num_samples, label_dim, device, cfg.eval.seed), progress.step)
+        logger.log_images(
+            "samples/reference",
+            save_reference_grid(
+                dataset, encoder, run_dir / "samples", tcfg.num_samples, label_dim, device, cfg.eval.seed
+            ),
+            progress.step,
+        )
     times, guide = time_sampling(cfg.loss), guidance(cfg.loss)
     sample_shape = (channels, resolution, resolution)
     stats = StatsCollector(device)
-    skipped_dev = torch.zeros((), device=device)       # non-finite steps since the last check
+    skipped_dev = torch.zeros((), device=device)  # non-finite steps since the last check
     in_row_dev = torch.full((), float(progress.in_row), device=device)
-    longest_dev = in_row_dev.clone()                   # longest run of skipped steps since the last check
+    longest_dev = in_row_dev.clone()  # longest run of skipped steps since the last check
     metric_ctx = MetricContext.from_config(cfg, encoder, device, dist.world_size, dataset)
     check_reference_files(tcfg.metrics, net, metric_ctx)  # a wrong file fails now, not at the first evaluation
     flops = step_flops(net, batching.batch)
@@ -205,12 +262,16 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     preempt = PreemptionHandler(device=device).install()
     cleanup.callback(preempt.uninstall)
     last_metrics: dict[str, float] = {}
+
     def eval_ema() -> TVMWrapper:
         """The eval EMA to sample and evaluate with: an unsharded copy when sharded (collective)."""
         if not sharded:
             return state.ema
-        return gather_module(state.ema, build_network(ncfg, resolution, channels, label_dim, device, init=False)
-                             ).eval().requires_grad_(False)
+        return (
+            gather_module(state.ema, build_network(ncfg, resolution, channels, label_dim, device, init=False))
+            .eval()
+            .requires_grad_(False)
+        )
 
     if progress.step == 0 and tcfg.no_eval_before_tick <= 0 and tcfg.metrics:
         last_metrics = _evaluate(eval_ema(), cfg, metric_ctx, logger, 0)
@@ -266,22 +327,46 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         img_per_sec = steps_done * batching.batch / max(elapsed, 1e-9)
         mfu = flops * steps_done / max(elapsed, 1e-9) / (peak * dist.world_size) if peak else None
         losses = {"terminal": binned_means(summary, "Loss/terminal_loss"), "fm": binned_means(summary, "Loss/fm_loss")}
-        logger.log(status_line(tick=tick, kimg=progress.step * batching.batch / 1e3, step=progress.step,
-                               sec_per_kimg=elapsed / max(steps_done * batching.batch / 1e3, 1e-9),
-                               img_per_sec=img_per_sec, peak_mem_gb=peak_memory_gb(device), losses=losses, mfu=mfu,
-                               total_sec=time.time() - run_start, sec_per_tick=elapsed)
-                   + (f" skipped {progress.skipped}" if progress.skipped else ""))
-        logger.log_stats(summary, progress.step, tick=tick, img_per_sec=img_per_sec, skipped_steps=progress.skipped,
-                         **({"mfu": mfu} if mfu is not None else {}))
+        logger.log(
+            status_line(
+                tick=tick,
+                kimg=progress.step * batching.batch / 1e3,
+                step=progress.step,
+                sec_per_kimg=elapsed / max(steps_done * batching.batch / 1e3, 1e-9),
+                img_per_sec=img_per_sec,
+                peak_mem_gb=peak_memory_gb(device),
+                losses=losses,
+                mfu=mfu,
+                total_sec=time.time() - run_start,
+                sec_per_tick=elapsed,
+            )
+            + (f" skipped {progress.skipped}" if progress.skipped else "")
+        )
+        logger.log_stats(
+            summary,
+            progress.step,
+            tick=tick,
+            img_per_sec=img_per_sec,
+            skipped_steps=progress.skipped,
+            **({"mfu": mfu} if mfu is not None else {}),
+        )
         reset_peak_memory(device)
         check_nonfinite(tcfg, progress, longest)
 
         if tick % tcfg.ckpt_ticks == 0 or done:
-            _save_checkpoint(ckpts, lambda: checkpoint_content(state, cfg, batching.batch, steps_per_tick, data_facts),
-                             progress.step, collective=sharded)
+            _save_checkpoint(
+                ckpts,
+                lambda: checkpoint_content(state, cfg, batching.batch, steps_per_tick, data_facts),
+                progress.step,
+                collective=sharded,
+            )
         grids = tcfg.do_log_image and (tick % tcfg.sample_ticks == 0 or done) and not preempted
-        evaluate = bool(tcfg.metrics) and not preempted and tick >= tcfg.no_eval_before_tick \
+        evaluate = (
+            bool(tcfg.metrics)
+            and not preempted
+            and tick >= tcfg.no_eval_before_tick
             and (tick % tcfg.eval_ticks == 0 or done)
+        )
         ema_now = eval_ema() if grids or evaluate else None
         if grids:
             _save_sample_grids(ema_now, encoder, cfg, run_dir, tick, logger, device)
@@ -294,27 +379,44 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         distributed.barrier()
         tick_start, tick_step0 = time.time(), progress.step
         if preempted:
-            logger.log(f"stopping at step {progress.step} on {preempt.signal_name}: checkpoint written, "
-                       "the job can be requeued and will resume from it")
+            logger.log(
+                f"stopping at step {progress.step} on {preempt.signal_name}: checkpoint written, "
+                "the job can be requeued and will resume from it"
+            )
             break
     bar.close()
-    return {"progress": progress.state_dict(batching.batch, steps_per_tick), "metrics": last_metrics,
-            "run_dir": str(run_dir), "preempted": preempted,
-            "signal": preempt.signal_name if preempted else None}
+    return {
+        "progress": progress.state_dict(batching.batch, steps_per_tick),
+        "metrics": last_metrics,
+        "run_dir": str(run_dir),
+        "preempted": preempted,
+        "signal": preempt.signal_name if preempted else None,
+    }
 
 
-def _already_finished(progress: Progress, total_steps: int, checkpoint: Path, run_dir: Path, batch: int,
-                      steps_per_tick: int) -> dict[str, Any]:
+def _already_finished(
+    progress: Progress, total_steps: int, checkpoint: Path, run_dir: Path, batch: int, steps_per_tick: int
+) -> dict[str, Any]:
     """The result of a run whose checkpoint is at or past ``total_steps``; rank 0 says so."""
     if distributed.is_main():
-        print(f"run already finished: {checkpoint} is at step {progress.step} >= total {total_steps} "
-              f"(training.total_ticks × {steps_per_tick} steps/tick, or training.max_steps); nothing to do. "
-              "Raise training.total_ticks to train on, or set another run_dir for a new run.", flush=True)
-    return {"progress": progress.state_dict(batch, steps_per_tick), "metrics": {}, "run_dir": str(run_dir),
-            "preempted": False, "signal": None, "already_finished": True}
+        print(
+            f"run already finished: {checkpoint} is at step {progress.step} >= total {total_steps} "
+            f"(training.total_ticks × {steps_per_tick} steps/tick, or training.max_steps); nothing to do. "
+            "Raise training.total_ticks to train on, or set another run_dir for a new run.",
+            flush=True,
+        )
+    return {
+        "progress": progress.state_dict(batch, steps_per_tick),
+        "metrics": {},
+        "run_dir": str(run_dir),
+        "preempted": False,
+        "signal": None,
+        "already_finished": True,
+    }
 
 
 # ------------------------------------------------------------------------------ step helpers
+
 
 def _make_sampler(length: int, dist: distributed.DistContext, seed: int, start: int):
     from tvm.data.datasets import InfiniteSampler
@@ -322,8 +424,9 @@ def _make_sampler(length: int, dist: distributed.DistContext, seed: int, start: 
     return InfiniteSampler(length, rank=dist.rank, world_size=dist.world_size, seed=seed, start_index=start)
 
 
-def _save_checkpoint(ckpts: CheckpointManager, content: Callable[[], dict[str, Any]], step: int,
-                     collective: bool = False) -> None:
+def _save_checkpoint(
+    ckpts: CheckpointManager, content: Callable[[], dict[str, Any]], step: int, collective: bool = False
+) -> None:
     """Rank 0 writes the checkpoint of ``step``; a failure there (disk full, unwritable directory) is
     raised on every rank alike, so that no rank waits at the next collective until the process-group
     timeout. The previous checkpoint stays intact (atomic write). One small collective per checkpoint."""
@@ -335,12 +438,17 @@ def _save_checkpoint(ckpts: CheckpointManager, content: Callable[[], dict[str, A
         except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks have been told
             error = exc
     path = ckpts.path_for(step)
-    distributed.raise_on_every_rank(error, lambda message, errno: CheckpointWriteError(
-        f"rank 0 could not write checkpoint {path}: {message}", path, errno))
+    distributed.raise_on_every_rank(
+        error,
+        lambda message, errno: CheckpointWriteError(
+            f"rank 0 could not write checkpoint {path}: {message}", path, errno
+        ),
+    )
 
 
-def _save_sample_grids(ema: TVMWrapper, encoder, cfg: DictConfig, run_dir: Path, tick: int, logger: RunLogger,
-                       device: torch.device) -> None:
+def _save_sample_grids(
+    ema: TVMWrapper, encoder, cfg: DictConfig, run_dir: Path, tick: int, logger: RunLogger, device: torch.device
+) -> None:
     """PNG grids from fixed noise and classes at every configured sampler (rank 0)."""
     if not distributed.is_main():
         return
@@ -348,10 +456,19 @@ def _save_sample_grids(ema: TVMWrapper, encoder, cfg: DictConfig, run_dir: Path,
     num_classes = ema.model.num_classes
     classes = grid_classes(n, num_classes)
     for name, sampler_cfg in cfg.sampling.items():
-        images = generate_images(ema, encoder, list(range(n)), steps=sampler_cfg.num_steps,
-                                 guidance=sampler_cfg.cfg_scale, seed=cfg.eval.seed, classes=classes, device=device)
-        path = save_image_grid(images, run_dir / "samples" / f"{name}-tick{tick:06d}.png",
-                               **grid_layout(n, num_classes, images.shape[-1]))
+        images = generate_images(
+            ema,
+            encoder,
+            list(range(n)),
+            steps=sampler_cfg.num_steps,
+            guidance=sampler_cfg.cfg_scale,
+            seed=cfg.eval.seed,
+            classes=classes,
+            device=device,
+        )
+        path = save_image_grid(
+            images, run_dir / "samples" / f"{name}-tick{tick:06d}.png", **grid_layout(n, num_classes, images.shape[-1])
+        )
         logger.log_images(f"samples/{name}", path, tick)
 
 

@@ -22,6 +22,7 @@ says so on stderr at once. A second SIGINT raises ``KeyboardInterrupt`` at once 
 the run resumes from the previous one). ``train.sh`` passes a Ctrl-C on to its workers exactly
 once per press, so the first press checkpoints and the second aborts there too.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,8 +38,10 @@ from tvm.runtime import distributed
 DEFAULT_SIGNALS: tuple[signal.Signals, ...] = tuple(
     getattr(signal, name) for name in ("SIGUSR2", "SIGUSR1", "SIGTERM", "SIGINT") if hasattr(signal, name)
 )
-INTERRUPT_NOTICE = (b"\nSIGINT: stopping at the next step boundary with a checkpoint "
-                    b"(press Ctrl-C again to abort at once, without one)\n")
+INTERRUPT_NOTICE = (
+    b"\nSIGINT: stopping at the next step boundary with a checkpoint "
+    b"(press Ctrl-C again to abort at once, without one)\n"
+)
 
 
 def ignore_interrupts(_worker_id: int = 0) -> None:

@@ -29,6 +29,7 @@ How the rest of the run treats sharded modules:
   and a DDP run can resume it (and vice versa). :func:`shard_like` turns loaded full tensors
   back into the local slices.
 """
+
 from __future__ import annotations
 
 import copy
@@ -57,27 +58,44 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if is_sharded(tensor) else tensor
 
 
-def check_sharding_supported(sharding: str, jvp_mode: str, compile_scope: str, compile: bool, recompute: str,
-                             distributed: bool, compile_mode: str = "default") -> None:
+def check_sharding_supported(
+    sharding: str,
+    jvp_mode: str,
+    compile_scope: str,
+    compile: bool,
+    recompute: str,
+    distributed: bool,
+    compile_mode: str = "default",
+) -> None:
     """ValueError naming the setting for a combination ``fsdp2`` does not support (the values
     themselves are checked by the config schema)."""
     if sharding != "fsdp2":
         return
     if not distributed:
-        raise ValueError("network.sharding=fsdp2 needs a process group: launch with `bash train.sh NUM_GPUS ...` "
-                         "(torchrun) or launch.py, also for one GPU")
+        raise ValueError(
+            "network.sharding=fsdp2 needs a process group: launch with `bash train.sh NUM_GPUS ...` "
+            "(torchrun) or launch.py, also for one GPU"
+        )
     if jvp_mode != "explicit":
-        raise ValueError("network.sharding=fsdp2 needs network.jvp_mode=explicit (torch.func.jvp cannot run "
-                         "through the sharded blocks' hooks)")
+        raise ValueError(
+            "network.sharding=fsdp2 needs network.jvp_mode=explicit (torch.func.jvp cannot run "
+            "through the sharded blocks' hooks)"
+        )
     if compile and compile_scope != "blocks":
-        raise ValueError("network.sharding=fsdp2 compiles per block only: use network.compile_scope=blocks "
-                         "(or network.compile=false)")
+        raise ValueError(
+            "network.sharding=fsdp2 compiles per block only: use network.compile_scope=blocks "
+            "(or network.compile=false)"
+        )
     if compile and compile_mode == "reduce-overhead":
-        raise ValueError("network.sharding=fsdp2 cannot use network.compile_mode=reduce-overhead (CUDA graphs "
-                         "around the blocks' all-gathers); use compile_mode=default")
+        raise ValueError(
+            "network.sharding=fsdp2 cannot use network.compile_mode=reduce-overhead (CUDA graphs "
+            "around the blocks' all-gathers); use compile_mode=default"
+        )
     if recompute != "none":
-        raise ValueError("network.sharding=fsdp2 does not support network.recompute; use "
-                         "network.compile_memory_budget to trade compute for memory")
+        raise ValueError(
+            "network.sharding=fsdp2 does not support network.recompute; use "
+            "network.compile_memory_budget to trade compute for memory"
+        )
 
 
 def shard_network(wrapper: nn.Module, reshard_after_forward: bool = True, methods: tuple[str, ...] = ()) -> None:
@@ -152,8 +170,10 @@ def full_state_dict(state: Any, keep: bool) -> Any:
 def shard_state_dict(full: dict[str, torch.Tensor], module: nn.Module) -> dict[str, torch.Tensor]:
     """A full module state dict (from a checkpoint) laid out like ``module``'s, for ``load_state_dict``."""
     own = module.state_dict()
-    return {key: shard_like(value, own[key]) if key in own and getattr(value, "shape", None) == own[key].shape
-            else value for key, value in full.items()}
+    return {
+        key: shard_like(value, own[key]) if key in own and getattr(value, "shape", None) == own[key].shape else value
+        for key, value in full.items()
+    }
 
 
 def shard_optimizer_state(full: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -163,8 +183,10 @@ def shard_optimizer_state(full: dict[str, Any], optimizer: torch.optim.Optimizer
     state = {}
     for index, entry in full["state"].items():
         param = params[int(index)]
-        state[index] = {name: shard_like(value, param) if isinstance(value, torch.Tensor)
-                        and value.shape == param.shape else value for name, value in entry.items()}
+        state[index] = {
+            name: shard_like(value, param) if isinstance(value, torch.Tensor) and value.shape == param.shape else value
+            for name, value in entry.items()
+        }
     return {"state": state, "param_groups": copy.deepcopy(full["param_groups"])}
 
 
@@ -176,8 +198,9 @@ def gather_module(sharded: nn.Module, plain: nn.Module) -> nn.Module:
     return plain
 
 
-def state_memory_per_rank(parameters: int, world_size: int, sharding: str, copies: int = 6,
-                          bytes_per_value: int = 4) -> float:
+def state_memory_per_rank(
+    parameters: int, world_size: int, sharding: str, copies: int = 6, bytes_per_value: int = 4
+) -> float:
     """Bytes of training state per rank (computed, not measured): fp32 weights, gradients, AdamW's two
     moments and the two EMAs (``copies`` = 6 × the parameters); sharded over the ranks with
     ``fsdp2``. Activations and the one or two all-gathered units are not included."""

@@ -49,6 +49,7 @@ Local mode (``launch.py --local``) submits the same :class:`TrainJob` through su
 the local executor sends the same SIGUSR2 before its time limit and restarts the tasks when rank
 0 asks for a requeue, so the whole flow above runs without Slurm.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -66,14 +67,26 @@ try:
     import submitit
     from submitit.helpers import Checkpointable, DelayedSubmission
 except ImportError as exc:
-    raise ImportError(f'Slurm and local launches need submitit, an optional dependency: pip install -e ".[slurm]" '
-                      f"in the repository (or pip install submitit) [{exc}]", name=exc.name) from exc
+    raise ImportError(
+        f'Slurm and local launches need submitit, an optional dependency: pip install -e ".[slurm]" '
+        f"in the repository (or pip install submitit) [{exc}]",
+        name=exc.name,
+    ) from exc
 
 PREEMPT_SIGNAL_ENV = "SUBMITIT_PREEMPT_SIGNAL"  # submitit's own variable: which SIGUSR* it uses
 # Launcher variables that a stale shell environment could carry into the job; inside a Slurm job
 # the trainer must read Slurm's own variables instead.
-TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                 "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+TORCHRUN_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+)
 DEFAULT_MEM_GB_PER_GPU = 32
 
 
@@ -92,21 +105,21 @@ class SlurmOptions:
     """
 
     nodes: int = 1
-    ngpus: int = 8                       # GPUs per node = tasks per node (one task per GPU)
+    ngpus: int = 8  # GPUs per node = tasks per node (one task per GPU)
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
-    timeout_min: int = 24 * 60           # per job run; requeues continue the run
-    cpus_per_task: int = 8               # per GPU (one task per GPU)
-    mem_gb: int | None = None            # per node; None: 32 GB per GPU; 0: all of the node's memory
+    timeout_min: int = 24 * 60  # per job run; requeues continue the run
+    cpus_per_task: int = 8  # per GPU (one task per GPU)
+    mem_gb: int | None = None  # per node; None: 32 GB per GPU; 0: all of the node's memory
     job_name: str = "tvm"
-    signal_delay_s: int = 300            # SIGUSR2 this long before the time limit
-    max_timeouts: int = 30               # requeues after time limits (preemptions do not count)
-    gpu_type: str | None = None          # typed GRES, e.g. "h100" -> --gres=gpu:h100:8
+    signal_delay_s: int = 300  # SIGUSR2 this long before the time limit
+    max_timeouts: int = 30  # requeues after time limits (preemptions do not count)
+    gpu_type: str | None = None  # typed GRES, e.g. "h100" -> --gres=gpu:h100:8
     comment: str | None = None
     exclude: str | None = None
-    setup: list[str] = field(default_factory=list)    # shell lines run in the sbatch script first
+    setup: list[str] = field(default_factory=list)  # shell lines run in the sbatch script first
     srun_args: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -118,8 +131,10 @@ class SlurmOptions:
         if self.signal_delay_s < 0 or self.max_timeouts < 0:
             raise ValueError("signal_delay_s and max_timeouts must be >= 0")
         if self.signal_delay_s >= self.timeout_min * 60:
-            raise ValueError(f"signal_delay_s={self.signal_delay_s} is not shorter than the time limit "
-                             f"({self.timeout_min} min): the job would be told to stop as it starts")
+            raise ValueError(
+                f"signal_delay_s={self.signal_delay_s} is not shorter than the time limit "
+                f"({self.timeout_min} min): the job would be told to stop as it starts"
+            )
 
     @property
     def world_size(self) -> int:
@@ -147,8 +162,14 @@ def slurm_parameters(opts: SlurmOptions) -> dict[str, Any]:
         "signal_delay_s": opts.signal_delay_s,
         "additional_parameters": {"requeue": True},
     }
-    optional = {"partition": opts.partition, "account": opts.account, "qos": opts.qos,
-                "constraint": opts.constraint, "comment": opts.comment, "exclude": opts.exclude}
+    optional = {
+        "partition": opts.partition,
+        "account": opts.account,
+        "qos": opts.qos,
+        "constraint": opts.constraint,
+        "comment": opts.comment,
+        "exclude": opts.exclude,
+    }
     params.update({key: value for key, value in optional.items() if value})
     if opts.setup:
         params["setup"] = list(opts.setup)
@@ -174,8 +195,11 @@ def make_local_executor(opts: SlurmOptions, folder: str | Path) -> submitit.Loca
     if opts.nodes != 1:
         raise ValueError(f"local mode runs on one machine: nodes must be 1, got {opts.nodes}")
     executor = submitit.LocalExecutor(folder=folder, max_num_timeout=opts.max_timeouts)
-    params: dict[str, Any] = {"tasks_per_node": opts.ngpus, "timeout_min": opts.timeout_min,
-                              "signal_delay_s": opts.signal_delay_s}
+    params: dict[str, Any] = {
+        "tasks_per_node": opts.ngpus,
+        "timeout_min": opts.timeout_min,
+        "signal_delay_s": opts.signal_delay_s,
+    }
     if _cuda_device_count() > 0:
         params["gpus_per_node"] = opts.ngpus
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
@@ -224,8 +248,9 @@ def split_train_args(args: Sequence[str]) -> tuple[str, list[str]]:
             name = items[index + 1]
             index += 1
         elif item.startswith("-"):
-            raise ValueError(f"unsupported training argument {item!r}: pass --config-name=NAME and key=value "
-                             "overrides only")
+            raise ValueError(
+                f"unsupported training argument {item!r}: pass --config-name=NAME and key=value " "overrides only"
+            )
         elif "=" in item or item.startswith("~"):
             overrides.append(item)
         else:
@@ -308,14 +333,13 @@ class TrainJob(Checkpointable):
         self.train_args = list(train_args)
         self.workdir = str(workdir)
         self.master_port = master_port  # local mode only; Slurm derives it from the job id
-        self.starts = 0                 # how many times this job was requeued (for the log)
+        self.starts = 0  # how many times this job was requeued (for the log)
 
     def __call__(self) -> dict[str, Any]:
         os.chdir(self.workdir)
         self._set_launch_env()
         cfg = compose_train_config(self.train_args)
-        print(f"[tvm.launch] start {self.starts + 1} of this job; train.py {shlex.join(self.train_args)}",
-              flush=True)
+        print(f"[tvm.launch] start {self.starts + 1} of this job; train.py {shlex.join(self.train_args)}", flush=True)
         result = _resolve(self.trainer)(cfg)
         self._cleanup_process_group()
         if not result.get("preempted"):
@@ -324,8 +348,11 @@ class TrainJob(Checkpointable):
         if wants_requeue(result):
             self._hand_over_to_submitit()
         else:
-            print(f"[tvm.launch] stopped on {result.get('signal')} with a checkpoint; not requeueing "
-                  "(resubmit the same command to continue)", flush=True)
+            print(
+                f"[tvm.launch] stopped on {result.get('signal')} with a checkpoint; not requeueing "
+                "(resubmit the same command to continue)",
+                flush=True,
+            )
         return result
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
@@ -346,9 +373,14 @@ class TrainJob(Checkpointable):
 
             env = submitit.JobEnvironment()
             port = self.master_port or slurm_master_port(env.job_id)  # same on every task
-            os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks),
-                              LOCAL_RANK=str(env.local_rank), LOCAL_WORLD_SIZE=str(env.num_tasks),
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            os.environ.update(
+                RANK=str(env.global_rank),
+                WORLD_SIZE=str(env.num_tasks),
+                LOCAL_RANK=str(env.local_rank),
+                LOCAL_WORLD_SIZE=str(env.num_tasks),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+            )
 
     @staticmethod
     def _cleanup_process_group() -> None:
@@ -377,8 +409,11 @@ class TrainJob(Checkpointable):
         sig = preemption_signal()
         handler = signal.getsignal(sig)
         if not callable(handler):
-            print(f"[tvm.launch] no submitit handler for {sig.name} (found {handler!r}); not requeueing",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[tvm.launch] no submitit handler for {sig.name} (found {handler!r}); not requeueing",
+                file=sys.stderr,
+                flush=True,
+            )
             return
         print(f"[tvm.launch] checkpoint written; handing over to submitit ({sig.name}) to requeue", flush=True)
         handler(sig, None)
@@ -391,13 +426,19 @@ class TrainJob(Checkpointable):
 
 @dataclass
 class Submission:
-    job: Any                 # submitit Job
+    job: Any  # submitit Job
     run_dir: Path
     folder: Path
 
 
-def submit(opts: SlurmOptions, train_args: Sequence[str], *, local: bool = False,
-           folder: str | Path | None = None, workdir: str | Path | None = None) -> Submission:
+def submit(
+    opts: SlurmOptions,
+    train_args: Sequence[str],
+    *,
+    local: bool = False,
+    folder: str | Path | None = None,
+    workdir: str | Path | None = None,
+) -> Submission:
     """Validate the training config, then submit one :class:`TrainJob` (Slurm, or local).
 
     ``folder`` holds submitit's scripts, pickles and per-task logs; default ``<run dir>/submitit``

@@ -5,6 +5,7 @@ progress); :func:`checkpoint_content` builds the file's content and :func:`resto
 with errors that name the file, the first mismatching parameter and the differing settings.
 Sharded (FSDP2) states are gathered into and loaded from the same format (tvm/train/sharding.py).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,21 +18,31 @@ from omegaconf import DictConfig
 from tvm.config import to_container
 from tvm.method.wrapper import TVMWrapper
 from tvm.runtime import distributed
-from tvm.runtime.checkpoint import (CheckpointError, capture_rng_state, module_state_dict, restore_rng_state,
-                                  state_dict_differences)
+from tvm.runtime.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    module_state_dict,
+    restore_rng_state,
+    state_dict_differences,
+)
 from tvm.runtime.run_logging import sanitize_config
 from tvm.train.sharding import full_state_dict, is_sharded, shard_optimizer_state, shard_state_dict
 
 
 @dataclass
 class Progress:
-    step: int = 0         # optimizer steps done
-    skipped: int = 0      # steps skipped for non-finite values
-    in_row: int = 0       # consecutive skipped steps at the last check
+    step: int = 0  # optimizer steps done
+    skipped: int = 0  # steps skipped for non-finite values
+    in_row: int = 0  # consecutive skipped steps at the last check
 
     def state_dict(self, batch_size: int, steps_per_tick: int) -> dict[str, int]:
-        return {"step": self.step, "nimg": self.step * batch_size, "tick": self.step // steps_per_tick,
-                "skipped": self.skipped, "in_row": self.in_row}
+        return {
+            "step": self.step,
+            "nimg": self.step * batch_size,
+            "tick": self.step // steps_per_tick,
+            "skipped": self.skipped,
+            "in_row": self.in_row,
+        }
 
 
 @dataclass
@@ -50,8 +61,9 @@ class RunState:
         return is_sharded(next(self.net.parameters()))
 
 
-def checkpoint_content(state: RunState, cfg: DictConfig, batch: int, steps_per_tick: int,
-                       data: dict[str, int]) -> dict[str, Any]:
+def checkpoint_content(
+    state: RunState, cfg: DictConfig, batch: int, steps_per_tick: int, data: dict[str, int]
+) -> dict[str, Any]:
     """Everything to resume exactly. The data position is ``step · batch`` (the sampler's global
     stream index) and each step's draws derive from (seed, step); the global RNG states are kept
     for anything else that draws (e.g. dropout).
@@ -59,11 +71,16 @@ def checkpoint_content(state: RunState, cfg: DictConfig, batch: int, steps_per_t
     Sharded (FSDP2) runs call this on every rank: weights and optimizer moments are all-gathered
     into full tensors kept on rank 0 (the file is the one a DDP run writes)."""
     full = (lambda sd: full_state_dict(sd, distributed.is_main())) if state.sharded else (lambda sd: sd)
-    return {"net": full(module_state_dict(state.net)), "ema": full(module_state_dict(state.ema)),
-            "ema_target": full(module_state_dict(state.teacher)), "optimizer": full(state.optimizer.state_dict()),
-            "progress": state.progress.state_dict(batch, steps_per_tick),
-            "rng": capture_rng_state(),
-            "config": sanitize_config(to_container(cfg)), "data": data}
+    return {
+        "net": full(module_state_dict(state.net)),
+        "ema": full(module_state_dict(state.ema)),
+        "ema_target": full(module_state_dict(state.teacher)),
+        "optimizer": full(state.optimizer.state_dict()),
+        "progress": state.progress.state_dict(batch, steps_per_tick),
+        "rng": capture_rng_state(),
+        "config": sanitize_config(to_container(cfg)),
+        "data": data,
+    }
 
 
 def weights_mismatch(module: torch.nn.Module, weights: dict[str, Any]) -> str:
@@ -73,8 +90,10 @@ def weights_mismatch(module: torch.nn.Module, weights: dict[str, Any]) -> str:
     parts = []
     if shapes:
         key = shapes[0]
-        parts.append(f"{key} is {list(weights[key].shape)} in the checkpoint but {list(own[key].shape)} here"
-                     + (f" ({len(shapes)} keys differ in shape)" if len(shapes) > 1 else ""))
+        parts.append(
+            f"{key} is {list(weights[key].shape)} in the checkpoint but {list(own[key].shape)} here"
+            + (f" ({len(shapes)} keys differ in shape)" if len(shapes) > 1 else "")
+        )
     if missing:
         parts.append(f"{len(missing)} keys missing, e.g. {missing[0]}")
     if unexpected:
@@ -87,17 +106,26 @@ def config_differences(stored: Any, cfg: DictConfig | None, section: str = "netw
     if cfg is None or not isinstance(stored, dict) or not isinstance(stored.get(section), dict):
         return []
     current = to_container(cfg).get(section) or {}
-    return [f"{section}.{key}: {stored[section].get(key)!r} in the checkpoint, {value!r} here"
-            for key, value in current.items() if key in stored[section] and stored[section][key] != value]
+    return [
+        f"{section}.{key}: {stored[section].get(key)!r} in the checkpoint, {value!r} here"
+        for key, value in current.items()
+        if key in stored[section] and stored[section][key] != value
+    ]
 
 
-def restore(state: RunState, ckpt: dict[str, Any], weights_only: bool, path: Path | str = "<checkpoint>",
-            cfg: DictConfig | None = None) -> None:
+def restore(
+    state: RunState,
+    ckpt: dict[str, Any],
+    weights_only: bool,
+    path: Path | str = "<checkpoint>",
+    cfg: DictConfig | None = None,
+) -> None:
     """Load a checkpoint into the run (``weights_only``: fine-tuning transfer of the EMA weights).
 
     Weights of another model size or data shape raise ``CheckpointError`` naming ``path``, the
     first mismatching parameter and the ``network.*`` settings that differ from ``cfg``.
     """
+
     def load(module: torch.nn.Module, name: str) -> None:
         try:
             module.load_state_dict(shard_state_dict(ckpt[name], module) if state.sharded else ckpt[name])
@@ -108,7 +136,8 @@ def restore(state: RunState, ckpt: dict[str, Any], weights_only: bool, path: Pat
                 f"({weights_mismatch(module, ckpt[name]) or str(exc).splitlines()[0]})"
                 + (f"; config differences: {', '.join(differences)}" if differences else "")
                 + "; it was written for another model size or data shape: use the config it was trained with, "
-                "or another run directory") from exc
+                "or another run directory"
+            ) from exc
 
     if weights_only:
         for module in (state.net, state.ema, state.teacher):
@@ -118,8 +147,9 @@ def restore(state: RunState, ckpt: dict[str, Any], weights_only: bool, path: Pat
     load(state.ema, "ema")
     load(state.teacher, "ema_target")
     try:
-        state.optimizer.load_state_dict(shard_optimizer_state(ckpt["optimizer"], state.optimizer) if state.sharded
-                                        else ckpt["optimizer"])
+        state.optimizer.load_state_dict(
+            shard_optimizer_state(ckpt["optimizer"], state.optimizer) if state.sharded else ckpt["optimizer"]
+        )
     except (ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: its optimizer state does not fit this run's optimizer ({exc})") from exc
     progress = ckpt["progress"]

@@ -5,6 +5,7 @@ The update is skipped on device when any rank saw a non-finite loss or the gradi
 finite (fused AdamW's ``found_inf``, EMA weight 1): no host sync per step; the policy is checked
 once per tick (:func:`check_nonfinite`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,8 +42,9 @@ class Batching:
         per_rank = batch // world
         batch_gpu = batch_gpu or per_rank
         if per_rank % batch_gpu:
-            raise ValueError(f"training.batch_size={batch} is not divisible by world size × batch_gpu "
-                             f"= {world} × {batch_gpu}")
+            raise ValueError(
+                f"training.batch_size={batch} is not divisible by world size × batch_gpu " f"= {world} × {batch_gpu}"
+            )
         return cls(batch, world, batch_gpu, per_rank // batch_gpu)
 
     def positions(self, rank: int, round_: int) -> torch.Tensor:
@@ -52,8 +54,9 @@ class Batching:
 
 
 def take(draws: StepDraws, index: torch.Tensor) -> StepDraws:
-    return StepDraws(*(getattr(draws, f)[index.to(getattr(draws, f).device)]
-                       for f in ("t", "s", "s_prime", "beta", "noise", "drop")))
+    return StepDraws(
+        *(getattr(draws, f)[index.to(getattr(draws, f).device)] for f in ("t", "s", "s_prime", "beta", "noise", "drop"))
+    )
 
 
 def step_flops(net: TVMWrapper, batch: int) -> float:
@@ -62,8 +65,9 @@ def step_flops(net: TVMWrapper, batch: int) -> float:
     return 11 * net.model.forward_flops() * batch
 
 
-def grad_norm_and_skip(net: TVMWrapper, max_norm: float | None, nonfinite_loss: torch.Tensor,
-                       stats: StatsCollector | None = None) -> torch.Tensor:
+def grad_norm_and_skip(
+    net: TVMWrapper, max_norm: float | None, nonfinite_loss: torch.Tensor, stats: StatsCollector | None = None
+) -> torch.Tensor:
     """Gradient norm (after the DDP all-reduce, so equal on all ranks), optional clipping, and the
     skip flag ``non-finite loss on any rank or non-finite gradient`` as a 0-dim bool tensor."""
     grads = [p.grad for p in net.parameters() if p.grad is not None]
@@ -78,8 +82,9 @@ def grad_norm_and_skip(net: TVMWrapper, max_norm: float | None, nonfinite_loss: 
     return (~torch.isfinite(norm)) | (nonfinite_loss > 0)
 
 
-def gradient_sync(module: torch.nn.Module, sharded: bool, distributed: bool, sync: bool
-                  ) -> contextlib.AbstractContextManager:
+def gradient_sync(
+    module: torch.nn.Module, sharded: bool, distributed: bool, sync: bool
+) -> contextlib.AbstractContextManager:
     """Gradient synchronisation of one accumulation round: only the last round (``sync``) reduces
     (DDP: ``no_sync`` before it; FSDP2: ``set_requires_gradient_sync``)."""
     if sharded:
@@ -88,8 +93,14 @@ def gradient_sync(module: torch.nn.Module, sharded: bool, distributed: bool, syn
     return module.no_sync() if distributed and not sync else contextlib.nullcontext()
 
 
-def apply_update(state: RunState, max_grad_norm: float | None, ema_beta: float, ema_target_beta: float | None,
-                 nonfinite_loss: torch.Tensor, stats: StatsCollector | None = None) -> torch.Tensor:
+def apply_update(
+    state: RunState,
+    max_grad_norm: float | None,
+    ema_beta: float,
+    ema_target_beta: float | None,
+    nonfinite_loss: torch.Tensor,
+    stats: StatsCollector | None = None,
+) -> torch.Tensor:
     """Clip, AdamW (skipped on device by fused AdamW's ``found_inf`` when non-finite), then the eval
     EMA and the teacher EMA in that order (docs/method.md §5.2 items 5–9). Returns the skip flag."""
     skip = grad_norm_and_skip(state.net, max_grad_norm, nonfinite_loss, stats)
@@ -107,10 +118,14 @@ def check_nonfinite(tcfg: DictConfig, progress: Progress, longest_in_row: int = 
     run of consecutive skipped steps since the last check: a run of K in mid-tick followed by good
     steps must stop the run too, not only K in a row at the end of the tick."""
     if tcfg.nonfinite_policy == "raise" and progress.skipped:
-        raise NonFiniteLossError(f"{progress.skipped} step(s) had non-finite losses or gradients by step "
-                                 f"{progress.step} (training.nonfinite_policy=raise); nothing was applied")
+        raise NonFiniteLossError(
+            f"{progress.skipped} step(s) had non-finite losses or gradients by step "
+            f"{progress.step} (training.nonfinite_policy=raise); nothing was applied"
+        )
     in_row = max(progress.in_row, longest_in_row)
     if in_row >= tcfg.max_nonfinite_in_row:
-        raise NonFiniteLossError(f"{in_row} consecutive steps had non-finite losses or gradients "
-                                 f"(limit training.max_nonfinite_in_row={tcfg.max_nonfinite_in_row}) by step "
-                                 f"{progress.step}; the weights, EMAs and checkpoints hold no NaN")
+        raise NonFiniteLossError(
+            f"{in_row} consecutive steps had non-finite losses or gradients "
+            f"(limit training.max_nonfinite_in_row={tcfg.max_nonfinite_in_row}) by step "
+            f"{progress.step}; the weights, EMAs and checkpoints hold no NaN"
+        )
