@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         "--setup",
         action="append",
         default=[],
-        help="shell line run in the sbatch script before srun (repeatable), " "e.g. 'export NCCL_SOCKET_IFNAME=ib0'",
+        help="shell line run in the sbatch script before srun (repeatable), e.g. 'export NCCL_SOCKET_IFNAME=ib0'",
     )
     parser.add_argument(
         "--srun-arg", dest="srun_args", action="append", default=[], help="extra srun argument (repeatable)"

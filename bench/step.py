@@ -75,7 +75,7 @@ class Variant:
         unknown = set(options) - {"recompute", "budget", "mode"}
         if len(fields) < 2 or unknown or how not in ("eager", "compile", "blocks"):
             raise SystemExit(
-                f"bad variant {text!r}: " "JVPMODE:ATTENTION[:eager|compile|blocks][:recompute=R][:budget=B][:mode=M]"
+                f"bad variant {text!r}: JVPMODE:ATTENTION[:eager|compile|blocks][:recompute=R][:budget=B][:mode=M]"
             )
         return cls(
             fields[0],
@@ -387,7 +387,7 @@ def main() -> None:
         "--recompute",
         default="none",
         choices=["none", "fm", "all"],
-        help="network.recompute (activation checkpointing) of explicit-JVP TVM rows without " "their own recompute=",
+        help="network.recompute (activation checkpointing) of explicit-JVP TVM rows without their own recompute=",
     )
     parser.add_argument("--peak", type=float, default=800e12, help="peak FLOP/s for MFU")
     parser.add_argument(

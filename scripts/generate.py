@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0-63", help="image indices, e.g. 0-49999 or 0-9,20 (default 0-63)")
     parser.add_argument("--seed", type=int, default=0, help="base seed combined with each image index")
     parser.add_argument(
-        "--classes", default=None, help="class list cycled over the images, e.g. 1,2,3 " "(default: uniform per image)"
+        "--classes", default=None, help="class list cycled over the images, e.g. 1,2,3 (default: uniform per image)"
     )
     parser.add_argument("--batch", type=positive_int, default=64, help="images per process and batch")
     parser.add_argument("--config", default=None, help="experiment config for an authors' .pkl network")

@@ -9,7 +9,14 @@ import torch
 import torch._functorch.config as functorch_config
 
 from helpers import one_hot, tiny_wrapper
-from tvm.compiling import allow_tracing_this_package, compile_model, set_activation_memory_budget
+from tvm.compiling import (
+    allow_tracing_this_package,
+    compile_model,
+    compile_training,
+    set_activation_memory_budget,
+    uses_cuda_graphs,
+)
+from tvm.config import compose_config
 from tvm.method.times import Guidance, TimeSampling, draw_step
 
 
@@ -90,6 +97,42 @@ def test_memory_budget_outside_zero_one_is_refused():
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="compile_memory_budget must be in"):
             set_activation_memory_budget(bad)
+
+
+@pytest.mark.parametrize(
+    "mode, training_options, ema_options",
+    [
+        ("default", {}, {}),
+        ("reduce-overhead", {"mode": "reduce-overhead"}, {}),
+        ("max-autotune", {"mode": "max-autotune"}, {"mode": "max-autotune-no-cudagraphs"}),
+        ("max-autotune-no-cudagraphs", {"mode": "max-autotune-no-cudagraphs"}, {"mode": "max-autotune-no-cudagraphs"}),
+    ],
+)
+def test_training_modes_compile_the_eval_ema_without_cuda_graphs(mode, training_options, ema_options):
+    """The online net and the teacher get the configured mode; the eval EMA (sampling loops feed a
+    block's output back in, which CUDA graph replays overwrite) gets the same without CUDA graphs."""
+    network = compose_config("tiny", ["network.compile=true", f"network.compile_mode={mode}"]).network
+    calls = {}
+
+    class Model:
+        def __init__(self, name):
+            self.name = name
+
+        def compile_blocks(self, **options):
+            calls[self.name] = options
+
+    class Wrapper:
+        def __init__(self, name):
+            self.model = Model(name)
+
+    ddp = object()
+    try:
+        assert compile_training(ddp, Wrapper("online"), Wrapper("teacher"), Wrapper("ema"), network) is ddp
+    finally:
+        set_activation_memory_budget(1.0)
+        torch._dynamo.config.automatic_dynamic_shapes = True
+    assert calls == {"online": training_options, "teacher": training_options, "ema": ema_options}
+    assert uses_cuda_graphs(mode) == (mode in ("reduce-overhead", "max-autotune"))
 
 
 _FRESH_PROCESS_LOAD = """

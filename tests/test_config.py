@@ -73,7 +73,7 @@ def test_unknown_keys_are_errors_that_name_the_key():
         ("+training.totl_ticks=3", "unknown config key training.totl_ticks (did you mean training.total_ticks?)"),
         (
             "+network.model_kwargs.dropot=0.1",
-            "unknown config key network.model_kwargs.dropot (did you mean " "network.model_kwargs.dropout?)",
+            "unknown config key network.model_kwargs.dropot (did you mean network.model_kwargs.dropout?)",
         ),
         ("+colour=red", "unknown config key colour: not in the schema"),
         ("training.total_ticks=-3", "training.total_ticks=-3 is not allowed: it must be >= 0"),

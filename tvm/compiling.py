@@ -65,6 +65,23 @@ def set_activation_memory_budget(budget: float) -> None:
     functorch_config.activation_memory_budget = float(budget)
 
 
+# torch.compile modes that run the compiled graphs as CUDA graphs, each with its equivalent without them.
+CUDA_GRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+
+
+def uses_cuda_graphs(mode: str) -> bool:
+    """Whether ``torch.compile`` mode ``mode`` replays CUDA graphs (the caller marks each step's start)."""
+    return mode in CUDA_GRAPH_MODES
+
+
+def compile_options(mode: str, cuda_graphs: bool = True) -> dict[str, str]:
+    """``torch.compile`` keyword arguments for ``network.compile_mode``; with ``cuda_graphs=False`` a
+    CUDA-graph mode becomes its equivalent without graphs (``max-autotune`` → ``…-no-cudagraphs``)."""
+    if not cuda_graphs:
+        mode = CUDA_GRAPH_MODES.get(mode, mode)
+    return {} if mode == "default" else {"mode": mode}
+
+
 def compile_model(fn: Any, **kwargs: Any) -> Any:
     """``torch.compile(fn, **kwargs)`` with this package traceable (see module docstring)."""
     allow_tracing_this_package()
@@ -137,7 +154,7 @@ def compile_training(
     41.3 instead of 31.3 GiB, docs/benchmarks.md).
     """
     scope, mode = str(network.compile_scope), str(network.get("compile_mode", "default"))  # checked by the schema
-    options = {} if mode == "default" else {"mode": mode}
+    options = compile_options(mode)
     set_activation_memory_budget(network.compile_memory_budget)
     torch._dynamo.config.automatic_dynamic_shapes = False
     if scope == "full":
@@ -148,8 +165,8 @@ def compile_training(
         wrapper.model.compile_blocks(**options)
     # The eval EMA samples in loops that feed a block's output back in; CUDA graph trees overwrite
     # such outputs on the next replay (measured: "accessing tensor output of CUDAGraphs that has been
-    # overwritten"), so it never uses reduce-overhead.
-    ema.model.compile_blocks(**({} if mode == "reduce-overhead" else options))
+    # overwritten"), so it never uses CUDA graphs.
+    ema.model.compile_blocks(**compile_options(mode, cuda_graphs=False))
     return ddp
 
 

@@ -55,7 +55,7 @@ DigitsSplit = Choice("DigitsSplit", ["train", "test", "all"])
 InitType = Choice("InitType", ["spectral", "xunif"])
 DataType = Choice("DataType", ["bf16", "fp16", "fp32"])
 CompileScope = Choice("CompileScope", ["blocks", "full"])
-CompileMode = Choice("CompileMode", ["default", "reduce-overhead", "max-autotune-no-cudagraphs"])
+CompileMode = Choice("CompileMode", ["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"])
 Sharding = Choice("Sharding", ["ddp", "fsdp2"])
 Recompute = Choice("Recompute", ["none", "fm", "all"])
 AttnBackend = Choice("AttnBackend", ["sdpa", "math", "triton"])
@@ -135,7 +135,8 @@ class NetworkConfig:
     # blocks: each DiT block, regional (fast to compile) | full: the whole loss forward
     compile_scope: CompileScope = CompileScope.blocks
     compile_memory_budget: float = 1.0  # share of activations kept for the backward (1: default; less recomputes)
-    # torch.compile mode; reduce-overhead = CUDA graphs (no per-kernel launch cost)
+    # torch.compile mode; reduce-overhead = CUDA graphs (no per-kernel launch cost); max-autotune = autotuned
+    # GEMM templates with fused epilogues (minutes of compilation) + CUDA graphs; …-no-cudagraphs without graphs
     compile_mode: CompileMode = CompileMode.default
     compile_cache: bool = True  # keep compiled artifacts in <run dir>/compile-cache.bin; a restart loads them
     # ddp: every rank holds the whole state | fsdp2: sharded per DiT block (tvm/train/sharding.py)
@@ -228,7 +229,7 @@ class EvalConfig:
     # Optional metrics (tvm/eval/extra_metrics.py): is50k uses detector_url; pr50k3_full needs ref_features
     # (.npz 'features', scripts/ref_features.py) from pr_detector_url; fd_dinov2 needs DINOv2 locally.
     pr_detector_url: str = (
-        "https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/" "metrics/vgg16.pkl"
+        "https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/vgg16.pkl"
     )
     ref_features: Optional[str] = None
     dinov2: Optional[str] = "facebookresearch/dinov2"  # TorchScript file, local hub checkout, or hub repo (its cache)

@@ -42,7 +42,7 @@ def last_stderr_line(proc: subprocess.CompletedProcess) -> str:
     [
         (
             ["training.bogus=1"],
-            "train.py: error: Could not override 'training.bogus': Key 'bogus' not in " "'TrainingConfig'",
+            "train.py: error: Could not override 'training.bogus': Key 'bogus' not in 'TrainingConfig'",
         ),
         (
             ["training.resume={tmp}/bad.pt"],

@@ -161,7 +161,7 @@ def persistent_record(meta: Any) -> PersistentRecord:
     state = meta.get("state") or {}
     if not isinstance(state, dict):
         raise UpstreamFormatError(
-            f"persistence record of {meta['class_name']} has a state of type " f"{type(state).__name__}, expected dict"
+            f"persistence record of {meta['class_name']} has a state of type {type(state).__name__}, expected dict"
         )
     version = meta.get("version")
     return PersistentRecord(meta["class_name"], state, version if isinstance(version, int) else None)
@@ -210,7 +210,7 @@ def load_storage_bytes(data: Any) -> torch.storage.TypedStorage:
             storage = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UnsafePickleError(
-            f"embedded storage payload refused by torch's weights_only loader: " f"{str(exc).splitlines()[0]}"
+            f"embedded storage payload refused by torch's weights_only loader: {str(exc).splitlines()[0]}"
         ) from exc
     if not isinstance(storage, (torch.storage.TypedStorage, torch.UntypedStorage)):
         raise UpstreamFormatError(f"embedded storage payload holds {type(storage).__name__}, expected a storage")
@@ -554,7 +554,7 @@ def infer_architecture(
         heads = resolve_variant(class_name).num_heads
     else:
         raise UpstreamFormatError(
-            f"cannot infer the number of heads: no {q_norm!r} and class {class_name!r} is " "not a known variant"
+            f"cannot infer the number of heads: no {q_norm!r} and class {class_name!r} is not a known variant"
         )
     return dict(
         img_resolution=grid * patch,

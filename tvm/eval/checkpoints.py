@@ -92,7 +92,7 @@ def _load_upstream(
         if exc.name != "tvm.compat.upstream":
             raise
         raise CheckpointError(
-            f"{path}: the authors' .pkl networks are read by tvm.compat.upstream, which this " "installation lacks"
+            f"{path}: the authors' .pkl networks are read by tvm.compat.upstream, which this installation lacks"
         ) from exc
     if config is None:
         raise ValueError(

@@ -245,25 +245,14 @@ def _required(value: Any, message: str) -> Any:
     return value
 
 
-def fid50k_full_metric(net: TVMWrapper, ctx: MetricContext, steps: int, guidance: float) -> dict[str, float]:
-    """FID of ``ctx.num_images or 50000`` samples against ``ctx.ref_stats`` (docs/method.md §7.1).
-
-    Image ``i`` has noise and class seeded by ``(ctx.seed, i)``; rank ``r`` of ``W`` generates the
-    indices ``i ≡ r (mod W)`` and :func:`tvm.eval.fid.compute_fid` gathers the features in index
-    order, so the value does not depend on the number of GPUs.
-    """
-    ref_stats = _required(
-        ctx.ref_stats,
-        "fid50k_full needs reference statistics: set eval.ref_stats to the "
-        "authors' img256.pkl / img512.pkl or an .npz made by scripts/ref_stats.py",
-    )
-    detector_url = _required(
-        ctx.detector_url,
-        "fid50k_full needs the Inception detector: set eval.detector_url " "to its URL or a local file",
-    )
-    ref = fid.load_ref_stats(ref_stats, expected_resolution=decoded_resolution(net, ctx.encoder))
-    detector = _detector(str(detector_url), str(ctx.device))
-    value = fid.compute_fid(
+def _frechet_distance(
+    net: TVMWrapper, ctx: MetricContext, steps: int, guidance: float, detector: Any, ref: Any
+) -> float:
+    """Fréchet distance of ``detector`` features of ``ctx.num_images or 50000`` samples against
+    ``ref``: image ``i`` has noise and class seeded by ``(ctx.seed, i)``; rank ``r`` of ``W`` generates
+    the indices ``i ≡ r (mod W)`` and :func:`tvm.eval.fid.compute_fid` gathers the features in index
+    order, so the value does not depend on the number of GPUs."""
+    return fid.compute_fid(
         index_generator(net, ctx, steps, guidance),
         detector,
         ref,
@@ -273,7 +262,23 @@ def fid50k_full_metric(net: TVMWrapper, ctx: MetricContext, steps: int, guidance
         world_size=distributed.get_world_size(),
         device=ctx.device,
     )
-    return {"fid": value}
+
+
+def fid50k_full_metric(net: TVMWrapper, ctx: MetricContext, steps: int, guidance: float) -> dict[str, float]:
+    """FID of ``ctx.num_images or 50000`` samples against ``ctx.ref_stats`` (docs/method.md §7.1),
+    sharded over the ranks as :func:`_frechet_distance` says."""
+    ref_stats = _required(
+        ctx.ref_stats,
+        "fid50k_full needs reference statistics: set eval.ref_stats to the "
+        "authors' img256.pkl / img512.pkl or an .npz made by scripts/ref_stats.py",
+    )
+    detector_url = _required(
+        ctx.detector_url,
+        "fid50k_full needs the Inception detector: set eval.detector_url to its URL or a local file",
+    )
+    ref = fid.load_ref_stats(ref_stats, expected_resolution=decoded_resolution(net, ctx.encoder))
+    detector = _detector(str(detector_url), str(ctx.device))
+    return {"fid": _frechet_distance(net, ctx, steps, guidance, detector, ref)}
 
 
 IS_SPLITS = 10
@@ -293,16 +298,11 @@ def is50k_metric(net: TVMWrapper, ctx: MetricContext, steps: int, guidance: floa
     if num_images < IS_SPLITS:
         raise ValueError(f"is50k needs at least {IS_SPLITS} images (one per split), got eval.num_images={num_images}")
     detector = _detector(str(ctx.detector_url), str(ctx.device))
-    probs = _generated(
-        net,
-        ctx,
-        steps,
-        guidance,
-        lambda images: extra_metrics.detector_probabilities(detector, images, ctx.device),
-        num_images,
-        None,
-        "IS probabilities",
-    )
+
+    def probabilities(images: torch.Tensor) -> torch.Tensor:
+        return extra_metrics.detector_probabilities(detector, images, ctx.device)
+
+    probs = _generated(net, ctx, steps, guidance, probabilities, num_images, None, "IS probabilities")
 
     def score(probs: torch.Tensor) -> dict[str, float]:
         mean, std = extra_metrics.inception_score(probs, splits=IS_SPLITS)
@@ -323,7 +323,7 @@ def pr50k3_full_metric(net: TVMWrapper, ctx: MetricContext, steps: int, guidance
     )
     _required(
         ctx.pr_detector_url,
-        "pr50k3_full needs a feature network: set eval.pr_detector_url to its URL or a " "local file",
+        "pr50k3_full needs a feature network: set eval.pr_detector_url to its URL or a local file",
     )
     ref = extra_metrics.load_ref_features(ref_features, expected_resolution=decoded_resolution(net, ctx.encoder))
     num_images = ctx.num_images or 50000
@@ -333,16 +333,11 @@ def pr50k3_full_metric(net: TVMWrapper, ctx: MetricContext, steps: int, guidance
             f"{len(ref.features)}"
         )
     detector = _detector(str(ctx.pr_detector_url), str(ctx.device))
-    gen = _generated(
-        net,
-        ctx,
-        steps,
-        guidance,
-        lambda images: fid.compute_features(detector, images, ctx.device),
-        num_images,
-        ref.resolution,
-        "PR features",
-    )
+
+    def features(images: torch.Tensor) -> torch.Tensor:
+        return fid.compute_features(detector, images, ctx.device)
+
+    gen = _generated(net, ctx, steps, guidance, features, num_images, ref.resolution, "PR features")
 
     def pr(gen: torch.Tensor) -> dict[str, float]:
         if gen.shape[1] != ref.features.shape[1]:
@@ -379,17 +374,7 @@ def fd_dinov2_metric(net: TVMWrapper, ctx: MetricContext, steps: int, guidance: 
         )
     ref = fid.load_ref_stats(ref_path, expected_resolution=decoded_resolution(net, ctx.encoder), key="fd_dinov2")
     detector = _dinov2(str(ctx.dinov2), ctx.dinov2_weights, bool(ctx.dinov2_allow_download), str(ctx.device))
-    value = fid.compute_fid(
-        index_generator(net, ctx, steps, guidance),
-        detector,
-        ref,
-        num_images=ctx.num_images or 50000,
-        batch_size=ctx.batch_size,
-        rank=distributed.get_rank(),
-        world_size=distributed.get_world_size(),
-        device=ctx.device,
-    )
-    return {"fd_dinov2": value}
+    return {"fd_dinov2": _frechet_distance(net, ctx, steps, guidance, detector, ref)}
 
 
 METRICS: dict[str, Callable[..., dict[str, float]]] = {

@@ -33,43 +33,14 @@ The network (:class:`~tvm.method.wrapper.TVMWrapper`) holds the weights and the 
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import torch
 
 from tvm.method.times import StepDraws
 
-
-class VelocityNet(Protocol):
-    """What the objective needs from the online network and the teacher (``TVMWrapper``)."""
-
-    do_scale_param: bool  # κ = w (the scaled parametrisation) instead of 1
-    detach_jvp: bool  # stop the gradient through ∂_s F (the paper's "detached JVP")
-    jvp_mode: str  # "explicit" (tangents through the layers) or "autograd" (torch.func.jvp)
-    jvp_attn_backend: str  # attention inside the JVP
-
-    def velocity(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        gap: torch.Tensor,
-        labels: torch.Tensor | None,
-        beta: torch.Tensor | None,
-        attn_backend: str | None = None,
-        out_dtype: torch.dtype | None = None,
-        *,
-        recompute: bool = True,
-    ) -> torch.Tensor: ...
-
-    def velocity_with_tangent(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        gap: torch.Tensor,
-        dgap: torch.Tensor,
-        labels: torch.Tensor | None,
-        beta: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+if TYPE_CHECKING:  # the wrapper imports this module; the objective needs its velocity methods
+    from tvm.method.wrapper import TVMWrapper
 
 
 # 1. Label dropout ---------------------------------------------------------------------------------
@@ -132,7 +103,7 @@ def flow_map_derivative(
 
 
 def velocity_and_ds(
-    net: VelocityNet,
+    net: TVMWrapper,
     x: torch.Tensor,
     t: torch.Tensor,
     s: torch.Tensor,
@@ -168,7 +139,7 @@ def mean_chw(v: torch.Tensor) -> torch.Tensor:
 
 
 def tvm_loss(
-    net: VelocityNet, teacher: VelocityNet, x: torch.Tensor, labels: torch.Tensor | None, draws: StepDraws
+    net: TVMWrapper, teacher: TVMWrapper, x: torch.Tensor, labels: torch.Tensor | None, draws: StepDraws
 ) -> dict[str, torch.Tensor]:
     """Per-sample terminal-velocity and flow-matching terms for a batch (module docstring).
 

@@ -29,7 +29,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
-from tvm.compiling import COMPILE_CACHE, compile_training, load_compile_cache, update_compile_cache
+from tvm.compiling import (
+    COMPILE_CACHE,
+    compile_training,
+    load_compile_cache,
+    update_compile_cache,
+    uses_cuda_graphs,
+)
 from tvm.config import to_container, validate_config
 from tvm.eval.generate import generate_images
 from tvm.eval.grid import grid_classes, grid_layout, save_image_grid, save_reference_grid
@@ -126,7 +132,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         total_steps = min(total_steps, tcfg.max_steps)
     if cfg.network.data_type == "fp16":
         raise ValueError(
-            "network.data_type=fp16 is not supported for training (it needs loss scaling); use bf16 " "on GPUs or fp32"
+            "network.data_type=fp16 is not supported for training (it needs loss scaling); use bf16 on GPUs or fp32"
         )
     if tcfg.resume and tcfg.transfer:
         raise ValueError("training.resume and training.transfer are mutually exclusive")
@@ -201,7 +207,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     if compile_cache is not None:
         loaded_artifacts = load_compile_cache(compile_cache)
     train_net = compile_training(ddp, state.net, state.teacher, state.ema, ncfg) if ncfg.compile else ddp
-    cuda_graphs = ncfg.compile and ncfg.compile_mode == "reduce-overhead"
+    cuda_graphs = ncfg.compile and uses_cuda_graphs(ncfg.compile_mode)
 
     sampler = _make_sampler(len(dataset), dist, seed, progress.step * batching.batch)
     loader = torch.utils.data.DataLoader(

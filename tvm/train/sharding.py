@@ -38,6 +38,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from tvm.compiling import compile_options, uses_cuda_graphs
+
 
 def _dtensor_type() -> type | None:
     try:
@@ -86,10 +88,11 @@ def check_sharding_supported(
             "network.sharding=fsdp2 compiles per block only: use network.compile_scope=blocks "
             "(or network.compile=false)"
         )
-    if compile and compile_mode == "reduce-overhead":
+    if compile and uses_cuda_graphs(compile_mode):
+        without = compile_options(compile_mode, cuda_graphs=False).get("mode", "default")
         raise ValueError(
-            "network.sharding=fsdp2 cannot use network.compile_mode=reduce-overhead (CUDA graphs "
-            "around the blocks' all-gathers); use compile_mode=default"
+            f"network.sharding=fsdp2 cannot use network.compile_mode={compile_mode} (CUDA graphs "
+            f"around the blocks' all-gathers); use compile_mode={without}"
         )
     if recompute != "none":
         raise ValueError(

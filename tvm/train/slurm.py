@@ -249,7 +249,7 @@ def split_train_args(args: Sequence[str]) -> tuple[str, list[str]]:
             index += 1
         elif item.startswith("-"):
             raise ValueError(
-                f"unsupported training argument {item!r}: pass --config-name=NAME and key=value " "overrides only"
+                f"unsupported training argument {item!r}: pass --config-name=NAME and key=value overrides only"
             )
         elif "=" in item or item.startswith("~"):
             overrides.append(item)

@@ -43,7 +43,7 @@ class Batching:
         batch_gpu = batch_gpu or per_rank
         if per_rank % batch_gpu:
             raise ValueError(
-                f"training.batch_size={batch} is not divisible by world size × batch_gpu " f"= {world} × {batch_gpu}"
+                f"training.batch_size={batch} is not divisible by world size × batch_gpu = {world} × {batch_gpu}"
             )
         return cls(batch, world, batch_gpu, per_rank // batch_gpu)
 

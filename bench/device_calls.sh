@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The GPU rows of docs/benchmarks.md as device calls, one call per part, each inside a 600 s call
+# limit, so that every row of a round comes from one machine start (the machine stays warm
+# between calls; run the parts back to back, most important first).
+#
+#   bash bench/device_calls.sh PART   # PART: profile | autotune | launch-ab | plain | 512 | coldstart | fsdp2 | attention
+#
+# Run from the repository root on the GPU machine. Wheels the machine lacks (hydra-core, omegaconf,
+# antlr4-python3-runtime) are installed from .whl/ when that folder exists (docs/benchmarks.md,
+# "Running the rows").
+# Every part prints its table as it goes and copies its log to $OUT (when set), so a part cut by
+# the call limit still returns what it measured.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+part="${1:?usage: bash bench/device_calls.sh profile|autotune|launch-ab|plain|512|coldstart|fsdp2|attention}"
+if [ -d .whl ] && ! python3 -c "import hydra" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 1
+    export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+out="${OUT:-/tmp}"
+default=explicit:triton:blocks:budget=0.7 # the configs' training step (im256_w2.yaml)
+step() { python3 bench/step.py --steps 6 --warmup 3 "$@"; }
+
+case "$part" in
+profile) # where the time goes, the default step and CUDA graphs, checked against torch.func.jvp
+    step --profile "$default" --variants "$default,$default:mode=reduce-overhead" --check "$default" --plain '' ;;
+autotune) # autotuned GEMM templates with fused epilogues, with CUDA graphs (network.compile_mode=max-autotune)
+    step --variants "$default:mode=max-autotune" --check "$default:mode=max-autotune" --plain '' ;;
+launch-ab) # the attention launch plans on, then off, in one process (issue 16 item 5)
+    step --ab-fast-launch "$default" ;;
+plain) # flow-matching step and 1-step generation (batch 256)
+    step --variants '' --check '' --plain fm:blocks,fm:eager,gen:compile,gen:blocks ;;
+512) # 512 px, per-GPU batch 8
+    step --resolution 512 --batch 8 --variants "$default" --check '' --plain '' ;;
+coldstart) # seconds to the first finished step of `bash train.sh 1 im256_w2.yaml`: cold, run-dir cache, local cache
+    python3 bench/cold_start.py --keep "$out" ;;
+fsdp2) # FSDP2 against DDP on one GPU, DiT-XL/2 with compiled blocks
+    torchrun --standalone --nproc_per_node=1 bench/fsdp2_step.py --batch 32 --steps 4 ;;
+attention) # the attention kernel rows and the profile of its kernels at N=256, B=32
+    python3 bench/attention.py --profile 256x32 ;;
+*)
+    echo "unknown part $part" >&2
+    exit 2
+    ;;
+esac 2>&1 | tee "$out/$part.log"
