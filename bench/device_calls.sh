@@ -3,7 +3,7 @@
 # limit, so that every row of a round comes from one machine start (the machine stays warm
 # between calls; run the parts back to back, most important first).
 #
-#   bash bench/device_calls.sh PART   # PART: profile | autotune | launch-ab | plain | 512 | coldstart | fsdp2 | attention
+#   bash bench/device_calls.sh PART   # PART: profile | full | autotune | launch-ab | plain | 512 | coldstart | fsdp2 | attention
 #
 # Run from the repository root on the GPU machine. Wheels the machine lacks (hydra-core, omegaconf,
 # antlr4-python3-runtime) are installed from .whl/ when that folder exists (docs/benchmarks.md,
@@ -12,7 +12,7 @@
 # the call limit still returns what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: bash bench/device_calls.sh profile|autotune|launch-ab|plain|512|coldstart|fsdp2|attention}"
+part="${1:?usage: bash bench/device_calls.sh profile|full|autotune|launch-ab|plain|512|coldstart|fsdp2|attention}"
 if [ -d .whl ] && ! python3 -c "import hydra" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         || exit 1
@@ -26,6 +26,10 @@ step() { python3 bench/step.py --steps 6 --warmup 3 "$@"; }
 case "$part" in
 profile) # where the time goes, the default step and CUDA graphs, checked against torch.func.jvp
     step --profile "$default" --variants "$default,$default:mode=reduce-overhead" --check "$default" --plain '' ;;
+full) # the whole loss forward compiled as one graph (network.compile_scope=full) at the default budget, with and
+    # without CUDA graphs: it also fuses the casts and the loss arithmetic outside the blocks
+    step --variants "${default/blocks/compile},${default/blocks/compile}:mode=reduce-overhead" \
+        --check "${default/blocks/compile}" --plain '' ;;
 autotune) # autotuned GEMM templates with fused epilogues, with CUDA graphs (network.compile_mode=max-autotune)
     step --variants "$default:mode=max-autotune" --check "$default:mode=max-autotune" --plain '' ;;
 launch-ab) # the attention launch plans on, then off, in one process (issue 16 item 5)
