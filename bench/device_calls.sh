@@ -3,7 +3,7 @@
 # limit, so that every row of a round comes from one machine start (the machine stays warm
 # between calls; run the parts back to back, most important first).
 #
-#   bash bench/device_calls.sh PART   # PART: profile | full | autotune | launch-ab | plain | 512 | coldstart | fsdp2 | attention
+#   bash bench/device_calls.sh PART   # PART: profile | full | autotune | launch-ab | plain | gen-autotune | 512 | coldstart | fsdp2 | attention
 #
 # Run from the repository root on the GPU machine. Wheels the machine lacks (hydra-core, omegaconf,
 # antlr4-python3-runtime) are installed from .whl/ when that folder exists (docs/benchmarks.md,
@@ -12,7 +12,7 @@
 # the call limit still returns what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: bash bench/device_calls.sh profile|full|autotune|launch-ab|plain|512|coldstart|fsdp2|attention}"
+part="${1:?usage: bash bench/device_calls.sh profile|full|autotune|launch-ab|plain|gen-autotune|512|coldstart|fsdp2|attention}"
 if [ -d .whl ] && ! python3 -c "import hydra" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         || exit 1
@@ -36,6 +36,8 @@ launch-ab) # the attention launch plans on, then off, in one process (issue 16 i
     step --ab-fast-launch "$default" ;;
 plain) # flow-matching step and 1-step generation (batch 256)
     step --variants '' --check '' --plain fm:blocks,fm:eager,gen:compile,gen:blocks ;;
+gen-autotune) # 1-step generation with autotuned GEMM templates (scripts/generate.py --compile max-autotune-no-cudagraphs)
+    step --variants '' --check '' --plain gen:compile:mode=max-autotune-no-cudagraphs ;;
 512) # 512 px, per-GPU batch 8
     step --resolution 512 --batch 8 --variants "$default" --check '' --plain '' ;;
 coldstart) # seconds to the first finished step of `bash train.sh 1 im256_w2.yaml`: cold, run-dir cache, local cache

@@ -22,7 +22,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from tvm.compiling import allow_tracing_this_package
+from tvm.compiling import allow_tracing_this_package, compile_options
 from tvm.config import compose_config
 from tvm.eval.checkpoints import load_network_for_eval
 from tvm.eval.generate import check_output, default_cfg_scale, generate_to, parse_classes, parse_index_ranges
@@ -81,9 +81,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument(
         "--compile",
-        action="store_true",
-        help="torch.compile the whole DiT (worth it for many images on a GPU: 1903 img/s against "
-        "1746 block by block, DiT-XL/2 on an H200, docs/benchmarks.md)",
+        nargs="?",
+        const="default",
+        default=None,
+        choices=["default", "max-autotune-no-cudagraphs"],
+        metavar="MODE",
+        help="torch.compile the whole DiT, in torch.compile mode MODE (default: %(const)s; "
+        "max-autotune-no-cudagraphs autotunes GEMM templates, minutes longer to compile). Worth it for "
+        "many images on a GPU: 1903 img/s against 1746 block by block, DiT-XL/2 on an H200, "
+        "docs/benchmarks.md. CUDA graphs are not offered: the sampler feeds a step's output back in",
     )
     args = parser.parse_args(argv)
 
@@ -96,9 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise CheckpointError(f"no checkpoint-<step>.pt files in {args.ckpt}")
         config = compose_config(args.config) if args.config else None
         net, cfg, step = load_network_for_eval(paths[0], args.override, dist.device, config=config)
-        if args.compile:
+        if args.compile is not None:
             allow_tracing_this_package()
-            net.model.compile()
+            net.model.compile(**compile_options(args.compile, cuda_graphs=False))
         classes = parse_classes(args.classes, net.model.num_classes) if args.classes else None
         guidance = args.guidance if args.guidance is not None else default_cfg_scale(cfg.sampling, args.steps)
         if dist.is_main:

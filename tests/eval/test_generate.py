@@ -184,6 +184,42 @@ def test_generate_cli_unconditional_unguided(uncond_ckpt: Path, tmp_path: Path, 
     assert "nowhere" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "flag, options",
+    [
+        ([], None),
+        (["--compile"], {}),
+        (["--compile", "max-autotune-no-cudagraphs"], {"mode": "max-autotune-no-cudagraphs"}),
+    ],
+)
+def test_generate_cli_compile_modes(uncond_ckpt: Path, tmp_path: Path, monkeypatch, flag, options) -> None:
+    """``--compile [MODE]`` compiles the whole DiT once with that mode (no CUDA graphs: the sampler
+    feeds outputs back in); without the flag nothing is compiled. The compilation itself is stubbed:
+    Inductor's CPU code is not what this checks."""
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: calls.append((type(self).__name__, kwargs)))
+    base = [
+        "--ckpt",
+        str(uncond_ckpt),
+        "--steps",
+        "1",
+        "--cfg",
+        "1",
+        "--seeds",
+        "0-1",
+        "--out",
+        str(tmp_path / "c.npz"),
+    ]
+    assert _script().main([*base, *flag]) == 0
+    assert calls == ([] if options is None else [("DiT", options)])
+
+
+def test_generate_cli_refuses_cuda_graph_compile_modes(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        _script().main(["--ckpt", str(tmp_path), "--out", str(tmp_path / "o"), "--compile", "reduce-overhead"])
+    assert "invalid choice: 'reduce-overhead'" in capsys.readouterr().err
+
+
 def test_generate_cli_refuses_existing_output_without_force(cond_ckpt: Path, tmp_path: Path, capsys) -> None:
     """An existing .npz or a folder with files is refused (nothing written); --force replaces it and
     leaves none of the folder's old images behind (they would mix with the new set)."""
