@@ -3,23 +3,25 @@
 # limit, so that every row of a round comes from one machine start (the machine stays warm
 # between calls; run the parts back to back, most important first).
 #
-#   bash bench/device_calls.sh PART   # PART: profile | full | autotune | launch-ab | plain | gen-autotune | 512 | coldstart | fsdp2 | attention
+#   bash bench/device_calls.sh PART
+#
+# PART: profile | full | autotune | launch-ab | plain | gen-autotune | 512 | coldstart | fsdp2 | attention
 #
 # Run from the repository root on the GPU machine. Wheels the machine lacks (hydra-core, omegaconf,
 # antlr4-python3-runtime) are installed from .whl/ when that folder exists (docs/benchmarks.md,
 # "Running the rows").
-# Every part prints its table as it goes and copies its log to $OUT (when set), so a part cut by
+# Every part prints its table as it goes and writes its log to $OUT (default: here), so a part cut by
 # the call limit still returns what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 part="${1:?usage: bash bench/device_calls.sh profile|full|autotune|launch-ab|plain|gen-autotune|512|coldstart|fsdp2|attention}"
 if [ -d .whl ] && ! python3 -c "import hydra" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        || exit 1
-    export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+    site="$(mktemp -d)"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
+    export PYTHONPATH="$site:${PYTHONPATH:-}"
 fi
 export PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
-out="${OUT:-/tmp}"
+out="${OUT:-.}"
 default=explicit:triton:blocks:budget=0.7 # the configs' training step (im256_w2.yaml)
 step() { python3 bench/step.py --steps 6 --warmup 3 "$@"; }
 
