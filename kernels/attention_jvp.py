@@ -678,8 +678,9 @@ def backward_with_key(
     dtype = inputs[0].dtype
     stats_dtype = _acc_dtype(dtype)
     o = _contiguous(o, dtype)
-    grad_o = _contiguous(grad_o, dtype) if has_go else o
-    if has_gt:
+    grad_o = _contiguous(grad_o, dtype) if grad_o is not None else o
+    if grad_t is not None:
+        assert t is not None and mu is not None  # required with grad_t (attention_jvp_backward)
         t, grad_t = _contiguous(t, dtype), _contiguous(grad_t, dtype)
     else:
         t, grad_t, mu = o, o, lse2
@@ -769,9 +770,9 @@ def attention_jvp_backward(
     if grad_o is None and grad_t is None:
         raise ValueError("attention_jvp_backward: at least one of grad_o, grad_t is required")
     if grad_t is not None:
-        if any(x is None for x in (tq, tk, tv, t, mu)):
+        if tq is None or tk is None or tv is None or t is None or mu is None:
             raise ValueError("attention_jvp_backward: grad_t needs tq, tk, tv, t and mu")
-        inputs = (q, k, v, tq, tk, tv)
+        inputs: tuple[torch.Tensor, ...] = (q, k, v, tq, tk, tv)
     else:
         inputs = (q, k, v)
     return backward_with_key(inputs, launch_plans.input_key(inputs), o, t, lse2, mu, grad_o, grad_t, scale)

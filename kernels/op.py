@@ -46,6 +46,7 @@ def _attention_jvp_fwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (O, T, lse2, μ); lse2 and μ are the fp32 ``[B, H, N]`` row statistics."""
     out = attention_jvp_forward(q, k, v, tq, tk, tv)
+    assert out.t is not None and out.mu is not None  # given the tangents
     return out.o, out.t, out.lse2, out.mu
 
 
@@ -75,7 +76,9 @@ def _attention_jvp_bwd_op(
     grads = attention_jvp_backward(q, k, v, tq, tk, tv, o, t, lse2, mu, grad_o, grad_t)
     if grad_t is None:
         return (*grads[:3], torch.zeros_like(q), torch.zeros_like(q), torch.zeros_like(q))
-    return grads
+    gq, gk, gv, gtq, gtk, gtv = grads
+    assert gtq is not None and gtk is not None and gtv is not None  # given grad_t
+    return gq, gk, gv, gtq, gtk, gtv
 
 
 @_attention_jvp_bwd_op.register_fake

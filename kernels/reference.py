@@ -58,4 +58,5 @@ def attention_jvp_math(
 
     Differentiable with respect to all six inputs (reverse mode through both outputs).
     """
-    return torch.func.jvp(lambda a, b, c: attention_math(a, b, c, scale), (q, k, v), (tq, tk, tv))
+    out = torch.func.jvp(lambda a, b, c: attention_math(a, b, c, scale), (q, k, v), (tq, tk, tv))
+    return out[0], out[1]  # (output, tangent): a pair without has_aux

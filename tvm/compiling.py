@@ -26,7 +26,7 @@ import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -135,11 +135,24 @@ def _artifact_count(info: Any) -> int:
 COMPILE_CACHE = "compile-cache.bin"
 
 
+class _BlockCompiled(Protocol):
+    """A DiT: compiles each of its blocks in place."""
+
+    def compile_blocks(self, **options: Any) -> None: ...
+
+
+class _HoldsModel(Protocol):
+    """A TVMWrapper: holds its DiT as ``.model``."""
+
+    @property
+    def model(self) -> _BlockCompiled: ...
+
+
 def compile_training(
     ddp: torch.nn.Module,
-    online: torch.nn.Module | None,
-    teacher: torch.nn.Module | None,
-    ema: torch.nn.Module | None,
+    online: _HoldsModel | None,
+    teacher: _HoldsModel | None,
+    ema: _HoldsModel | None,
     network: Any,
 ) -> torch.nn.Module:
     """The training forward under ``torch.compile`` (``network.compile_scope``): ``blocks`` compiles
@@ -161,6 +174,7 @@ def compile_training(
         if hasattr(torch._dynamo.config, "optimize_ddp"):  # gone in newer PyTorch, which splits no DDP graph
             torch._dynamo.config.optimize_ddp = False  # one graph for forward and backward, as upstream
         return compile_model(ddp, **options)
+    assert online is not None and teacher is not None and ema is not None, "compile_scope=blocks needs the wrappers"
     for wrapper in (online, teacher):
         wrapper.model.compile_blocks(**options)
     # The eval EMA samples in loops that feed a block's output back in; CUDA graph trees overwrite

@@ -21,6 +21,7 @@ checkpoints, ``config.yaml`` and wandb receive) holds plain strings.
 from __future__ import annotations
 
 import difflib
+import enum
 import math
 import typing
 from dataclasses import dataclass, field, is_dataclass
@@ -50,22 +51,96 @@ class Choice(str, Enum):
         return name  # the functional API with a list of names: each value is its name
 
 
-WandbMode = Choice("WandbMode", ["online", "offline", "disabled"])
-DigitsSplit = Choice("DigitsSplit", ["train", "test", "all"])
-InitType = Choice("InitType", ["spectral", "xunif"])
-DataType = Choice("DataType", ["bf16", "fp16", "fp32"])
-CompileScope = Choice("CompileScope", ["blocks", "full"])
-CompileMode = Choice("CompileMode", ["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"])
-Sharding = Choice("Sharding", ["ddp", "fsdp2"])
-Recompute = Choice("Recompute", ["none", "fm", "all"])
-AttnBackend = Choice("AttnBackend", ["sdpa", "math", "triton"])
-JVPAttnBackend = Choice("JVPAttnBackend", ["auto", "math", "triton"])
-JVPMode = Choice("JVPMode", ["explicit", "autograd"])
-TimeScheme = Choice("TimeScheme", ["gap", "trunc", "clamp"])
-FMTime = Choice("FMTime", ["separate", "shared"])
-CFGRangeMode = Choice("CFGRangeMode", ["w", "beta"])
-NonfinitePolicy = Choice("NonfinitePolicy", ["skip", "raise"])
-LabelMode = Choice("LabelMode", ["uniform", "empirical"])
+class WandbMode(Choice):
+    online = enum.auto()
+    offline = enum.auto()
+    disabled = enum.auto()
+
+
+class DigitsSplit(Choice):
+    train = enum.auto()
+    test = enum.auto()
+    all = enum.auto()
+
+
+class InitType(Choice):
+    spectral = enum.auto()
+    xunif = enum.auto()
+
+
+class DataType(Choice):
+    bf16 = enum.auto()
+    fp16 = enum.auto()
+    fp32 = enum.auto()
+
+
+class CompileScope(Choice):
+    blocks = enum.auto()
+    full = enum.auto()
+
+
+class Sharding(Choice):
+    ddp = enum.auto()
+    fsdp2 = enum.auto()
+
+
+class Recompute(Choice):
+    none = enum.auto()
+    fm = enum.auto()
+    all = enum.auto()
+
+
+class AttnBackend(Choice):
+    sdpa = enum.auto()
+    math = enum.auto()
+    triton = enum.auto()
+
+
+class JVPAttnBackend(Choice):
+    auto = enum.auto()
+    math = enum.auto()
+    triton = enum.auto()
+
+
+class JVPMode(Choice):
+    explicit = enum.auto()
+    autograd = enum.auto()
+
+
+class TimeScheme(Choice):
+    gap = enum.auto()
+    trunc = enum.auto()
+    clamp = enum.auto()
+
+
+class FMTime(Choice):
+    separate = enum.auto()
+    shared = enum.auto()
+
+
+class CFGRangeMode(Choice):
+    w = enum.auto()
+    beta = enum.auto()
+
+
+class LabelMode(Choice):
+    uniform = enum.auto()
+    empirical = enum.auto()
+
+
+# Member names that are not identifiers (or are keywords) need the functional API. mypy reads that API
+# for Enum itself only, so it is shown classes with the identifier members; at run time these are the enums.
+if typing.TYPE_CHECKING:
+
+    class CompileMode(Choice):
+        default = enum.auto()  # and reduce-overhead, max-autotune-no-cudagraphs, max-autotune
+
+    class NonfinitePolicy(Choice):
+        skip = enum.auto()  # and raise
+
+else:
+    CompileMode = Choice("CompileMode", ["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"])
+    NonfinitePolicy = Choice("NonfinitePolicy", ["skip", "raise"])
 
 
 @dataclass
@@ -285,13 +360,16 @@ def to_container(cfg: DictConfig | dict) -> dict[str, Any]:
     """A plain, resolved dict (what checkpoints store): choices are plain strings."""
     if isinstance(cfg, dict):
         return cfg
-    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    # A DictConfig of the schema converts to a dict with string keys.
+    return typing.cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
 
 
 def from_container(data: dict[str, Any]) -> DictConfig:
     """Validate a stored plain dict against the schema (unknown keys are errors)."""
     schema = OmegaConf.structured(Config)
-    return OmegaConf.merge(schema, data)
+    merged = OmegaConf.merge(schema, data)
+    assert isinstance(merged, DictConfig)  # merged into a structured (dict) config
+    return merged
 
 
 # Keys whose value must be > 0 (None allowed where the schema has Optional), and >= 0
@@ -338,11 +416,11 @@ def _unknown_keys(data: Any, schema: type, prefix: str = "") -> list[str]:
             found.append(path + (f" (did you mean {prefix}{close[0]}?)" if close else ""))
             continue
         hint = hints[key]
-        if is_dataclass(hint) and isinstance(value, dict):
+        if isinstance(hint, type) and is_dataclass(hint) and isinstance(value, dict):
             found += _unknown_keys(value, hint, f"{path}.")
         elif typing.get_origin(hint) is dict and isinstance(value, dict):
             entry = typing.get_args(hint)[1]
-            if is_dataclass(entry):
+            if isinstance(entry, type) and is_dataclass(entry):
                 for name, item in value.items():
                     if isinstance(item, dict):
                         found += _unknown_keys(item, entry, f"{path}.{name}.")

@@ -46,7 +46,7 @@ import warnings
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeGuard
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -111,6 +111,11 @@ class ForeignObject:
     """
 
     qualified_name = "<foreign>"
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    state: Any
+    items: dict[Any, Any]
+    elements: list[Any]
 
     def __new__(cls, *args: Any, **kwargs: Any) -> ForeignObject:
         obj = super().__new__(cls)
@@ -199,7 +204,7 @@ def _quiet_storage_warnings() -> Iterator[None]:
         yield
 
 
-def load_storage_bytes(data: Any) -> torch.storage.TypedStorage:
+def load_storage_bytes(data: Any) -> torch.storage.TypedStorage | torch.UntypedStorage:
     """Safe ``torch.storage._load_from_bytes``: the bytes are a ``torch.save`` payload of one
     storage, tagged with the device it was saved from (CUDA for the EMA, docs/method.md §9.2); loaded
     with ``weights_only=True`` and mapped to the CPU."""
@@ -323,7 +328,7 @@ class RestrictedUnpickler(pickle.Unpickler):
 def restricted_pickle_module(source: str) -> types.ModuleType:
     """A ``pickle_module`` for ``torch.load`` whose ``Unpickler`` is restricted."""
     module = types.ModuleType("tvm_restricted_pickle")
-    module.Unpickler = type("Unpickler", (RestrictedUnpickler,), {"source": source})
+    setattr(module, "Unpickler", type("Unpickler", (RestrictedUnpickler,), {"source": source}))
     return module
 
 
@@ -512,7 +517,7 @@ def _shape(shapes: Mapping[str, Sequence[int]], key: str) -> tuple[int, ...]:
     return tuple(shapes[key])
 
 
-def _is_variant(name: Any) -> bool:
+def _is_variant(name: Any) -> TypeGuard[str]:
     return name in VARIANT_ALIASES or name in VARIANTS
 
 

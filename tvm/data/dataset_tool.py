@@ -63,9 +63,9 @@ def center_crop_dhariwal(img: PIL.Image.Image, resolution: int) -> PIL.Image.Ima
     """ADM centre crop (docs/method.md §6.2): BOX-halve while the short side ≥ 2·res, BICUBIC-resize the
     short side to ``res`` (rounded), then crop the centre ``res × res``."""
     while min(img.size) >= 2 * resolution:
-        img = img.resize(tuple(s // 2 for s in img.size), resample=PIL.Image.BOX)
+        img = img.resize((img.size[0] // 2, img.size[1] // 2), resample=PIL.Image.Resampling.BOX)
     scale = resolution / min(img.size)
-    img = img.resize(tuple(round(s * scale) for s in img.size), resample=PIL.Image.BICUBIC)
+    img = img.resize((round(img.size[0] * scale), round(img.size[1] * scale)), resample=PIL.Image.Resampling.BICUBIC)
     left = (img.size[0] - resolution) // 2
     top = (img.size[1] - resolution) // 2
     return img.crop((left, top, left + resolution, top + resolution))
@@ -77,14 +77,14 @@ def center_crop(img: PIL.Image.Image, resolution: int) -> PIL.Image.Image:
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
     img = img.crop((left, top, left + side, top + side))
-    return img.resize((resolution, resolution), resample=PIL.Image.LANCZOS)
+    return img.resize((resolution, resolution), resample=PIL.Image.Resampling.LANCZOS)
 
 
 def resize_only(img: PIL.Image.Image, resolution: int) -> PIL.Image.Image:
     """LANCZOS resize to ``res × res`` (no crop) when the size differs."""
     if img.size == (resolution, resolution):
         return img
-    return img.resize((resolution, resolution), resample=PIL.Image.LANCZOS)
+    return img.resize((resolution, resolution), resample=PIL.Image.Resampling.LANCZOS)
 
 
 TRANSFORMS: dict[str, Callable[[PIL.Image.Image, int], PIL.Image.Image]] = {

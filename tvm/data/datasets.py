@@ -34,7 +34,7 @@ import os
 import struct
 import zipfile
 from collections.abc import Iterator, Mapping
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 import numpy as np
 import PIL.Image
@@ -200,7 +200,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def _get_zip(self) -> zipfile.ZipFile:
         return self._handles()[0]
 
-    def _open(self, name: str) -> BinaryIO:
+    def _open(self, name: str) -> IO[bytes]:
         if self._kind == "dir":
             return open(os.path.join(self._path, name), "rb")
         return self._get_zip().open(name, "r")

@@ -178,6 +178,7 @@ class StabilityVAEEncoder:
             with torch.random.fork_rng(devices=[]):
                 self._vae = self._load_vae(dtype).eval().requires_grad_(False)
             self._vae_placement = (torch.device("cpu"), dtype)
+        assert self._vae_placement is not None  # set with the VAE
         if self._vae_placement != (device, dtype):
             if self._vae_placement[1] == dtype:
                 self._vae.to(device=device)

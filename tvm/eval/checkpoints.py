@@ -77,9 +77,11 @@ def apply_overrides(cfg: DictConfig, overrides: Overrides) -> DictConfig:
     if not overrides:
         return cfg
     try:
-        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as exc:
         raise ValueError(f"bad config override {list(overrides)}: {exc}") from exc
+    assert isinstance(merged, DictConfig)  # merged into a DictConfig
+    return merged
 
 
 def _load_upstream(

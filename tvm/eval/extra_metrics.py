@@ -40,6 +40,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -47,6 +48,9 @@ import torch.nn.functional as F
 
 from tvm.eval import fid
 from tvm.progress import progress_bar
+
+if TYPE_CHECKING:
+    from tvm.runtime.build import ImageDataset
 
 __all__ = [
     "inception_score",
@@ -279,14 +283,14 @@ def save_ref_features(path: str | os.PathLike[str], ref: RefFeatures) -> None:
     feats = np.asarray(ref.features, dtype=np.float32)
     if feats.ndim != 2:
         raise ValueError(f"features must be [N, D], got {list(feats.shape)}")
-    arrays: dict[str, np.ndarray] = {"features": feats, "num_images": np.int64(feats.shape[0])}
+    arrays: dict[str, np.ndarray | np.generic] = {"features": feats, "num_images": np.int64(feats.shape[0])}
     if ref.resolution is not None:
         arrays["resolution"] = np.int64(ref.resolution)
     if ref.detector is not None:
         arrays["detector"] = np.array(str(ref.detector))
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, allow_pickle=False, **arrays)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(buf.getvalue())
     os.replace(tmp, path)
@@ -317,7 +321,7 @@ def load_ref_features(path: str | os.PathLike[str], expected_resolution: int | N
 
 @torch.no_grad()
 def compute_reference_features(
-    dataset: torch.utils.data.Dataset,
+    dataset: ImageDataset,
     detector: fid.Detector,
     batch_size: int = 64,
     max_images: int | None = None,
@@ -359,6 +363,9 @@ class DINOv2Detector(torch.nn.Module):
     (the final-norm CLS token for the torch.hub DINOv2 models, 1024-d for ViT-L/14) is returned.
     The backbone must map float ``[N, 3, 224, 224]`` to ``[N, D]``.
     """
+
+    mean: torch.Tensor  # buffers
+    std: torch.Tensor
 
     def __init__(self, model: torch.nn.Module, resolution: int = DINOV2_RESOLUTION) -> None:
         super().__init__()

@@ -39,7 +39,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.linalg
@@ -48,6 +48,9 @@ import torch
 from tvm.progress import progress_bar
 from tvm.runtime import distributed
 from tvm.runtime.checkpoint import file_sha256
+
+if TYPE_CHECKING:
+    from tvm.runtime.build import ImageDataset
 
 __all__ = [
     "INCEPTION_URL",
@@ -333,13 +336,16 @@ def save_ref_stats(path: str | os.PathLike[str], ref: RefStats) -> None:
     if path.suffix != ".npz":
         raise ValueError(f"{path}: reference statistics are written as .npz")
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays: dict[str, np.ndarray] = {"mu": np.asarray(ref.mu, np.float64), "sigma": np.asarray(ref.sigma, np.float64)}
+    arrays: dict[str, np.ndarray | np.generic] = {
+        "mu": np.asarray(ref.mu, np.float64),
+        "sigma": np.asarray(ref.sigma, np.float64),
+    }
     if ref.num_images is not None:
         arrays["num_images"] = np.int64(ref.num_images)
     if ref.resolution is not None:
         arrays["resolution"] = np.int64(ref.resolution)
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, allow_pickle=False, **arrays)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(buf.getvalue())
     os.replace(tmp, path)
@@ -375,7 +381,7 @@ def compute_features(detector: Detector, images: torch.Tensor, device: torch.dev
 
 
 def compute_reference_stats(
-    dataset: torch.utils.data.Dataset,
+    dataset: ImageDataset,
     detector: Detector,
     batch_size: int = 64,
     max_images: int | None = None,

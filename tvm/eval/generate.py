@@ -286,6 +286,7 @@ def generate_to(
     else:
         labels = image_classes(indices, num_classes, seed)
     out = Path(out)
+    writer: NpzWriter | PngFolderWriter | None
     if out.suffix == ".npz":
         writer = NpzWriter(out, indices, labels if num_classes else None) if rank == 0 else None
     else:
@@ -311,8 +312,10 @@ def generate_to(
             count = min(global_batch, len(indices) - start)
             gathered = distributed.gather_interleaved(images, count, dst=0)
             if writer is not None:
+                assert gathered is not None  # the writer's rank 0 is dst
                 writer.write(indices[start : start + count], gathered)
         elif mine:
+            assert writer is not None  # every rank writes its PNGs
             writer.write(mine, images)
         bar.update(min(global_batch, len(indices) - start))
     bar.close()

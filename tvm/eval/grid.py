@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -41,7 +41,14 @@ def grid_classes(n: int, num_classes: int) -> list[int] | None:
     return [i % num_classes for i in range(n)] if num_classes else None
 
 
-def grid_layout(n: int, num_classes: int, side: int) -> dict[str, int | None]:
+class GridLayout(TypedDict):
+    """Keyword arguments of :func:`save_image_grid` (all but the images and the path)."""
+
+    cols: int | None
+    upscale: int
+
+
+def grid_layout(n: int, num_classes: int, side: int) -> GridLayout:
     """``save_image_grid`` arguments for ``n`` images of ``side`` pixels: a column per class
     (square grid when unconditional), small images enlarged to at least 64 pixels."""
     return {"cols": min(n, num_classes) if num_classes else None, "upscale": max(1, 64 // side)}
@@ -63,7 +70,7 @@ def reference_indices(dataset: Any, n: int, num_classes: int, seed: int = 0, max
     open_slots: dict[int, list[int]] = {}
     for slot, cls in enumerate(wanted):
         open_slots.setdefault(cls, []).append(slot)
-    unused = []
+    unused: list[int] = []
     for index in order:
         cls = int(np.argmax(dataset.get_label(int(index))))
         if open_slots.get(cls):

@@ -33,7 +33,7 @@ from tvm.eval import extra_metrics, fid
 from tvm.eval.generate import decoded_resolution, generate_images, image_classes
 from tvm.method.wrapper import TVMWrapper
 from tvm.runtime import distributed
-from tvm.runtime.build import build_dataset
+from tvm.runtime.build import ImageDataset, build_dataset
 
 
 @dataclass
@@ -63,7 +63,7 @@ class MetricContext:
         encoder: Encoder,
         device: torch.device,
         world_size: int,
-        dataset: torch.utils.data.Dataset | None = None,
+        dataset: ImageDataset | None = None,
     ) -> MetricContext:
         """The context of a run's ``eval`` section: the one constructor of the training loop and eval.py.
 
@@ -102,11 +102,12 @@ class MetricContext:
         )
 
 
-def class_frequencies(dataset: torch.utils.data.Dataset) -> np.ndarray:
+def class_frequencies(dataset: ImageDataset) -> np.ndarray:
     """Float64 ``[K]`` label frequencies of a labelled dataset (upstream's FID label distribution)."""
     if not getattr(dataset, "has_labels", False):
         raise ValueError("eval.label_mode=empirical needs a labelled dataset (dataset.use_labels=true)")
     counts = sum(np.asarray(dataset.get_label(i), dtype=np.float64) for i in range(len(dataset)))
+    assert isinstance(counts, np.ndarray), "the dataset is empty"
     return counts / counts.sum()
 
 

@@ -125,7 +125,8 @@ def velocity_and_ds(
         def velocity_of_s(s_: torch.Tensor) -> torch.Tensor:
             return net.velocity(x, t, t - s_, labels, beta, net.jvp_attn_backend, recompute=False)
 
-        return torch.func.jvp(velocity_of_s, (s,), (torch.ones_like(s),))
+        out = torch.func.jvp(velocity_of_s, (s,), (torch.ones_like(s),))
+        return out[0], out[1]  # (F, ∂_s F): a pair without has_aux
     gap = t - s
     return net.velocity_with_tangent(x, t, gap, -torch.ones_like(gap), labels, beta)
 
@@ -171,12 +172,11 @@ def tvm_loss(
 
     # 5. Teacher, one call of batch 2B: (f_ts, s, gap 0, c, β) → F_T1 and (x_{s'}, s', gap 0, ∅, 1) → F_T0.
     with torch.no_grad():
-        null = None if labels is None else torch.zeros_like(labels)
         F_T = teacher.velocity(
             torch.cat([f_ts.detach(), x_sp]),
             torch.cat([s, s_prime]),
             torch.cat([zero_gap, zero_gap]),
-            None if labels is None else torch.cat([labels, null]),
+            None if labels is None else torch.cat([labels, torch.zeros_like(labels)]),  # then the null class
             torch.cat([beta, torch.ones_like(beta)]),
         )
         F_T1, F_T0 = F_T.chunk(2)

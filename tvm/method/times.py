@@ -95,7 +95,7 @@ class Guidance(_FromConfig):
                 raise ValueError(f"{name} = {value} is not allowed: CFG scales must be >= 1 (w = 1 is unguided)")
         if (self.min_cfg is None) != (self.max_cfg is None):
             raise ValueError("min_cfg and max_cfg must be given together")
-        if self.min_cfg is not None and self.min_cfg > self.max_cfg:
+        if self.min_cfg is not None and self.max_cfg is not None and self.min_cfg > self.max_cfg:
             raise ValueError(f"min_cfg = {self.min_cfg} exceeds max_cfg = {self.max_cfg}")
         if self.cfg_range_mode not in RANGE_MODES:
             raise ValueError(f"unknown cfg_range_mode {self.cfg_range_mode!r}; allowed: {', '.join(RANGE_MODES)}")
@@ -158,7 +158,7 @@ def sample_beta(gen: torch.Generator, n: int, guidance: Guidance, device: torch.
     shape = (n, 1, 1, 1)
     if guidance.cfg is not None:
         return torch.ones(shape, device=device) / guidance.cfg
-    if guidance.min_cfg is not None:
+    if guidance.min_cfg is not None and guidance.max_cfg is not None:  # given together (Guidance)
         u = torch.rand(shape, generator=gen, device=device)
         if guidance.cfg_range_mode == "w":
             return 1.0 / (guidance.min_cfg + u * (guidance.max_cfg - guidance.min_cfg))

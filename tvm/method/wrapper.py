@@ -144,6 +144,7 @@ class TVMWrapper(nn.Module):
         dtype, by explicit propagation through the layers (``DiT.forward_with_tangent``) with the
         ``jvp_attn_backend`` attention; ``recompute="all"`` recomputes each block in the backward."""
         x_, t_, gap_, dgap_, labels_, beta_ = self._param_dtype(x, t, gap, dgap, labels, beta)
+        assert x_ is not None and t_ is not None and gap_ is not None and dgap_ is not None  # only None maps to None
         with self.autocast(x.device):
             F, dF = self.model.forward_with_tangent(
                 x_,

@@ -21,7 +21,9 @@ tokens, ``D`` hidden size, ``H`` heads, ``d = D/H`` head dim.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -189,7 +191,7 @@ class TimestepEmbedder(nn.Module):
         """Features' tangent ``[−f·sin(τf), f·cos(τf)]·τ̇`` (float64, like the features), then the MLP."""
         feats = timestep_features(tau, self.freq_dim)
         dfeats = timestep_features_derivative(tau, self.freq_dim) * dtau.to(torch.float64)[:, None]
-        fc1, _, fc2 = self.mlp
+        fc1, _, fc2 = cast("tuple[nn.Linear, nn.SiLU, nn.Linear]", self.mlp)  # unpacks as this tuple
         h, dh = tangent.silu(*tangent.linear(feats, dfeats.to(tau.dtype), fc1.weight, fc1.bias))
         return tangent.linear(h, dh, fc2.weight, fc2.bias)
 
@@ -245,6 +247,7 @@ class Attention(nn.Module):
     def _qk_norm(self, norm: nn.Module, x: torch.Tensor, dx: torch.Tensor) -> tangent.Pair:
         if isinstance(norm, nn.Identity):
             return x, dx
+        assert isinstance(norm, nn.RMSNorm) and norm.eps is not None  # built with eps=RMS_EPS
         return tangent.rms_norm(x, dx, norm.eps, norm.weight)
 
     def forward_with_tangent(self, x: torch.Tensor, dx: torch.Tensor, backend: str) -> tangent.Pair:
@@ -309,6 +312,7 @@ class DiTBlock(nn.Module):
         """The block; with tangents ``dx``, ``dc`` given, :meth:`forward_with_tangent` (one entry
         point, so that ``block.compile()`` compiles both)."""
         if dx is not None:
+            assert dc is not None, "dx and dc are given together"
             return self.forward_with_tangent(x, dx, c, dc, attn_backend)
         m = self.adaLN_modulation(c).unflatten(-1, (6, -1))  # [B, 6, D]
         if self.mod_norm:
@@ -334,7 +338,7 @@ def modulation_with_tangent(
     ada_ln: nn.Sequential, c: torch.Tensor, dc: torch.Tensor, chunks: int, mod_norm: bool
 ) -> list[tangent.Pair]:
     """The adaLN chunks ``[(m_i, ṁ_i)]``, each ``[B, D]``: SiLU → Linear, then mod-norm per chunk."""
-    _, lin = ada_ln
+    _, lin = cast("tuple[nn.SiLU, nn.Linear]", ada_ln)  # unpacks as this tuple
     m, dm = tangent.linear(*tangent.silu(c, dc), lin.weight, lin.bias)
     m, dm = m.unflatten(-1, (chunks, -1)), dm.unflatten(-1, (chunks, -1))
     if mod_norm:
@@ -442,7 +446,7 @@ class DiT(nn.Module):
         Per-image layers (embedders, adaLN) are negligible and left out. DiT-XL/2 at 256 px: 236.8 GFLOP."""
         T = self.x_embedder.num_patches
         token_params = self.x_embedder.proj.weight.numel() + self.final_layer.linear.weight.numel()
-        for block in self.blocks:
+        for block in cast("Iterable[DiTBlock]", self.blocks):  # an nn.ModuleList types its items as Module
             token_params += sum(
                 layer.weight.numel() for layer in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2)
             )

@@ -19,8 +19,14 @@ stream), but skip the SVD, which consumes no random numbers and is the slow part
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, cast
+
 import torch
 import torch.nn as nn
+
+if TYPE_CHECKING:
+    from tvm.models.dit import DiT, DiTBlock, TimestepEmbedder
 
 INIT_TYPES = ("spectral", "xunif")
 EMBED_STD = 0.02
@@ -54,13 +60,19 @@ def init_linear_(layer: nn.Linear, init_type: str, normalize: bool = True) -> No
         nn.init.zeros_(layer.bias)
 
 
+def _linear(module: nn.Module) -> nn.Linear:
+    """An ``nn.Sequential`` item built as ``nn.Linear`` (the container types its items as Module)."""
+    assert isinstance(module, nn.Linear), type(module)
+    return module
+
+
 @torch.no_grad()
-def init_timestep_embedder_(embedder: nn.Module, spectral: bool) -> None:
+def init_timestep_embedder_(embedder: TimestepEmbedder, spectral: bool) -> None:
     """Step 6: both MLP linears ← N(0, 0.02²), then (if ``spectral``) spectral-normal instead."""
-    for layer in (embedder.mlp[0], embedder.mlp[2]):
+    for layer in (_linear(embedder.mlp[0]), _linear(embedder.mlp[2])):
         nn.init.normal_(layer.weight, std=EMBED_STD)
     if spectral:
-        for layer in (embedder.mlp[0], embedder.mlp[2]):
+        for layer in (_linear(embedder.mlp[0]), _linear(embedder.mlp[2])):
             spectral_normal_(layer.weight)
 
 
@@ -73,7 +85,7 @@ def zero_(layer: nn.Linear) -> None:
 
 @torch.no_grad()
 def initialize_dit(
-    model: nn.Module, init_type: str = "spectral", time_specinit: bool = False, patch_spectral: bool = False
+    model: DiT, init_type: str = "spectral", time_specinit: bool = False, patch_spectral: bool = False
 ) -> None:
     """Run steps 2–7 on a freshly constructed :class:`~tvm.models.dit.DiT` (docs/method.md §3.8)."""
     from tvm.models.dit import sincos_pos_embed_2d
@@ -81,8 +93,9 @@ def initialize_dit(
     if model.pos_embed.device.type == "meta":
         return
     embedders = [model.t_embedder, model.s_embedder] + ([model.guidance_embedder] if model.learn_guidance else [])
-    zeroed = [b.adaLN_modulation[1] for b in model.blocks]
-    zeroed += [model.final_layer.adaLN_modulation[1], model.final_layer.linear]
+    blocks = cast("Iterable[DiTBlock]", model.blocks)  # an nn.ModuleList types its items as Module
+    zeroed = [_linear(b.adaLN_modulation[1]) for b in blocks]
+    zeroed += [_linear(model.final_layer.adaLN_modulation[1]), model.final_layer.linear]
     overwritten = {id(m) for m in zeroed} | {id(e.mlp[i]) for e in embedders for i in (0, 2)}
 
     for module in model.modules():  # step 2
@@ -97,6 +110,7 @@ def initialize_dit(
 
     conv = model.x_embedder.proj  # step 4
     spectral_normal_(conv.weight.view(conv.weight.shape[0], -1), normalize=patch_spectral)
+    assert conv.bias is not None  # PatchEmbed builds it with a bias
     nn.init.zeros_(conv.bias)
 
     nn.init.normal_(model.y_embedder.embedding_table.weight, std=EMBED_STD)  # step 5

@@ -6,14 +6,14 @@ through the explicit registries below, never through arbitrary imports.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig
 
 from tvm.config import to_container
 from tvm.data.datasets import ImageFolderDataset
-from tvm.data.digits import DigitsDataset
+from tvm.data.digits import DigitsDataset, Split
 from tvm.data.encoders import build_encoder
 from tvm.method.times import Guidance, TimeSampling
 from tvm.method.wrapper import TVMWrapper
@@ -23,6 +23,7 @@ DATASETS = {
     "tvm.data.datasets.ImageFolderDataset": ImageFolderDataset,
     "tvm.data.digits.DigitsDataset": DigitsDataset,
 }
+ImageDataset = ImageFolderDataset | DigitsDataset  # the dataset classes (build_dataset returns one)
 NETWORKS = {"tvm.method.wrapper.TVMWrapper": TVMWrapper}
 # ``loss.class_name`` selects nothing: there is one TVM objective (tvm/method; no class of this name). The
 # key is the authors'; these are the names it may carry, each standing for that objective:
@@ -41,9 +42,10 @@ def _lookup(registry: dict[str, Any], key: str, what: str) -> Any:
     return registry[key]
 
 
-def build_dataset(cfg: DictConfig) -> torch.utils.data.Dataset:
+def build_dataset(cfg: DictConfig) -> ImageDataset:
     """The training dataset; errors name a missing path, absent labels or a resolution mismatch."""
     cls = _lookup(DATASETS, cfg.class_name, "dataset.class_name")
+    dataset: ImageDataset
     if cls is DigitsDataset:
         if cfg.path:
             raise ValueError(
@@ -51,7 +53,7 @@ def build_dataset(cfg: DictConfig) -> torch.utils.data.Dataset:
                 "(the digits ship with scikit-learn): drop dataset.path, or set "
                 "dataset.class_name=tvm.data.datasets.ImageFolderDataset to train on that path"
             )
-        dataset = DigitsDataset(split=str(cfg.split), use_labels=cfg.use_labels)
+        dataset = DigitsDataset(split=cast(Split, str(cfg.split)), use_labels=cfg.use_labels)  # schema-checked
     else:
         if not cfg.path:
             raise ValueError(
@@ -82,7 +84,10 @@ def encoder_from_config(cfg: DictConfig) -> Any:
     if cfg.class_name.endswith("PixelEncoder"):
         return build_encoder({"class_name": cfg.class_name})
     return build_encoder(
-        {key: (list(value) if not isinstance(value, (str, int, float, bool)) else value) for key, value in cfg.items()}
+        {
+            str(key): (list(value) if not isinstance(value, (str, int, float, bool)) else value)
+            for key, value in cfg.items()
+        }
     )
 
 

@@ -361,6 +361,13 @@ def checkpoint_step(path: str | os.PathLike[str]) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _step_of(path: Path) -> int:
+    """The step of a checkpoint this module listed or named (``checkpoint-<step>.pt``)."""
+    step = checkpoint_step(path)
+    assert step is not None, path
+    return step
+
+
 def _list_checkpoints(directory: Path) -> list[Path]:
     found = [(checkpoint_step(p), p) for p in directory.iterdir() if p.is_file()]
     return [p for step, p in sorted((sp for sp in found if sp[0] is not None), reverse=True)]
@@ -442,7 +449,7 @@ class CheckpointManager:
 
     def _prune(self, just_written: Path) -> None:
         existing = self.all()
-        newer = [p for p in existing if checkpoint_step(p) > checkpoint_step(just_written)]
+        newer = [p for p in existing if _step_of(p) > _step_of(just_written)]
         if newer:
             warnings.warn(
                 f"{self.run_dir} holds checkpoints newer than {just_written.name} "
@@ -452,7 +459,7 @@ class CheckpointManager:
             )
         keep = set(existing[: self.keep_last]) | {just_written}
         for path in existing:
-            if path not in keep and not self.is_snapshot(checkpoint_step(path)):
+            if path not in keep and not self.is_snapshot(_step_of(path)):
                 _remove_quietly(path)
 
     def latest(self) -> Path | None:

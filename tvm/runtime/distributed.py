@@ -24,7 +24,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -244,6 +244,7 @@ def init_distributed(
         raise RuntimeError("torch.distributed is not available in this PyTorch build but WORLD_SIZE > 1")
     if dist.is_initialized():
         return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, chosen, dist.get_backend())
+    assert launch is not None  # world_size > 1 comes from the launch environment
     backend = backend or ("nccl" if chosen.type == "cuda" else "gloo")
     os.environ.setdefault("MASTER_ADDR", launch.master_addr)
     os.environ.setdefault("MASTER_PORT", str(launch.master_port))
@@ -329,6 +330,10 @@ def all_gather_object(obj: Any) -> list[Any]:
     return gathered
 
 
+@overload
+def gather_interleaved(local: torch.Tensor, count: int, dst: None = None) -> torch.Tensor: ...
+@overload
+def gather_interleaved(local: torch.Tensor, count: int, dst: int) -> torch.Tensor | None: ...
 def gather_interleaved(local: torch.Tensor, count: int, dst: int | None = None) -> torch.Tensor | None:
     """The ``count`` rows of a sequence sharded round-robin over ranks, in sequence order, on the CPU.
 
@@ -343,6 +348,7 @@ def gather_interleaved(local: torch.Tensor, count: int, dst: int | None = None) 
     if world == 1:
         return local
     local = local.detach().cpu()
+    parts: list[Any] | None
     if dst is None:
         parts = all_gather_object(local)
     else:

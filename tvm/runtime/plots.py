@@ -24,7 +24,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -133,7 +133,7 @@ def tick_label(value: float, log: bool = False) -> str:
     return f"{value:.3g}"
 
 
-def _finite(value: Any) -> bool:
+def _finite(value: Any) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -236,7 +236,8 @@ def _draw_ticks(
 
 def _draw_legend(draw: ImageDraw.ImageDraw, axes: Axes, series: Sequence[Series], font: Any) -> None:
     """Colour swatches and labels in one row above the plot area (left to right, cut at the edge)."""
-    col, row = axes.left, axes.top - 18
+    col: float = axes.left  # advances by text widths (float)
+    row = axes.top - 18
     for index, s in enumerate(series):
         width = 14 + draw.textlength(s.label, font=font) + 12
         if col + width > axes.right + MARGINS[2] and index:

@@ -311,7 +311,7 @@ class RunLogger:
 
     def log_images(self, name: str, path: str | os.PathLike[str], step: int, caption: str | None = None) -> None:
         """Send an image file to wandb as ``name`` at ``step`` (no-op when wandb is off)."""
-        if self._wandb_run is None:
+        if self._wandb_run is None or self._wandb is None:  # both or neither
             return
         image = self._wandb.Image(str(path), caption=None if caption is None else _scrub(caption))
         self._wandb_run.log({name: image}, step=step)

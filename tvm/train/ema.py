@@ -17,10 +17,10 @@ import copy
 import torch
 import torch.nn as nn
 
-from tvm.train.sharding import local
+from tvm.train.sharding import ModuleT, local
 
 
-def make_ema(net: nn.Module) -> nn.Module:
+def make_ema(net: ModuleT) -> ModuleT:
     """An exact copy of ``net`` in eval mode without gradients."""
     return copy.deepcopy(net).eval().requires_grad_(False)
 
@@ -44,8 +44,11 @@ def update_ema_(ema: nn.Module, net: nn.Module, beta: float, skip: torch.Tensor 
     # parameter and the copy back (tests/train/test_ema.py checks the bits for many β, both dtypes).
     dtype = ema_params[0].dtype
     if beta <= 0.5:  # 1 − β ≥ 0.5 would take lerp's other branch: no in-place form with upstream's rounding
-        weight = beta if skip is None else torch.where(skip, 1.0, beta).to(dtype)
-        new = torch._foreach_lerp(net_params, ema_params, weight if skip is None else [weight] * len(ema_params))
+        if skip is None:
+            new = torch._foreach_lerp(net_params, ema_params, beta)
+        else:
+            weight = torch.where(skip, 1.0, beta).to(dtype)
+            new = torch._foreach_lerp(net_params, ema_params, [weight] * len(ema_params))
         torch._foreach_copy_(ema_params, new)
         return
     if skip is None:

@@ -168,6 +168,8 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     net = build_network(ncfg, resolution, channels, label_dim, device)
     # DDP broadcasts rank 0's weights; the EMAs are copies made after that (docs/method.md §1.5). FSDP2:
     # the same broadcast, then the network and both EMAs are sharded alike (tvm/train/sharding.py).
+    ddp: torch.nn.Module
+    teacher: TVMWrapper | None  # None below when the online network is its own teacher
     if sharded:
         broadcast_parameters_(net)
         ema, teacher = make_ema(net), make_ema(net)
@@ -375,8 +377,10 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         )
         ema_now = eval_ema() if grids or evaluate else None
         if grids:
+            assert ema_now is not None
             _save_sample_grids(ema_now, encoder, cfg, run_dir, tick, logger, device)
         if evaluate:
+            assert ema_now is not None
             last_metrics = _evaluate(ema_now, cfg, metric_ctx, logger, progress.step)
         del ema_now
         if compile_cache is not None and distributed.is_main():
@@ -440,7 +444,7 @@ def _save_checkpoint(
     gathered = content() if collective else None  # sharded runs: every rank joins the all-gathers
     if distributed.is_main():
         try:
-            ckpts.save(gathered if collective else content(), step)
+            ckpts.save(content() if gathered is None else gathered, step)
         except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks have been told
             error = exc
     path = ckpts.path_for(step)

@@ -33,12 +33,19 @@ How the rest of the run treats sharded modules:
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
 
 import torch
 import torch.nn as nn
 
 from tvm.compiling import compile_options, uses_cuda_graphs
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+
+    from tvm.method.wrapper import TVMWrapper
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 def _dtensor_type() -> type | None:
@@ -49,7 +56,7 @@ def _dtensor_type() -> type | None:
     return DTensor
 
 
-def is_sharded(tensor: torch.Tensor) -> bool:
+def is_sharded(tensor: torch.Tensor) -> TypeGuard[DTensor]:
     """True for a ``DTensor`` (a parameter, gradient or optimizer moment of a sharded module)."""
     dtensor = _dtensor_type()
     return dtensor is not None and isinstance(tensor, dtensor)
@@ -101,7 +108,7 @@ def check_sharding_supported(
         )
 
 
-def shard_network(wrapper: nn.Module, reshard_after_forward: bool = True, methods: tuple[str, ...] = ()) -> None:
+def shard_network(wrapper: TVMWrapper, reshard_after_forward: bool = True, methods: tuple[str, ...] = ()) -> None:
     """``fully_shard`` each DiT block of ``wrapper.model``, then the wrapper (the root unit: embedders
     and final layer), in place. Every rank must hold the same weights (broadcast them first).
 
@@ -117,7 +124,7 @@ def shard_network(wrapper: nn.Module, reshard_after_forward: bool = True, method
         register_fsdp_forward_method(wrapper, method)
 
 
-def shard_run(net: nn.Module, ema: nn.Module, teacher: nn.Module) -> None:
+def shard_run(net: TVMWrapper, ema: TVMWrapper, teacher: TVMWrapper) -> None:
     """Shard the online network and both EMAs alike (same units, same layout, so EMA updates are
     local). The EMAs are called through ``velocity`` (inside the loss, for sampling), not ``forward``."""
     shard_network(net)
@@ -193,7 +200,7 @@ def shard_optimizer_state(full: dict[str, Any], optimizer: torch.optim.Optimizer
     return {"state": state, "param_groups": copy.deepcopy(full["param_groups"])}
 
 
-def gather_module(sharded: nn.Module, plain: nn.Module) -> nn.Module:
+def gather_module(sharded: nn.Module, plain: ModuleT) -> ModuleT:
     """``plain`` (an unsharded module of the same architecture) loaded with ``sharded``'s full weights
     on every rank; collective. Used to sample and evaluate with the sharded eval EMA."""
     state = {key: value.full_tensor() if is_sharded(value) else value for key, value in sharded.state_dict().items()}

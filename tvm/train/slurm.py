@@ -450,6 +450,7 @@ def submit(
     run_dir = run_directory(cfg, workdir)
     folder = Path(folder) if folder else run_dir / "submitit"
     folder = folder if folder.is_absolute() else workdir / folder
+    executor: submitit.Executor
     if local:
         executor = make_local_executor(opts, folder)
         job_fn = TrainJob(train_args, workdir, master_port=free_port())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 from omegaconf import DictConfig
@@ -20,6 +21,10 @@ from tvm.runtime.stats import StatsCollector
 from tvm.train.ema import update_ema_
 from tvm.train.sharding import gradient_norm, is_sharded, local
 from tvm.train.state import Progress, RunState
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
 
 
 class NonFiniteLossError(RuntimeError):
@@ -87,10 +92,12 @@ def gradient_sync(
 ) -> contextlib.AbstractContextManager:
     """Gradient synchronisation of one accumulation round: only the last round (``sync``) reduces
     (DDP: ``no_sync`` before it; FSDP2: ``set_requires_gradient_sync``)."""
-    if sharded:
-        module.set_requires_gradient_sync(sync)
+    if sharded:  # fully_shard made the module an FSDPModule
+        cast("FSDPModule", module).set_requires_gradient_sync(sync)
         return contextlib.nullcontext()
-    return module.no_sync() if distributed and not sync else contextlib.nullcontext()
+    if distributed and not sync:  # the module is DDP-wrapped
+        return cast("DistributedDataParallel", module).no_sync()
+    return contextlib.nullcontext()
 
 
 def apply_update(
@@ -104,7 +111,7 @@ def apply_update(
     """Clip, AdamW (skipped on device by fused AdamW's ``found_inf`` when non-finite), then the eval
     EMA and the teacher EMA in that order (docs/method.md §5.2 items 5–9). Returns the skip flag."""
     skip = grad_norm_and_skip(state.net, max_grad_norm, nonfinite_loss, stats)
-    state.optimizer.found_inf = skip.float()
+    state.optimizer.found_inf = skip.float()  # type: ignore[attr-defined]  # read by fused AdamW's step
     state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
     update_ema_(state.ema, state.net, ema_beta, skip)
