@@ -21,8 +21,8 @@ checkpoints, ``config.yaml`` and wandb receive) holds plain strings.
 from __future__ import annotations
 
 import difflib
-import enum
 import math
+import sys
 import typing
 from dataclasses import dataclass, field, is_dataclass
 from enum import Enum
@@ -35,112 +35,43 @@ from omegaconf import DictConfig, OmegaConf
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-class Choice(str, Enum):
-    """A config value out of a fixed set. The member names are the values (OmegaConf looks a
-    string up by name), so a value that is not an identifier (``reduce-overhead``) is made with
-    the functional API: ``Choice("CompileMode", ["default", "reduce-overhead"])``."""
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
-
-    @staticmethod
-    def _generate_next_value_(name: str, start: int, count: int, last_values: list) -> str:
-        return name  # the functional API with a list of names: each value is its name
-
-
-class WandbMode(Choice):
-    online = enum.auto()
-    offline = enum.auto()
-    disabled = enum.auto()
-
-
-class DigitsSplit(Choice):
-    train = enum.auto()
-    test = enum.auto()
-    all = enum.auto()
-
-
-class InitType(Choice):
-    spectral = enum.auto()
-    xunif = enum.auto()
-
-
-class DataType(Choice):
-    bf16 = enum.auto()
-    fp16 = enum.auto()
-    fp32 = enum.auto()
-
-
-class CompileScope(Choice):
-    blocks = enum.auto()
-    full = enum.auto()
-
-
-class Sharding(Choice):
-    ddp = enum.auto()
-    fsdp2 = enum.auto()
-
-
-class Recompute(Choice):
-    none = enum.auto()
-    fm = enum.auto()
-    all = enum.auto()
-
-
-class AttnBackend(Choice):
-    sdpa = enum.auto()
-    math = enum.auto()
-    triton = enum.auto()
-
-
-class JVPAttnBackend(Choice):
-    auto = enum.auto()
-    math = enum.auto()
-    triton = enum.auto()
-
-
-class JVPMode(Choice):
-    explicit = enum.auto()
-    autograd = enum.auto()
-
-
-class TimeScheme(Choice):
-    gap = enum.auto()
-    trunc = enum.auto()
-    clamp = enum.auto()
-
-
-class FMTime(Choice):
-    separate = enum.auto()
-    shared = enum.auto()
-
-
-class CFGRangeMode(Choice):
-    w = enum.auto()
-    beta = enum.auto()
-
-
-class LabelMode(Choice):
-    uniform = enum.auto()
-    empirical = enum.auto()
-
-
-# Member names that are not identifiers (or are keywords) need the functional API. mypy reads that API
-# for Enum itself only, so it is shown classes with the identifier members; at run time these are the enums.
-if typing.TYPE_CHECKING:
-
-    class CompileMode(Choice):
-        default = enum.auto()  # and reduce-overhead, max-autotune-no-cudagraphs, max-autotune
-
-    class NonfinitePolicy(Choice):
-        skip = enum.auto()  # and raise
-
+if sys.version_info >= (3, 11):
+    from enum import StrEnum as Choice
 else:
-    CompileMode = Choice("CompileMode", ["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"])
-    NonfinitePolicy = Choice("NonfinitePolicy", ["skip", "raise"])
+
+    class Choice(str, Enum):
+        """Python 3.10's stand-in for :class:`enum.StrEnum`, which the functional API below gives on 3.11+."""
+
+        def __str__(self) -> str:
+            return self.value
+
+        def __format__(self, spec: str) -> str:
+            return format(self.value, spec)
+
+        @staticmethod
+        def _generate_next_value_(name: str, start: int, count: int, last_values: list) -> str:
+            return name
+
+
+# The choice fields. Each is a str enum whose member names are its values (OmegaConf looks a string up
+# by name; StrEnum's functional API makes each value its name in lower case, so names are lower case),
+# made with the functional API because some values are not identifiers ("reduce-overhead", "raise").
+WandbMode = Choice("WandbMode", ["online", "offline", "disabled"])
+DigitsSplit = Choice("DigitsSplit", ["train", "test", "all"])
+InitType = Choice("InitType", ["spectral", "xunif"])
+DataType = Choice("DataType", ["bf16", "fp16", "fp32"])
+CompileScope = Choice("CompileScope", ["blocks", "full"])
+CompileMode = Choice("CompileMode", ["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"])
+Sharding = Choice("Sharding", ["ddp", "fsdp2"])
+Recompute = Choice("Recompute", ["none", "fm", "all"])
+AttnBackend = Choice("AttnBackend", ["sdpa", "math", "triton"])
+JVPAttnBackend = Choice("JVPAttnBackend", ["auto", "math", "triton"])
+JVPMode = Choice("JVPMode", ["explicit", "autograd"])
+TimeScheme = Choice("TimeScheme", ["gap", "trunc", "clamp"])
+FMTime = Choice("FMTime", ["separate", "shared"])
+CFGRangeMode = Choice("CFGRangeMode", ["w", "beta"])
+NonfinitePolicy = Choice("NonfinitePolicy", ["skip", "raise"])
+LabelMode = Choice("LabelMode", ["uniform", "empirical"])
 
 
 @dataclass

@@ -40,7 +40,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -283,14 +283,14 @@ def save_ref_features(path: str | os.PathLike[str], ref: RefFeatures) -> None:
     feats = np.asarray(ref.features, dtype=np.float32)
     if feats.ndim != 2:
         raise ValueError(f"features must be [N, D], got {list(feats.shape)}")
-    arrays: dict[str, np.ndarray | np.generic] = {"features": feats, "num_images": np.int64(feats.shape[0])}
+    arrays: dict[str, Any] = {"features": feats, "num_images": np.int64(feats.shape[0])}
     if ref.resolution is not None:
         arrays["resolution"] = np.int64(ref.resolution)
     if ref.detector is not None:
         arrays["detector"] = np.array(str(ref.detector))
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
-    np.savez(buf, allow_pickle=False, **arrays)
+    np.savez(buf, **arrays)  # numeric arrays only (no allow_pickle=: older numpy would store it as an array)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(buf.getvalue())
     os.replace(tmp, path)

@@ -336,7 +336,7 @@ def save_ref_stats(path: str | os.PathLike[str], ref: RefStats) -> None:
     if path.suffix != ".npz":
         raise ValueError(f"{path}: reference statistics are written as .npz")
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays: dict[str, np.ndarray | np.generic] = {
+    arrays: dict[str, Any] = {
         "mu": np.asarray(ref.mu, np.float64),
         "sigma": np.asarray(ref.sigma, np.float64),
     }
@@ -345,7 +345,7 @@ def save_ref_stats(path: str | os.PathLike[str], ref: RefStats) -> None:
     if ref.resolution is not None:
         arrays["resolution"] = np.int64(ref.resolution)
     buf = io.BytesIO()
-    np.savez(buf, allow_pickle=False, **arrays)
+    np.savez(buf, **arrays)  # numeric arrays only (no allow_pickle=: older numpy would store it as an array)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(buf.getvalue())
     os.replace(tmp, path)
