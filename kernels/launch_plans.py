@@ -21,13 +21,30 @@ through the autotuner and the JIT that returns a :class:`Launch` for later calls
 :func:`aligned`. Set ``TVM_ATTENTION_FAST_LAUNCH=0`` in the environment, or ``FAST_LAUNCH =
 False`` on this module at run time (:func:`fast_launch` for a block of code), to always take the
 dispatch path.
+
+Cache directory: :func:`use_cache_dir` makes every launch through the autotuner and the JIT run with
+Triton's cache directory (``triton.knobs.cache.dir``, i.e. ``TRITON_CACHE_DIR``) set to the given
+directory and with the kernel's autotuner storing its results there (``Autotuner.cache_results``,
+read at each tuning in Triton 3.6 to 3.9): the compiled binaries and the chosen configs (one
+``<kernel>.autotune.json`` per tuning key, keyed on Triton's version, the GPU target, the kernel
+source and the candidate configs) outlive the node, and a later process finds them instead of
+compiling and benchmarking again. The setting is process-wide during such a launch
+(``knobs.cache.scope()`` restores the previous directory and environment after it); Inductor's
+kernels, compiled and loaded outside our launches, keep their own directory. Several ranks and nodes
+may share the directory: Triton writes each file into a temporary folder of its own (pid and random
+id) and moves it into place with ``os.replace``, so a reader sees a whole file or none, and two
+writers of one key write the same binary. Two ranks tuning one key at once may choose different
+configs; the last file written wins and every later process reads that one. A kernel's group file
+records its files' absolute paths: a node that mounts the directory elsewhere compiles again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -36,12 +53,13 @@ import triton
 FAST_LAUNCH = os.environ.get("TVM_ATTENTION_FAST_LAUNCH", "1") != "0"
 
 _PLANS: dict[tuple, tuple[Launch, ...]] = {}
-try:  # launch hooks (profilers) live here since Triton 3.4; without it no plans are made
+_CACHE_DIR: Optional[Path] = None  # use_cache_dir
+try:  # launch hooks (profilers) and the cache directory live here since Triton 3.4; without it no plans are made
     from triton import knobs as _triton_knobs
 
-    _RUNTIME_KNOBS = _triton_knobs.runtime
+    _RUNTIME_KNOBS, _CACHE_KNOBS = _triton_knobs.runtime, _triton_knobs.cache
 except (ImportError, AttributeError):
-    _RUNTIME_KNOBS = None
+    _RUNTIME_KNOBS = _CACHE_KNOBS = None
 
 # What reading an unexpected layout of Triton's internals raises while a plan is made.
 _INTERNALS_ERRORS = (AttributeError, KeyError, IndexError, TypeError)
@@ -132,13 +150,54 @@ def launch_and_record(
         bound.append(meta)  # all arguments by name, the config's meta-parameters included
         return grid_fn(meta)
 
-    compiled = kernel[grid](*pointers, *ints, **constexprs)
+    with _in_cache_dir(kernel):
+        compiled = kernel[grid](*pointers, *ints, **constexprs)
     if not record or not bound:
         return None
     try:
         return _plan_from(kernel, grid_fn, bound[-1], compiled, pointers, ints, device)  # the last launch ran
     except _INTERNALS_ERRORS:  # an unknown Triton internals layout: stay on the dispatch path
         return None
+
+
+def use_cache_dir(directory: Optional[str | os.PathLike[str]]) -> Optional[Path]:
+    """Compile our kernels into, and keep their autotuning results in, ``directory`` from now on (None:
+    Triton's own cache directory and no stored tuning, the default); returns the previous directory.
+    See "Cache directory" in the module docstring."""
+    global _CACHE_DIR
+    if directory is not None and _CACHE_KNOBS is None:
+        warnings.warn(
+            f"this Triton has no triton.knobs (Triton 3.4 or newer has): the attention kernels are not cached in "
+            f"{directory} but in Triton's default cache directory",
+            stacklevel=2,
+        )
+    previous, _CACHE_DIR = _CACHE_DIR, None if directory is None else Path(directory)
+    return previous
+
+
+def cache_dir() -> Optional[Path]:
+    """The directory set by :func:`use_cache_dir` (None: Triton's own)."""
+    return _CACHE_DIR
+
+
+@contextlib.contextmanager
+def _in_cache_dir(kernel: Any) -> Iterator[None]:
+    """A launch of ``kernel`` (an autotuner) with Triton's cache in :func:`cache_dir` and the autotuner
+    storing its results there; unchanged when no directory is set (or under the interpreter, which
+    compiles nothing and whose autotuners never store)."""
+    if _CACHE_DIR is None or _CACHE_KNOBS is None or is_interpreting():
+        yield
+        return
+    stores = getattr(kernel, "cache_results", None)  # None: not an autotuner (one config, nothing to tune)
+    with _CACHE_KNOBS.scope():
+        _CACHE_KNOBS.dir = str(_CACHE_DIR)
+        if stores is not None:
+            kernel.cache_results = True
+        try:
+            yield
+        finally:
+            if stores is not None:
+                kernel.cache_results = stores
 
 
 def input_key(tensors: tuple) -> Optional[tuple]:

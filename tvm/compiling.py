@@ -15,6 +15,8 @@ compiled graph keeps for the backward (``network.compile_memory_budget``).
 kernels and graphs, AOTAutograd's joint graphs, Triton binaries: PyTorch's "mega-cache") in a file
 of the run directory, so that a restarted job — a preempted Slurm job requeued on another node,
 whose local Inductor cache is empty — skips most of the compilation (``network.compile_cache``).
+With it, :func:`use_kernel_cache` keeps our Triton attention kernels' binaries and autotuning
+results in the run directory too (``triton-cache/``), which the mega-cache does not hold.
 The file holds pickled compiled code, like Inductor's own cache directory: it is trusted as the
 run directory's other contents are (a run only loads the cache it wrote itself).
 """
@@ -133,6 +135,21 @@ def _artifact_count(info: Any) -> int:
 
 
 COMPILE_CACHE = "compile-cache.bin"
+KERNEL_CACHE = "triton-cache"  # our Triton kernels' binaries and autotuning results (kernels/launch_plans.py)
+
+
+def use_kernel_cache(directory: str | os.PathLike[str] | None) -> Path | None:
+    """Keep the binaries and autotuning results of this package's Triton attention kernels in
+    ``directory`` (None: Triton's own cache, as by default); returns the previous setting, to restore.
+
+    Without Triton there are no such kernels and nothing is set (returns None). Inductor's kernels
+    and caches are not affected (kernels/launch_plans.py, "Cache directory").
+    """
+    try:
+        from kernels import launch_plans
+    except ImportError:
+        return None
+    return launch_plans.use_cache_dir(directory)
 
 
 class _BlockCompiled(Protocol):

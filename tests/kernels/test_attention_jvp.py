@@ -9,6 +9,7 @@ GPU by bench/attention.py (the interpreter's bf16 dot is wrong).
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -392,6 +393,68 @@ def test_launch_hooks_and_arguments_of_a_compiled_plan(monkeypatch):
         7,
         8,
     )
+
+
+# ------------------------------------------------------------------ cache directory (binaries, autotuning)
+
+
+class _RecordingAutotuner:
+    """Stands for a Triton autotuner: a launch records Triton's cache directory (knob and environment)
+    and whether the autotuner stores its results, as the JIT and the tuning would read them."""
+
+    def __init__(self):
+        self.cache_results = False
+        self.seen = []
+
+    def __getitem__(self, grid):
+        from triton import knobs
+
+        def launch(*args, **kwargs):
+            self.seen.append((knobs.cache.dir, os.environ.get("TRITON_CACHE_DIR"), self.cache_results))
+
+        return launch
+
+
+def test_cache_dir_holds_during_our_launches_only(monkeypatch, tmp_path):
+    """With a cache directory set, each launch through the autotuner and the JIT sees it as Triton's
+    cache directory with result storing on; before and after, Triton's settings (e.g. the directory
+    Inductor put in the environment) and the autotuner's own flag are as they were."""
+    from triton import knobs
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the interpreter compiles nothing: the directory is left alone
+    inductor = str(tmp_path / "inductor-triton")
+    monkeypatch.setenv("TRITON_CACHE_DIR", inductor)
+    kernel = _RecordingAutotuner()
+    ours = tmp_path / "run" / "triton-cache"
+    previous = launch_plans.use_cache_dir(ours)
+    try:
+        launch_plans.launch_and_record(kernel, lambda meta: (1,), (), (), {}, 0, record=False)
+    finally:
+        restored = launch_plans.use_cache_dir(previous)
+    launch_plans.launch_and_record(kernel, lambda meta: (1,), (), (), {}, 0, record=False)
+    assert previous is None and restored == ours and launch_plans.cache_dir() is None
+    assert kernel.seen == [(str(ours), str(ours), True), (inductor, inductor, False)]
+    assert knobs.cache.dir == os.environ["TRITON_CACHE_DIR"] == inductor and not kernel.cache_results
+
+
+def test_cache_dir_is_not_touched_under_the_interpreter(tmp_path):
+    kernel = _RecordingAutotuner()
+    previous = launch_plans.use_cache_dir(tmp_path)
+    try:
+        launch_plans.launch_and_record(kernel, lambda meta: (1,), (), (), {}, 0, record=False)
+    finally:
+        launch_plans.use_cache_dir(previous)
+    assert kernel.seen[0][0] != str(tmp_path) and not kernel.seen[0][2]
+
+
+def test_our_autotuners_have_the_result_storing_flag():
+    """The installed Triton's autotuner reads ``cache_results`` at each tuning (Triton 3.6 to 3.9)."""
+    for kernel in (
+        kernel_module._attention_jvp_fwd_kernel,
+        kernel_module._attention_jvp_bwd_q_kernel,
+        kernel_module._attention_jvp_bwd_kv_kernel,
+    ):
+        assert isinstance(kernel.cache_results, bool), type(kernel).__name__
 
 
 def test_step_benchmark_parses_the_launch_plan_ab(monkeypatch):

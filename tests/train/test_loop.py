@@ -15,10 +15,12 @@ from helpers import QUICK_TINY
 from tvm.config import compose_config
 from tvm.runtime.checkpoint import CheckpointManager, load_checkpoint
 from tvm.train.loop import run
+from tvm.train.startup import PREFIX, parse_startup_line
 from tvm.train.update import NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = QUICK_TINY + ["training.ckpt_ticks=1", "training.snapshot_ticks=1000"]
+STARTUP_PHASES = ("set-up", "checkpoint read", "build", "restore", "compile cache", "other set-up", "first step")
 
 
 def quick_config(run_dir: Path, *extra: str):
@@ -62,17 +64,43 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path):
     assert_state_dicts_close(full["ema"], accum["ema"], atol=1e-5)
 
 
-def test_resume_is_exact(tmp_path):
+def test_resume_is_exact_and_skips_the_initialisation(tmp_path, monkeypatch):
+    """A run resumed from its run directory or from ``training.resume`` builds its network without the
+    initialisation (the checkpoint replaces every weight and the RNG states) and still ends bit for bit
+    where the uninterrupted run ends; the start-up line says which way the network was built."""
+    import tvm.models.dit as dit
+
+    initialised = []
+    initialize = dit.initialize_dit
+    monkeypatch.setattr(
+        dit, "initialize_dit", lambda *args, **kwargs: initialised.append(1) or initialize(*args, **kwargs)
+    )
     run(quick_config(tmp_path / "straight", "training.total_ticks=3"))
     run(quick_config(tmp_path / "resumed", "training.total_ticks=1"))
+    assert len(initialised) == 2
     result = run(quick_config(tmp_path / "resumed", "training.total_ticks=3"))  # auto-resumes from the latest
+    first = CheckpointManager(tmp_path / "resumed").path_for(2)
+    run(quick_config(tmp_path / "explicit", "training.total_ticks=3", f"training.resume={first}"))
+    assert len(initialised) == 2, "a resumed run initialised its network"
     assert result["progress"]["step"] == 6
-    straight, resumed = final_checkpoint(tmp_path / "straight"), final_checkpoint(tmp_path / "resumed")
-    for name in ("net", "ema", "ema_target"):
-        assert_state_dicts_close(straight[name], resumed[name], exact=True)
+    straight = final_checkpoint(tmp_path / "straight")
+    for resumed in (final_checkpoint(tmp_path / "resumed"), final_checkpoint(tmp_path / "explicit")):
+        for name in ("net", "ema", "ema_target"):
+            assert_state_dicts_close(straight[name], resumed[name], exact=True)
+        for key, moments in straight["optimizer"]["state"].items():
+            assert_state_dicts_close(moments, resumed["optimizer"]["state"][key], exact=True)
     stats = [(tmp_path / d / "stats.jsonl").read_text().splitlines() for d in ("straight", "resumed")]
     strip = lambda line: {k: v for k, v in __import__("json").loads(line).items() if "Loss" in k}  # noqa: E731
     assert [strip(line) for line in stats[0]] == [strip(line) for line in stats[1]]
+    starts = [line for line in (tmp_path / "resumed" / "log.txt").read_text().splitlines() if line.startswith(PREFIX)]
+    assert len(starts) == 2
+    assert "build" in starts[0] and "(weights initialised)" in starts[0]
+    assert "(initialisation skipped: the checkpoint replaces it)" in starts[1]
+    phases = parse_startup_line(starts[1])
+    assert list(phases) == [*STARTUP_PHASES, "total"]
+    assert sum(phases[name] for name in STARTUP_PHASES) == pytest.approx(
+        phases["total"], abs=0.05 * len(STARTUP_PHASES)
+    )
 
 
 def test_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
@@ -191,6 +219,30 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     # elements with near-zero gradients (up to a fraction of lr): hence the small learning rate.
     assert_state_dicts_close(one["net"], two["net"])
     assert_state_dicts_close(one["ema_target"], two["ema_target"])
+
+
+@pytest.mark.parametrize("compile_cache", [True, False])
+def test_kernel_cache_is_the_run_directory_with_the_compile_cache(tmp_path, monkeypatch, compile_cache):
+    """With ``network.compile_cache`` our Triton kernels compile and tune into ``<run dir>/triton-cache``
+    from before the first compilation to the end of the run; without it, and after the run, Triton's own
+    directory is used. (Compilation itself is replaced by a recorder: the setting is what is tested.)"""
+    import tvm.train.loop as loop
+    from kernels import launch_plans
+
+    seen = []
+
+    def record_compile(ddp, *args, **kwargs):
+        seen.append(launch_plans.cache_dir())
+        return ddp
+
+    monkeypatch.setattr(loop, "compile_training", record_compile)
+    run(
+        quick_config(
+            tmp_path, "training.total_ticks=1", "network.compile=true", f"network.compile_cache={compile_cache}"
+        )
+    )
+    assert seen == [tmp_path / "triton-cache" if compile_cache else None]
+    assert launch_plans.cache_dir() is None
 
 
 def test_compiled_training_sets_the_memory_budget_and_static_shapes():

@@ -6,6 +6,7 @@ through the explicit registries below, never through arbitrary imports.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, cast
 
 import torch
@@ -108,26 +109,34 @@ def build_network(
 ) -> TVMWrapper:
     """The :class:`TVMWrapper` around a DiT for data of this shape (docs/method.md §3, §3.8).
 
+    ``init=False`` is for weights that are loaded right after (a checkpoint, upstream weights): the
+    modules are built on the meta device and their parameters allocated on ``device`` without any
+    values — neither the initialisation (docs/method.md §3.8, an SVD per linear layer) nor the
+    modules' default inits run, no random numbers are drawn and nothing is copied from the CPU.
+    Every parameter then holds arbitrary memory until a strict ``load_state_dict`` fills it (the
+    DiT has no buffers).
+
     Upstream ignores ``network.model_kwargs`` (the DiT always uses its defaults); set
     ``network.honor_model_kwargs=true`` to apply them.
     """
     _lookup(NETWORKS, cfg.class_name, "network.class_name")
     kwargs = to_container(cfg.model_kwargs) if cfg.honor_model_kwargs else {}  # init_type a plain string
     arch = dict(mod_norm=kwargs.pop("do_mod_norm", True), **kwargs)
-    model = DiT(
-        cfg.model_type,
-        input_size=resolution,
-        in_channels=channels,
-        num_classes=label_dim,
-        hidden_size=cfg.hidden_size,
-        depth=cfg.depth,
-        num_heads=cfg.num_heads,
-        patch_spectral=cfg.patch_spectral,
-        init=init,
-        **arch,
-    )
+    with contextlib.nullcontext() if init else torch.device("meta"):
+        model = DiT(
+            cfg.model_type,
+            input_size=resolution,
+            in_channels=channels,
+            num_classes=label_dim,
+            hidden_size=cfg.hidden_size,
+            depth=cfg.depth,
+            num_heads=cfg.num_heads,
+            patch_spectral=cfg.patch_spectral,
+            init=init,
+            **arch,
+        )
     device = torch.device(device)
-    return TVMWrapper(
+    wrapper = TVMWrapper(
         model,
         data_type=str(cfg.data_type),
         do_scale_param=cfg.do_scale_param,
@@ -136,7 +145,8 @@ def build_network(
         jvp_mode=str(cfg.jvp_mode),
         recompute=str(cfg.recompute),
         jvp_attn_backend=resolve_jvp_backend(str(cfg.jvp_attn_backend), device),
-    ).to(device)
+    )
+    return wrapper.to(device) if init else wrapper.to_empty(device=device)
 
 
 def time_sampling(cfg: DictConfig) -> TimeSampling:

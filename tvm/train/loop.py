@@ -31,9 +31,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from tvm.compiling import (
     COMPILE_CACHE,
+    KERNEL_CACHE,
     compile_training,
     load_compile_cache,
     update_compile_cache,
+    use_kernel_cache,
     uses_cuda_graphs,
 )
 from tvm.config import to_container, validate_config
@@ -70,7 +72,8 @@ from tvm.train.sharding import (
     shard_run,
     state_memory_per_rank,
 )
-from tvm.train.state import Progress, RunState, checkpoint_content, restore
+from tvm.train.startup import StartupClock
+from tvm.train.state import Progress, RunState, checkpoint_content, replaces_initialisation, restore
 from tvm.runtime.stats import StatsCollector
 from tvm.train.update import Batching, apply_update, check_nonfinite, gradient_sync, step_flops, take
 
@@ -120,6 +123,7 @@ def _log_error(logger: RunLogger) -> Callable[..., None]:
 def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     """The body of :func:`run`; ``cleanup`` undoes what must not outlive the run."""
     # ---------------------------------------------------------------- set-up
+    startup = StartupClock()
     validate_config(cfg)
     dist = distributed.init_distributed()
     device = dist.device
@@ -164,8 +168,17 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         ncfg.compile_mode,
     )
     sharded = ncfg.sharding == "fsdp2"
+    ckpts = CheckpointManager(
+        run_dir, keep_last=tcfg.keep_last, snapshot_every_steps=tcfg.snapshot_ticks * steps_per_tick
+    )
+    startup.mark("set-up")
+    resume = None if tcfg.transfer else _find_resume_checkpoint(tcfg.resume, ckpts)  # (path, content)
+    resumed_from = None if resume is None else resume[0]
+    startup.mark("checkpoint read")
+    # A checkpoint that replaces every weight and the RNG states makes the initialisation moot: skip it.
+    init = not replaces_initialisation(None if resume is None else resume[1])
     torch.manual_seed(seed)
-    net = build_network(ncfg, resolution, channels, label_dim, device)
+    net = build_network(ncfg, resolution, channels, label_dim, device, init=init)
     # DDP broadcasts rank 0's weights; the EMAs are copies made after that (docs/method.md §1.5). FSDP2:
     # the same broadcast, then the network and both EMAs are sharded alike (tvm/train/sharding.py).
     ddp: torch.nn.Module
@@ -184,32 +197,23 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         ema, teacher = make_ema(net), make_ema(net)
     state = RunState(net, ema, teacher, build_optimizer(cfg.optimizer, net.parameters(), device), Progress())
     teacher = state.teacher if tcfg.ema_target_beta is not None else None
-    ckpts = CheckpointManager(
-        run_dir, keep_last=tcfg.keep_last, snapshot_every_steps=tcfg.snapshot_ticks * steps_per_tick
-    )
-    resumed_from = None
+    startup.mark("build", "weights initialised" if init else "initialisation skipped: the checkpoint replaces it")
     if tcfg.transfer:
         restore(state, load_checkpoint(tcfg.transfer, require=("ema",)), True, tcfg.transfer, cfg)
-    elif tcfg.resume:
-        resumed_from = Path(tcfg.resume)
-        restore(
-            state,
-            load_checkpoint(resumed_from, require=("net", "ema", "ema_target", "optimizer")),
-            False,
-            resumed_from,
-            cfg,
-        )
-    elif (found := ckpts.load_latest()) is not None:
-        resumed_from, ckpt = found
-        restore(state, ckpt, False, resumed_from, cfg)
+    elif resume is not None:
+        restore(state, resume[1], False, resume[0], cfg)
+    del resume  # the host copy of the weights and moments is not needed any more
+    startup.mark("restore")
     progress = state.progress
     if resumed_from is not None and progress.step >= total_steps:  # nothing to train; config.yaml stays as it is
         return _already_finished(progress, total_steps, resumed_from, run_dir, batching.batch, steps_per_tick)
     compile_cache = run_dir / COMPILE_CACHE if cfg.network.compile and cfg.network.compile_cache else None
     if compile_cache is not None:
         loaded_artifacts = load_compile_cache(compile_cache)
+        cleanup.callback(use_kernel_cache, use_kernel_cache(run_dir / KERNEL_CACHE))
     train_net = compile_training(ddp, state.net, state.teacher, state.ema, ncfg) if ncfg.compile else ddp
     cuda_graphs = ncfg.compile and uses_cuda_graphs(ncfg.compile_mode)
+    startup.mark("compile cache")
 
     sampler = _make_sampler(len(dataset), dist, seed, progress.step * batching.batch)
     loader = torch.utils.data.DataLoader(
@@ -286,6 +290,8 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     preempted = False
     bar = logger.progress(total_steps, initial=progress.step)
     tick_start, tick_step0, run_start = time.time(), progress.step, time.time()
+    first_step = progress.step + 1
+    startup.mark("other set-up")
 
     # ---------------------------------------------------------------- the loop
     while progress.step < total_steps:
@@ -315,6 +321,10 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         torch.maximum(longest_dev, in_row_dev, out=longest_dev)
         progress.step += 1
         bar.update(1)
+        if progress.step == first_step:  # where the start-up went, the first step (compilation) included
+            _synchronize(device)
+            startup.mark("first step")
+            logger.log(startup.line())
 
         preempted = preempt.should_stop(progress.step, tcfg.preempt_check_steps)
         done = progress.step >= total_steps or preempted
@@ -426,6 +436,24 @@ def _already_finished(
 
 
 # ------------------------------------------------------------------------------ step helpers
+
+
+def _find_resume_checkpoint(resume: str | None, ckpts: CheckpointManager) -> tuple[Path, dict[str, Any]] | None:
+    """``(path, content)`` of the checkpoint the run resumes from, or None.
+
+    ``training.resume`` when set (its weights, EMAs and optimizer required: a missing or unreadable
+    file raises ``CheckpointError``), else the run directory's newest fully loadable checkpoint
+    (unreadable newer ones are skipped with a warning, ``CheckpointManager.load_latest``).
+    """
+    if resume:
+        return Path(resume), load_checkpoint(resume, require=("net", "ema", "ema_target", "optimizer"))
+    return ckpts.load_latest()
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (the start-up clock times finished work, not launches)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _make_sampler(length: int, dist: distributed.DistContext, seed: int, start: int):

@@ -113,6 +113,24 @@ def config_differences(stored: Any, cfg: DictConfig | None, section: str = "netw
     ]
 
 
+RESUME_REPLACES = ("net", "ema", "ema_target", "rng")
+
+
+def replaces_initialisation(ckpt: dict[str, Any] | None) -> bool:
+    """Whether resuming from ``ckpt`` (:func:`restore`, not ``weights_only``) leaves nothing of the
+    network's initialisation: it holds the online weights, both EMAs and the global RNG states.
+
+    ``restore`` loads each of those weights strictly (every parameter, or ``CheckpointError``) and
+    sets the RNG states, so neither the initial values nor the random numbers the initialisation
+    drew reach the run; a run built without the initialisation and resumed from ``ckpt`` is the
+    run built with it, bit for bit (the initialisation runs on the CPU before the move to the
+    device: it draws nothing from the CUDA generators, which ``restore`` sets only where the device
+    count matches). Without the ``rng`` entry the CPU generator's state after the build would decide
+    later draws (e.g. the data-loader workers' seeds): the initialisation then runs.
+    """
+    return ckpt is not None and all(key in ckpt for key in RESUME_REPLACES)
+
+
 def restore(
     state: RunState,
     ckpt: dict[str, Any],
