@@ -166,11 +166,7 @@ class _HoldsModel(Protocol):
 
 
 def compile_training(
-    ddp: torch.nn.Module,
-    online: _HoldsModel | None,
-    teacher: _HoldsModel | None,
-    ema: _HoldsModel | None,
-    network: Any,
+    ddp: torch.nn.Module, online: _HoldsModel | None, teacher: _HoldsModel | None, ema: _HoldsModel | None, network: Any
 ) -> torch.nn.Module:
     """The training forward under ``torch.compile`` (``network.compile_scope``): ``blocks`` compiles
     each DiT block of the online net, the teacher and the eval EMA (TVMWrappers; their ``.model``) in

@@ -312,9 +312,7 @@ def test_kill_9_during_checkpoint_loop_leaves_loadable_latest(tmp_path: Path) ->
     start = 0
     for _ in range(3):
         child = subprocess.Popen(
-            [sys.executable, "-c", _WRITER, str(tmp_path), str(start)],
-            stdout=subprocess.PIPE,
-            text=True,
+            [sys.executable, "-c", _WRITER, str(tmp_path), str(start)], stdout=subprocess.PIPE, text=True
         )
         try:
             last_reported = int(child.stdout.readline())  # at least one complete checkpoint

@@ -336,10 +336,7 @@ def save_ref_stats(path: str | os.PathLike[str], ref: RefStats) -> None:
     if path.suffix != ".npz":
         raise ValueError(f"{path}: reference statistics are written as .npz")
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays: dict[str, Any] = {
-        "mu": np.asarray(ref.mu, np.float64),
-        "sigma": np.asarray(ref.sigma, np.float64),
-    }
+    arrays: dict[str, Any] = {"mu": np.asarray(ref.mu, np.float64), "sigma": np.asarray(ref.sigma, np.float64)}
     if ref.num_images is not None:
         arrays["num_images"] = np.int64(ref.num_images)
     if ref.resolution is not None:

@@ -58,12 +58,7 @@ class MetricContext:
 
     @classmethod
     def from_config(
-        cls,
-        cfg: Any,
-        encoder: Encoder,
-        device: torch.device,
-        world_size: int,
-        dataset: ImageDataset | None = None,
+        cls, cfg: Any, encoder: Encoder, device: torch.device, world_size: int, dataset: ImageDataset | None = None
     ) -> MetricContext:
         """The context of a run's ``eval`` section: the one constructor of the training loop and eval.py.
 
@@ -274,8 +269,7 @@ def fid50k_full_metric(net: TVMWrapper, ctx: MetricContext, steps: int, guidance
         "authors' img256.pkl / img512.pkl or an .npz made by scripts/ref_stats.py",
     )
     detector_url = _required(
-        ctx.detector_url,
-        "fid50k_full needs the Inception detector: set eval.detector_url to its URL or a local file",
+        ctx.detector_url, "fid50k_full needs the Inception detector: set eval.detector_url to its URL or a local file"
     )
     ref = fid.load_ref_stats(ref_stats, expected_resolution=decoded_resolution(net, ctx.encoder))
     detector = _detector(str(detector_url), str(ctx.device))
@@ -323,8 +317,7 @@ def pr50k3_full_metric(net: TVMWrapper, ctx: MetricContext, steps: int, guidance
         "an .npz made by scripts/ref_features.py (with the network of eval.pr_detector_url)",
     )
     _required(
-        ctx.pr_detector_url,
-        "pr50k3_full needs a feature network: set eval.pr_detector_url to its URL or a local file",
+        ctx.pr_detector_url, "pr50k3_full needs a feature network: set eval.pr_detector_url to its URL or a local file"
     )
     ref = extra_metrics.load_ref_features(ref_features, expected_resolution=decoded_resolution(net, ctx.encoder))
     num_images = ctx.num_images or 50000

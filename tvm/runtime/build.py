@@ -20,10 +20,7 @@ from tvm.method.times import Guidance, TimeSampling
 from tvm.method.wrapper import TVMWrapper
 from tvm.models.dit import DiT
 
-DATASETS = {
-    "tvm.data.datasets.ImageFolderDataset": ImageFolderDataset,
-    "tvm.data.digits.DigitsDataset": DigitsDataset,
-}
+DATASETS = {"tvm.data.datasets.ImageFolderDataset": ImageFolderDataset, "tvm.data.digits.DigitsDataset": DigitsDataset}
 ImageDataset = ImageFolderDataset | DigitsDataset  # the dataset classes (build_dataset returns one)
 NETWORKS = {"tvm.method.wrapper.TVMWrapper": TVMWrapper}
 # ``loss.class_name`` selects nothing: there is one TVM objective (tvm/method; no class of this name). The

@@ -248,9 +248,7 @@ def _write_error(path: Path, exc: BaseException) -> CheckpointWriteError:
     else:
         reason = f"{type(exc).__name__}: {exc}"
     return CheckpointWriteError(
-        f"could not write checkpoint {path}: {reason}; any previous file at that path is unchanged",
-        path,
-        os_errno,
+        f"could not write checkpoint {path}: {reason}; any previous file at that path is unchanged", path, os_errno
     )
 
 
@@ -400,10 +398,7 @@ class CheckpointManager:
     """
 
     def __init__(
-        self,
-        run_dir: str | os.PathLike[str],
-        keep_last: int = 3,
-        snapshot_every_steps: int | None = None,
+        self, run_dir: str | os.PathLike[str], keep_last: int = 3, snapshot_every_steps: int | None = None
     ) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")

@@ -221,9 +221,7 @@ def _select_device(local_rank: int, device: str | torch.device | None) -> torch.
 
 
 def init_distributed(
-    backend: str | None = None,
-    timeout_minutes: float = 120,
-    device: str | torch.device | None = None,
+    backend: str | None = None, timeout_minutes: float = 120, device: str | torch.device | None = None
 ) -> DistContext:
     """Initialise the default process group from the launcher's environment (module docstring).
 

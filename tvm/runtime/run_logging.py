@@ -230,11 +230,7 @@ class RunLogger:
             self._start_wandb(project, entity, run_name, config_dict)
 
     def _start_wandb(
-        self,
-        project: str | None,
-        entity: str | None,
-        run_name: str | None,
-        config_dict: Mapping[str, Any] | None,
+        self, project: str | None, entity: str | None, run_name: str | None, config_dict: Mapping[str, Any] | None
     ) -> None:
         """Create the wandb run (resumable by run-directory name); the key comes from the env only."""
         self._wandb = _import_wandb()

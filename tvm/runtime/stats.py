@@ -68,12 +68,7 @@ class StatsCollector:
         slot[1:].add_(torch.stack((flat.sum(), flat.square().sum())))
 
     def report_binned(
-        self,
-        name: str,
-        values: torch.Tensor,
-        t: torch.Tensor,
-        bins: int = 4,
-        clean: bool = True,
+        self, name: str, values: torch.Tensor, t: torch.Tensor, bins: int = 4, clean: bool = True
     ) -> None:
         """Report ``values[B]`` split by the time ``t[B]`` into ``name_q0 .. name_q{bins-1}``.
 

@@ -57,9 +57,7 @@ class PreemptionHandler:
     """
 
     def __init__(
-        self,
-        signals: tuple[signal.Signals, ...] = DEFAULT_SIGNALS,
-        device: str | torch.device = "cpu",
+        self, signals: tuple[signal.Signals, ...] = DEFAULT_SIGNALS, device: str | torch.device = "cpu"
     ) -> None:
         self.signals = tuple(signals)
         self.device = torch.device(device)
