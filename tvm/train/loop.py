@@ -73,7 +73,15 @@ from tvm.train.sharding import (
     state_memory_per_rank,
 )
 from tvm.train.startup import StartupClock
-from tvm.train.state import Progress, RunState, checkpoint_content, replaces_initialisation, restore
+from tvm.train.state import (
+    Progress,
+    RunState,
+    already_finished,
+    checkpoint_content,
+    find_resume_checkpoint,
+    replaces_initialisation,
+    restore,
+)
 from tvm.runtime.stats import StatsCollector
 from tvm.train.update import Batching, apply_update, check_nonfinite, gradient_sync, step_flops, take
 
@@ -172,7 +180,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         run_dir, keep_last=tcfg.keep_last, snapshot_every_steps=tcfg.snapshot_ticks * steps_per_tick
     )
     startup.mark("set-up")
-    resume = None if tcfg.transfer else _find_resume_checkpoint(tcfg.resume, ckpts)  # (path, content)
+    resume = None if tcfg.transfer else find_resume_checkpoint(tcfg.resume, ckpts)  # (path, content)
     resumed_from = None if resume is None else resume[0]
     startup.mark("checkpoint read")
     # A checkpoint that replaces every weight and the RNG states makes the initialisation moot: skip it.
@@ -206,7 +214,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     startup.mark("restore")
     progress = state.progress
     if resumed_from is not None and progress.step >= total_steps:  # nothing to train; config.yaml stays as it is
-        return _already_finished(progress, total_steps, resumed_from, run_dir, batching.batch, steps_per_tick)
+        return already_finished(progress, total_steps, resumed_from, run_dir, batching.batch, steps_per_tick)
     compile_cache = run_dir / COMPILE_CACHE if cfg.network.compile and cfg.network.compile_cache else None
     if compile_cache is not None:
         loaded_artifacts = load_compile_cache(compile_cache)
@@ -414,40 +422,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     }
 
 
-def _already_finished(
-    progress: Progress, total_steps: int, checkpoint: Path, run_dir: Path, batch: int, steps_per_tick: int
-) -> dict[str, Any]:
-    """The result of a run whose checkpoint is at or past ``total_steps``; rank 0 says so."""
-    if distributed.is_main():
-        print(
-            f"run already finished: {checkpoint} is at step {progress.step} >= total {total_steps} "
-            f"(training.total_ticks × {steps_per_tick} steps/tick, or training.max_steps); nothing to do. "
-            "Raise training.total_ticks to train on, or set another run_dir for a new run.",
-            flush=True,
-        )
-    return {
-        "progress": progress.state_dict(batch, steps_per_tick),
-        "metrics": {},
-        "run_dir": str(run_dir),
-        "preempted": False,
-        "signal": None,
-        "already_finished": True,
-    }
-
-
 # ------------------------------------------------------------------------------ step helpers
-
-
-def _find_resume_checkpoint(resume: str | None, ckpts: CheckpointManager) -> tuple[Path, dict[str, Any]] | None:
-    """``(path, content)`` of the checkpoint the run resumes from, or None.
-
-    ``training.resume`` when set (its weights, EMAs and optimizer required: a missing or unreadable
-    file raises ``CheckpointError``), else the run directory's newest fully loadable checkpoint
-    (unreadable newer ones are skipped with a warning, ``CheckpointManager.load_latest``).
-    """
-    if resume:
-        return Path(resume), load_checkpoint(resume, require=("net", "ema", "ema_target", "optimizer"))
-    return ckpts.load_latest()
 
 
 def _synchronize(device: torch.device) -> None:

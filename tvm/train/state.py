@@ -20,7 +20,9 @@ from tvm.method.wrapper import TVMWrapper
 from tvm.runtime import distributed
 from tvm.runtime.checkpoint import (
     CheckpointError,
+    CheckpointManager,
     capture_rng_state,
+    load_checkpoint,
     module_state_dict,
     restore_rng_state,
     state_dict_differences,
@@ -174,3 +176,36 @@ def restore(
     state.progress = Progress(progress["step"], progress.get("skipped", 0), progress.get("in_row", 0))
     if "rng" in ckpt:
         restore_rng_state(ckpt["rng"])
+
+
+def find_resume_checkpoint(resume: str | None, ckpts: CheckpointManager) -> tuple[Path, dict[str, Any]] | None:
+    """``(path, content)`` of the checkpoint the run resumes from, or None.
+
+    ``training.resume`` when set (its weights, EMAs and optimizer required: a missing or unreadable
+    file raises ``CheckpointError``), else the run directory's newest fully loadable checkpoint
+    (unreadable newer ones are skipped with a warning, ``CheckpointManager.load_latest``).
+    """
+    if resume:
+        return Path(resume), load_checkpoint(resume, require=("net", "ema", "ema_target", "optimizer"))
+    return ckpts.load_latest()
+
+
+def already_finished(
+    progress: Progress, total_steps: int, checkpoint: Path, run_dir: Path, batch: int, steps_per_tick: int
+) -> dict[str, Any]:
+    """The result of a run whose checkpoint is at or past ``total_steps``; rank 0 says so."""
+    if distributed.is_main():
+        print(
+            f"run already finished: {checkpoint} is at step {progress.step} >= total {total_steps} "
+            f"(training.total_ticks × {steps_per_tick} steps/tick, or training.max_steps); nothing to do. "
+            "Raise training.total_ticks to train on, or set another run_dir for a new run.",
+            flush=True,
+        )
+    return {
+        "progress": progress.state_dict(batch, steps_per_tick),
+        "metrics": {},
+        "run_dir": str(run_dir),
+        "preempted": False,
+        "signal": None,
+        "already_finished": True,
+    }
