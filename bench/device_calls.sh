@@ -5,7 +5,7 @@
 #
 #   bash bench/device_calls.sh PART
 #
-# PART: profile | full | autotune | launch-ab | plain | gen-autotune | 512 | coldstart | fsdp2 | attention
+# PART: profile | full | full-graphs | autotune | launch-ab | plain | gen-autotune | 512 | coldstart | fsdp2 | attention
 #
 # Run from the repository root on the GPU machine. Wheels the machine lacks (hydra-core, omegaconf,
 # antlr4-python3-runtime) are installed from .whl/ when that folder exists (docs/benchmarks.md,
@@ -14,7 +14,7 @@
 # the call limit still returns what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: bash bench/device_calls.sh profile|full|autotune|launch-ab|plain|gen-autotune|512|coldstart|fsdp2|attention}"
+part="${1:?usage: bash bench/device_calls.sh profile|full|full-graphs|autotune|launch-ab|plain|gen-autotune|512|coldstart|fsdp2|attention}"
 if [ -d .whl ] && ! python3 -c "import hydra" 2>/dev/null; then
     site="$(mktemp -d)"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
@@ -28,10 +28,14 @@ step() { python3 bench/step.py --steps 6 --warmup 3 "$@"; }
 case "$part" in
 profile) # where the time goes, the default step and CUDA graphs, checked against torch.func.jvp
     step --profile "$default" --variants "$default,$default:mode=reduce-overhead" --check "$default" --plain '' ;;
-full) # the whole loss forward compiled as one graph (network.compile_scope=full) at the default budget, with and
-    # without CUDA graphs: it also fuses the casts and the loss arithmetic outside the blocks
-    step --variants "${default/blocks/compile},${default/blocks/compile}:mode=reduce-overhead" \
-        --check "${default/blocks/compile}" --plain '' ;;
+full) # the whole loss forward compiled as one graph (network.compile_scope=full), which also fuses the casts and
+    # the loss arithmetic outside the blocks, at budgets 0.7 and 0.5: the budget is a share of what the whole
+    # graph would keep (its inputs include every parameter), so 0.7 keeps more than 0.7 of the blocks does
+    full=${default/blocks/compile}
+    step --variants "$full,${full/0.7/0.5}" --check "$full" --plain '' ;;
+full-graphs) # with CUDA graphs, the budget of the 'full' part that stays within 32 GiB: BUDGET_FULL=0.5 bash ...
+    step --variants "explicit:triton:compile:budget=${BUDGET_FULL:?set BUDGET_FULL}:mode=reduce-overhead" \
+        --check '' --plain '' ;;
 autotune) # autotuned GEMM templates with fused epilogues, with CUDA graphs (network.compile_mode=max-autotune)
     step --variants "$default:mode=max-autotune" --check "$default:mode=max-autotune" --plain '' ;;
 launch-ab) # the attention launch plans on, then off, in one process (issue 16 item 5)
