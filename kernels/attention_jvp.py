@@ -164,30 +164,13 @@ def _store_row_stat(ptr, pid_bh, rows, N_CTX, value):
 @_autotune(_FWD_CONFIGS)
 @triton.jit
 def _attention_jvp_fwd_kernel(
-    Q,
-    K,
-    V,
-    TQ,
-    TK,
-    TV,
-    O,
-    T,
-    LSE2,
-    MU,
-    sb,
-    sh,
-    sn,
-    H,
-    N_CTX,
-    SCALE: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
+    Q, K, V, TQ, TK, TV, O, T, LSE2, MU,
+    sb, sh, sn,
+    H, N_CTX,
+    SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    HAS_TANGENT: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    HAS_TANGENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     """Grid (cdiv(N, BLOCK_M), B·H). Writes O, lse2 and, with HAS_TANGENT, T and μ."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -257,36 +240,13 @@ def _attention_jvp_fwd_kernel(
 @_autotune(_BWD_Q_CONFIGS)
 @triton.jit
 def _attention_jvp_bwd_q_kernel(
-    Q,
-    K,
-    V,
-    TQ,
-    TK,
-    TV,
-    O,
-    T,
-    GO,
-    GT,
-    LSE2,
-    MU,
-    DELTA,
-    GQ,
-    GTQ,
-    sb,
-    sh,
-    sn,
-    H,
-    N_CTX,
-    SCALE: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
+    Q, K, V, TQ, TK, TV, O, T, GO, GT, LSE2, MU, DELTA, GQ, GTQ,
+    sb, sh, sn,
+    H, N_CTX,
+    SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    HAS_GO: tl.constexpr,
-    HAS_GT: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    HAS_GO: tl.constexpr, HAS_GT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     """Grid (cdiv(N, BLOCK_M), B·H). Writes δP, δG (rows of DELTA[0], DELTA[1]) and gQ, gtQ.
 
     DELTA is a ``[2, B, H, N]`` buffer (``[1, B, H, N]`` without HAS_GT); gtQ only with HAS_GT.
@@ -370,36 +330,13 @@ def _attention_jvp_bwd_q_kernel(
 @_autotune(_BWD_KV_CONFIGS)
 @triton.jit
 def _attention_jvp_bwd_kv_kernel(
-    Q,
-    K,
-    V,
-    TQ,
-    TK,
-    TV,
-    GO,
-    GT,
-    LSE2,
-    MU,
-    DELTA,
-    GK,
-    GV,
-    GTK,
-    GTV,
-    sb,
-    sh,
-    sn,
-    H,
-    N_CTX,
-    SCALE: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
+    Q, K, V, TQ, TK, TV, GO, GT, LSE2, MU, DELTA, GK, GV, GTK, GTV,
+    sb, sh, sn,
+    H, N_CTX,
+    SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    HAS_GO: tl.constexpr,
-    HAS_GT: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    HAS_GO: tl.constexpr, HAS_GT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     """Grid (cdiv(N, BLOCK_N), B·H); loops over query blocks of BLOCK_M rows.
 
     Reads δP, δG from DELTA (written by pass Q). Writes gK, gV and, with HAS_GT, gtK, gtV
