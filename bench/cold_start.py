@@ -45,14 +45,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tvm.train.startup import PREFIX, parse_startup_line
+from tvm.train.startup import PHASES, PREFIX, parse_startup_line
 
 REPO = Path(__file__).resolve().parent.parent
 FIRST_TICK = re.compile(r"\btick \d+\s+step \d+\b")
 LIMITS = {"cold": 270.0, "run-dir cache": 150.0, "local cache": 150.0}  # seconds; 570 s in all
 # Inductor's and Triton's caches: "<kind>-1" for the cold and the local-cache starts, "<kind>-2" (empty) for the other.
 CACHE_DIRS = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton"}
-PHASES = ("set-up", "checkpoint read", "build", "restore", "compile cache", "other set-up", "first step")
 
 
 def write_latent_dataset(folder: Path, count: int, latent: int, classes: int = 1000, seed: int = 0) -> None:

@@ -47,7 +47,7 @@ gen-autotune) # 1-step generation with autotuned GEMM templates (scripts/generat
 512) # 512 px, per-GPU batch 8
     step --resolution 512 --batch 8 --variants "$default" --check '' --plain '' ;;
 coldstart) # seconds to the first finished step of `bash train.sh 1 im256_w2.yaml`: cold, run-dir cache, local cache
-    python3 bench/cold_start.py --keep "$out" ;;
+    python3 bench/cold_start.py ;;
 fsdp2) # FSDP2 against DDP on one GPU, DiT-XL/2 with compiled blocks
     torchrun --standalone --nproc_per_node=1 bench/fsdp2_step.py --batch 32 --steps 4 ;;
 attention) # the attention kernel rows and the profile of its kernels at N=256, B=32

@@ -42,7 +42,7 @@ import torch
 import triton
 
 from kernels import launch_plans
-from tvm.compiling import allow_tracing_this_package, compile_model, set_activation_memory_budget
+from tvm.compiling import allow_tracing_this_package, compile_model, compile_options, set_activation_memory_budget
 from tvm.config import compose_config
 from tvm.data.encoders import StabilityVAEEncoder
 from tvm.method.objective import interpolate
@@ -282,7 +282,7 @@ def prepare(state: RunState, kind: str, how: str, budget: float = 1.0, mode: str
     """The network to call for ``how`` = eager | compile | blocks (see :func:`measure`), its
     compiled graphs keeping ``budget`` of their activations for the backward, compiled in ``mode``."""
     set_activation_memory_budget(budget)
-    options = {"mode": mode} if mode else {}
+    options = compile_options(mode or "default")
     if how == "compile" and kind == "tvm":
         return compile_model(state.net, **options)
     if how == "compile":

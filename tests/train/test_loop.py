@@ -15,12 +15,11 @@ from helpers import QUICK_TINY
 from tvm.config import compose_config
 from tvm.runtime.checkpoint import CheckpointManager, load_checkpoint
 from tvm.train.loop import run
-from tvm.train.startup import PREFIX, parse_startup_line
+from tvm.train.startup import PHASES, PREFIX, parse_startup_line
 from tvm.train.update import NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = QUICK_TINY + ["training.ckpt_ticks=1", "training.snapshot_ticks=1000"]
-STARTUP_PHASES = ("set-up", "checkpoint read", "build", "restore", "compile cache", "other set-up", "first step")
 
 
 def quick_config(run_dir: Path, *extra: str):
@@ -97,10 +96,8 @@ def test_resume_is_exact_and_skips_the_initialisation(tmp_path, monkeypatch):
     assert "build" in starts[0] and "(weights initialised)" in starts[0]
     assert "(initialisation skipped: the checkpoint replaces it)" in starts[1]
     phases = parse_startup_line(starts[1])
-    assert list(phases) == [*STARTUP_PHASES, "total"]
-    assert sum(phases[name] for name in STARTUP_PHASES) == pytest.approx(
-        phases["total"], abs=0.05 * len(STARTUP_PHASES)
-    )
+    assert list(phases) == [*PHASES, "total"]
+    assert sum(phases[name] for name in PHASES) == pytest.approx(phases["total"], abs=0.05 * len(PHASES))
 
 
 def test_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):

@@ -298,7 +298,6 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     preempted = False
     bar = logger.progress(total_steps, initial=progress.step)
     tick_start, tick_step0, run_start = time.time(), progress.step, time.time()
-    first_step = progress.step + 1
     startup.mark("other set-up")
 
     # ---------------------------------------------------------------- the loop
@@ -329,8 +328,9 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         torch.maximum(longest_dev, in_row_dev, out=longest_dev)
         progress.step += 1
         bar.update(1)
-        if progress.step == first_step:  # where the start-up went, the first step (compilation) included
-            _synchronize(device)
+        if not startup.finished:  # where the start-up went, the first step (compilation) included
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the clock times finished work, not launches
             startup.mark("first step")
             logger.log(startup.line())
 
@@ -423,12 +423,6 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ step helpers
-
-
-def _synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (the start-up clock times finished work, not launches)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _make_sampler(length: int, dist: distributed.DistContext, seed: int, start: int):

@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 
 PREFIX = "start-up:"
+# The phases the training loop marks, in order (tvm/train/loop.py).
+PHASES = ("set-up", "checkpoint read", "build", "restore", "compile cache", "other set-up", "first step")
 _PHASE = re.compile(r"([a-z][a-z -]*?) (\d+(?:\.\d+)?) s\b")
 _TOTAL = re.compile(r"; (\d+(?:\.\d+)?) s in run\(\)")
 
@@ -37,6 +39,11 @@ class StartupClock:
         now = self._clock()
         self.phases.append((phase, now - self._last, note))
         self._last = now
+
+    @property
+    def finished(self) -> bool:
+        """Whether the last phase (:data:`PHASES`' last, the first step) is marked."""
+        return bool(self.phases) and self.phases[-1][0] == PHASES[-1]
 
     def line(self) -> str:
         """The log line: every phase with its seconds and note, then the total since the clock started."""
