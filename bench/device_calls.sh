@@ -26,8 +26,10 @@ default=explicit:triton:blocks:budget=0.7 # the configs' training step (im256_w2
 step() { python3 bench/step.py --steps 6 --warmup 3 "$@"; }
 
 case "$part" in
-profile) # where the time goes, the default step and CUDA graphs, checked against torch.func.jvp
-    step --profile "$default" --variants "$default,$default:mode=reduce-overhead" --check "$default" --plain '' ;;
+profile) # where the time goes, the default step, the launch-plan A/B (issue 16 item 5) and CUDA graphs, checked
+    # against torch.func.jvp
+    step --profile "$default" --ab-fast-launch "$default" --variants "$default:mode=reduce-overhead" --check "$default" \
+        --plain '' ;;
 full) # the whole loss forward compiled as one graph (network.compile_scope=full), which also fuses the casts and
     # the loss arithmetic outside the blocks, at budgets 0.7 and 0.5: the budget is a share of what the whole
     # graph would keep (its inputs include every parameter), so 0.7 keeps more than 0.7 of the blocks does
@@ -39,7 +41,7 @@ full-graphs) # with CUDA graphs, the budget of the 'full' part that stays within
 autotune) # autotuned GEMM templates with fused epilogues, with CUDA graphs (network.compile_mode=max-autotune)
     step --variants "$default:mode=max-autotune" --check "$default:mode=max-autotune" --plain '' ;;
 launch-ab) # the attention launch plans on, then off, in one process (issue 16 item 5)
-    step --ab-fast-launch "$default" ;;
+    step --ab-fast-launch "$default" --variants '' --check '' --plain '' ;;
 plain) # flow-matching step and 1-step generation (batch 256)
     step --variants '' --check '' --plain fm:blocks,fm:eager,gen:compile,gen:blocks ;;
 gen-autotune) # 1-step generation with autotuned GEMM templates (scripts/generate.py --compile max-autotune-no-cudagraphs)

@@ -15,10 +15,11 @@ random weights so that every path carries signal), and times, with CUDA events a
 * a plain flow-matching step of the same model (one forward, backward, the same update) and
 * 1-step generation at batch 256 (network only, no VAE decode), each ``--plain`` way.
 
-``--ab-fast-launch [VARIANT]`` times instead one TVM step variant (default: the configs' training
+``--ab-fast-launch [VARIANT]`` also times one TVM step variant (default: the configs' training
 step, ``explicit:triton:blocks:budget=0.7``) twice in one process, with the attention kernels'
 launch plans on and then off (``kernels.launch_plans.fast_launch``, as
-``TVM_ATTENTION_FAST_LAUNCH=0`` would), and prints both rows and their ratio.
+``TVM_ATTENTION_FAST_LAUNCH=0`` would), and prints both rows and their ratio; ``--check`` covers
+VARIANT too.
 
 It first checks that each variant computes the same loss and gradients as the reference
 (autograd JVP, math attention; bf16 autocast, small batch). FLOPs: one forward of the token-wise layers plus attention
@@ -405,13 +406,11 @@ def main() -> None:
         const=AB_DEFAULT_VARIANT,
         default=None,
         metavar="VARIANT",
-        help="time only VARIANT (default %(const)s) with the attention launch plans on, then off, "
-        "in this process (replaces --variants, --plain and --check)",
+        help="also time VARIANT (default %(const)s) with the attention launch plans on, then off, in this process",
     )
     args = parser.parse_args()
     if args.ab_fast_launch is not None:
         Variant.parse(args.ab_fast_launch)  # a bad variant fails before any GPU work
-        args.variants, args.plain, args.check = "", "", ""
 
     # Every shape gets its own static graph, as in training (fixed per-GPU batch): otherwise the
     # check's batch-4 compile makes Dynamo recompile the timed batch with a dynamic batch size,
@@ -427,7 +426,8 @@ def main() -> None:
     )
     variants = [v for v in args.variants.split(",") if v]
     if args.check:
-        checked = [v for v in variants if v in args.check.split(",")]
+        timed = variants + ([args.ab_fast_launch] if args.ab_fast_launch is not None else [])
+        checked = [v for v in dict.fromkeys(timed) if v in args.check.split(",")]
         for variant, diff in check_variants(cfg, R, checked, args.recompute).items():
             print(f"# check (bf16, batch 4) {variant} vs autograd:math: {diff}", flush=True)
 
@@ -467,8 +467,9 @@ def main() -> None:
             f"{'' if mem is None else f'{mem:.1f}'} |"
         )
     tvm = {b: ms for k, b, ms, *_ in rows if k == "tvm" and ms}
-    if args.ab_fast_launch is not None and len(tvm) == 2:
-        on, off = tvm.values()
+    plans = [ms for k, b, ms, *_ in rows if k == "tvm" and ms and b.endswith((", plans on", ", plans off"))]
+    if len(plans) == 2:
+        on, off = plans
         print(f"# launch plans on/off step-time ratio: {on / off:.4f} ({off - on:+.2f} ms/step saved by the plans)")
     fm = next((ms for k, b, ms, *_ in rows if k == "fm" and b == "eager" and ms), None)
     if fm:
