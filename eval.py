@@ -25,4 +25,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as stop:
+        distributed.exit_process(stop.code)  # not sys.exit: see its docstring
+    distributed.exit_process(0)

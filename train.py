@@ -32,4 +32,4 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     if print_help_if_asked(sys.argv[1:]):
         sys.exit(0)
-    sys.exit(run_entry_point(main, "train.py"))
+    distributed.exit_process(run_entry_point(main, "train.py"))  # not sys.exit: see its docstring

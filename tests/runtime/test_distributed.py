@@ -213,6 +213,54 @@ def test_two_process_gloo(mode: str) -> None:
     assert results[0]["to_root"] == [[p, 10 * p] for p in range(5)] and results[1]["to_root"] is None
 
 
+_EXITING_WORKER = textwrap.dedent(
+    """
+    import atexit, sys, threading, time
+    import torch
+    from tvm.runtime import distributed as D
+
+    D.init_distributed(device="cpu")
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))  # keeps the group referenced
+    model(torch.ones(4, 3)).sum().backward()
+    D.all_gather_object(D.get_rank())
+    D.cleanup()
+    rank = int(sys.argv[1])
+    atexit.register(lambda: print(f"atexit ran on rank {rank}"))
+    threading.Thread(target=lambda: (time.sleep(0.3), print(f"thread finished on rank {rank}"))).start()
+    sys.stdout.write(f"buffered line from rank {rank}\\n")  # a pipe: block-buffered until exit_process flushes
+    D.exit_process(3 + rank if rank else "rank 0 says why")
+    """
+)
+
+
+def test_exit_process_after_a_process_group_finishes_shutdown_work_and_keeps_the_code() -> None:
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _EXITING_WORKER, str(rank)],
+            env=_launch_env("torchrun", rank, port) | {"PYTHONUNBUFFERED": ""},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    outputs = [proc.communicate(timeout=60) for proc in procs]
+    assert [proc.returncode for proc in procs] == [1, 4], [err for _, err in outputs]
+    assert outputs[0][1].strip().endswith("rank 0 says why")
+    for rank, (out, _) in enumerate(outputs):
+        assert f"thread finished on rank {rank}" in out and f"atexit ran on rank {rank}" in out
+        assert f"buffered line from rank {rank}" in out
+        assert out.index("thread finished") < out.index("atexit ran")  # threads joined first, as Python does
+
+
+def test_exit_process_without_a_process_group_is_sys_exit(monkeypatch) -> None:
+    monkeypatch.setattr(D, "_GROUP_CREATED", [])
+    with pytest.raises(SystemExit) as stop:
+        D.exit_process(5)
+    assert stop.value.code == 5
+
+
 def test_gather_interleaved_without_a_process_group_is_the_identity() -> None:
     local = torch.arange(6).reshape(3, 2)
     assert D.gather_interleaved(local, 3) is local and D.gather_interleaved(local, 3, dst=0) is local

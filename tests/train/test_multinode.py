@@ -96,6 +96,31 @@ def reference(tmp_path_factory) -> dict:
     return final(run_dir)
 
 
+def run_agents(cmd: list[str], logs: list[Path], timeout: float) -> None:
+    """Run ``cmd`` once per log file, all at once, each writing to its file; all must exit with 0.
+
+    Past ``timeout`` seconds every process still running is killed. A failure shows every log's tail
+    (one agent that fails makes the other wait in torchrun's 300 s exit barrier).
+    """
+    procs = []
+    for log in logs:
+        with log.open("w") as out:
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=out, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + timeout
+    while any(proc.poll() is None for proc in procs) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    late = [proc for proc in procs if proc.poll() is None]
+    for proc in late:
+        proc.kill()
+        proc.wait()
+    if late or any(proc.returncode for proc in procs):
+        tails = (
+            f"--- {log.name} (exit {proc.returncode})\n{log.read_text()[-3000:]}" for log, proc in zip(logs, procs)
+        )
+        codes = [proc.returncode for proc in procs]
+        pytest.fail(f"exit codes {codes}, {len(late)} killed after {timeout:.0f} s\n" + "\n".join(tails))
+
+
 def test_two_nodes_with_c10d_rendezvous_match_one_process(tmp_path, reference):
     port = free_port()
     cmd = [
@@ -110,13 +135,7 @@ def test_two_nodes_with_c10d_rendezvous_match_one_process(tmp_path, reference):
         "--max-restarts=0",
         *train_cmd(tmp_path),
     ]
-    nodes = [
-        subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for _ in range(2)
-    ]
-    outputs = [node.communicate(timeout=300)[0] for node in nodes]
-    for node, output in zip(nodes, outputs):
-        check(node, output)
+    run_agents(cmd, [tmp_path / f"agent{node}.log" for node in range(2)], timeout=240)
     assert "world 2 × batch_gpu 8" in (tmp_path / "log.txt").read_text()
     two_nodes = final(tmp_path)
     assert two_nodes["progress"]["step"] == TOTAL_STEPS

@@ -19,18 +19,22 @@ code runs single-process on a laptop.
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import sys
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, overload
+from typing import Any, NoReturn, overload
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 DEFAULT_MASTER_PORT_BASE = 10000
+_GROUP_CREATED: list[bool] = []  # set once this process created a process group (exit_process reads it)
 
 
 @dataclass(frozen=True)
@@ -254,6 +258,7 @@ def init_distributed(
         timeout=timedelta(minutes=timeout_minutes),
         device_id=chosen if backend == "nccl" else None,  # binds the rank's GPU (barrier needs it)
     )
+    _GROUP_CREATED.append(True)
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=chosen, backend=backend)
 
 
@@ -371,6 +376,32 @@ def cleanup() -> None:
     """Destroy the process group if one exists."""
     if is_distributed():
         dist.destroy_process_group()
+
+
+def exit_process(code: int | str | None) -> NoReturn:
+    """End the process with ``code`` (as ``sys.exit``: None is 0, a string is printed and gives 1).
+
+    Without a process group in this process's past this is ``sys.exit(code)``. After one, the
+    interpreter's own shutdown work is done while the interpreter is fully alive — non-daemon
+    threads joined (``threading._shutdown``, as finalisation does first), ``atexit`` handlers run,
+    stdout/stderr flushed — and the process ends with ``os._exit(code)``, skipping finalisation.
+    Why: the backend's worker threads (gloo's) outlive ``destroy_process_group`` (DDP keeps the group
+    referenced) and may drop the last reference to a finished collective's tensors a moment after
+    it returned; a thread that needs the GIL for that while the interpreter finalises aborts the
+    whole process ("terminate called without an active exception", pytorch/pytorch#190489). Seen on
+    rank 1 of the two-node CPU test in about 1 of 20 runs on a loaded 2-core machine; the aborted
+    rank's agent then fails and the other waits out torchrun's 300 s exit barrier.
+    """
+    if not _GROUP_CREATED:
+        sys.exit(code)
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    threading._shutdown()  # type: ignore[attr-defined]  # what Py_FinalizeEx runs first
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
 
 
 # ---------------------------------------------------------------------------------------------
