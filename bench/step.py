@@ -16,10 +16,10 @@ random weights so that every path carries signal), and times, with CUDA events a
 * 1-step generation at batch 256 (network only, no VAE decode), each ``--plain`` way.
 
 ``--ab-fast-launch [VARIANT]`` also times one TVM step variant (default: the configs' training
-step, ``explicit:triton:blocks:budget=0.7``) twice in one process, with the attention kernels'
-launch plans on and then off (``kernels.launch_plans.fast_launch``, as
-``TVM_ATTENTION_FAST_LAUNCH=0`` would), and prints both rows and their ratio; ``--check`` covers
-VARIANT too.
+step, ``explicit:triton:blocks:budget=0.7``) with the attention kernels' launch plans on and off
+(``kernels.launch_plans.fast_launch``, as ``TVM_ATTENTION_FAST_LAUNCH=0`` would), alternating in
+blocks of steps on one compiled state (:func:`ab_fast_launch`), and prints both rows and their ratio;
+``--check`` covers VARIANT too.
 
 It first checks that each variant computes the same loss and gradients as the reference
 (autograd JVP, math attention; bf16 autocast, small batch). FLOPs: one forward of the token-wise layers plus attention
@@ -336,34 +336,59 @@ def measure(kind: str, variant: str, cfg, R: int, x: torch.Tensor, labels: torch
         times = time_steps(lambda i: step(state, cfg, x, labels, i, net), args.warmup, args.steps)
     except torch.OutOfMemoryError:
         return [(kind, variant, None, None, None, None)]
-    ms = statistics.median(times)
+    return [step_row(kind, variant, statistics.median(times), state, args)]
+
+
+def step_row(kind: str, name: str, ms: float, state, args) -> tuple:
+    """``(step, variant, ms/step, img/s, MFU, peak GiB)`` of a TVM (11 forward equivalents per
+    image) or flow-matching (3) step of ``args.batch`` images taking ``ms``."""
     flops = (11 if kind == "tvm" else 3) * state.net.model.forward_flops() * args.batch
-    return [
-        (
-            kind,
-            variant,
-            ms,
-            args.batch / ms * 1e3,
-            flops / (ms / 1e3) / args.peak,
-            torch.cuda.max_memory_allocated() / 2**30,
-        )
-    ]
+    return (
+        kind,
+        name,
+        ms,
+        args.batch / ms * 1e3,
+        flops / (ms / 1e3) / args.peak,
+        torch.cuda.max_memory_allocated() / 2**30,
+    )
 
 
 AB_DEFAULT_VARIANT = "explicit:triton:blocks:budget=0.7"  # configs/base.yaml: explicit JVP, Triton, blocks, 0.7
 
 
+AB_ORDER = (True, False, False, True, True, False)  # the plans on or off in each block of steps: ABBAAB
+
+
 def ab_fast_launch(variant: str, cfg, R: int, x: torch.Tensor, labels: torch.Tensor, args) -> list[tuple]:
-    """Rows of ``variant`` timed with the attention launch plans on, then off, in this process."""
-    rows = []
-    for enabled in (True, False):
-        with launch_plans.fast_launch(enabled):
-            kind, name, *rest = measure("tvm", variant, cfg, R, x, labels, args)[0]
-        rows.append((kind, f"{name}, plans {'on' if enabled else 'off'}", *rest))
-        print("#", rows[-1], flush=True)
-        torch._dynamo.reset()
-        torch.cuda.empty_cache()
-    return rows
+    """Rows of ``variant`` with the attention launch plans on and off, on one built and compiled state.
+
+    The setting alternates in blocks of ``args.steps`` steps (``AB_ORDER``; ``args.warmup`` warm-up
+    steps before the first block, one before each other), so that warm-up, memory and order effects
+    fall on both; each row is the median over its three blocks and both rows share the peak memory.
+    No recompilation between blocks: the custom ops read ``launch_plans.FAST_LAUNCH`` at every call.
+    """
+    state, net = tvm_state(cfg, R, variant, args.recompute)
+    torch.cuda.reset_peak_memory_stats()
+    times: dict[bool, list[float]] = {True: [], False: []}
+    first_step = 0
+    try:
+        for block, enabled in enumerate(AB_ORDER):
+            warmup = args.warmup if block == 0 else 1
+            with launch_plans.fast_launch(enabled):
+                times[enabled] += time_steps(
+                    lambda i: tvm_step(state, cfg, x, labels, first_step + i, net), warmup, args.steps
+                )
+            first_step += warmup + args.steps
+            block_ms = statistics.median(times[enabled][-args.steps :])
+            print(f"# A/B block {block}: plans {'on' if enabled else 'off'}, {block_ms:.1f} ms/step", flush=True)
+    except torch.OutOfMemoryError:
+        return [("tvm", f"{variant}, plans on/off", None, None, None, None)]
+    return [
+        step_row(
+            "tvm", f"{variant}, plans {'on' if enabled else 'off'}", statistics.median(times[enabled]), state, args
+        )
+        for enabled in (True, False)
+    ]
 
 
 def main() -> None:
@@ -406,7 +431,7 @@ def main() -> None:
         const=AB_DEFAULT_VARIANT,
         default=None,
         metavar="VARIANT",
-        help="also time VARIANT (default %(const)s) with the attention launch plans on, then off, in this process",
+        help="also time VARIANT (default %(const)s) with the attention launch plans on and off, alternating",
     )
     args = parser.parse_args()
     if args.ab_fast_launch is not None:
