@@ -185,13 +185,12 @@ def _free_port_for_slurm() -> int:
     pytest.skip("no free port in 10000-19999 to emulate a Slurm job id")
 
 
-@pytest.mark.parametrize("mode", ["torchrun", "slurm"])
-def test_two_process_gloo(mode: str) -> None:
-    port = _free_port() if mode == "torchrun" else _free_port_for_slurm()
+def _run_two_workers(script: str, mode: str, port: int, **env: str) -> tuple[list[int], list[tuple[str, str]]]:
+    """Run ``python -c script`` as ranks 0 and 1 of a ``mode`` launch; their exit codes and (stdout, stderr)."""
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _WORKER],
-            env=_launch_env(mode, rank, port),
+            [sys.executable, "-c", script],
+            env=_launch_env(mode, rank, port) | env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -199,7 +198,14 @@ def test_two_process_gloo(mode: str) -> None:
         for rank in range(2)
     ]
     outputs = [proc.communicate(timeout=60) for proc in procs]
-    assert all(proc.returncode == 0 for proc in procs), [err for _, err in outputs]
+    return [proc.returncode for proc in procs], outputs
+
+
+@pytest.mark.parametrize("mode", ["torchrun", "slurm"])
+def test_two_process_gloo(mode: str) -> None:
+    port = _free_port() if mode == "torchrun" else _free_port_for_slurm()
+    codes, outputs = _run_two_workers(_WORKER, mode, port)
+    assert codes == [0, 0], [err for _, err in outputs]
     lines = [line for out, _ in outputs for line in out.splitlines() if line.startswith("RESULT ")]
     results = sorted((json.loads(line[len("RESULT ") :]) for line in lines), key=lambda r: r["rank"])
     assert [r["rank"] for r in results] == [0, 1]
@@ -223,8 +229,8 @@ _EXITING_WORKER = textwrap.dedent(
     model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))  # keeps the group referenced
     model(torch.ones(4, 3)).sum().backward()
     D.all_gather_object(D.get_rank())
+    rank = D.get_rank()
     D.cleanup()
-    rank = int(sys.argv[1])
     atexit.register(lambda: print(f"atexit ran on rank {rank}"))
     threading.Thread(target=lambda: (time.sleep(0.3), print(f"thread finished on rank {rank}"))).start()
     sys.stdout.write(f"buffered line from rank {rank}\\n")  # a pipe: block-buffered until exit_process flushes
@@ -234,19 +240,8 @@ _EXITING_WORKER = textwrap.dedent(
 
 
 def test_exit_process_after_a_process_group_finishes_shutdown_work_and_keeps_the_code() -> None:
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _EXITING_WORKER, str(rank)],
-            env=_launch_env("torchrun", rank, port) | {"PYTHONUNBUFFERED": ""},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    outputs = [proc.communicate(timeout=60) for proc in procs]
-    assert [proc.returncode for proc in procs] == [1, 4], [err for _, err in outputs]
+    codes, outputs = _run_two_workers(_EXITING_WORKER, "torchrun", _free_port(), PYTHONUNBUFFERED="")
+    assert codes == [1, 4], [err for _, err in outputs]
     assert outputs[0][1].strip().endswith("rank 0 says why")
     for rank, (out, _) in enumerate(outputs):
         assert f"thread finished on rank {rank}" in out and f"atexit ran on rank {rank}" in out
@@ -255,7 +250,7 @@ def test_exit_process_after_a_process_group_finishes_shutdown_work_and_keeps_the
 
 
 def test_exit_process_without_a_process_group_is_sys_exit(monkeypatch) -> None:
-    monkeypatch.setattr(D, "_GROUP_CREATED", [])
+    monkeypatch.setattr(D, "_group_created", False)
     with pytest.raises(SystemExit) as stop:
         D.exit_process(5)
     assert stop.value.code == 5

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_MASTER_PORT_BASE = 10000
-_GROUP_CREATED: list[bool] = []  # set once this process created a process group (exit_process reads it)
+_group_created = False  # True once this process created a process group (exit_process reads it)
 
 
 @dataclass(frozen=True)
@@ -235,6 +235,7 @@ def init_distributed(
     variables, or a world size of 1, no process group is created. Calling it again after a group
     exists returns the context of that group.
     """
+    global _group_created
     launch = resolve_launch_env()
     rank, world_size, local_rank = (launch.rank, launch.world_size, launch.local_rank) if launch else (0, 1, 0)
     if not 0 <= rank < world_size:
@@ -258,7 +259,7 @@ def init_distributed(
         timeout=timedelta(minutes=timeout_minutes),
         device_id=chosen if backend == "nccl" else None,  # binds the rank's GPU (barrier needs it)
     )
-    _GROUP_CREATED.append(True)
+    _group_created = True
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=chosen, backend=backend)
 
 
@@ -389,10 +390,11 @@ def exit_process(code: int | str | None) -> NoReturn:
     referenced) and may drop the last reference to a finished collective's tensors a moment after
     it returned; a thread that needs the GIL for that while the interpreter finalises aborts the
     whole process ("terminate called without an active exception", pytorch/pytorch#190489). Seen on
-    rank 1 of the two-node CPU test in about 1 of 20 runs on a loaded 2-core machine; the aborted
-    rank's agent then fails and the other waits out torchrun's 300 s exit barrier.
+    rank 1 of the two-node CPU test in about 1 of 15–20 runs on a loaded 2-core machine
+    (``bench/two_node_exit.sh``); the aborted rank's agent then fails and the other waits out
+    torchrun's 300 s exit barrier.
     """
-    if not _GROUP_CREATED:
+    if not _group_created:
         sys.exit(code)
     if isinstance(code, str):
         print(code, file=sys.stderr)
