@@ -360,7 +360,8 @@ def _unknown_keys(data: Any, schema: type, prefix: str = "") -> list[str]:
 
 def validate_config(cfg: DictConfig) -> None:
     """Refuse what composition lets through: keys the schema does not define (Hydra adds any
-    ``+key=value``) and counts, sizes and intervals that are not positive. ValueError naming the key."""
+    ``+key=value``), counts, sizes and intervals that are not positive, and settings training cannot
+    run with (fp16 without loss scaling, resume and transfer together). ValueError naming the key."""
     unknown = _unknown_keys(OmegaConf.to_container(cfg, resolve=False), Config)
     if unknown:
         raise ValueError(f"unknown config key {', '.join(unknown)}: not in the schema (tvm/config.py)")
@@ -375,3 +376,9 @@ def validate_config(cfg: DictConfig) -> None:
                 f"sampling.{name}: num_steps={sampler.num_steps}, cfg_scale={sampler.cfg_scale} is not "
                 "allowed: num_steps must be >= 1 and cfg_scale >= 1 (1 = unguided)"
             )
+    if cfg.network.data_type == DataType.fp16:
+        raise ValueError(
+            "network.data_type=fp16 is not supported for training (it needs loss scaling); use bf16 on GPUs or fp32"
+        )
+    if cfg.training.resume and cfg.training.transfer:
+        raise ValueError("training.resume and training.transfer are mutually exclusive")

@@ -16,7 +16,8 @@ from tvm.config import compose_config
 from tvm.runtime.checkpoint import CheckpointManager, load_checkpoint
 from tvm.train.loop import run
 from tvm.train.startup import PHASES, PREFIX, parse_startup_line
-from tvm.train.update import NonFiniteLossError
+from tvm.train.state import Progress, Schedule
+from tvm.train.update import NonFiniteCounter, NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = QUICK_TINY + ["training.ckpt_ticks=1", "training.snapshot_ticks=1000"]
@@ -168,6 +169,10 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypa
         ),
         (["+training.totl_ticks=3"], r"unknown config key training.totl_ticks \(did you mean training.total_ticks\?\)"),
         (["training.total_ticks=-3"], "training.total_ticks=-3 is not allowed: it must be >= 0"),
+        (["network.data_type=fp16"], "network.data_type=fp16 is not supported for training"),
+        (["training.resume=a.pt", "training.transfer=b.pt"], "training.resume and training.transfer are mutually"),
+        (["training.metrics=[fid10k]"], "unknown metric 'fid10k' in training.metrics; allowed: digits, fid50k_full"),
+        (["training.metrics=[fid50k_full]"], "training.metrics has fid50k_full but eval.ref_stats is not set"),
     ],
 )
 def test_bad_input_fails_clearly_without_a_checkpoint(tmp_path, overrides, match):
@@ -271,3 +276,25 @@ def test_imagenet_configs_compile_and_the_cpu_default_does_not():
     assert compose_config("im256_w2").network.compile and compose_config("im512_w2p5").network.compile
     assert not compose_config("tiny").network.compile
     assert compose_config("im256_w2").network.compile_memory_budget == 0.7  # 31 GiB at b32 (docs/benchmarks.md)
+
+
+def test_schedule_counts_whole_ticks_and_caps_at_max_steps():
+    tcfg = OmegaConf.create({"kimg_per_tick": 0.1, "batch_size": 32, "total_ticks": 5, "max_steps": None})
+    assert Schedule.from_config(tcfg) == Schedule(steps_per_tick=3, total_steps=15)  # round(100 / 32) = 3
+    tcfg.max_steps = 7
+    assert Schedule.from_config(tcfg) == Schedule(steps_per_tick=3, total_steps=7)
+    tcfg.kimg_per_tick = 0.001  # fewer images than one batch: one step per tick
+    assert Schedule.from_config(tcfg).steps_per_tick == 1
+
+
+def test_nonfinite_counter_finds_the_longest_run_of_skips_between_syncs():
+    progress = Progress(step=10, skipped=4, in_row=2)  # two skipped steps in a row at the last sync
+    counter = NonFiniteCounter(progress, torch.device("cpu"))
+    for skip in (1, 1, 0, 1, 1, 1, 0):
+        counter.record(torch.tensor(bool(skip)))
+    assert counter.sync(progress) == 4  # the 2 before the sync + 2, longer than the later 3
+    assert (progress.skipped, progress.in_row) == (4 + 5, 0)
+    for skip in (1, 1):
+        counter.record(torch.tensor(bool(skip)))
+    assert counter.sync(progress) == 2  # the window restarted at the sync
+    assert (progress.skipped, progress.in_row) == (11, 2)

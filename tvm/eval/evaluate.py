@@ -32,7 +32,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tvm.eval.checkpoints import load_network_for_eval
-from tvm.eval.metrics import METRICS, MetricContext, compute_metric
+from tvm.eval.metrics import MetricContext, check_metric_names, compute_metric
 from tvm.runtime import distributed
 from tvm.runtime.build import encoder_from_config
 from tvm.runtime.checkpoint import CheckpointError, find_checkpoints
@@ -87,9 +87,7 @@ def evaluate_checkpoints(cfg: DictConfig) -> list[dict[str, Any]]:
     ecfg = cfg.eval
     if not ecfg.resume:
         raise ValueError("eval.resume is not set: pass a checkpoint file or a run directory (eval.resume=PATH)")
-    unknown = [name for name in ecfg.metrics if name not in METRICS]
-    if unknown:
-        raise ValueError(f"unknown metric(s) {unknown} in eval.metrics; allowed: {', '.join(METRICS)}")
+    check_metric_names(ecfg.metrics, ecfg.ref_stats, "eval.metrics")
     if not cfg.sampling:
         raise ValueError("the config defines no samplers (sampling.<name>.{num_steps, cfg_scale})")
     paths = find_checkpoints(ecfg.resume)

@@ -387,6 +387,19 @@ def compute_metric(name: str, net: TVMWrapper, ctx: MetricContext, steps: int, g
     return METRICS[name](net, ctx, steps, guidance)
 
 
+def check_metric_names(metrics: Sequence[str], ref_stats: str | None, key: str) -> None:
+    """ValueError for a name in the list ``key`` (``training.metrics``, ``eval.metrics``) that is not in
+    :data:`METRICS`, or ``fid50k_full`` without reference statistics (``eval.ref_stats``)."""
+    for metric in metrics:
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r} in {key}; allowed: {', '.join(METRICS)}")
+    if "fid50k_full" in metrics and not ref_stats:
+        raise ValueError(
+            f"{key} has fid50k_full but eval.ref_stats is not set (reference statistics, "
+            "e.g. dataset-refs/img256.pkl or one made by scripts/ref_stats.py)"
+        )
+
+
 def check_reference_files(metrics: Sequence[str], net: TVMWrapper, ctx: MetricContext) -> None:
     """Read the reference statistics that ``metrics`` will use and check them against the images the
     network makes (exists, format, resolution when recorded), so that a wrong file is an error naming

@@ -1,4 +1,4 @@
-"""Build the run's objects from the config: dataset, encoder, network, optimizer.
+"""Build the run's objects from the config: dataset, encoder, network, optimizer, the training batches.
 
 Class paths in the configs (``dataset.class_name`` …) keep the authors' key names but resolve
 through the explicit registries below, never through arbitrary imports.
@@ -7,18 +7,20 @@ through the explicit registries below, never through arbitrary imports.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig
 
 from tvm.config import to_container
-from tvm.data.datasets import ImageFolderDataset
+from tvm.data.datasets import ImageFolderDataset, InfiniteSampler
 from tvm.data.digits import DigitsDataset, Split
 from tvm.data.encoders import build_encoder
 from tvm.method.times import Guidance, TimeSampling
 from tvm.method.wrapper import TVMWrapper
 from tvm.models.dit import DiT
+from tvm.runtime.distributed import DistContext
 
 DATASETS = {"tvm.data.datasets.ImageFolderDataset": ImageFolderDataset, "tvm.data.digits.DigitsDataset": DigitsDataset}
 ImageDataset = ImageFolderDataset | DigitsDataset  # the dataset classes (build_dataset returns one)
@@ -161,3 +163,31 @@ def build_optimizer(cfg: DictConfig, params: Any, device: torch.device) -> torch
     """AdamW, fused where the device supports it (its ``found_inf`` input skips a step on device)."""
     cls = _lookup(OPTIMIZERS, cfg.class_name, "optimizer.class_name")
     return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=True)
+
+
+def training_batches(
+    cfg: DictConfig,
+    dataset: ImageDataset,
+    batch_gpu: int,
+    dist: DistContext,
+    seed: int,
+    start: int,
+    worker_init_fn: Callable[[int], None] | None = None,
+) -> Iterator[Any]:
+    """This rank's endless stream of ``(images, labels)`` batches of ``batch_gpu``, from the global
+    stream position ``start`` (images consumed so far; :class:`InfiniteSampler`), with the
+    ``dataloader`` config's workers, pinning and prefetching."""
+    sampler = InfiniteSampler(len(dataset), rank=dist.rank, world_size=dist.world_size, seed=seed, start_index=start)
+    workers = cfg.num_workers
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_gpu,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=cfg.pin_memory and dist.device.type == "cuda",
+        prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
+        persistent_workers=workers > 0,
+        worker_init_fn=worker_init_fn,
+    )
+    while True:
+        yield from loader

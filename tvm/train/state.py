@@ -1,26 +1,33 @@
-"""The run's state and its checkpoints: what a checkpoint holds and how a run is restored from one.
+"""The run's state and its checkpoints: how long a run is, what a checkpoint holds, how a run's state
+is built, saved and restored.
 
 ``RunState`` is everything a checkpoint restores (online network, eval EMA, teacher EMA, optimizer,
-progress); :func:`checkpoint_content` builds the file's content and :func:`restore` loads it back,
-with errors that name the file, the first mismatching parameter and the differing settings.
-Sharded (FSDP2) states are gathered into and loaded from the same format (tvm/train/sharding.py).
+progress); :func:`build_run_state` builds it (DDP or FSDP2 around the online network),
+:func:`checkpoint_content` builds the file's content, :func:`save_checkpoint` writes it from rank 0
+and :func:`restore` loads it back, with errors that name the file, the first mismatching parameter
+and the differing settings. Sharded (FSDP2) states are gathered into and loaded from the same format
+(tvm/train/sharding.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
+from torch.nn.parallel import DistributedDataParallel
 
 from tvm.config import to_container
 from tvm.method.wrapper import TVMWrapper
 from tvm.runtime import distributed
+from tvm.runtime.build import build_network, build_optimizer
 from tvm.runtime.checkpoint import (
     CheckpointError,
     CheckpointManager,
+    CheckpointWriteError,
     capture_rng_state,
     load_checkpoint,
     module_state_dict,
@@ -28,7 +35,30 @@ from tvm.runtime.checkpoint import (
     state_dict_differences,
 )
 from tvm.runtime.run_logging import sanitize_config
-from tvm.train.sharding import full_state_dict, is_sharded, shard_optimizer_state, shard_state_dict
+from tvm.train.ema import make_ema
+from tvm.train.sharding import (
+    broadcast_parameters_,
+    full_state_dict,
+    is_sharded,
+    shard_optimizer_state,
+    shard_run,
+    shard_state_dict,
+)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long the run is: ``steps_per_tick`` optimizer steps per tick (≈ ``kimg_per_tick`` thousand
+    images, at least one step) and ``total_steps`` = ``total_ticks`` ticks, or ``max_steps`` if fewer."""
+
+    steps_per_tick: int
+    total_steps: int
+
+    @classmethod
+    def from_config(cls, tcfg: DictConfig) -> "Schedule":
+        steps_per_tick = max(1, round(tcfg.kimg_per_tick * 1000 / tcfg.batch_size))
+        total_steps = tcfg.total_ticks * steps_per_tick
+        return cls(steps_per_tick, total_steps if tcfg.max_steps is None else min(total_steps, tcfg.max_steps))
 
 
 @dataclass
@@ -63,6 +93,34 @@ class RunState:
         return is_sharded(next(self.net.parameters()))
 
 
+def build_run_state(
+    cfg: DictConfig, data_shape: tuple[int, int, int], dist: distributed.DistContext, init: bool
+) -> tuple[RunState, torch.nn.Module]:
+    """The run's state and the module the loop calls: the online network (``init``: with its
+    initialisation, else allocated without values for a checkpoint to fill), its EMAs and AdamW.
+
+    ``data_shape`` is (resolution, channels, label_dim). DDP broadcasts rank 0's weights and the EMAs
+    are copies made after that (docs/method.md §1.5); FSDP2 (``network.sharding=fsdp2``): the same
+    broadcast, then the network and both EMAs are sharded alike (tvm/train/sharding.py) and the
+    network itself is the module the loop calls.
+    """
+    ncfg = cfg.network
+    net = build_network(ncfg, *data_shape, dist.device, init=init)
+    trained: torch.nn.Module = net
+    if ncfg.sharding == "fsdp2":
+        broadcast_parameters_(net)
+        ema, teacher = make_ema(net), make_ema(net)
+        shard_run(net, ema, teacher)
+    else:
+        if dist.distributed:
+            trained = DistributedDataParallel(
+                net, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
+            )
+        ema, teacher = make_ema(net), make_ema(net)
+    optimizer = build_optimizer(cfg.optimizer, net.parameters(), dist.device)
+    return RunState(net, ema, teacher, optimizer, Progress()), trained
+
+
 def checkpoint_content(
     state: RunState, cfg: DictConfig, batch: int, steps_per_tick: int, data: dict[str, int]
 ) -> dict[str, Any]:
@@ -83,6 +141,29 @@ def checkpoint_content(
         "config": sanitize_config(to_container(cfg)),
         "data": data,
     }
+
+
+def save_checkpoint(
+    ckpts: CheckpointManager, content: Callable[[], dict[str, Any]], step: int, collective: bool = False
+) -> None:
+    """Rank 0 writes the checkpoint of ``step`` (``content()``; ``collective``: every rank builds it,
+    for the all-gathers of a sharded run). A failure there (disk full, unwritable directory) is raised
+    on every rank alike, so that no rank waits at the next collective until the process-group
+    timeout. The previous checkpoint stays intact (atomic write). One small collective per checkpoint."""
+    error: Exception | None = None
+    gathered = content() if collective else None
+    if distributed.is_main():
+        try:
+            ckpts.save(content() if gathered is None else gathered, step)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks have been told
+            error = exc
+    path = ckpts.path_for(step)
+    distributed.raise_on_every_rank(
+        error,
+        lambda message, errno: CheckpointWriteError(
+            f"rank 0 could not write checkpoint {path}: {message}", path, errno
+        ),
+    )
 
 
 def weights_mismatch(module: torch.nn.Module, weights: dict[str, Any]) -> str:

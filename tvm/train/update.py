@@ -120,6 +120,33 @@ def apply_update(
     return skip
 
 
+class NonFiniteCounter:
+    """Skipped steps counted on the device, without a host sync per step; :meth:`sync` (once per
+    tick) moves the counts into :class:`Progress` and returns the longest run of consecutive skipped
+    steps since the last sync, for :func:`check_nonfinite`."""
+
+    def __init__(self, progress: Progress, device: torch.device) -> None:
+        self.skipped = torch.zeros((), device=device)  # skipped steps since the last sync
+        self.in_row = torch.full((), float(progress.in_row), device=device)  # consecutive skipped steps now
+        self.longest = self.in_row.clone()  # longest run of consecutive skipped steps since the last sync
+
+    def record(self, skip: torch.Tensor) -> None:
+        """Count one step; ``skip`` is the step's 0-dim bool skip flag (:func:`apply_update`)."""
+        self.skipped += skip.float()
+        self.in_row = (self.in_row + 1) * skip.float()
+        torch.maximum(self.longest, self.in_row, out=self.longest)
+
+    def sync(self, progress: Progress) -> int:
+        """Add the skipped steps to ``progress`` (one host sync) and return the longest run since the last sync."""
+        skipped, progress.in_row, longest = (
+            int(v) for v in torch.stack((self.skipped, self.in_row, self.longest)).tolist()
+        )
+        progress.skipped += skipped
+        self.skipped.zero_()
+        self.longest.copy_(self.in_row)
+        return longest
+
+
 def check_nonfinite(tcfg: DictConfig, progress: Progress, longest_in_row: int = 0) -> None:
     """The non-finite policy, checked once per tick (one host sync). ``longest_in_row`` is the longest
     run of consecutive skipped steps since the last check: a run of K in mid-tick followed by good
