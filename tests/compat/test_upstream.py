@@ -48,7 +48,7 @@ from tvm.compat.upstream import (
 )
 from tvm.config import compose_config, from_container
 from tvm.method.wrapper import TVMWrapper
-from tvm.models.dit import DiT
+from tvm.models.dit import DiT, FlowMapInput
 from tvm.runtime.build import build_network
 from tvm.runtime.checkpoint import load_checkpoint
 
@@ -346,16 +346,16 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> types.SimpleNamespace:
     return types.SimpleNamespace(tmp=tmp, sentinel=sentinel, plain=plain, compiled=compiled, reference=reference)
 
 
-def inputs(batch: int = 3) -> tuple[torch.Tensor, ...]:
+def inputs(batch: int = 3) -> FlowMapInput:
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, CHANNELS, RES, RES, generator=gen)
     t = torch.rand(batch, generator=gen)
-    return x, t, t * 0.5, one_hot([1, 4, 9], LABELS).float(), torch.full((batch,), 0.5)
+    return FlowMapInput(x, t, t * 0.5, one_hot([1, 4, 9], LABELS).float(), torch.full((batch,), 0.5))
 
 
 def outputs(net: TVMWrapper) -> torch.Tensor:
     with torch.no_grad():
-        return net.velocity(*inputs())
+        return net.velocity(inputs())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch.autograd.forward_ad as fwAD
 from helpers import one_hot, tiny_wrapper
 from tvm.method.objective import flow_map, flow_map_derivative, kappa, velocity_and_ds
 from tvm.method.times import Guidance, TimeSampling, draw_step
+from tvm.models.dit import FlowMapInput
 
 D64 = torch.float64
 
@@ -27,7 +28,7 @@ def setup_batch(net, n=4, guidance=2.0, seed=0):
 
 
 def velocity_fn(net, x, t, labels, beta):
-    return lambda s_: net.velocity(x, t, t - s_, labels, beta, attn_backend="math", out_dtype=D64)
+    return lambda s_: net.velocity(FlowMapInput(x, t, t - s_, labels, beta), attn_backend="math", out_dtype=D64)
 
 
 JVP_MODES = pytest.mark.parametrize("jvp_mode", ["autograd", "explicit"])
@@ -44,7 +45,7 @@ def test_ds_matches_central_finite_difference_in_float64(jvp_mode):
     net = jvp_net(jvp_mode)
     x, t, s, labels, beta = setup_batch(net)
     fn = velocity_fn(net, x, t, labels, beta)
-    F, dF = velocity_and_ds(net, x, t, s, labels, beta)
+    F, dF = velocity_and_ds(net, FlowMapInput(x, t, t - s, labels, beta))
     h = 1e-5
     fd = (fn(s + h) - fn(s - h)) / (2 * h)
     rel = (dF - fd).norm() / fd.norm()
@@ -56,11 +57,11 @@ def test_ds_matches_central_finite_difference_in_float64(jvp_mode):
 def test_ds_matches_torch_autograd_forward_ad_and_is_minus_d_gap(jvp_mode):
     net = jvp_net(jvp_mode)
     x, t, s, labels, beta = setup_batch(net)
-    _, dF = velocity_and_ds(net, x, t, s, labels, beta)
+    _, dF = velocity_and_ds(net, FlowMapInput(x, t, t - s, labels, beta))
     gap = (t - s).detach()
     with fwAD.dual_level():
         dual_gap = fwAD.make_dual(gap, torch.ones_like(gap))
-        out = net.velocity(x, t, dual_gap, labels, beta, attn_backend="math", out_dtype=D64)
+        out = net.velocity(FlowMapInput(x, t, dual_gap, labels, beta), attn_backend="math", out_dtype=D64)
         d_gap = fwAD.unpack_dual(out).tangent
     torch.testing.assert_close(dF, -d_gap, rtol=1e-10, atol=1e-12)
 
@@ -69,8 +70,8 @@ def test_ds_matches_torch_autograd_forward_ad_and_is_minus_d_gap(jvp_mode):
 def test_jvp_in_fp32_agrees_with_finite_difference_to_bf16_class_tolerance(jvp_mode):
     net = jvp_net(jvp_mode, dtype=torch.float32)
     x, t, s, labels, beta = (v.float() for v in setup_batch(net))
-    fn = lambda s_: net.velocity(x, t, t - s_, labels, beta, attn_backend="math")  # noqa: E731
-    _, dF = velocity_and_ds(net, x, t, s, labels, beta)
+    fn = lambda s_: net.velocity(FlowMapInput(x, t, t - s_, labels, beta), attn_backend="math")  # noqa: E731
+    _, dF = velocity_and_ds(net, FlowMapInput(x, t, t - s, labels, beta))
     h = 1e-3
     fd = (fn(s + h) - fn(s - h)) / (2 * h)
     assert dF.dtype == torch.float32  # fp32 mode: nothing is cast to bf16
@@ -83,7 +84,7 @@ def test_flow_map_and_derivative_formulas_with_and_without_scaling():
         x, t, s, labels, beta = setup_batch(net, guidance=2.0)
         fn = velocity_fn(net, x, t, labels, beta)
         k = kappa(beta, scale)
-        F, dF = velocity_and_ds(net, x, t, s, labels, beta)
+        F, dF = velocity_and_ds(net, FlowMapInput(x, t, t - s, labels, beta))
         f_ts, dfds = flow_map(x, F, t, s, k), flow_map_derivative(F, dF, t, s, k)
         w = 2.0 if scale else 1.0
         torch.testing.assert_close(f_ts, x + (s - t) * w * F)
@@ -99,10 +100,10 @@ def test_t_equal_s_gives_the_instantaneous_velocity():
     net = tiny_wrapper()
     x, t, _, labels, beta = setup_batch(net)
     s, k = t.clone(), kappa(beta, True)
-    F, dF = velocity_and_ds(net, x, t, s, labels, beta)
+    F, dF = velocity_and_ds(net, FlowMapInput(x, t, t - s, labels, beta))
     f_ts, dfds = flow_map(x, F, t, s, k), flow_map_derivative(F, dF, t, s, k)
     torch.testing.assert_close(f_ts, x)
-    F0 = net.velocity(x, t, torch.zeros_like(t), labels, beta, attn_backend="math", out_dtype=D64)
+    F0 = net.velocity(FlowMapInput(x, t, torch.zeros_like(t), labels, beta), attn_backend="math", out_dtype=D64)
     torch.testing.assert_close(dfds, F0 / beta)
 
 

@@ -10,6 +10,7 @@ import torch
 from helpers import one_hot, tiny_wrapper, undropped_draws
 from tvm.method.objective import apply_label_dropout, tvm_loss
 from tvm.method.times import StepDraws
+from tvm.models.dit import FlowMapInput
 
 D64 = torch.float64
 
@@ -28,7 +29,8 @@ class OracleNet:
     jvp_attn_backend: str = "math"
     calls: list = field(default_factory=list)
 
-    def velocity(self, x, t, gap, labels, beta, attn_backend=None, out_dtype=D64, *, recompute=True):
+    def velocity(self, inputs, attn_backend=None, out_dtype=D64, *, recompute=True):
+        x, t, gap, labels, beta = inputs
         self.calls.append(dict(x=x, t=t, gap=gap, labels=labels, beta=beta))
         return (x - self.x0) / t.view(-1, 1, 1, 1) + 0 * gap.view(-1, 1, 1, 1)
 
@@ -66,14 +68,16 @@ def reference_terms(net, teacher, x, noise, t, s, s_prime, labels, beta):
     w = 1 / beta
     k = w if net.do_scale_param else torch.ones_like(w)
     x_t, x_sp = (1 - t) * x + t * noise, (1 - s_prime) * x + s_prime * noise
-    fn = lambda s_: net.velocity(x_t, t, t - s_, labels, beta, attn_backend="math", out_dtype=D64)  # noqa: E731
+    fn = lambda s_: net.velocity(FlowMapInput(x_t, t, t - s_, labels, beta), attn_backend="math", out_dtype=D64)  # noqa: E731
     F, dF = torch.func.jvp(fn, (s,), (torch.ones_like(s),))
     f_ts = x_t + (s - t) * k * F
     dfds = k * (F + (s - t) * dF)
     null = torch.zeros_like(labels)
-    F_T1 = teacher.velocity(f_ts, s, torch.zeros_like(s), labels, beta, out_dtype=D64)
-    F_T0 = teacher.velocity(x_sp, s_prime, torch.zeros_like(s), null, torch.ones_like(beta), out_dtype=D64)
-    F_on = net.velocity(x_sp, s_prime, torch.zeros_like(s), labels, beta, out_dtype=D64)
+    F_T1 = teacher.velocity(FlowMapInput(f_ts, s, torch.zeros_like(s), labels, beta), out_dtype=D64)
+    F_T0 = teacher.velocity(
+        FlowMapInput(x_sp, s_prime, torch.zeros_like(s), null, torch.ones_like(beta)), out_dtype=D64
+    )
+    F_on = net.velocity(FlowMapInput(x_sp, s_prime, torch.zeros_like(s), labels, beta), out_dtype=D64)
     term = (((dfds - k * F_T1) * beta) ** 2).mean(dim=(1, 2, 3))
     fm = (((k * F_on - (w * (noise - x) + (1 - w) * F_T0)) * beta) ** 2).mean(dim=(1, 2, 3))
     return term, fm
@@ -106,8 +110,8 @@ def test_unit_guidance_makes_the_fm_target_the_conditional_velocity():
     x = x0.expand_as(noise)
 
     class Zero(OracleNet):
-        def velocity(self, x, t, gap, labels, beta, attn_backend=None, out_dtype=D64, *, recompute=True):
-            return torch.zeros_like(x)
+        def velocity(self, inputs, attn_backend=None, out_dtype=D64, *, recompute=True):
+            return torch.zeros_like(inputs.x)
 
     out = tvm_loss(Zero(x0), Zero(x0), x, None, undropped_draws(t, s, s_prime, torch.ones_like(t), noise))
     torch.testing.assert_close(out["fm"], ((noise - x) ** 2).mean(dim=(1, 2, 3)))

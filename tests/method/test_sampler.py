@@ -10,6 +10,7 @@ import torch
 from helpers import one_hot, tiny_wrapper
 from tvm.method.objective import flow_map
 from tvm.method.sampler import sample, time_grid
+from tvm.models.dit import FlowMapInput
 
 
 @dataclass
@@ -17,7 +18,8 @@ class RecordingNet:
     do_scale_param: bool = True
     calls: list = field(default_factory=list)
 
-    def velocity(self, x, t, gap, labels, beta, attn_backend=None, out_dtype=torch.float32):
+    def velocity(self, inputs, attn_backend=None, out_dtype=torch.float32):
+        x, t, gap, labels, beta = inputs
         self.calls.append(dict(x=x.clone(), t=t.clone(), gap=gap.clone(), labels=labels, beta=beta.clone()))
         return (0.5 * x + t).to(out_dtype)  # an affine field, so the steps can be checked by hand
 
@@ -61,7 +63,8 @@ def test_sampling_a_real_network_unguided_and_unconditional():
     z = torch.randn(4, 2, 8, 8)
     one = sample(net, z, one_hot([0, 1, 2, 3]).float(), steps=1, guidance=1.0)
     expected = z.double() - net.velocity(
-        z, torch.ones(1), torch.ones(1), one_hot([0, 1, 2, 3]).float(), torch.ones(4), out_dtype=torch.float64
+        FlowMapInput(z, torch.ones(1), torch.ones(1), one_hot([0, 1, 2, 3]).float(), torch.ones(4)),
+        out_dtype=torch.float64,
     )
     torch.testing.assert_close(one, expected)
     uncond = sample(net, z, None, steps=2, guidance=1.0)

@@ -14,6 +14,7 @@ from kernels.reference import attention_jvp_math, attention_tangent_math
 from tvm.method.objective import tvm_loss
 from tvm.models import dit as dit_module
 from tvm.models import tangent
+from tvm.models.dit import FlowMapInput
 
 D64 = torch.float64
 
@@ -110,9 +111,10 @@ def test_dit_forward_with_tangent_equals_func_jvp_along_the_gap(arch):
     model = perturb_(tiny_dit(**kwargs)).to(D64)
     x, t, gap, labels, beta = model_inputs(num_classes=model.num_classes)
     dgap = randn(4, seed=3)
-    ref_F, ref_dF = torch.func.jvp(lambda g: model(x, t, g, labels, beta, attn_backend="math"), (gap,), (dgap,))
-    out, dout = model.forward_with_tangent(x, t, gap, dgap, labels, beta, attn_backend="math")
-    assert torch.equal(out, model(x, t, gap, labels, beta, attn_backend="math"))  # same ops, same value
+    inputs = FlowMapInput(x, t, gap, labels, beta)
+    ref_F, ref_dF = torch.func.jvp(lambda g: model(inputs._replace(gap=g), attn_backend="math"), (gap,), (dgap,))
+    out, dout = model.forward_with_tangent(inputs, dgap, attn_backend="math")
+    assert torch.equal(out, model(inputs, attn_backend="math"))  # same ops, same value
     torch.testing.assert_close(out, ref_F, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(dout, ref_dF, rtol=1e-10, atol=1e-12)
     assert ref_dF.abs().max() > 1e-3
@@ -125,9 +127,10 @@ def test_gradients_through_value_and_tangent_equal_func_jvp():
     x, t, gap, labels, beta = model_inputs()
     dgap = -torch.ones_like(gap)
     a, b = randn(4, 2, 8, 8, seed=5), randn(4, 2, 8, 8, seed=6)
-    out, dout = model.forward_with_tangent(x, t, gap, dgap, labels, beta)
+    inputs = FlowMapInput(x, t, gap, labels, beta)
+    out, dout = model.forward_with_tangent(inputs, dgap)
     ((a * out).sum() + (b * dout).sum()).backward()
-    ref, dref = torch.func.jvp(lambda g: ref_model(x, t, g, labels, beta, attn_backend="math"), (gap,), (dgap,))
+    ref, dref = torch.func.jvp(lambda g: ref_model(inputs._replace(gap=g), attn_backend="math"), (gap,), (dgap,))
     ((a * ref).sum() + (b * dref).sum()).backward()
     for (name, p), p_ref in zip(model.named_parameters(), ref_model.parameters()):
         if p.requires_grad:
@@ -167,8 +170,9 @@ def test_triton_backend_in_the_interpreter_matches_math_in_fp32():
     model = perturb_(tiny_dit(hidden=64, heads=4))  # head dim 16, 16 tokens
     x, t, gap, labels, beta = (v.float() if v is not None else None for v in model_inputs())
     dgap = -torch.ones_like(gap)
-    out_m, dout_m = model.forward_with_tangent(x, t, gap, dgap, labels, beta, attn_backend="math")
-    out_t, dout_t = model.forward_with_tangent(x, t, gap, dgap, labels, beta, attn_backend="triton")
+    inputs = FlowMapInput(x, t, gap, labels, beta)
+    out_m, dout_m = model.forward_with_tangent(inputs, dgap, attn_backend="math")
+    out_t, dout_t = model.forward_with_tangent(inputs, dgap, attn_backend="triton")
     torch.testing.assert_close(out_t, out_m, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dout_t, dout_m, rtol=1e-5, atol=1e-6)
 
@@ -177,4 +181,4 @@ def test_sdpa_backend_is_refused_for_tangents():
     model = tiny_dit()
     x, t, gap, labels, beta = (v.float() for v in model_inputs())
     with pytest.raises(ValueError, match="computes no tangent"):
-        model.forward_with_tangent(x, t, gap, -torch.ones_like(gap), labels, beta, attn_backend="sdpa")
+        model.forward_with_tangent(FlowMapInput(x, t, gap, labels, beta), -torch.ones_like(gap), attn_backend="sdpa")

@@ -54,7 +54,7 @@ from omegaconf import DictConfig, OmegaConf
 from tvm.config import Config, compose_config, to_container
 from tvm.runtime.checkpoint import file_sha256
 from tvm.method.wrapper import DATA_TYPES, TVMWrapper
-from tvm.models.dit import VARIANT_ALIASES, VARIANTS, resolve_variant
+from tvm.models.dit import VARIANT_ALIASES, VARIANTS, Variant, resolve_variant
 from tvm.runtime.build import build_network
 from tvm.runtime.checkpoint import state_dict_differences
 
@@ -521,14 +521,14 @@ def _is_variant(name: Any) -> TypeGuard[str]:
     return name in VARIANT_ALIASES or name in VARIANTS
 
 
-def _variant_name(class_name: str | None, hidden: int, depth: int, heads: int, patch: int) -> str:
+def _variant_name(class_name: str | None, sizes: Variant) -> str:
     """A ``network.model_type`` for these sizes: the class name if it is a variant, else the
     variant with exactly these sizes, else the configs' default (sizes then set explicitly)."""
     if _is_variant(class_name):
         return class_name
     authors = {ours: theirs for theirs, ours in VARIANT_ALIASES.items()}
     for name, spec in VARIANTS.items():
-        if (spec.hidden_size, spec.depth, spec.num_heads, spec.patch_size) == (hidden, depth, heads, patch):
+        if spec == sizes:
             return authors.get(name, name)
     return DEFAULT_MODEL_TYPE
 
@@ -561,15 +561,13 @@ def infer_architecture(
         raise UpstreamFormatError(
             f"cannot infer the number of heads: no {q_norm!r} and class {class_name!r} is not a known variant"
         )
+    sizes = Variant(hidden_size=hidden, depth=depth, num_heads=heads, patch_size=patch)
     return dict(
         img_resolution=grid * patch,
         img_channels=channels,
         label_dim=label_dim,
-        hidden_size=hidden,
-        depth=depth,
-        num_heads=heads,
-        patch_size=patch,
-        model_type=_variant_name(class_name, hidden, depth, heads, patch),
+        **dataclasses.asdict(sizes),
+        model_type=_variant_name(class_name, sizes),
     )
 
 

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tvm.method.times import StepDraws
+from tvm.models.dit import FlowMapInput
 
 if TYPE_CHECKING:  # the wrapper imports this module; the objective needs its velocity methods
     from tvm.method.wrapper import TVMWrapper
@@ -102,15 +103,9 @@ def flow_map_derivative(
     return kappa * (F + (s - t) * dF_ds)
 
 
-def velocity_and_ds(
-    net: TVMWrapper,
-    x: torch.Tensor,
-    t: torch.Tensor,
-    s: torch.Tensor,
-    labels: torch.Tensor | None,
-    beta: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(F_θ(x, t, t − s, c, β), ∂_s F)`` in t's dtype, by one forward-mode JVP in s.
+def velocity_and_ds(net: TVMWrapper, inputs: FlowMapInput) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(F_θ(x, t, t − s, c, β), ∂_s F)`` in t's dtype, by one forward-mode JVP in s; ``inputs.gap``
+    is ``t − s``.
 
     The tangent is 1 on s, 0 on x and t (these are closed over, which gives the same numbers
     without propagating zeros), so the gap ``t − s`` carries −1 and ``∂_s F = −∂F/∂gap``. Modes
@@ -120,15 +115,15 @@ def velocity_and_ds(
     activation recomputation, which ``torch.func.jvp`` cannot run through). Both use
     ``net.jvp_attn_backend``; gradients flow through both outputs.
     """
+    dgap = -torch.ones_like(inputs.gap)
     if net.jvp_mode == "autograd":
 
-        def velocity_of_s(s_: torch.Tensor) -> torch.Tensor:
-            return net.velocity(x, t, t - s_, labels, beta, net.jvp_attn_backend, recompute=False)
+        def velocity_of_gap(gap: torch.Tensor) -> torch.Tensor:
+            return net.velocity(inputs._replace(gap=gap), net.jvp_attn_backend, recompute=False)
 
-        out = torch.func.jvp(velocity_of_s, (s,), (torch.ones_like(s),))
+        out = torch.func.jvp(velocity_of_gap, (inputs.gap,), (dgap,))
         return out[0], out[1]  # (F, ∂_s F): a pair without has_aux
-    gap = t - s
-    return net.velocity_with_tangent(x, t, gap, -torch.ones_like(gap), labels, beta)
+    return net.velocity_with_tangent(inputs, dgap)
 
 
 def mean_chw(v: torch.Tensor) -> torch.Tensor:
@@ -164,7 +159,7 @@ def tvm_loss(
     x_sp = interpolate(x, noise, s_prime)
 
     # 3–4. The flow map from t to s and its derivative in s, from one JVP of the online network.
-    F, dF_ds = velocity_and_ds(net, x_t, t, s, labels, beta)
+    F, dF_ds = velocity_and_ds(net, FlowMapInput(x_t, t, t - s, labels, beta))
     if net.detach_jvp:
         dF_ds = dF_ds.detach()
     f_ts = flow_map(x_t, F, t, s, k)
@@ -173,17 +168,19 @@ def tvm_loss(
     # 5. Teacher, one call of batch 2B: (f_ts, s, gap 0, c, β) → F_T1 and (x_{s'}, s', gap 0, ∅, 1) → F_T0.
     with torch.no_grad():
         F_T = teacher.velocity(
-            torch.cat([f_ts.detach(), x_sp]),
-            torch.cat([s, s_prime]),
-            torch.cat([zero_gap, zero_gap]),
-            None if labels is None else torch.cat([labels, torch.zeros_like(labels)]),  # then the null class
-            torch.cat([beta, torch.ones_like(beta)]),
+            FlowMapInput(
+                torch.cat([f_ts.detach(), x_sp]),
+                torch.cat([s, s_prime]),
+                torch.cat([zero_gap, zero_gap]),
+                None if labels is None else torch.cat([labels, torch.zeros_like(labels)]),  # then the null class
+                torch.cat([beta, torch.ones_like(beta)]),
+            )
         )
         F_T1, F_T0 = F_T.chunk(2)
 
     # The online velocity at (x_{s'}, s'), for the flow-matching term. Velocities are κ·F (gap 0);
     # F_T0 is never scaled (its β is 1).
-    F_on = net.velocity(x_sp, s_prime, zero_gap, labels, beta)
+    F_on = net.velocity(FlowMapInput(x_sp, s_prime, zero_gap, labels, beta))
     if net.do_scale_param:
         F_T1 = F_T1 * w
         F_on = F_on * w

@@ -16,6 +16,7 @@ import torch
 
 from tvm.method.objective import flow_map
 from tvm.method.wrapper import TVMWrapper
+from tvm.models.dit import FlowMapInput
 
 
 def time_grid(steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -45,6 +46,7 @@ def sample(
     beta = torch.full((x.shape[0],), 1.0 / guidance, dtype=torch.float64, device=z.device)
     kappa = guidance if net.do_scale_param else 1.0
     for t_cur, t_next in zip(grid[:-1], grid[1:]):
-        F = net.velocity(x, t_cur.reshape(1), (t_cur - t_next).reshape(1), labels, beta, out_dtype=torch.float64)
+        inputs = FlowMapInput(x, t_cur.reshape(1), (t_cur - t_next).reshape(1), labels, beta)
+        F = net.velocity(inputs, out_dtype=torch.float64)
         x = flow_map(x, F, t_cur, t_next, kappa)
     return x

@@ -24,7 +24,7 @@ import torch.utils.checkpoint
 from tvm.method.objective import tvm_loss
 from tvm.method.times import StepDraws
 from tvm.models.attention import BACKENDS
-from tvm.models.dit import DiT
+from tvm.models.dit import DiT, FlowMapInput
 
 DATA_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 JVP_MODES = ("explicit", "autograd")
@@ -105,11 +105,7 @@ class TVMWrapper(nn.Module):
 
     def velocity(
         self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        gap: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        beta: torch.Tensor | None = None,
+        inputs: FlowMapInput,
         attn_backend: str | None = None,
         out_dtype: torch.dtype | None = None,
         *,
@@ -123,45 +119,31 @@ class TVMWrapper(nn.Module):
         FSDP2 registers this method as a forward of the teacher and the eval EMA
         (tvm/train/sharding.py): keep its name.
         """
-        args = (*self._param_dtype(x, t, gap, labels, beta), attn_backend or self.attn_backend)
-        with self.autocast(x.device):
+        args = (inputs.with_dtype(self._param_dtype), attn_backend or self.attn_backend)
+        with self.autocast(inputs.x.device):
             if recompute and self.recompute != "none" and torch.is_grad_enabled():
                 out = torch.utils.checkpoint.checkpoint(self.model, *args, use_reentrant=False)
             else:
                 out = self.model(*args)
-        return out.to(out_dtype or t.dtype)
+        return out.to(out_dtype or inputs.t.dtype)
 
-    def velocity_with_tangent(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        gap: torch.Tensor,
-        dgap: torch.Tensor,
-        labels: torch.Tensor | None,
-        beta: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def velocity_with_tangent(self, inputs: FlowMapInput, dgap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``F_θ(x, t, gap, c, β)`` and its tangent for the tangent ``dgap`` on the gap input, both in t's
         dtype, by explicit propagation through the layers (``DiT.forward_with_tangent``) with the
         ``jvp_attn_backend`` attention; ``recompute="all"`` recomputes each block in the backward."""
-        x_, t_, gap_, dgap_, labels_, beta_ = self._param_dtype(x, t, gap, dgap, labels, beta)
-        assert x_ is not None and t_ is not None and gap_ is not None and dgap_ is not None  # only None maps to None
-        with self.autocast(x.device):
+        with self.autocast(inputs.x.device):
             F, dF = self.model.forward_with_tangent(
-                x_,
-                t_,
-                gap_,
-                dgap_,
-                labels_,
-                beta_,
+                inputs.with_dtype(self._param_dtype),
+                dgap.to(self._param_dtype),
                 attn_backend=self.jvp_attn_backend,
                 recompute_blocks=self.recompute == "all",
             )
-        return F.to(t.dtype), dF.to(t.dtype)
+        return F.to(inputs.t.dtype), dF.to(inputs.t.dtype)
 
-    def _param_dtype(self, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
-        """The network inputs cast to the parameters' dtype (None stays None)."""
-        dtype = self.model.pos_embed.dtype
-        return [None if x is None else x.to(dtype) for x in tensors]
+    @property
+    def _param_dtype(self) -> torch.dtype:
+        """The parameters' dtype, to which the network inputs are cast."""
+        return self.model.pos_embed.dtype
 
     def forward(
         self, x: torch.Tensor, labels: torch.Tensor | None, draws: StepDraws, teacher: "TVMWrapper"

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.reference import attention_math, attention_tangent_math
+from tvm.models.tangent import Pair
 
 BACKENDS = ("math", "sdpa", "triton")
 
@@ -60,16 +61,9 @@ def _kernel_operands(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [x.to(dtype) for x in tensors]
 
 
-def attention_with_tangent(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    tq: torch.Tensor,
-    tk: torch.Tensor,
-    tv: torch.Tensor,
-    backend: str = "math",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention and its tangent along ``(tq, tk, tv)``: ``(O, T)``, all ``[B, H, N, D]``.
+def attention_with_tangent(query: Pair, key: Pair, value: Pair, backend: str = "math") -> Pair:
+    """Attention and its tangent, ``(O, T)``, of the (primal, tangent) pairs ``query = (q, q̇)``,
+    ``key = (k, k̇)`` and ``value = (v, v̇)``; all tensors ``[B, H, N, D]``.
 
     For explicit tangent propagation (``tvm.models.tangent``). Backends: ``"math"``
     (``kernels.reference.attention_tangent_math``, the formula written out) and ``"triton"``
@@ -77,11 +71,12 @@ def attention_with_tangent(
     pair for both outputs, traced by ``torch.compile`` without a graph break). SDPA computes no
     tangent and is refused.
     """
+    (q, dq), (k, dk), (v, dv) = query, key, value
     if backend == "math":
-        return attention_tangent_math(q, k, v, tq, tk, tv)
+        return attention_tangent_math(q, k, v, dq, dk, dv)
     if backend == "triton":
         from kernels.op import attention_with_tangent as fused
 
-        return fused(*_kernel_operands(q, k, v, tq, tk, tv))
+        return fused(*_kernel_operands(q, k, v, dq, dk, dv))
     allowed = "math, triton"
     raise ValueError(f"attention backend {backend!r} computes no tangent; allowed: {allowed}")

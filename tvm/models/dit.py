@@ -8,7 +8,7 @@ guidance β = 1/w.
 
 Parameter names and shapes equal the authors' DiT (docs/method.md §9.3), so their state dicts load
 with ``strict=True``. Forward semantics equal theirs: ``F(x, t, gap, labels, β)`` with one-hot
-labels whose all-zero rows mean the null class.
+labels whose all-zero rows mean the null class; the five inputs travel as one :class:`FlowMapInput`.
 
 Every module also has ``forward_with_tangent``, which carries a tangent along (each layer maps
 ``(x, ẋ)`` to ``(y, ẏ)``, rules in :mod:`tvm.models.tangent`): ``DiT.forward_with_tangent`` gives
@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import cast
+from typing import NamedTuple, cast
 
 import numpy as np
 import torch
@@ -256,9 +256,8 @@ class Attention(nn.Module):
         qkv, dqkv = tangent.linear(x, dx, self.qkv.weight, self.qkv.bias)
         q, k, v = qkv.reshape(heads).permute(2, 0, 3, 1, 4)
         dq, dk, dv = dqkv.reshape(heads).permute(2, 0, 3, 1, 4)
-        q, dq = self._qk_norm(self.q_norm, q, dq)
-        k, dk = self._qk_norm(self.k_norm, k, dk)
-        out, dout = attention_with_tangent(q, k, v, dq, dk, dv, backend)  # [B, H, T, d] each
+        query, key = self._qk_norm(self.q_norm, q, dq), self._qk_norm(self.k_norm, k, dk)
+        out, dout = attention_with_tangent(query, key, (v, dv), backend)  # [B, H, T, d] each
         merge = lambda a: a.transpose(1, 2).reshape(B, T, D)  # noqa: E731
         return tangent.linear(merge(out), merge(dout), self.proj.weight, self.proj.bias)
 
@@ -370,6 +369,33 @@ class FinalLayer(nn.Module):
         return tangent.linear(h, dh, self.linear.weight, self.linear.bias)
 
 
+class FlowMapInput(NamedTuple):
+    """The inputs of ``F_θ(x, t, t − s, c, β)`` (docs/method.md §3.1), one argument of every network call.
+
+    A NamedTuple is a pytree, so activation checkpointing, ``torch.compile`` and FSDP2's forward
+    hooks carry its tensors through as they would carry separate arguments.
+
+    Fields:
+        x: ``[B, C, R, R]``.
+        t: start time, ``[B]``, ``[1]`` or ``[B, 1, 1, 1]``.
+        gap: ``t − s``, same shapes as t.
+        labels: one-hot ``[B, num_classes]`` (or ``[1, num_classes]``, broadcast); all-zero
+            rows (and None) mean the null class.
+        guidance: β = 1/w, same shapes as t; None skips the guidance embedding.
+    """
+
+    x: torch.Tensor
+    t: torch.Tensor
+    gap: torch.Tensor
+    labels: torch.Tensor | None = None
+    guidance: torch.Tensor | None = None
+
+    def with_dtype(self, dtype: torch.dtype) -> FlowMapInput:
+        """The same inputs cast to ``dtype`` (None stays None)."""
+        labels, guidance = (None if v is None else v.to(dtype) for v in (self.labels, self.guidance))
+        return FlowMapInput(self.x.to(dtype), self.t.to(dtype), self.gap.to(dtype), labels, guidance)
+
+
 class DiT(nn.Module):
     """The two-time, guidance-conditioned DiT ``F_θ(x, t, t − s, c, β)`` (docs/method.md §3).
 
@@ -469,8 +495,9 @@ class DiT(nn.Module):
         y = y.reshape(B, G, G, p, p, C).permute(0, 5, 1, 3, 2, 4)
         return y.reshape(B, C, G * p, G * p)
 
-    def check_inputs(self, x: torch.Tensor, labels: torch.Tensor | None) -> None:
+    def check_inputs(self, inputs: FlowMapInput) -> None:
         """ValueError naming the problem for a wrong input shape, dtype or label width."""
+        x, labels = inputs.x, inputs.labels
         expected = (self.in_channels, self.input_size, self.input_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"x has shape {tuple(x.shape)}; expected [B, {expected[0]}, {expected[1]}, {expected[2]}]")
@@ -485,16 +512,10 @@ class DiT(nn.Module):
             if labels.shape[0] not in (1, x.shape[0]):
                 raise ValueError(f"labels have {labels.shape[0]} rows for a batch of {x.shape[0]}")
 
-    def _embed(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        labels: torch.Tensor | None,
-        guidance: torch.Tensor | None,
-        gap_embedding: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _embed(self, inputs: FlowMapInput, gap_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens ``h`` ``[B, T, D]`` and conditioning ``c`` ``[B, D]`` (docs/method.md §3.1 steps 1–3)
         from checked inputs and the gap's embedding ``[B, D]``."""
+        x, t, _, labels, guidance = inputs
         B = x.shape[0]
         if labels is None:
             labels = x.new_zeros(1, self.num_classes)
@@ -506,59 +527,42 @@ class DiT(nn.Module):
             c = c + self.guidance_embedder(_broadcast_batch(guidance, B, "guidance"))
         return h, c + self.y_embedder(labels)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        gap: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        guidance: torch.Tensor | None = None,
-        attn_backend: str = "sdpa",
-    ) -> torch.Tensor:
+    def forward(self, inputs: FlowMapInput, attn_backend: str = "sdpa") -> torch.Tensor:
         """``F_θ(x, t, t − s, c, β)`` (docs/method.md §3.1).
 
         Args:
-            x: ``[B, C, R, R]``.
-            t: start time, ``[B]``, ``[1]`` or ``[B, 1, 1, 1]``.
-            gap: ``t − s``, same shapes as t.
-            labels: one-hot ``[B, num_classes]`` (or ``[1, num_classes]``, broadcast); all-zero
-                rows (and None) mean the null class.
-            guidance: β = 1/w, same shapes as t; None skips the guidance embedding.
+            inputs: x, t, gap, labels and β; shapes in :class:`FlowMapInput`.
             attn_backend: see :mod:`tvm.models.attention`.
         Returns:
             ``[B, C, R, R]`` in the compute dtype.
         """
-        self.check_inputs(x, labels)
-        h, c = self._embed(x, t, labels, guidance, self.s_embedder(_broadcast_batch(gap, x.shape[0], "gap")))
+        self.check_inputs(inputs)
+        h, c = self._embed(inputs, self.s_embedder(_broadcast_batch(inputs.gap, inputs.x.shape[0], "gap")))
         for block in self.blocks:
             h = block(h, c, attn_backend)
         return self.unpatchify(self.final_layer(h, c))
 
     def forward_with_tangent(
         self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        gap: torch.Tensor,
+        inputs: FlowMapInput,
         gap_tangent: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        guidance: torch.Tensor | None = None,
         attn_backend: str = "math",
         recompute_blocks: bool = False,
     ) -> tangent.Pair:
         """``(F, Ḟ)`` with ``Ḟ = ∂F/∂gap · ġap``: the JVP along the gap alone (x, t, c, β fixed).
 
-        Same arguments as :meth:`forward`, plus ``gap_tangent`` (shapes as gap; −1 gives ``∂_s F``
+        Same inputs as :meth:`forward`, plus ``gap_tangent`` (shapes as gap; −1 gives ``∂_s F``
         for gap = t − s). ``attn_backend`` must compute a tangent: ``"math"`` or ``"triton"``.
         F equals :meth:`forward`'s output; both outputs are differentiable w.r.t. the parameters.
         ``recompute_blocks``: keep only each block's inputs and recompute its activations in the
         backward (activation checkpointing; same values and gradients).
         """
-        self.check_inputs(x, labels)
-        B = x.shape[0]
+        self.check_inputs(inputs)
+        B = inputs.x.shape[0]
         c_gap, dc = self.s_embedder.forward_with_tangent(
-            _broadcast_batch(gap, B, "gap"), _broadcast_batch(gap_tangent, B, "gap_tangent")
+            _broadcast_batch(inputs.gap, B, "gap"), _broadcast_batch(gap_tangent, B, "gap_tangent")
         )
-        h, c = self._embed(x, t, labels, guidance, c_gap)
+        h, c = self._embed(inputs, c_gap)
         dh = torch.zeros_like(h)
         for block in self.blocks:
             if recompute_blocks and torch.is_grad_enabled():
