@@ -12,7 +12,6 @@ from helpers import one_hot, perturb_, tiny_dit
 from tvm.models.dit import (
     DiT,
     VARIANTS,
-    FlowMapInput,
     count_parameters,
     label_indices,
     rms_normalize,
@@ -121,8 +120,8 @@ def test_state_dict_round_trip_with_authors_names_is_strict_and_exact():
     dst = tiny_dit()
     dst.load_state_dict({k.removeprefix("model."): v for k, v in prefixed.items()}, strict=True)
     x = torch.randn(3, 2, 8, 8)
-    inputs = FlowMapInput(x, torch.rand(3), torch.rand(3), one_hot([1, 2, 3]).float(), torch.rand(3))
-    assert torch.equal(src(inputs), dst(inputs))
+    args = (x, torch.rand(3), torch.rand(3), one_hot([1, 2, 3]).float(), torch.rand(3))
+    assert torch.equal(src(*args), dst(*args))
 
 
 # --- §12 items 3–5: initialisation --------------------------------------------------------------
@@ -133,7 +132,7 @@ def test_init_output_is_exactly_zero_and_blocks_are_identity():
     x = torch.randn(4, 2, 8, 8)
     t, gap, beta = torch.rand(4), torch.rand(4), torch.rand(4)
     labels = one_hot([0, 1, 2, 3]).float()
-    assert torch.equal(model(FlowMapInput(x, t, gap, labels, beta)), torch.zeros_like(x))
+    assert torch.equal(model(x, t, gap, labels, beta), torch.zeros_like(x))
     h = model.x_embedder(x) + model.pos_embed
     c = model.t_embedder(t) + model.s_embedder(gap) + model.guidance_embedder(beta) + model.y_embedder(labels)
     for block in model.blocks:
@@ -225,19 +224,19 @@ def test_mod_norm_gives_unit_rms_chunks_and_maps_zero_to_zero():
 def test_scaling_the_adaln_layers_leaves_the_output_unchanged():
     model = perturb_(tiny_dit().double(), scale=1.0)  # modulation chunks of mean square ≫ eps = 1e-6
     x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
-    inputs = FlowMapInput(
+    args = (
         x,
         torch.rand(3, dtype=torch.float64),
         torch.rand(3, dtype=torch.float64),
         one_hot([4, 5, 6]),
         torch.rand(3, dtype=torch.float64),
     )
-    before = model(inputs, attn_backend="math")
+    before = model(*args, attn_backend="math")
     with torch.no_grad():
         for layer in [b.adaLN_modulation[1] for b in model.blocks] + [model.final_layer.adaLN_modulation[1]]:
             layer.weight.mul_(3.7)
             layer.bias.mul_(3.7)
-    after = model(inputs, attn_backend="math")
+    after = model(*args, attn_backend="math")
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5 * before.abs().max().item())
 
 
@@ -286,38 +285,36 @@ def test_broadcast_of_leading_one_times_and_labels():
     model = perturb_(tiny_dit())
     x = torch.randn(3, 2, 8, 8)
     lab = one_hot([2]).float()
-    full = model(
-        FlowMapInput(x, torch.full((3,), 0.3), torch.full((3,), 0.1), lab.expand(3, -1), torch.full((3,), 0.5))
-    )
-    short = model(FlowMapInput(x, torch.tensor([0.3]), torch.tensor([0.1]), lab, torch.tensor([0.5])))
+    full = model(x, torch.full((3,), 0.3), torch.full((3,), 0.1), lab.expand(3, -1), torch.full((3,), 0.5))
+    short = model(x, torch.tensor([0.3]), torch.tensor([0.1]), lab, torch.tensor([0.5]))
     torch.testing.assert_close(full, short)
 
 
 def test_unconditional_model_and_null_labels():
     model = perturb_(tiny_dit(num_classes=0))
     x = torch.randn(2, 2, 8, 8)
-    out = model(FlowMapInput(x, torch.rand(2), torch.rand(2)))
+    out = model(x, torch.rand(2), torch.rand(2))
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert model.y_embedder.embedding_table.weight.shape[0] == 1
     cond = perturb_(tiny_dit())
     torch.testing.assert_close(
-        cond(FlowMapInput(x, torch.tensor([0.5]), torch.tensor([0.0]))),
-        cond(FlowMapInput(x, torch.tensor([0.5]), torch.tensor([0.0]), torch.zeros(2, 10))),
+        cond(x, torch.tensor([0.5]), torch.tensor([0.0])),
+        cond(x, torch.tensor([0.5]), torch.tensor([0.0]), torch.zeros(2, 10)),
     )
 
 
 def test_attention_backends_agree():
     model = perturb_(tiny_dit()).double()
-    inputs = FlowMapInput(
+    args = (
         torch.randn(2, 2, 8, 8, dtype=torch.float64),
         torch.rand(2, dtype=torch.float64),
         torch.rand(2, dtype=torch.float64),
         one_hot([1, 7]),
         torch.rand(2, dtype=torch.float64),
     )
-    torch.testing.assert_close(model(inputs, attn_backend="math"), model(inputs, attn_backend="sdpa"))
+    torch.testing.assert_close(model(*args, attn_backend="math"), model(*args, attn_backend="sdpa"))
     with pytest.raises(ValueError, match="unknown attention backend 'flash'.*math, sdpa, triton"):
-        model(inputs, attn_backend="flash")
+        model(*args, attn_backend="flash")
 
 
 @pytest.mark.parametrize(
@@ -331,15 +328,15 @@ def test_attention_backends_agree():
 def test_bad_inputs_name_the_problem(x_shape, labels, match):
     model = tiny_dit()
     with pytest.raises(ValueError, match=match):
-        model(FlowMapInput(torch.randn(x_shape), torch.rand(2), torch.rand(2), labels))
+        model(torch.randn(x_shape), torch.rand(2), torch.rand(2), labels)
 
 
 def test_integer_input_and_bad_time_length_are_rejected():
     model = tiny_dit()
     with pytest.raises(ValueError, match="dtype torch.int64"):
-        model(FlowMapInput(torch.zeros(2, 2, 8, 8, dtype=torch.long), torch.rand(2), torch.rand(2)))
+        model(torch.zeros(2, 2, 8, 8, dtype=torch.long), torch.rand(2), torch.rand(2))
     with pytest.raises(ValueError, match="t has 3 entries; expected 1 or the batch size 2"):
-        model(FlowMapInput(torch.randn(2, 2, 8, 8), torch.rand(3), torch.rand(2)))
+        model(torch.randn(2, 2, 8, 8), torch.rand(3), torch.rand(2))
 
 
 def test_forward_flops_counts_token_wise_layers_and_attention():

@@ -119,7 +119,7 @@ class TVMWrapper(nn.Module):
         FSDP2 registers this method as a forward of the teacher and the eval EMA
         (tvm/train/sharding.py): keep its name.
         """
-        args = (inputs.with_dtype(self._param_dtype), attn_backend or self.attn_backend)
+        args = (*inputs.with_dtype(self._param_dtype), attn_backend or self.attn_backend)
         with self.autocast(inputs.x.device):
             if recompute and self.recompute != "none" and torch.is_grad_enabled():
                 out = torch.utils.checkpoint.checkpoint(self.model, *args, use_reentrant=False)

@@ -8,7 +8,8 @@ guidance β = 1/w.
 
 Parameter names and shapes equal the authors' DiT (docs/method.md §9.3), so their state dicts load
 with ``strict=True``. Forward semantics equal theirs: ``F(x, t, gap, labels, β)`` with one-hot
-labels whose all-zero rows mean the null class; the five inputs travel as one :class:`FlowMapInput`.
+labels whose all-zero rows mean the null class. ``DiT.forward`` takes the five inputs as the authors'
+DiT does; inside the package they travel as one :class:`FlowMapInput`.
 
 Every module also has ``forward_with_tangent``, which carries a tangent along (each layer maps
 ``(x, ẋ)`` to ``(y, ẏ)``, rules in :mod:`tvm.models.tangent`): ``DiT.forward_with_tangent`` gives
@@ -527,17 +528,27 @@ class DiT(nn.Module):
             c = c + self.guidance_embedder(_broadcast_batch(guidance, B, "guidance"))
         return h, c + self.y_embedder(labels)
 
-    def forward(self, inputs: FlowMapInput, attn_backend: str = "sdpa") -> torch.Tensor:
-        """``F_θ(x, t, t − s, c, β)`` (docs/method.md §3.1).
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        gap: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
+        attn_backend: str = "sdpa",
+    ) -> torch.Tensor:
+        """``F_θ(x, t, t − s, c, β)`` (docs/method.md §3.1), called as the authors' DiT is.
 
         Args:
-            inputs: x, t, gap, labels and β; shapes in :class:`FlowMapInput`.
+            x, t, gap, labels, guidance: the fields of :class:`FlowMapInput`, with their shapes
+                (``TVMWrapper.velocity`` passes one as ``model(*inputs, attn_backend)``).
             attn_backend: see :mod:`tvm.models.attention`.
         Returns:
             ``[B, C, R, R]`` in the compute dtype.
         """
+        inputs = FlowMapInput(x, t, gap, labels, guidance)
         self.check_inputs(inputs)
-        h, c = self._embed(inputs, self.s_embedder(_broadcast_batch(inputs.gap, inputs.x.shape[0], "gap")))
+        h, c = self._embed(inputs, self.s_embedder(_broadcast_batch(gap, x.shape[0], "gap")))
         for block in self.blocks:
             h = block(h, c, attn_backend)
         return self.unpatchify(self.final_layer(h, c))
