@@ -113,7 +113,9 @@ def test_ctrl_c_through_train_sh_checkpoints_every_rank_and_exits_cleanly(tmp_pa
     """SIGINT to train.sh reaches both workers once: they agree on a step, write its checkpoint and
     exit 0 (so does torchrun, which is not signalled itself); the same command continues the run."""
     run_dir = tmp_path / "run"
-    total = 400
+    # Far more steps than the signal needs: on a loaded 2-core machine this test's polling can lag the
+    # run, and with 400 steps a run once finished before the signal arrived (2026-12-06).
+    total = 4000
     command = [
         "bash",
         "train.sh",
@@ -121,8 +123,8 @@ def test_ctrl_c_through_train_sh_checkpoints_every_rank_and_exits_cleanly(tmp_pa
         "tiny",
         *QUICK_TINY,
         f"training.total_ticks={total // 2}",
-        "training.ckpt_ticks=1000",
-        "training.snapshot_ticks=1000",
+        "training.ckpt_ticks=10000",
+        "training.snapshot_ticks=10000",
         "training.preempt_check_steps=2",
         f"run_dir={run_dir}",
     ]
