@@ -239,6 +239,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
 
         # ------------------------------------------------------------ maintenance (end of a tick)
         tick = progress.step // steps_per_tick
+        meter.stop()
         longest_in_row = nonfinite.sync(progress)
         meter.report(logger, stats, tick, progress.step, batching.batch, progress.skipped)
         check_nonfinite(tcfg, progress, longest_in_row)

@@ -76,13 +76,19 @@ class TickMeter:
 
     def start(self, step: int) -> None:
         """A tick starts at ``step`` now (after the previous tick's maintenance)."""
-        self.tick_start, self.tick_step0 = time.time(), step
+        self.tick_start = self.tick_end = time.time()
+        self.tick_step0 = step
+
+    def stop(self) -> None:
+        """The tick's steps end now; the maintenance that follows (its host syncs included) is not in its time."""
+        self.tick_end = time.time()
 
     def report(self, logger: RunLogger, stats: StatsCollector, tick: int, step: int, batch: int, skipped: int) -> None:
-        """The tick line (``status_line``) and the tick's stats, then a new peak-memory window."""
+        """The tick line (``status_line``) and the tick's stats for the steps up to :meth:`stop`, then a new
+        peak-memory window."""
         summary = stats.summarize()
         steps_done = step - self.tick_step0
-        elapsed = max(time.time() - self.tick_start, 1e-9)
+        elapsed = max(self.tick_end - self.tick_start, 1e-9)
         img_per_sec = steps_done * batch / elapsed
         mfu = self.step_flops * steps_done / elapsed / self.peak if self.peak else None
         line = status_line(
