@@ -5,7 +5,7 @@
 #
 #   bash bench/device_calls.sh PART
 #
-# PART: profile | full | full-check | full-graphs | autotune | launch-ab | plain | gen-autotune | 512 | coldstart | fsdp2 | attention
+# PART: profile | full | full-check | full-graphs | autotune | autotune-check | rows | launch-ab | plain | gen-autotune | 512 | coldstart | fsdp2 | attention
 #
 # Run from the repository root on the GPU machine. Wheels the machine lacks (hydra-core, omegaconf,
 # antlr4-python3-runtime) are installed from .whl/ when that folder exists (docs/benchmarks.md,
@@ -14,7 +14,7 @@
 # the call limit still returns what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: bash bench/device_calls.sh profile|full|full-check|full-graphs|autotune|launch-ab|plain|gen-autotune|512|coldstart|fsdp2|attention}"
+part="${1:?usage: bash bench/device_calls.sh profile|full|full-check|full-graphs|autotune|autotune-check|rows|launch-ab|plain|gen-autotune|512|coldstart|fsdp2|attention}"
 if [ -d .whl ] && ! python3 -c "import hydra" 2>/dev/null; then
     site="$(mktemp -d)"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
@@ -42,14 +42,21 @@ full-check) # the 'full' part's check against torch.func.jvp (bf16, batch 4), in
 full-graphs) # with CUDA graphs, the budget of the 'full' part that stays within 32 GiB: BUDGET_FULL=0.5 bash ...
     step --variants "explicit:triton:compile:budget=${BUDGET_FULL:?set BUDGET_FULL}:mode=reduce-overhead" \
         --check '' --plain '' ;;
-autotune) # autotuned GEMM templates with fused epilogues, with CUDA graphs (network.compile_mode=max-autotune)
-    step --variants "$default:mode=max-autotune" --check "$default:mode=max-autotune" --plain '' ;;
+autotune) # autotuned GEMM templates with fused epilogues, with CUDA graphs (network.compile_mode=max-autotune),
+    # after the default and its CUDA-graph row in the same process as the baseline (the autotuning of a batch-4 check
+    # would double the call's compile time: its check is the part 'autotune-check')
+    step --variants "$default,$default:mode=reduce-overhead,$default:mode=max-autotune" --check '' --plain '' ;;
+autotune-check) # the 'autotune' variant's check against torch.func.jvp (bf16, batch 4), and the default's
+    step --variants '' --check "$default,$default:mode=max-autotune" --plain '' ;;
+rows) # the default step's check against torch.func.jvp, the launch-plan A/B on the default step, the compiled
+    # flow-matching step and 1-step generation: the rows to re-measure on each machine start (Round 5)
+    step --check "$default" --ab-fast-launch "$default" --variants '' --plain fm:blocks,gen:compile ;;
 launch-ab) # the attention launch plans on, then off, in one process (issue 16 item 5)
     step --ab-fast-launch "$default" --variants '' --check '' --plain '' ;;
 plain) # flow-matching step and 1-step generation (batch 256)
     step --variants '' --check '' --plain fm:blocks,fm:eager,gen:compile,gen:blocks ;;
 gen-autotune) # 1-step generation with autotuned GEMM templates (scripts/generate.py --compile max-autotune-no-cudagraphs)
-    step --variants '' --check '' --plain gen:compile:mode=max-autotune-no-cudagraphs ;;
+    step --variants "" --check "" --plain gen:compile,gen:compile:mode=max-autotune-no-cudagraphs ;;
 512) # 512 px, per-GPU batch 8
     step --resolution 512 --batch 8 --variants "$default" --check '' --plain '' ;;
 coldstart) # seconds to the first finished step of `bash train.sh 1 im256_w2.yaml`: cold, run-dir cache, local cache

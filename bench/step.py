@@ -18,11 +18,11 @@ random weights so that every path carries signal), and times, with CUDA events a
 ``--ab-fast-launch [VARIANT]`` also times one TVM step variant (default: the configs' training
 step, ``explicit:triton:blocks:budget=0.7``) with the attention kernels' launch plans on and off
 (``kernels.launch_plans.fast_launch``, as ``TVM_ATTENTION_FAST_LAUNCH=0`` would), alternating in
-blocks of steps on one compiled state (:func:`ab_fast_launch`), and prints both rows and their ratio;
-``--check`` covers VARIANT too.
+blocks of steps on one compiled state (:func:`ab_fast_launch`), and prints both rows and their ratio.
 
-It first checks that each variant computes the same loss and gradients as the reference
-(autograd JVP, math attention; bf16 autocast, small batch). FLOPs: one forward of the token-wise layers plus attention
+It first checks that each ``--check`` variant (default: every timed TVM variant, VARIANT included)
+computes the same loss and gradients as the reference (autograd JVP, math attention; bf16 autocast,
+batch 4). FLOPs: one forward of the token-wise layers plus attention
 (``DiT.forward_flops``; 236 GFLOP per image at 256 px); a TVM step counts 11 forward
 equivalents per image, a flow-matching step 3. MFU uses ``--peak`` (800 TFLOP/s, the bf16 rate
 measured on the lent H100).
@@ -441,8 +441,9 @@ def main() -> None:
     parser.add_argument("--peak", type=float, default=800e12, help="peak FLOP/s for MFU")
     parser.add_argument(
         "--check",
-        default="autograd:triton,explicit:triton,explicit:triton:blocks",
-        help="variants to check against autograd:math first ('' for none)",
+        default=None,
+        help="variants to check against autograd:math first, comma-separated ('' for none; default: the timed TVM "
+        "variants)",
     )
     parser.add_argument("--sample-batch", type=int, default=256, help="batch of the 1-step generation timing")
     parser.add_argument(
@@ -473,9 +474,11 @@ def main() -> None:
         f"batch {args.batch}, recompute {args.recompute}"
     )
     variants = [v for v in args.variants.split(",") if v]
-    if args.check:
-        timed = variants + ([args.ab_fast_launch] if args.ab_fast_launch is not None else [])
-        checked = [v for v in dict.fromkeys(timed) if v in args.check.split(",")]
+    timed = variants + ([args.ab_fast_launch] if args.ab_fast_launch is not None else [])
+    checked = list(dict.fromkeys(timed if args.check is None else [v for v in args.check.split(",") if v]))
+    for v in checked:
+        Variant.parse(v)  # a bad variant fails before any GPU work
+    if checked:
         for variant, diff in check_variants(cfg, R, checked, args.recompute).items():
             print(f"# check (bf16, batch 4) {variant} vs autograd:math: {diff}", flush=True)
 
