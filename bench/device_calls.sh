@@ -5,7 +5,7 @@
 #
 #   bash bench/device_calls.sh PART
 #
-# PART: profile | full | full-check | full-graphs | autotune | autotune-check | rows | launch-ab | plain | gen-autotune | 512 | coldstart | fsdp2 | attention
+# PART: profile | full | full-check | full-graphs | autotune | autotune-check | rows | estimator | launch-ab | plain | gen-autotune | 512 | coldstart | fsdp2 | attention
 #
 # Run from the repository root on the GPU machine. Wheels the machine lacks (hydra-core, omegaconf,
 # antlr4-python3-runtime) are installed from .whl/ when that folder exists (docs/benchmarks.md,
@@ -14,7 +14,7 @@
 # the call limit still returns what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: bash bench/device_calls.sh profile|full|full-check|full-graphs|autotune|autotune-check|rows|launch-ab|plain|gen-autotune|512|coldstart|fsdp2|attention}"
+part="${1:?usage: bash bench/device_calls.sh profile|full|full-check|full-graphs|autotune|autotune-check|rows|estimator|launch-ab|plain|gen-autotune|512|coldstart|fsdp2|attention}"
 if [ -d .whl ] && ! python3 -c "import hydra" 2>/dev/null; then
     site="$(mktemp -d)"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
@@ -51,6 +51,8 @@ autotune-check) # the 'autotune' variant's check against torch.func.jvp (bf16, b
 rows) # the default step's check against torch.func.jvp, the launch-plan A/B on the default step, the compiled
     # flow-matching step and 1-step generation: the rows to re-measure on each machine start (Round 5)
     step --check "$default" --ab-fast-launch "$default" --variants '' --plain fm:blocks,gen:compile ;;
+estimator) # what the budget recomputes, chosen by FLOP count (PyTorch's default) or by each op's measured time
+    step --variants "$default,$default:estimator=profile" --check "$default:estimator=profile" --plain '' ;;
 launch-ab) # the attention launch plans on, then off, in one process (issue 16 item 5)
     step --ab-fast-launch "$default" --variants '' --check '' --plain '' ;;
 plain) # flow-matching step and 1-step generation (batch 256)

@@ -42,6 +42,8 @@ import tempfile
 import time
 
 import torch
+import torch._functorch.config as functorch_config
+import torch._inductor.config as inductor_config
 import triton
 
 from kernels import launch_plans
@@ -63,9 +65,11 @@ STARTED = time.perf_counter()  # for the elapsed seconds printed after each row 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """A TVM step variant ``JVPMODE:ATTENTION[:HOW][:recompute=R][:budget=B]``, e.g.
+    """A TVM step variant ``JVPMODE:ATTENTION[:HOW][:recompute=R][:budget=B][:mode=M][:estimator=E]``, e.g.
     ``explicit:triton:blocks:budget=0.5``: ``HOW`` = eager | compile | blocks, ``R`` =
-    ``network.recompute``, ``B`` = ``network.compile_memory_budget``."""
+    ``network.recompute``, ``B`` = ``network.compile_memory_budget``, ``M`` the torch.compile mode,
+    ``E`` how the partitioner estimates the cost of recomputing an op under a budget below 1
+    (:func:`set_recompute_estimator`; a bench-only experiment, not a config key)."""
 
     jvp_mode: str
     attention: str
@@ -73,16 +77,19 @@ class Variant:
     recompute: str = "none"
     budget: float = 1.0
     mode: str | None = None  # torch.compile mode, e.g. reduce-overhead (CUDA graphs) or max-autotune-no-cudagraphs
+    estimator: str = "flops"  # the partitioner's recompute-cost estimate: flops (PyTorch's default) or profile
 
     @classmethod
     def parse(cls, text: str, recompute: str = "none") -> "Variant":
         fields = text.split(":")
         options = dict(f.split("=", 1) for f in fields[2:] if "=" in f)
         how = next((f for f in fields[2:] if "=" not in f), "eager")
-        unknown = set(options) - {"recompute", "budget", "mode"}
-        if len(fields) < 2 or unknown or how not in ("eager", "compile", "blocks"):
+        unknown = set(options) - {"recompute", "budget", "mode", "estimator"}
+        estimator = options.get("estimator", "flops")
+        if len(fields) < 2 or unknown or how not in ("eager", "compile", "blocks") or estimator not in ESTIMATORS:
             raise SystemExit(
                 f"bad variant {text!r}: JVPMODE:ATTENTION[:eager|compile|blocks][:recompute=R][:budget=B][:mode=M]"
+                f"[:estimator={'|'.join(ESTIMATORS)}]"
             )
         return cls(
             fields[0],
@@ -91,6 +98,7 @@ class Variant:
             options.get("recompute", recompute),
             float(options.get("budget", 1.0)),
             options.get("mode"),
+            estimator,
         )
 
 
@@ -302,10 +310,33 @@ def check_variants(
     return out
 
 
-def prepare(state: RunState, kind: str, how: str, budget: float = 1.0, mode: str | None = None):
+ESTIMATORS = ("flops", "profile")
+COMPILE_CACHES = (functorch_config.enable_autograd_cache, inductor_config.fx_graph_cache)  # as PyTorch set them
+
+
+def set_recompute_estimator(estimator: str) -> None:
+    """How the partitioner prices recomputing an op when a memory budget below 1 makes it choose
+    (``torch._functorch.config.activation_memory_budget_runtime_estimator``): ``flops`` (PyTorch's
+    default: FLOP count, so every pointwise or normalisation op costs the same, nothing) or
+    ``profile`` (each candidate op timed alone on the GPU at compile time, so memory-bound ops are
+    priced by the bytes they move). Values and gradients are the same either way; only which
+    activations are saved and which recomputed changes. The setting is not part of PyTorch's
+    compile-cache keys, so the caches are off for ``profile`` (a cached ``flops`` partition would
+    be reused otherwise) and on again for ``flops``."""
+    functorch_config.activation_memory_budget_runtime_estimator = estimator
+    caches_on = estimator == "flops"
+    functorch_config.enable_autograd_cache = caches_on and COMPILE_CACHES[0]
+    inductor_config.fx_graph_cache = caches_on and COMPILE_CACHES[1]
+
+
+def prepare(
+    state: RunState, kind: str, how: str, budget: float = 1.0, mode: str | None = None, estimator: str = "flops"
+):
     """The network to call for ``how`` = eager | compile | blocks (see :func:`measure`), its
-    compiled graphs keeping ``budget`` of their activations for the backward, compiled in ``mode``."""
+    compiled graphs keeping ``budget`` of their activations for the backward (choosing what to
+    recompute by ``estimator``), compiled in ``mode``."""
     set_activation_memory_budget(budget)
+    set_recompute_estimator(estimator)
     options = compile_options(mode or "default")
     if how == "compile" and kind == "tvm":
         return compile_model(state.net, **options)
@@ -322,7 +353,7 @@ def tvm_state(cfg, resolution: int, variant: str, recompute: str) -> tuple[RunSt
     """The run state of a TVM step variant (text, see :class:`Variant`) and the network to call."""
     parsed = Variant.parse(variant, recompute)
     state = build_state(cfg, resolution, parsed)
-    return state, prepare(state, "tvm", parsed.how, parsed.budget, parsed.mode)
+    return state, prepare(state, "tvm", parsed.how, parsed.budget, parsed.mode, parsed.estimator)
 
 
 def measure(kind: str, variant: str, cfg, R: int, x: torch.Tensor, labels: torch.Tensor, args) -> list[tuple]:
