@@ -57,8 +57,8 @@ launch-ab) # the attention launch plans on, then off, in one process (issue 16 i
     step --ab-fast-launch "$default" --variants '' --check '' --plain '' ;;
 plain) # flow-matching step and 1-step generation (batch 256)
     step --variants '' --check '' --plain fm:blocks,fm:eager,gen:compile,gen:blocks ;;
-gen-autotune) # 1-step generation with autotuned GEMM templates (scripts/generate.py --compile max-autotune-no-cudagraphs)
-    step --variants "" --check "" --plain gen:compile,gen:compile:mode=max-autotune-no-cudagraphs ;;
+gen-autotune) # 1-step generation compiled, and with autotuned GEMM templates (generate.py --compile max-autotune-no-cudagraphs)
+    step --variants '' --check '' --plain gen:compile,gen:compile:mode=max-autotune-no-cudagraphs ;;
 512) # 512 px, per-GPU batch 8
     step --resolution 512 --batch 8 --variants "$default" --check '' --plain '' ;;
 coldstart) # seconds to the first finished step of `bash train.sh 1 im256_w2.yaml`: cold, run-dir cache, local cache
