@@ -445,6 +445,11 @@ def ab_fast_launch(variant: str, cfg, R: int, x: torch.Tensor, labels: torch.Ten
     ]
 
 
+def checked_variants(check: str | None, timed: list[str]) -> list[str]:
+    """The variants ``--check`` names (comma-separated; '' none), or with None every timed TVM variant."""
+    return list(dict.fromkeys(timed if check is None else [v for v in check.split(",") if v]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resolution", type=int, default=256, help="image resolution (256 or 512)")
@@ -489,8 +494,11 @@ def main() -> None:
         help="also time VARIANT (default %(const)s) with the attention launch plans on and off, alternating",
     )
     args = parser.parse_args()
-    if args.ab_fast_launch is not None:
-        Variant.parse(args.ab_fast_launch)  # a bad variant fails before any GPU work
+    variants = [v for v in args.variants.split(",") if v]
+    timed = variants + ([args.ab_fast_launch] if args.ab_fast_launch is not None else [])
+    checked = checked_variants(args.check, timed)
+    for v in dict.fromkeys(timed + checked):
+        Variant.parse(v)  # a bad variant fails before any GPU work
 
     # Every shape gets its own static graph, as in training (fixed per-GPU batch): otherwise the
     # check's batch-4 compile makes Dynamo recompile the timed batch with a dynamic batch size,
@@ -504,11 +512,6 @@ def main() -> None:
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; config {config}, latent {R}x{R}, "
         f"batch {args.batch}, recompute {args.recompute}"
     )
-    variants = [v for v in args.variants.split(",") if v]
-    timed = variants + ([args.ab_fast_launch] if args.ab_fast_launch is not None else [])
-    checked = list(dict.fromkeys(timed if args.check is None else [v for v in args.check.split(",") if v]))
-    for v in checked:
-        Variant.parse(v)  # a bad variant fails before any GPU work
     if checked:
         for variant, diff in check_variants(cfg, R, checked, args.recompute).items():
             print(f"# check (bf16, batch 4) {variant} vs autograd:math: {diff}", flush=True)
