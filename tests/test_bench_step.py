@@ -1,0 +1,44 @@
+"""bench/step.py's command line: variants, what it checks, and refusals before any GPU work (the rows
+themselves need a GPU: docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def test_step_benchmark_parses_the_launch_plan_ab(monkeypatch):
+    """bench/step.py --ab-fast-launch: the default variant is the configs' training step; a bad
+    variant fails before any GPU work (the A/B itself needs a GPU)."""
+    from bench.step import AB_DEFAULT_VARIANT, Variant, main
+
+    assert Variant.parse(AB_DEFAULT_VARIANT) == Variant("explicit", "triton", "blocks", "none", 0.7)
+    monkeypatch.setattr("sys.argv", ["step.py", "--ab-fast-launch", "explicit"])
+    with pytest.raises(SystemExit, match="bad variant 'explicit'"):
+        main()
+
+
+def test_step_benchmark_variants_and_checks(monkeypatch):
+    """bench/step.py: ``--check`` lists the variants to check (default: the timed ones), also ones
+    not timed; the ``estimator`` option; bad variants anywhere fail before any GPU work."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    from bench.step import COMPILE_CACHES, Variant, checked_variants, main, set_recompute_estimator
+
+    assert checked_variants(None, ["a", "b", "a"]) == ["a", "b"]
+    assert checked_variants("", ["a"]) == []
+    assert checked_variants("c,a", ["a"]) == ["c", "a"]  # before 2026-12-06 only timed ones: ["a"]
+    assert Variant.parse("explicit:triton:blocks:budget=0.7:estimator=profile").estimator == "profile"
+    assert Variant.parse("explicit:triton:blocks").estimator == "flops"
+    try:
+        set_recompute_estimator("profile")
+        assert functorch_config.activation_memory_budget_runtime_estimator == "profile"
+        assert not functorch_config.enable_autograd_cache and not inductor_config.fx_graph_cache
+    finally:
+        set_recompute_estimator("flops")
+    assert functorch_config.activation_memory_budget_runtime_estimator == "flops"
+    assert (functorch_config.enable_autograd_cache, inductor_config.fx_graph_cache) == COMPILE_CACHES
+    for argv in (["--check", "explicit:triton:estimator=time"], ["--variants", "explicit:triton:what=1"]):
+        monkeypatch.setattr("sys.argv", ["step.py", *argv])
+        with pytest.raises(SystemExit, match="bad variant"):
+            main()
