@@ -11,7 +11,8 @@ def test_step_benchmark_parses_the_launch_plan_ab(monkeypatch):
     variant fails before any GPU work (the A/B itself needs a GPU)."""
     from bench.step import AB_DEFAULT_VARIANT, Variant, main
 
-    assert Variant.parse(AB_DEFAULT_VARIANT) == Variant("explicit", "triton", "blocks", "none", 0.7)
+    configs_step = Variant("explicit", "triton", "blocks", "none", 0.7, split=True, fm_budget=1.0)
+    assert Variant.parse(AB_DEFAULT_VARIANT) == configs_step
     monkeypatch.setattr("sys.argv", ["step.py", "--ab-fast-launch", "explicit"])
     with pytest.raises(SystemExit, match="bad variant 'explicit'"):
         main()
@@ -42,3 +43,21 @@ def test_step_benchmark_variants_and_checks(monkeypatch):
         monkeypatch.setattr("sys.argv", ["step.py", *argv])
         with pytest.raises(SystemExit, match="bad variant"):
             main()
+
+
+def test_step_benchmark_split_and_rounds_options(monkeypatch):
+    """bench/step.py's ``split``, ``fm_budget`` and ``rounds`` options (training.split_backward,
+    network.compile_memory_budget_fm, accumulation rounds), refused before any GPU work when malformed."""
+    from bench.step import Variant, main
+
+    plan = Variant.parse("explicit:triton:blocks:budget=0.7:split=1:fm_budget=1.0:rounds=2")
+    assert (plan.split, plan.fm_budget, plan.rounds, plan.budget) == (True, 1.0, 2, 0.7)
+    assert Variant.parse("explicit:triton:blocks") == Variant("explicit", "triton", "blocks")
+    assert (Variant.parse("explicit:triton").split, Variant.parse("explicit:triton").rounds) == (False, 1)
+    for bad in ("split=2", "fm_budget=1.0", "rounds=0", "rounds=two"):
+        monkeypatch.setattr("sys.argv", ["step.py", "--variants", f"explicit:triton:blocks:{bad}"])
+        with pytest.raises(SystemExit, match="bad variant"):
+            main()
+    monkeypatch.setattr("sys.argv", ["step.py", "--batch", "32", "--variants", "explicit:triton:blocks:rounds=3"])
+    with pytest.raises(SystemExit, match="rounds do not divide the batch 32"):
+        main()

@@ -82,6 +82,11 @@ def test_unknown_keys_are_errors_that_name_the_key():
         ("training.kimg_per_tick=0", "training.kimg_per_tick=0.0 is not allowed: it must be > 0"),
         ("eval.batch_size=0", "eval.batch_size=0 is not allowed: it must be > 0"),
         ("dataloader.num_workers=-1", "dataloader.num_workers=-1 is not allowed: it must be >= 0"),
+        ("network.compile_memory_budget=1.5", "network.compile_memory_budget=1.5 is not allowed: it must be in [0, 1]"),
+        (
+            "network.compile_memory_budget_fm=-0.1",
+            "network.compile_memory_budget_fm=-0.1 is not allowed: it must be in [0, 1]",
+        ),
     ],
 )
 def test_validate_config_names_the_key(override, message):

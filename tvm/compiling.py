@@ -23,6 +23,7 @@ run directory's other contents are (a run only loads the cache it wrote itself).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -65,6 +66,19 @@ def set_activation_memory_budget(budget: float) -> None:
     import torch._functorch.config as functorch_config
 
     functorch_config.activation_memory_budget = float(budget)
+
+
+def memory_budget_scope(budget: float | None) -> contextlib.AbstractContextManager:
+    """Graphs compiled inside this context keep ``budget`` of their activations
+    (:func:`set_activation_memory_budget`); None keeps the process-wide setting. Graphs compiled
+    earlier keep theirs: the budget is read when a graph is compiled (its first call)."""
+    if budget is None:
+        return contextlib.nullcontext()
+    if not 0.0 <= budget <= 1.0:
+        raise ValueError(f"network.compile_memory_budget_fm must be in [0, 1], got {budget}")
+    import torch._functorch.config as functorch_config
+
+    return functorch_config.patch(activation_memory_budget=float(budget))
 
 
 # torch.compile modes that run the compiled graphs as CUDA graphs, each with its equivalent without them.

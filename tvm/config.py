@@ -141,6 +141,9 @@ class NetworkConfig:
     # blocks: each DiT block, regional (fast to compile) | full: the whole loss forward
     compile_scope: CompileScope = CompileScope.blocks
     compile_memory_budget: float = 1.0  # share of activations kept for the backward (1: default; less recomputes)
+    # the same for the flow-matching term's graphs (null: compile_memory_budget); only with training.split_backward,
+    # without which that term has no graphs of its own
+    compile_memory_budget_fm: Optional[float] = None
     # torch.compile mode; reduce-overhead = CUDA graphs (no per-kernel launch cost); max-autotune = autotuned
     # GEMM templates with fused epilogues (minutes of compilation) + CUDA graphs; …-no-cudagraphs without graphs
     compile_mode: CompileMode = CompileMode.default
@@ -191,6 +194,8 @@ class TrainingConfig:
     ema_target_beta: Optional[float] = 0.99  # teacher EMA; null = the online network is its own teacher
     batch_size: int = 2048  # global batch (images per optimizer step)
     batch_gpu: Optional[int] = None  # per-GPU micro-batch (images); below batch/world → gradient accumulation
+    # backward of each loss term on its own (terminal, then flow matching): same gradient, lower peak memory
+    split_backward: bool = False
     cudnn_benchmark: bool = True
     enable_tf32: bool = False
     snapshot_ticks: int = 500  # permanent checkpoints every this many ticks
@@ -382,3 +387,7 @@ def validate_config(cfg: DictConfig) -> None:
         )
     if cfg.training.resume and cfg.training.transfer:
         raise ValueError("training.resume and training.transfer are mutually exclusive")
+    for key in ("network.compile_memory_budget", "network.compile_memory_budget_fm"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not 0 <= value <= 1:
+            raise ValueError(f"{key}={value} is not allowed: it must be in [0, 1]")

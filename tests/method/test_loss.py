@@ -5,10 +5,11 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
+import pytest
 import torch
 
 from helpers import one_hot, tiny_wrapper, undropped_draws
-from tvm.method.objective import apply_label_dropout, tvm_loss
+from tvm.method.objective import apply_label_dropout, flow_matching_term, terminal_term, tvm_loss
 from tvm.method.times import StepDraws
 from tvm.models.dit import FlowMapInput
 
@@ -164,3 +165,35 @@ def test_wrapper_forward_applies_the_draws_label_dropout():
     )
     torch.testing.assert_close(out["loss"], ref["loss"])
     assert torch.equal(labels, one_hot([3, 4, 5]))
+
+
+def test_the_two_terms_computed_apart_equal_the_whole_objective():
+    """terminal_term + flow_matching_term (and the wrapper's phases) give tvm_loss's values bit for bit,
+    with label dropout applied once for both terms."""
+    net = tiny_wrapper()
+    teacher = copy.deepcopy(tiny_wrapper(perturb=True)).eval()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.mul_(0.9)
+    gen = torch.Generator().manual_seed(5)
+    n = 4
+    draws = StepDraws(
+        t=0.3 + 0.7 * torch.rand(n, 1, 1, 1, generator=gen, dtype=D64),
+        s=0.2 * torch.rand(n, 1, 1, 1, generator=gen, dtype=D64),
+        s_prime=torch.rand(n, 1, 1, 1, generator=gen, dtype=D64),
+        beta=torch.tensor([0.5, 0.25, 1.0, 0.5], dtype=D64).view(n, 1, 1, 1),
+        noise=torch.randn(n, 2, 8, 8, generator=gen, dtype=D64),
+        drop=torch.tensor([False, True, False, False]),
+    )
+    x, labels = torch.randn(n, 2, 8, 8, generator=gen, dtype=D64), one_hot([1, 2, 3, 4])
+    whole = net(x, labels, draws, teacher)
+    apart = net(x, labels, draws, teacher, phase="terminal")
+    target = apart["fm_target"]
+    assert not any(v.requires_grad for v in (target.v_hat, target.w, target.beta, *target.inputs[:2]))
+    assert torch.equal(target.inputs.labels[1], torch.zeros(10, dtype=D64)) and target.beta[1].item() == 1.0
+    fm = net(target, phase="fm")["fm"]
+    assert torch.equal(apart["terminal"], whole["terminal"]) and torch.equal(fm, whole["fm"])
+    assert torch.equal(flow_matching_term(net, target), fm)
+    assert torch.equal(terminal_term(net, teacher, x, labels, draws)[0], whole["terminal"])
+    with pytest.raises(ValueError, match="unknown phase 'both'"):
+        net(x, labels, draws, teacher, phase="both")

@@ -50,7 +50,10 @@ def _rank(rank: int, run_dir: Path, out_dir: Path, inject: dict[int, str]) -> No
     real_forward, real_apply = loop.TVMWrapper.forward, loop.apply_update
     captured: dict[str, Any] = {}
 
-    def forward(self, x, labels, draws, teacher):
+    def forward(self, *inputs, phase="loss"):
+        if phase == "fm":  # the flow-matching term of a split backward: its inputs come from the first phase
+            return real_forward(self, *inputs, phase=phase)
+        x, labels, draws, teacher = inputs
         kind = inject.get(step) if rank == 1 else None
         if kind in ("nan-batch", "inf-batch"):
             x = x.clone()
@@ -59,7 +62,7 @@ def _rank(rank: int, run_dir: Path, out_dir: Path, inject: dict[int, str]) -> No
             value = float("nan") if kind == "nan-grad" else float("inf")
             weight = self.model.final_layer.linear.weight  # runs before DDP's all-reduce of this gradient
             hooks.append(weight.register_hook(lambda grad: torch.full_like(grad, value)))
-        return real_forward(self, x, labels, draws, teacher)
+        return real_forward(self, x, labels, draws, teacher, phase=phase)
 
     def apply_update(state, *args, **kwargs):
         nonlocal step

@@ -52,9 +52,19 @@ def test_run_writes_checkpoints_and_stats(tmp_path):
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "log.txt").is_file()
 
 
-def test_gradient_accumulation_equals_the_full_batch(tmp_path):
-    run(quick_config(tmp_path / "full", "training.total_ticks=2"))
-    run(quick_config(tmp_path / "accum", "training.total_ticks=2", "training.batch_gpu=4"))
+@pytest.mark.parametrize("split_backward", [True, False])
+def test_gradient_accumulation_equals_the_full_batch(tmp_path, split_backward):
+    """4 micro-batches equal one batch, with each loss term's backward on its own (the configs' setting)
+    in the accumulated run or in the full-batch run (one backward of the sum, as upstream)."""
+    run(quick_config(tmp_path / "full", "training.total_ticks=2", f"training.split_backward={not split_backward}"))
+    run(
+        quick_config(
+            tmp_path / "accum",
+            "training.total_ticks=2",
+            "training.batch_gpu=4",
+            f"training.split_backward={split_backward}",
+        )
+    )
     full, accum = final_checkpoint(tmp_path / "full"), final_checkpoint(tmp_path / "accum")
     # Summing 4 micro-batch gradients rounds differently from one batch; AdamW divides by √v + ε,
     # which magnifies that for parameters whose gradients are near ε (the zero-initialised adaLN
@@ -136,8 +146,11 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypa
 
     real = loop.TVMWrapper.forward
 
-    def poisoned(self, x, labels, draws, teacher):
-        return real(self, x * float("nan"), labels, draws, teacher)
+    def poisoned(self, *inputs, phase="loss"):
+        if phase == "fm":  # the split backward's second phase: poisoned through its target already
+            return real(self, *inputs, phase=phase)
+        x, labels, draws, teacher = inputs
+        return real(self, x * float("nan"), labels, draws, teacher, phase=phase)
 
     monkeypatch.setattr(loop.TVMWrapper, "forward", poisoned)
     with pytest.raises(NonFiniteLossError, match="consecutive steps had non-finite"):
@@ -213,8 +226,9 @@ def torchrun(nproc: int, run_dir: Path, *extra: str) -> subprocess.CompletedProc
 
 @pytest.mark.slow
 def test_two_process_ddp_equals_one_process(tmp_path):
-    for n in (1, 2):
-        proc = torchrun(n, tmp_path / f"w{n}", "training.total_ticks=2", "optimizer.lr=1e-4")
+    for n in (1, 2):  # one backward of the sum on one process; each term's own (the default) on two
+        split = f"training.split_backward={n == 2}"
+        proc = torchrun(n, tmp_path / f"w{n}", "training.total_ticks=2", "optimizer.lr=1e-4", split)
         assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = final_checkpoint(tmp_path / "w1"), final_checkpoint(tmp_path / "w2")
     # Sums in another order differ by fp32 rounding, which Adam's normalisation amplifies for

@@ -27,13 +27,18 @@ Every operation is in upstream's order, so fp32 results agree with it bit for bi
 Non-finite values are returned as they are: the training loop counts them and applies its policy
 (upstream zeroed NaN losses silently).
 
+Steps 1–6 are :func:`terminal_term` and step 7's term :func:`flow_matching_term`, so that a step can
+run the backward of each term on its own (``training.split_backward``: the activations of the two
+online-network passes are then never held together); :func:`tvm_loss` is both.
+
 The network (:class:`~tvm.method.wrapper.TVMWrapper`) holds the weights and the precision; its
-``forward`` is :func:`tvm_loss`, so that under DDP the whole objective runs inside the wrapped forward.
+``forward`` is :func:`tvm_loss` (or one term, by ``phase``), so that under DDP the objective runs inside
+the wrapped forward.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -134,18 +139,27 @@ def mean_chw(v: torch.Tensor) -> torch.Tensor:
 # The objective, steps 1–8 -------------------------------------------------------------------------
 
 
-def tvm_loss(
+class FlowMatchingTarget(NamedTuple):
+    """What the flow-matching term (step 7) needs from the rest of the objective, none of it with a
+    gradient: the online network's inputs ``(x_{s'}, s', 0, c, β)`` and the guided target ``v̂``
+    (paper Eq. 14), with ``w = 1/β`` and β (after label dropout), each ``[B, 1, 1, 1]``."""
+
+    inputs: FlowMapInput
+    v_hat: torch.Tensor
+    w: torch.Tensor
+    beta: torch.Tensor
+
+
+def terminal_term(
     net: TVMWrapper, teacher: TVMWrapper, x: torch.Tensor, labels: torch.Tensor | None, draws: StepDraws
-) -> dict[str, torch.Tensor]:
-    """Per-sample terminal-velocity and flow-matching terms for a batch (module docstring).
+) -> tuple[torch.Tensor, FlowMatchingTarget]:
+    """Steps 1–6: the per-sample terminal-velocity term ``[B]`` (gradients flow through the online
+    network's JVP) and the flow-matching target, which the one teacher call of batch 2B also gives.
 
     Args:
-        net: the online network (gradients flow through it).
-        teacher: the target EMA (called without gradient, in eval mode).
+        net: the online network; teacher: the target EMA (called without gradient, in eval mode).
         x: encoded data ``[B, C, R, R]`` (fp32); labels: one-hot ``[B, K]`` or None.
         draws: this batch's rows of the step's draws (times and β ``[B, 1, 1, 1]``, β before dropout).
-    Returns:
-        ``{"terminal": [B], "fm": [B], "loss": [B]}`` (loss = terminal + fm), in x's dtype.
     """
     # 1. Label dropout.
     labels, beta = apply_label_dropout(labels, draws.beta, draws.drop)
@@ -177,19 +191,37 @@ def tvm_loss(
             )
         )
         F_T1, F_T0 = F_T.chunk(2)
-
-    # The online velocity at (x_{s'}, s'), for the flow-matching term. Velocities are κ·F (gap 0);
-    # F_T0 is never scaled (its β is 1).
-    F_on = net.velocity(FlowMapInput(x_sp, s_prime, zero_gap, labels, beta))
+    # Velocities are κ·F (gap 0); F_T0 is never scaled (its β is 1).
     if net.do_scale_param:
         F_T1 = F_T1 * w
-        F_on = F_on * w
 
     # 6. Terminal-velocity term (paper Eq. 12), zeroed (NaN-preserving) where s ≈ t.
     terminal = mean_chw(((dfds - F_T1) * beta) ** 2)
     terminal = torch.where(torch.isclose(s, t).flatten(), terminal * 0, terminal)
-    # 7. Guided flow-matching target (paper Eq. 14) with the unscaled w, and the FM term.
+    # 7. Guided flow-matching target (paper Eq. 14) with the unscaled w.
     v_hat = w * (noise - x) + (1 - w) * F_T0
-    fm = mean_chw(((F_on - v_hat) * beta) ** 2)
+    return terminal, FlowMatchingTarget(FlowMapInput(x_sp, s_prime, zero_gap, labels, beta), v_hat, w, beta)
+
+
+def flow_matching_term(net: TVMWrapper, target: FlowMatchingTarget) -> torch.Tensor:
+    """Step 7's term ``‖u_θ(x_{s'}, s', c, w) − v̂‖²`` weighted by β (step 8), per sample ``[B]``:
+    the online velocity at ``(x_{s'}, s')``, κ·F under the scaled parametrisation."""
+    F_on = net.velocity(target.inputs)
+    if net.do_scale_param:
+        F_on = F_on * target.w
+    return mean_chw(((F_on - target.v_hat) * target.beta) ** 2)
+
+
+def tvm_loss(
+    net: TVMWrapper, teacher: TVMWrapper, x: torch.Tensor, labels: torch.Tensor | None, draws: StepDraws
+) -> dict[str, torch.Tensor]:
+    """Per-sample terminal-velocity and flow-matching terms for a batch (module docstring; arguments
+    as :func:`terminal_term`).
+
+    Returns:
+        ``{"terminal": [B], "fm": [B], "loss": [B]}`` (loss = terminal + fm), in x's dtype.
+    """
+    terminal, target = terminal_term(net, teacher, x, labels, draws)
+    fm = flow_matching_term(net, target)
     # 8. Total (paper Eq. 15); the 1/w² weight is the β inside both squares.
     return {"terminal": terminal, "fm": fm, "loss": terminal + fm}

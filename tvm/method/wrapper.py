@@ -2,10 +2,10 @@
 
 ``TVMWrapper`` holds the DiT as ``self.model``, so its state dict has the authors' keys
 (``model.blocks.0.attn.qkv.weight`` …, docs/method.md §9.3). Its ``forward`` is the per-sample loss
-(:func:`tvm.method.objective.tvm_loss`), so that under DDP the JVP, the teacher call and both
-terms run inside the DDP-wrapped forward (docs/method.md §5.1 item 13). The objective's options given
-with the network in the config (``do_scale_param``, ``detach_jvp``, ``jvp_mode``) are stored here
-and read by the objective and the sampler.
+(:func:`tvm.method.objective.tvm_loss`) or one of its terms (``phase``), so that under DDP the JVP,
+the teacher call and both terms run inside the DDP-wrapped forward (docs/method.md §5.1 item 13).
+The objective's options given with the network in the config (``do_scale_param``, ``detach_jvp``,
+``jvp_mode``) are stored here and read by the objective and the sampler.
 
 Precision (docs/method.md §3.9): ``data_type="bf16"`` (or ``"fp16"``) runs every network call under
 CUDA autocast; ``"fp32"`` disables it. On a CPU the wrapper always computes in fp32. Inputs are
@@ -16,13 +16,13 @@ cast to the parameters' dtype (fp32) before the network and outputs to the time 
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from tvm.method.objective import tvm_loss
-from tvm.method.times import StepDraws
+from tvm.method.objective import flow_matching_term, terminal_term, tvm_loss
 from tvm.models.attention import BACKENDS
 from tvm.models.dit import DiT, FlowMapInput
 
@@ -145,9 +145,25 @@ class TVMWrapper(nn.Module):
         """The parameters' dtype, to which the network inputs are cast."""
         return self.model.pos_embed.dtype
 
-    def forward(
-        self, x: torch.Tensor, labels: torch.Tensor | None, draws: StepDraws, teacher: "TVMWrapper"
-    ) -> dict[str, torch.Tensor]:
-        """The per-sample loss terms :func:`tvm.method.objective.tvm_loss` (label dropout from
-        ``draws``; ``teacher`` is the target EMA): ``{"terminal", "fm", "loss"}``, each ``[B]``."""
-        return tvm_loss(self, teacher, x, labels, draws)
+    def forward(self, *inputs: Any, phase: str = "loss") -> dict[str, Any]:
+        """The objective (:mod:`tvm.method.objective`), whole or one term at a time:
+
+        * ``phase="loss"``, inputs ``(x, labels, draws, teacher)``: :func:`~tvm.method.objective.tvm_loss`,
+          ``{"terminal", "fm", "loss"}``, each ``[B]`` (label dropout from ``draws``; ``teacher`` is the
+          target EMA);
+        * ``"terminal"``, the same inputs: ``{"terminal": [B], "fm_target": FlowMatchingTarget}``
+          (:func:`~tvm.method.objective.terminal_term`);
+        * ``"fm"``, input ``(fm_target,)``: ``{"fm": [B]}`` (:func:`~tvm.method.objective.flow_matching_term`).
+
+        Every phase is a forward of this module, so that DDP and FSDP2 see each of them.
+        """
+        if phase == "fm":
+            (target,) = inputs
+            return {"fm": flow_matching_term(self, target)}
+        if phase not in ("loss", "terminal"):
+            raise ValueError(f"unknown phase {phase!r}; allowed: loss, terminal, fm")
+        x, labels, draws, teacher = inputs
+        if phase == "loss":
+            return tvm_loss(self, teacher, x, labels, draws)
+        terminal, target = terminal_term(self, teacher, x, labels, draws)
+        return {"terminal": terminal, "fm_target": target}

@@ -7,6 +7,9 @@ tvm/train/sharding.py.
 What differs from upstream, on purpose (docs/method.md §11):
 
 * real gradient accumulation (``batch_gpu`` < batch/world gives the full-batch gradient);
+* each loss term's backward on its own where ``training.split_backward`` is set (the shipped configs;
+  upstream runs one backward of the sum): the same gradient to fp32 rounding, a lower peak memory
+  (:func:`tvm.train.update.loss_and_backward`);
 * each step's random draws are made for the global batch from a generator seeded by
   (seed, step) and every rank/round takes its positions, like the data sampler: the run does
   not depend on the number of GPUs or accumulation rounds, and resume is exact;
@@ -67,7 +70,16 @@ from tvm.train.state import (
     restore,
     save_checkpoint,
 )
-from tvm.train.update import Batching, NonFiniteCounter, apply_update, check_nonfinite, gradient_sync, step_flops, take
+from tvm.train.update import (
+    Batching,
+    NonFiniteCounter,
+    apply_update,
+    check_nonfinite,
+    gradient_sync,
+    loss_and_backward,
+    step_flops,
+    take,
+)
 
 
 def resolve_run_dir(cfg: DictConfig) -> Path:
@@ -214,13 +226,20 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
             labels = labels.to(device) if label_dim else None
             mine = take(draws, batching.positions(dist.rank, round_))
             last_round = round_ == batching.rounds - 1
-            with gradient_sync(ddp, sharded, dist.distributed, last_round):
-                terms = train_net(x, labels, mine, teacher if teacher is not None else net)
-                loss = terms["loss"]
-                nonfinite_loss = torch.maximum(nonfinite_loss, (~torch.isfinite(loss)).any().float())
-                (loss.sum() * (dist.world_size / batching.batch)).backward()
-            stats.report_binned("Loss/terminal_loss", terms["terminal"].detach(), mine.t.flatten())
-            stats.report_binned("Loss/fm_loss", terms["fm"].detach(), mine.t.flatten())
+            terms = loss_and_backward(
+                train_net,
+                teacher if teacher is not None else net,
+                x,
+                labels,
+                mine,
+                dist.world_size / batching.batch,
+                lambda last: gradient_sync(ddp, sharded, dist.distributed, last_round and last),
+                tcfg.split_backward,
+                ncfg.compile_memory_budget_fm if ncfg.compile else None,
+            )
+            nonfinite_loss = torch.maximum(nonfinite_loss, (~torch.isfinite(terms["loss"])).any().float())
+            stats.report_binned("Loss/terminal_loss", terms["terminal"], mine.t.flatten())
+            stats.report_binned("Loss/fm_loss", terms["fm"], mine.t.flatten())
         distributed.all_reduce_max_(nonfinite_loss)
         skip = apply_update(state, tcfg.max_grad_norm, tcfg.ema_beta, tcfg.ema_target_beta, nonfinite_loss, stats)
         nonfinite.record(skip)

@@ -9,12 +9,14 @@ once per tick (:func:`check_nonfinite`).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 import torch
 from omegaconf import DictConfig
 
+from tvm.compiling import memory_budget_scope
 from tvm.method.times import StepDraws
 from tvm.method.wrapper import TVMWrapper
 from tvm.runtime.stats import StatsCollector
@@ -98,6 +100,47 @@ def gradient_sync(
     if distributed and not sync:  # the module is DDP-wrapped
         return cast("DistributedDataParallel", module).no_sync()
     return contextlib.nullcontext()
+
+
+def loss_and_backward(
+    net: torch.nn.Module,
+    teacher: TVMWrapper,
+    x: torch.Tensor,
+    labels: torch.Tensor | None,
+    draws: StepDraws,
+    scale: float,
+    sync: Callable[[bool], contextlib.AbstractContextManager],
+    split: bool = False,
+    fm_budget: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """The forward and backward of one micro-batch: the gradient of ``scale × Σ_b loss_b`` is added to
+    the parameters' ``.grad``. Returns the detached per-sample terms ``{"terminal", "fm", "loss"}``.
+
+    ``net`` is the (DDP- or FSDP2-wrapped, maybe compiled) online :class:`TVMWrapper`; ``sync(last)``
+    is the gradient synchronisation of a backward, ``last`` telling whether it is this micro-batch's
+    last (:func:`gradient_sync` of the round, for instance).
+
+    * ``split=False`` (upstream): one forward of the whole objective, one backward of its sum.
+    * ``split=True`` (``training.split_backward``): the terminal-velocity term's forward (the
+      online network's JVP and the teacher) and its backward, without gradient sync, then the
+      flow-matching term's forward and backward. The same gradient, summed in another order (equal
+      to fp32 rounding); the activations of the two online passes are never held together, so the
+      peak is the larger of the two instead of their sum. The flow-matching graphs are compiled
+      keeping ``fm_budget`` of their activations (:func:`memory_budget_scope`; None: the run's budget).
+    """
+    if not split:
+        with sync(True):
+            terms = net(x, labels, draws, teacher)
+            (terms["loss"].sum() * scale).backward()
+        return {name: value.detach() for name, value in terms.items()}
+    with sync(False):
+        first = net(x, labels, draws, teacher, phase="terminal")
+        (first["terminal"].sum() * scale).backward()
+    with sync(True), memory_budget_scope(fm_budget):
+        fm = net(first["fm_target"], phase="fm")["fm"]
+        (fm.sum() * scale).backward()
+    terminal, fm = first["terminal"].detach(), fm.detach()
+    return {"terminal": terminal, "fm": fm, "loss": terminal + fm}
 
 
 def apply_update(
