@@ -5,7 +5,7 @@
 #
 #   bash bench/device_calls.sh PART
 #
-# PART: profile | full | full-check | full-graphs | autotune | autotune-check | rows | estimator | launch-ab | plain | gen-autotune | 512 | coldstart | fsdp2 | attention
+# PART: profile | full | full-check | full-graphs | autotune | autotune-check | rows | split | split-graphs | split-more | split-profile | split-order | estimator | launch-ab | plain | gen-autotune | 512 | coldstart | fsdp2 | attention
 #
 # Run from the repository root on the GPU machine. Wheels the machine lacks (hydra-core, omegaconf,
 # antlr4-python3-runtime) are installed from .whl/ when that folder exists (docs/benchmarks.md,
@@ -14,7 +14,7 @@
 # the call limit still returns what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: bash bench/device_calls.sh profile|full|full-check|full-graphs|autotune|autotune-check|rows|estimator|launch-ab|plain|gen-autotune|512|coldstart|fsdp2|attention}"
+part="${1:?usage: bash bench/device_calls.sh profile|full|full-check|full-graphs|autotune|autotune-check|rows|split|split-graphs|split-more|split-profile|split-order|estimator|launch-ab|plain|gen-autotune|512|coldstart|fsdp2|attention}"
 if [ -d .whl ] && ! python3 -c "import hydra" 2>/dev/null; then
     site="$(mktemp -d)"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
@@ -22,7 +22,8 @@ if [ -d .whl ] && ! python3 -c "import hydra" 2>/dev/null; then
 fi
 export PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 out="${OUT:-.}"
-default=explicit:triton:blocks:budget=0.7 # the configs' training step (im256_w2.yaml)
+default=explicit:triton:blocks:budget=0.7:split=1:fm_budget=1.0 # the configs' training step (im256_w2.yaml)
+joint=explicit:triton:blocks:budget=0.7 # the same with one backward of the sum (the configs' step until 2026-12-06)
 step() { python3 bench/step.py --steps 6 --warmup 3 "$@"; }
 
 case "$part" in
@@ -51,6 +52,22 @@ autotune-check) # the 'autotune' variant's check against torch.func.jvp (bf16, b
 rows) # the default step's check against torch.func.jvp, the launch-plan A/B on the default step, the compiled
     # flow-matching step and 1-step generation: the rows to re-measure on each machine start (Round 5)
     step --check "$default" --ab-fast-launch "$default" --variants '' --plain fm:blocks,gen:compile ;;
+split) # each loss term's backward on its own (training.split_backward), with the flow-matching graphs at budget 1, and
+    # as two micro-batches of 16 at budget 1 (no recomputation), after the one-backward step in the same process;
+    # the check runs the split path against torch.func.jvp
+    step --variants "$joint,$default,${joint/0.7/1.0}:rounds=2:split=1" --check "$default" --plain '' ;;
+split-graphs) # the same two steps with CUDA graphs per block, and the one-backward step at budget 1 (no recomputation)
+    step --variants "$joint:mode=reduce-overhead,$default:mode=reduce-overhead,${joint/0.7/1.0}" --check '' --plain '' ;;
+split-more) # two micro-batches of 16 at budget 1 with CUDA graphs; the split step with the recomputation priced by
+    # measured op time (estimator=profile)
+    step --variants "${joint/0.7/1.0}:rounds=2:split=1:mode=reduce-overhead,$default:estimator=profile" --check '' \
+        --plain '' ;;
+split-profile) # where the time of the split step goes; the compiled flow-matching step
+    step --profile "$default" --variants '' --check '' --plain fm:blocks ;;
+split-order) # the split and one-backward steps in the other order at 256 px, then in both orders at 512 px, batch 8
+    step --variants "$default,$joint" --check '' --plain ''
+    step --resolution 512 --batch 8 --variants "$joint,$default" --check '' --plain ''
+    step --resolution 512 --batch 8 --variants "$default,$joint" --check '' --plain '' ;;
 estimator) # what the budget recomputes, chosen by FLOP count (PyTorch's default) or by each op's measured time
     step --variants "$default,$default:estimator=profile" --check "$default:estimator=profile" --plain '' ;;
 launch-ab) # the attention launch plans on, then off, in one process (issue 16 item 5)

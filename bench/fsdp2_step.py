@@ -24,11 +24,12 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, from any working directory
-from step import Variant, batch, build_state, prepare, time_steps, tvm_step
+from step import AB_DEFAULT_VARIANT, Variant, batch, build_state, prepare, time_steps, tvm_step
 from tvm.config import compose_config
 from tvm.models.dit import count_parameters
 from tvm.runtime.build import build_network, build_optimizer
 from tvm.train.sharding import shard_run, state_memory_per_rank
+from tvm.train.update import gradient_sync
 
 
 def run(cfg, R: int, variant: Variant, sharded: bool, x, labels, args) -> tuple[list[float], float, float]:
@@ -37,9 +38,14 @@ def run(cfg, R: int, variant: Variant, sharded: bool, x, labels, args) -> tuple[
         shard_run(state.net, state.ema, state.teacher)
         state.optimizer = build_optimizer(cfg.optimizer, state.net.parameters(), "cuda")
     net = prepare(state, "tvm", variant.how, variant.budget, variant.mode)
+    sync = lambda last: gradient_sync(state.net, sharded, False, last)  # noqa: E731  (as the loop; one GPU: no DDP)
+
+    def step(i: int) -> torch.Tensor:
+        return tvm_step(state, cfg, x, labels, i, net, plan=variant, sync=sync)
+
     torch.cuda.reset_peak_memory_stats()
-    losses = [tvm_step(state, cfg, x, labels, step, net).mean().item() for step in range(args.steps)]
-    ms = statistics.median(time_steps(lambda i: tvm_step(state, cfg, x, labels, 100 + i, net), 1, args.steps))
+    losses = [step(i).mean().item() for i in range(args.steps)]
+    ms = statistics.median(time_steps(lambda i: step(100 + i), 1, args.steps))
     return losses, ms, torch.cuda.max_memory_allocated() / 2**30
 
 
@@ -47,7 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--variant", default="explicit:triton:blocks:budget=0.7")
+    parser.add_argument("--variant", default=AB_DEFAULT_VARIANT, help="a bench/step.py TVM variant (default: configs')")
     parser.add_argument("--model", default="DiT_XL_2_18h", help="network.model_type (DiT_B_2 for a quick check)")
     args = parser.parse_args()
     dist.init_process_group("nccl")

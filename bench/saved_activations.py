@@ -6,7 +6,8 @@
 Runs the loss forward (explicit-tangent JVP with math attention, teacher, flow-matching branch)
 in fp32 on the CPU with random weights and sums the sizes of the distinct storages autograd
 saves (saved-tensor hooks; parameters excluded, a storage saved twice counted once), and counts
-the FLOPs of the backward, recomputation included (``FlopCounterMode``, matrix products). Rows: eager per
+the FLOPs of the backward, recomputation included (``FlopCounterMode``, matrix products), and the
+bytes of each loss term's pass alone (what ``training.split_backward`` holds at a time). Rows: eager per
 ``network.recompute`` mode, then regionally compiled blocks (``network.compile_scope=blocks``)
 per ``network.compile_memory_budget``, partitioned as Inductor would partition them (backend
 ``aot_eager_decomp_partition``: the same decomposition and min-cut partitioner, no code
@@ -29,26 +30,55 @@ from tvm.method.wrapper import TVMWrapper
 from tvm.models.dit import DiT
 
 
-def saved_bytes_and_flops(net: TVMWrapper, teacher: TVMWrapper, batch: int, resolution: int) -> tuple[int, int]:
+def loss_inputs(batch: int, resolution: int) -> tuple:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 4, resolution, resolution, generator=gen)
     labels = torch.nn.functional.one_hot(torch.randint(0, 1000, (batch,), generator=gen), 1000).float()
-    draws = draw_step(gen, batch, tuple(x.shape[1:]), TimeSampling(), Guidance(cfg=2.0), "cpu")
-    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
-    storages: dict[int, int] = {}
+    return x, labels, draw_step(gen, batch, tuple(x.shape[1:]), TimeSampling(), Guidance(cfg=2.0), "cpu")
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+
+class SavedStorages:
+    """Bytes of the distinct non-parameter storages saved for the backward while active (a hook pair)."""
+
+    def __init__(self, net: TVMWrapper):
+        self.params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+        self.storages: dict[int, int] = {}
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            storages[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in self.params:
+            self.storages[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+
+def saved_bytes_and_flops(net: TVMWrapper, teacher: TVMWrapper, batch: int, resolution: int) -> tuple[int, int]:
+    x, labels, draws = loss_inputs(batch, resolution)
+    saved = SavedStorages(net)
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
         loss = net(x, labels, draws, teacher)["loss"].sum()
     with FlopCounterMode(display=False) as flops:  # not around the forward: Dynamo would not compile under it
         loss.backward()
     net.zero_grad(set_to_none=True)
-    return sum(storages.values()), flops.get_total_flops()
+    return saved.total, flops.get_total_flops()
+
+
+def saved_bytes_per_term(net: TVMWrapper, teacher: TVMWrapper, batch: int, resolution: int) -> tuple[int, int]:
+    """Saved bytes of the terminal-velocity term's pass (JVP, teacher) and of the flow-matching term's
+    pass, each counted alone (``training.split_backward`` holds one of them at a time)."""
+    x, labels, draws = loss_inputs(batch, resolution)
+    terminal, fm = SavedStorages(net), SavedStorages(net)
+    with torch.autograd.graph.saved_tensors_hooks(terminal.pack, lambda t: t):
+        first = net(x, labels, draws, teacher, phase="terminal")
+    first["terminal"].sum().backward()
+    with torch.autograd.graph.saved_tensors_hooks(fm.pack, lambda t: t):
+        second = net(first["fm_target"], phase="fm")["fm"]
+    second.sum().backward()
+    net.zero_grad(set_to_none=True)
+    return terminal.total, fm.total
 
 
 def main() -> None:
@@ -68,8 +98,11 @@ def main() -> None:
         for p in model.parameters():
             p.normal_(0, 0.02)
     teacher = TVMWrapper(copy.deepcopy(model), data_type="fp32").eval().requires_grad_(False)
-    print(f"| {args.variant}, latent {args.resolution}, batch {args.batch} | saved GiB | vs eager | backward GFLOP |")
-    print("|---|---|---|---|")
+    print(
+        f"| {args.variant}, latent {args.resolution}, batch {args.batch} | saved GiB | vs eager | backward GFLOP "
+        "| terminal term's pass GiB | flow-matching term's pass GiB |"
+    )
+    print("|---|---|---|---|---|---|")
     rows = [(f"eager, recompute={mode}", mode, None) for mode in ("none", "fm", "all")]
     rows += [
         (f"blocks compiled, budget={b:g}", "none", b)
@@ -84,8 +117,13 @@ def main() -> None:
             for m in (model, teacher.model):
                 m.compile_blocks(backend="aot_eager_decomp_partition")
         saved, flops = saved_bytes_and_flops(net, teacher, args.batch, args.resolution)
+        terminal, fm = saved_bytes_per_term(net, teacher, args.batch, args.resolution)
         base = base or saved
-        print(f"| {name} | {saved / 2**30:.3f} | {saved / base:.0%} | {flops / 1e9:.0f} |", flush=True)
+        print(
+            f"| {name} | {saved / 2**30:.3f} | {saved / base:.0%} | {flops / 1e9:.0f} | {terminal / 2**30:.3f} "
+            f"| {fm / 2**30:.3f} |",
+            flush=True,
+        )
     functorch_config.activation_memory_budget = 1.0
 
 

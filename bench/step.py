@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -57,7 +58,7 @@ from tvm.models.dit import FlowMapInput
 from tvm.runtime.build import build_network, build_optimizer, guidance, time_sampling
 from tvm.train.ema import make_ema
 from tvm.train.state import Progress, RunState
-from tvm.train.update import apply_update
+from tvm.train.update import Batching, apply_update, loss_and_backward, take
 
 
 STARTED = time.perf_counter()  # for the elapsed seconds printed after each row (a row cut by a call limit)
@@ -65,11 +66,13 @@ STARTED = time.perf_counter()  # for the elapsed seconds printed after each row 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """A TVM step variant ``JVPMODE:ATTENTION[:HOW][:recompute=R][:budget=B][:mode=M][:estimator=E]``, e.g.
-    ``explicit:triton:blocks:budget=0.5``: ``HOW`` = eager | compile | blocks, ``R`` =
-    ``network.recompute``, ``B`` = ``network.compile_memory_budget``, ``M`` the torch.compile mode,
-    ``E`` how the partitioner estimates the cost of recomputing an op under a budget below 1
-    (:func:`set_recompute_estimator`; a bench-only experiment, not a config key)."""
+    """A TVM step variant ``JVPMODE:ATTENTION[:HOW][:recompute=R][:budget=B][:mode=M][:estimator=E]
+    [:split=1][:fm_budget=F][:rounds=K]``, e.g. ``explicit:triton:blocks:budget=0.5``: ``HOW`` = eager |
+    compile | blocks, ``R`` = ``network.recompute``, ``B`` = ``network.compile_memory_budget``, ``M`` the
+    torch.compile mode, ``E`` how the partitioner estimates the cost of recomputing an op under a
+    budget below 1 (:func:`set_recompute_estimator`; a bench-only experiment, not a config key),
+    ``split=1`` = ``training.split_backward``, ``F`` = ``network.compile_memory_budget_fm``, ``K``
+    accumulation rounds (the batch in K micro-batches, as ``training.batch_gpu`` = batch / K)."""
 
     jvp_mode: str
     attention: str
@@ -78,18 +81,30 @@ class Variant:
     budget: float = 1.0
     mode: str | None = None  # torch.compile mode, e.g. reduce-overhead (CUDA graphs) or max-autotune-no-cudagraphs
     estimator: str = "flops"  # the partitioner's recompute-cost estimate: flops (PyTorch's default) or profile
+    split: bool = False  # training.split_backward: each loss term's backward on its own
+    fm_budget: float | None = None  # network.compile_memory_budget_fm (with split)
+    rounds: int = 1  # gradient accumulation rounds per step
 
     @classmethod
     def parse(cls, text: str, recompute: str = "none") -> "Variant":
         fields = text.split(":")
         options = dict(f.split("=", 1) for f in fields[2:] if "=" in f)
         how = next((f for f in fields[2:] if "=" not in f), "eager")
-        unknown = set(options) - {"recompute", "budget", "mode", "estimator"}
+        unknown = set(options) - {"recompute", "budget", "mode", "estimator", "split", "fm_budget", "rounds"}
         estimator = options.get("estimator", "flops")
-        if len(fields) < 2 or unknown or how not in ("eager", "compile", "blocks") or estimator not in ESTIMATORS:
+        if (
+            len(fields) < 2
+            or unknown
+            or how not in ("eager", "compile", "blocks")
+            or estimator not in ESTIMATORS
+            or options.get("split", "0") not in ("0", "1")
+            or ("fm_budget" in options and options.get("split") != "1")
+            or not options.get("rounds", "1").isdigit()
+            or int(options.get("rounds", "1")) < 1
+        ):
             raise SystemExit(
                 f"bad variant {text!r}: JVPMODE:ATTENTION[:eager|compile|blocks][:recompute=R][:budget=B][:mode=M]"
-                f"[:estimator={'|'.join(ESTIMATORS)}]"
+                f"[:estimator={'|'.join(ESTIMATORS)}][:split=0|1][:fm_budget=F (with split=1)][:rounds=K (>= 1)]"
             )
         return cls(
             fields[0],
@@ -99,7 +114,13 @@ class Variant:
             float(options.get("budget", 1.0)),
             options.get("mode"),
             estimator,
+            options.get("split") == "1",
+            float(options["fm_budget"]) if "fm_budget" in options else None,
+            int(options.get("rounds", 1)),
         )
+
+
+DEFAULT_PLAN = Variant("explicit", "triton")  # one round, one backward: how a step runs unless a variant says
 
 
 def build_state(cfg, resolution: int, variant: Variant = Variant("autograd", "math"), seed: int = 0) -> RunState:
@@ -123,27 +144,47 @@ def batch(n: int, resolution: int, seed: int):
     return x, labels
 
 
-def tvm_step(state: RunState, cfg, x, labels, step: int, net=None, events=None) -> torch.Tensor:
-    """One TVM step; ``events`` (4 CUDA events) are recorded before the loss forward, after it,
-    after the backward and after the update (:func:`phase_times`)."""
+def tvm_step(
+    state: RunState, cfg, x, labels, step: int, net=None, events=None, plan: Variant = DEFAULT_PLAN, sync=None
+) -> torch.Tensor:
+    """One TVM step as the training loop runs it (:func:`tvm.train.update.loss_and_backward`), in
+    ``plan.rounds`` micro-batches, each loss term's backward on its own with ``plan.split``;
+    ``sync(last)`` is a backward's gradient synchronisation (default: none, one plain process).
+    ``events`` (3 CUDA events) are recorded before the first forward, after the last backward and
+    after the update (:func:`phase_times`)."""
     record = (lambda i: events[i].record()) if events else (lambda i: None)
     torch.compiler.cudagraph_mark_step_begin()  # as the loop does (matters for compile mode reduce-overhead)
     gen = torch.Generator(device="cuda").manual_seed(step)
     draws = draw_step(gen, x.shape[0], tuple(x.shape[1:]), time_sampling(cfg.loss), guidance(cfg.loss), "cuda")
+    batching = Batching.from_config(x.shape[0], x.shape[0] // plan.rounds, 1)
+    parts = [(x, labels, draws)]
+    if batching.rounds > 1:
+        rows = [batching.positions(0, r).cuda() for r in range(batching.rounds)]
+        parts = [(x[i], labels[i], take(draws, i)) for i in rows]
     record(0)
-    loss = (state.net if net is None else net)(x, labels, draws, state.teacher)["loss"]
+    last_part = len(parts) - 1
+    losses = [
+        loss_and_backward(
+            state.net if net is None else net,
+            state.teacher,
+            *part,
+            1 / x.shape[0],
+            lambda last: contextlib.nullcontext() if sync is None else sync(last and i == last_part),
+            plan.split,
+            plan.fm_budget,
+        )["loss"]
+        for i, part in enumerate(parts)
+    ]
     record(1)
-    loss.mean().backward()
-    record(2)
     apply_update(
         state,
         cfg.training.max_grad_norm,
         cfg.training.ema_beta,
         cfg.training.ema_target_beta,
-        (~torch.isfinite(loss)).any().float(),
+        (~torch.isfinite(torch.cat(losses))).any().float(),
     )
-    record(3)
-    return loss.detach()
+    record(2)
+    return torch.cat(losses)
 
 
 def fm_step(state: RunState, cfg, x, labels, step: int, net=None) -> torch.Tensor:
@@ -227,16 +268,16 @@ def _busy_ms(intervals: list[tuple[float, float]]) -> float:
     return total / 1e3
 
 
-def phase_times(state: RunState, cfg, x, labels, net, warmup: int, steps: int) -> dict[str, float]:
+def phase_times(state: RunState, cfg, x, labels, net, warmup: int, steps: int, plan: Variant) -> dict[str, float]:
     """Median ms of the step's phases (CUDA events between them, no host syncs inside a step):
-    loss forward, backward, and the update (norm, AdamW, both EMAs)."""
+    loss forward and backward, and the update (norm, AdamW, both EMAs)."""
     phases = collections.defaultdict(list)
     for i in range(warmup + steps):
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
-        tvm_step(state, cfg, x, labels, i, net, events)
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        tvm_step(state, cfg, x, labels, i, net, events, plan)
         torch.cuda.synchronize()
         if i >= warmup:
-            for name, a, b in (("forward", 0, 1), ("backward", 1, 2), ("update", 2, 3)):
+            for name, a, b in (("forward + backward", 0, 1), ("update", 1, 2)):
                 phases[name].append(events[a].elapsed_time(events[b]))
     return {name: statistics.median(v) for name, v in phases.items()}
 
@@ -244,13 +285,15 @@ def phase_times(state: RunState, cfg, x, labels, net, warmup: int, steps: int) -
 def profile(cfg, R: int, variant: str, x, labels, args) -> None:
     """Where the time of one TVM step goes: kernel time by category (torch.profiler over
     ``args.steps`` steps, per step), the phases, and the host gap = step time − GPU busy time."""
-    state, net = tvm_state(cfg, R, variant, args.recompute)
-    wall = statistics.median(time_steps(lambda i: tvm_step(state, cfg, x, labels, i, net), args.warmup, args.steps))
-    phases = phase_times(state, cfg, x, labels, net, 1, args.steps)
+    state, net, plan = tvm_state(cfg, R, variant, args.recompute)
+    wall = statistics.median(
+        time_steps(lambda i: tvm_step(state, cfg, x, labels, i, net, plan=plan), args.warmup, args.steps)
+    )
+    phases = phase_times(state, cfg, x, labels, net, 1, args.steps, plan)
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         for i in range(args.steps):
-            tvm_step(state, cfg, x, labels, 100 + i, net)
+            tvm_step(state, cfg, x, labels, 100 + i, net, plan=plan)
         torch.cuda.synchronize()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
@@ -287,16 +330,17 @@ def grads_of(state: RunState) -> torch.Tensor:
 def check_variants(
     cfg, resolution: int, variants: list[str], recompute: str, n: int = 4
 ) -> dict[str, dict[str, float]]:
-    """Relative difference of loss and gradients of each variant vs autograd JVP with math attention."""
+    """Relative difference of loss and gradients of each variant vs autograd JVP with math attention
+    (one round of ``n`` images: a variant's ``rounds`` are not checked, its ``split`` is)."""
     x, labels = batch(n, resolution, 1)
 
     def loss_and_grads(variant: str) -> tuple[torch.Tensor, torch.Tensor]:
-        state, net = tvm_state(cfg, resolution, variant, recompute)
+        state, net, plan = tvm_state(cfg, resolution, variant, recompute)
         gen = torch.Generator(device="cuda").manual_seed(7)
         draws = draw_step(gen, n, tuple(x.shape[1:]), time_sampling(cfg.loss), guidance(cfg.loss), "cuda")
-        loss = net(x, labels, draws, state.teacher)["loss"]
-        loss.mean().backward()
-        return loss.detach(), grads_of(state)
+        no_sync = lambda last: contextlib.nullcontext()  # noqa: E731
+        loss = loss_and_backward(net, state.teacher, x, labels, draws, 1 / n, no_sync, plan.split, plan.fm_budget)
+        return loss["loss"], grads_of(state)
 
     l_ref, g_ref = loss_and_grads("autograd:math")
     out = {}
@@ -349,11 +393,12 @@ def prepare(
     return state.net
 
 
-def tvm_state(cfg, resolution: int, variant: str, recompute: str) -> tuple[RunState, torch.nn.Module]:
-    """The run state of a TVM step variant (text, see :class:`Variant`) and the network to call."""
+def tvm_state(cfg, resolution: int, variant: str, recompute: str) -> tuple[RunState, torch.nn.Module, Variant]:
+    """The run state of a TVM step variant (text, see :class:`Variant`), the network to call and the
+    parsed variant (how :func:`tvm_step` runs it)."""
     parsed = Variant.parse(variant, recompute)
     state = build_state(cfg, resolution, parsed)
-    return state, prepare(state, "tvm", parsed.how, parsed.budget, parsed.mode, parsed.estimator)
+    return state, prepare(state, "tvm", parsed.how, parsed.budget, parsed.mode, parsed.estimator), parsed
 
 
 def measure(kind: str, variant: str, cfg, R: int, x: torch.Tensor, labels: torch.Tensor, args) -> list[tuple]:
@@ -363,10 +408,11 @@ def measure(kind: str, variant: str, cfg, R: int, x: torch.Tensor, labels: torch
     whole DiT forward, or for ``tvm`` the whole loss forward) or ``blocks`` (regional: each DiT
     block compiled in place, online net, teacher and EMA).
     """
+    plan = DEFAULT_PLAN
     if kind == "tvm":
-        state, net = tvm_state(cfg, R, variant, args.recompute)
+        state, net, plan = tvm_state(cfg, R, variant, args.recompute)
     else:
-        state = build_state(cfg, R, Variant("explicit", "triton"))
+        state = build_state(cfg, R, DEFAULT_PLAN)
         how, _, mode = variant.partition(":mode=")
         net = prepare(state, kind, how, mode=mode or None)
     torch.cuda.reset_peak_memory_stats()
@@ -386,8 +432,10 @@ def measure(kind: str, variant: str, cfg, R: int, x: torch.Tensor, labels: torch
                     torch.cuda.max_memory_allocated() / 2**30,
                 )
             ]
-        step = tvm_step if kind == "tvm" else fm_step
-        times = time_steps(lambda i: step(state, cfg, x, labels, i, net), args.warmup, args.steps)
+        if kind == "tvm":
+            times = time_steps(lambda i: tvm_step(state, cfg, x, labels, i, net, plan=plan), args.warmup, args.steps)
+        else:
+            times = time_steps(lambda i: fm_step(state, cfg, x, labels, i, net), args.warmup, args.steps)
     except torch.OutOfMemoryError:
         return [(kind, variant, None, None, None, None)]
     return [step_row(kind, variant, statistics.median(times), state, args)]
@@ -407,7 +455,9 @@ def step_row(kind: str, name: str, ms: float, state, args) -> tuple:
     )
 
 
-AB_DEFAULT_VARIANT = "explicit:triton:blocks:budget=0.7"  # configs/base.yaml: explicit JVP, Triton, blocks, 0.7
+# configs/base.yaml: explicit JVP, Triton attention, blocks compiled at budget 0.7, each loss term's backward on its
+# own with the flow-matching graphs at budget 1
+AB_DEFAULT_VARIANT = "explicit:triton:blocks:budget=0.7:split=1:fm_budget=1.0"
 
 
 AB_ORDER = (True, False, False, True, True, False)  # the plans on or off in each block of steps: ABBAAB
@@ -421,7 +471,7 @@ def ab_fast_launch(variant: str, cfg, R: int, x: torch.Tensor, labels: torch.Ten
     fall on both; each row is the median over its three blocks and both rows share the peak memory.
     No recompilation between blocks: the custom ops read ``launch_plans.FAST_LAUNCH`` at every call.
     """
-    state, net = tvm_state(cfg, R, variant, args.recompute)
+    state, net, plan = tvm_state(cfg, R, variant, args.recompute)
     torch.cuda.reset_peak_memory_stats()
     times: dict[bool, list[float]] = {True: [], False: []}
     first_step = 0
@@ -430,7 +480,7 @@ def ab_fast_launch(variant: str, cfg, R: int, x: torch.Tensor, labels: torch.Ten
             warmup = args.warmup if block == 0 else 1
             with launch_plans.fast_launch(enabled):
                 times[enabled] += time_steps(
-                    lambda i: tvm_step(state, cfg, x, labels, first_step + i, net), warmup, args.steps
+                    lambda i: tvm_step(state, cfg, x, labels, first_step + i, net, plan=plan), warmup, args.steps
                 )
             first_step += warmup + args.steps
             block_ms = statistics.median(times[enabled][-args.steps :])
@@ -497,8 +547,9 @@ def main() -> None:
     variants = [v for v in args.variants.split(",") if v]
     timed = variants + ([args.ab_fast_launch] if args.ab_fast_launch is not None else [])
     checked = checked_variants(args.check, timed)
-    for v in dict.fromkeys(timed + checked):
-        Variant.parse(v)  # a bad variant fails before any GPU work
+    for v in dict.fromkeys(timed + checked):  # a bad variant fails before any GPU work
+        if args.batch % Variant.parse(v).rounds:
+            raise SystemExit(f"variant {v!r}: its rounds do not divide the batch {args.batch}")
 
     # Every shape gets its own static graph, as in training (fixed per-GPU batch): otherwise the
     # check's batch-4 compile makes Dynamo recompile the timed batch with a dynamic batch size,
