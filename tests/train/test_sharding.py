@@ -1,7 +1,9 @@
 """FSDP2 (``network.sharding=fsdp2``, tvm/train/sharding.py) against DDP on 2 CPU processes (gloo).
 
 * losses, weights, both EMAs and AdamW's moments of a sharded run equal DDP's to fp32 tolerance
-  after several steps (with 2 accumulation rounds per rank, so the gradient-sync switch is used);
+  after several steps (with 2 accumulation rounds per rank and each loss term's own backward, so that
+  DDP's gradient-sync switch is used and FSDP2 reduce-scatters four times a step);
+* gradients stay sharded between a step's backward passes;
 * a sharded run's checkpoint is the DDP format: full tensors, loadable by the single-process
   tools, resumable by a sharded run (exactly as an uninterrupted one) and by a DDP run;
 * unsupported combinations fail with an error naming the setting; the per-rank memory estimate.
@@ -9,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -180,3 +183,57 @@ def test_state_memory_per_rank_is_six_fp32_copies_split_over_the_ranks():
     assert ddp == 6 * 4 * params  # 16.3 GB on every rank whatever the count
     assert state_memory_per_rank(params, 2, "fsdp2") == ddp / 2
     assert state_memory_per_rank(params, 8, "fsdp2") == pytest.approx(2.035e9, rel=1e-3)
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_fsdp2_gradients_stay_sharded_between_backward_passes(tmp_path, split):
+    """Every backward reduce-scatters (FSDP2's default; the loop never switches it off): after a step's
+    first micro-batch, whose backward (one, or one per loss term) is not the step's last, every gradient
+    is already this rank's slice of the averaged gradient (``.grad`` set and sharded; accumulating
+    without sync would leave it unset and hold an unsharded copy), and the step's gradient equals the
+    average over the ranks of the plain network's, as DDP's."""
+    import copy
+
+    from helpers import one_hot, tiny_wrapper
+    from tvm.method.times import Guidance, TimeSampling, draw_step
+    from tvm.runtime import distributed
+    from tvm.train.sharding import is_sharded, local, shard_like, shard_network
+    from tvm.train.update import gradient_sync, loss_and_backward, take
+
+    def worker(rank: int) -> None:
+        torch.set_num_threads(1)
+        distributed.init_distributed(device="cpu")
+        net = tiny_wrapper(dtype=torch.float32)  # seeded: the same weights on both ranks
+        plain, teacher = copy.deepcopy(net), copy.deepcopy(net).eval().requires_grad_(False)
+        shard_network(net)
+        gen = torch.Generator().manual_seed(rank)  # each rank its own 4 images, as 2 micro-batches of 2
+        x, labels = torch.randn(4, 2, 8, 8, generator=gen), one_hot([0, 1, 2, 3]).float()
+        draws = draw_step(gen, 4, (2, 8, 8), TimeSampling(), Guidance(cfg=2.0), "cpu")
+        scale = 2 / 8  # world / global batch, as the loop
+        sharded_after_first = []
+        for round_, rows in enumerate((torch.arange(0, 2), torch.arange(2, 4))):
+            part = (x[rows], labels[rows], take(draws, rows))
+            last_round = round_ == 1
+            loss_and_backward(
+                net, teacher, *part, scale, lambda last: gradient_sync(net, True, True, last_round and last), split
+            )
+            if round_ == 0:
+                sharded_after_first = [is_sharded(p.grad) for p in net.parameters() if p.requires_grad]
+            loss_and_backward(plain, teacher, *part, scale, lambda last: contextlib.nullcontext(), split)
+        errors = []
+        for (name, p), q in zip(net.named_parameters(), plain.parameters()):
+            if not q.requires_grad:  # the fixed positional embedding
+                continue
+            full = q.grad.clone()
+            torch.distributed.all_reduce(full)
+            expected = local(shard_like(full / 2, p))
+            errors.append([name, float((local(p.grad) - expected).abs().max() / full.abs().max().clamp_min(1e-12))])
+        (tmp_path / f"rank{rank}.json").write_text(json.dumps({"sharded": sharded_after_first, "errors": errors}))
+        distributed.cleanup()
+
+    fork_ranks(worker, 2, timeout=120)
+    for rank in range(2):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["sharded"] and all(result["sharded"]), rank
+        worst = max(result["errors"], key=lambda e: e[1])
+        assert worst[1] < 1e-5, (rank, worst)

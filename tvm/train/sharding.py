@@ -6,7 +6,8 @@ activations. ``fsdp2`` shards all of it over the ranks with
 ``torch.distributed.fsdp.fully_shard`` (one unit per DiT block, the rest of the network in the
 root unit): every parameter becomes a ``DTensor`` whose local piece is a ``1/world`` slice of its
 rows. A unit's full weights exist only while it runs (all-gathered before its forward and again
-before its backward), and gradients are reduce-scattered, so each rank keeps
+before its backward), and gradients are reduce-scattered after every backward (each loss term's,
+each accumulation round's: :func:`tvm.train.update.gradient_sync`), so each rank keeps
 ``6 · parameters / world`` plus one or two units at a time (:func:`state_memory_per_rank`).
 
 How the rest of the run treats sharded modules:
