@@ -29,7 +29,6 @@ from tvm.config import compose_config
 from tvm.models.dit import count_parameters
 from tvm.runtime.build import build_network, build_optimizer
 from tvm.train.sharding import shard_run, state_memory_per_rank
-from tvm.train.update import gradient_sync
 
 
 def run(cfg, R: int, variant: Variant, sharded: bool, x, labels, args) -> tuple[list[float], float, float]:
@@ -38,10 +37,9 @@ def run(cfg, R: int, variant: Variant, sharded: bool, x, labels, args) -> tuple[
         shard_run(state.net, state.ema, state.teacher)
         state.optimizer = build_optimizer(cfg.optimizer, state.net.parameters(), "cuda")
     net = prepare(state, "tvm", variant.how, variant.budget, variant.mode)
-    sync = lambda last: gradient_sync(state.net, sharded, False, last)  # noqa: E731  (as the loop; one GPU: no DDP)
 
     def step(i: int) -> torch.Tensor:
-        return tvm_step(state, cfg, x, labels, i, net, plan=variant, sync=sync)
+        return tvm_step(state, cfg, x, labels, i, net, plan=variant)
 
     torch.cuda.reset_peak_memory_stats()
     losses = [step(i).mean().item() for i in range(args.steps)]

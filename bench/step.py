@@ -144,12 +144,17 @@ def batch(n: int, resolution: int, seed: int):
     return x, labels
 
 
+def no_sync(last: bool) -> contextlib.AbstractContextManager:
+    """The gradient synchronisation of a backward in one process without DDP (none; FSDP2 reduce-scatters
+    after every backward by itself, as in the loop: :func:`tvm.train.update.gradient_sync`)."""
+    return contextlib.nullcontext()
+
+
 def tvm_step(
-    state: RunState, cfg, x, labels, step: int, net=None, events=None, plan: Variant = DEFAULT_PLAN, sync=None
+    state: RunState, cfg, x, labels, step: int, net=None, events=None, plan: Variant = DEFAULT_PLAN
 ) -> torch.Tensor:
     """One TVM step as the training loop runs it (:func:`tvm.train.update.loss_and_backward`), in
-    ``plan.rounds`` micro-batches, each loss term's backward on its own with ``plan.split``;
-    ``sync(last)`` is a backward's gradient synchronisation (default: none, one plain process).
+    ``plan.rounds`` micro-batches, each loss term's backward on its own with ``plan.split``.
     ``events`` (3 CUDA events) are recorded before the first forward, after the last backward and
     after the update (:func:`phase_times`)."""
     record = (lambda i: events[i].record()) if events else (lambda i: None)
@@ -162,18 +167,11 @@ def tvm_step(
         rows = [batching.positions(0, r).cuda() for r in range(batching.rounds)]
         parts = [(x[i], labels[i], take(draws, i)) for i in rows]
     record(0)
-    last_part = len(parts) - 1
     losses = [
         loss_and_backward(
-            state.net if net is None else net,
-            state.teacher,
-            *part,
-            1 / x.shape[0],
-            lambda last: contextlib.nullcontext() if sync is None else sync(last and i == last_part),
-            plan.split,
-            plan.fm_budget,
+            state.net if net is None else net, state.teacher, *part, 1 / x.shape[0], no_sync, plan.split, plan.fm_budget
         )["loss"]
-        for i, part in enumerate(parts)
+        for part in parts
     ]
     record(1)
     apply_update(
@@ -338,7 +336,6 @@ def check_variants(
         state, net, plan = tvm_state(cfg, resolution, variant, recompute)
         gen = torch.Generator(device="cuda").manual_seed(7)
         draws = draw_step(gen, n, tuple(x.shape[1:]), time_sampling(cfg.loss), guidance(cfg.loss), "cuda")
-        no_sync = lambda last: contextlib.nullcontext()  # noqa: E731
         loss = loss_and_backward(net, state.teacher, x, labels, draws, 1 / n, no_sync, plan.split, plan.fm_budget)
         return loss["loss"], grads_of(state)
 

@@ -61,11 +61,16 @@ def set_activation_memory_budget(budget: float) -> None:
     everything. Values and gradients are unchanged. Read when a graph is compiled (its first call),
     so set it before that.
     """
-    if not 0.0 <= budget <= 1.0:
-        raise ValueError(f"network.compile_memory_budget must be in [0, 1], got {budget}")
     import torch._functorch.config as functorch_config
 
-    functorch_config.activation_memory_budget = float(budget)
+    functorch_config.activation_memory_budget = _checked_budget(budget, "network.compile_memory_budget")
+
+
+def _checked_budget(budget: float, key: str) -> float:
+    """``budget`` as a float; ValueError naming ``key`` outside [0, 1]."""
+    if not 0.0 <= budget <= 1.0:
+        raise ValueError(f"{key} must be in [0, 1], got {budget}")
+    return float(budget)
 
 
 def memory_budget_scope(budget: float | None) -> contextlib.AbstractContextManager:
@@ -74,11 +79,9 @@ def memory_budget_scope(budget: float | None) -> contextlib.AbstractContextManag
     earlier keep theirs: the budget is read when a graph is compiled (its first call)."""
     if budget is None:
         return contextlib.nullcontext()
-    if not 0.0 <= budget <= 1.0:
-        raise ValueError(f"network.compile_memory_budget_fm must be in [0, 1], got {budget}")
     import torch._functorch.config as functorch_config
 
-    return functorch_config.patch(activation_memory_budget=float(budget))
+    return functorch_config.patch(activation_memory_budget=_checked_budget(budget, "network.compile_memory_budget_fm"))
 
 
 # torch.compile modes that run the compiled graphs as CUDA graphs, each with its equivalent without them.
