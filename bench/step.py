@@ -41,6 +41,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 import torch._functorch.config as functorch_config
@@ -58,6 +59,7 @@ from tvm.models.dit import FlowMapInput
 from tvm.runtime.build import build_network, build_optimizer, guidance, time_sampling
 from tvm.train.ema import make_ema
 from tvm.train.state import Progress, RunState
+from tvm.train.step_graph import StepGraph
 from tvm.train.update import Batching, apply_update, loss_and_backward, take
 
 
@@ -67,12 +69,13 @@ STARTED = time.perf_counter()  # for the elapsed seconds printed after each row 
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """A TVM step variant ``JVPMODE:ATTENTION[:HOW][:recompute=R][:budget=B][:mode=M][:estimator=E]
-    [:split=1][:fm_budget=F][:rounds=K]``, e.g. ``explicit:triton:blocks:budget=0.5``: ``HOW`` = eager |
+    [:split=1][:fm_budget=F][:rounds=K][:graph=1]``, e.g. ``explicit:triton:blocks:budget=0.5``: ``HOW`` = eager |
     compile | blocks, ``R`` = ``network.recompute``, ``B`` = ``network.compile_memory_budget``, ``M`` the
     torch.compile mode, ``E`` how the partitioner estimates the cost of recomputing an op under a
     budget below 1 (:func:`set_recompute_estimator`; a bench-only experiment, not a config key),
     ``split=1`` = ``training.split_backward``, ``F`` = ``network.compile_memory_budget_fm``, ``K``
-    accumulation rounds (the batch in K micro-batches, as ``training.batch_gpu`` = batch / K)."""
+    accumulation rounds (the batch in K micro-batches, as ``training.batch_gpu`` = batch / K), ``graph=1``
+    = ``training.cuda_graph`` (the whole step as one CUDA graph)."""
 
     jvp_mode: str
     attention: str
@@ -84,13 +87,14 @@ class Variant:
     split: bool = False  # training.split_backward: each loss term's backward on its own
     fm_budget: float | None = None  # network.compile_memory_budget_fm (with split)
     rounds: int = 1  # gradient accumulation rounds per step
+    graph: bool = False  # training.cuda_graph: the whole step captured as one CUDA graph
 
     @classmethod
     def parse(cls, text: str, recompute: str = "none") -> "Variant":
         fields = text.split(":")
         options = dict(f.split("=", 1) for f in fields[2:] if "=" in f)
         how = next((f for f in fields[2:] if "=" not in f), "eager")
-        unknown = set(options) - {"recompute", "budget", "mode", "estimator", "split", "fm_budget", "rounds"}
+        unknown = set(options) - {"recompute", "budget", "mode", "estimator", "split", "fm_budget", "rounds", "graph"}
         estimator = options.get("estimator", "flops")
         if (
             len(fields) < 2
@@ -98,6 +102,7 @@ class Variant:
             or how not in ("eager", "compile", "blocks")
             or estimator not in ESTIMATORS
             or options.get("split", "0") not in ("0", "1")
+            or options.get("graph", "0") not in ("0", "1")
             or ("fm_budget" in options and options.get("split") != "1")
             or not options.get("rounds", "1").isdigit()
             or int(options.get("rounds", "1")) < 1
@@ -105,6 +110,7 @@ class Variant:
             raise SystemExit(
                 f"bad variant {text!r}: JVPMODE:ATTENTION[:eager|compile|blocks][:recompute=R][:budget=B][:mode=M]"
                 f"[:estimator={'|'.join(ESTIMATORS)}][:split=0|1][:fm_budget=F (with split=1)][:rounds=K (>= 1)]"
+                "[:graph=0|1]"
             )
         return cls(
             fields[0],
@@ -117,6 +123,7 @@ class Variant:
             options.get("split") == "1",
             float(options["fm_budget"]) if "fm_budget" in options else None,
             int(options.get("rounds", 1)),
+            options.get("graph") == "1",
         )
 
 
@@ -150,39 +157,58 @@ def no_sync(last: bool) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def tvm_step(
-    state: RunState, cfg, x, labels, step: int, net=None, events=None, plan: Variant = DEFAULT_PLAN
-) -> torch.Tensor:
-    """One TVM step as the training loop runs it (:func:`tvm.train.update.loss_and_backward`), in
-    ``plan.rounds`` micro-batches, each loss term's backward on its own with ``plan.split``.
-    ``events`` (3 CUDA events) are recorded before the first forward, after the last backward and
-    after the update (:func:`phase_times`)."""
-    record = (lambda i: events[i].record()) if events else (lambda i: None)
-    torch.compiler.cudagraph_mark_step_begin()  # as the loop does (matters for compile mode reduce-overhead)
+def step_parts(cfg, x, labels, step: int, plan: Variant = DEFAULT_PLAN) -> list[tuple]:
+    """The micro-batches ``(x, labels, draws)`` of step ``step`` (``plan.rounds`` of them), as the loop
+    hands them to its step function."""
     gen = torch.Generator(device="cuda").manual_seed(step)
     draws = draw_step(gen, x.shape[0], tuple(x.shape[1:]), time_sampling(cfg.loss), guidance(cfg.loss), "cuda")
     batching = Batching.from_config(x.shape[0], x.shape[0] // plan.rounds, 1)
-    parts = [(x, labels, draws)]
-    if batching.rounds > 1:
-        rows = [batching.positions(0, r).cuda() for r in range(batching.rounds)]
-        parts = [(x[i], labels[i], take(draws, i)) for i in rows]
+    if batching.rounds == 1:
+        return [(x, labels, draws)]
+    rows = [batching.positions(0, r).cuda() for r in range(batching.rounds)]
+    return [(x[i], labels[i], take(draws, i)) for i in rows]
+
+
+def run_parts(state: RunState, cfg, net, parts: list[tuple], plan: Variant, events=None) -> torch.Tensor:
+    """Forwards and backwards of the micro-batches (:func:`tvm.train.update.loss_and_backward`, each
+    loss term's backward on its own with ``plan.split``), then the update; returns the per-sample losses.
+    ``events`` (3 CUDA events) are recorded before the first forward, after the last backward and
+    after the update (:func:`phase_times`). No host sync, so :class:`StepGraph` can capture it."""
+    record = (lambda i: events[i].record()) if events else (lambda i: None)
+    n = sum(part[0].shape[0] for part in parts)
     record(0)
-    losses = [
-        loss_and_backward(
-            state.net if net is None else net, state.teacher, *part, 1 / x.shape[0], no_sync, plan.split, plan.fm_budget
-        )["loss"]
-        for part in parts
-    ]
+    losses = torch.cat(
+        [
+            loss_and_backward(net, state.teacher, *part, 1 / n, no_sync, plan.split, plan.fm_budget)["loss"]
+            for part in parts
+        ]
+    )
     record(1)
     apply_update(
         state,
         cfg.training.max_grad_norm,
         cfg.training.ema_beta,
         cfg.training.ema_target_beta,
-        (~torch.isfinite(torch.cat(losses))).any().float(),
+        (~torch.isfinite(losses)).any().float(),
     )
     record(2)
-    return torch.cat(losses)
+    return losses
+
+
+def tvm_step(
+    state: RunState, cfg, x, labels, step: int, net=None, events=None, plan: Variant = DEFAULT_PLAN
+) -> torch.Tensor:
+    """One TVM step as the training loop runs it, in ``plan.rounds`` micro-batches (:func:`run_parts`)."""
+    torch.compiler.cudagraph_mark_step_begin()  # as the loop does (matters for compile mode reduce-overhead)
+    parts = step_parts(cfg, x, labels, step, plan)
+    return run_parts(state, cfg, state.net if net is None else net, parts, plan, events)
+
+
+def graphed_tvm_step(state: RunState, cfg, x, labels, net, plan: Variant) -> Callable[[int], torch.Tensor]:
+    """``step → losses`` of the whole step captured as one CUDA graph (``training.cuda_graph``) after
+    two eager warm-up steps, as :class:`tvm.train.step_graph.StepGraph` runs it in the loop."""
+    graph = StepGraph(lambda parts: {"loss": run_parts(state, cfg, net, parts, plan)}, 2, [state.optimizer])
+    return lambda step: graph(step_parts(cfg, x, labels, step, plan))["loss"]
 
 
 def fm_step(state: RunState, cfg, x, labels, step: int, net=None) -> torch.Tensor:
@@ -430,7 +456,10 @@ def measure(kind: str, variant: str, cfg, R: int, x: torch.Tensor, labels: torch
                 )
             ]
         if kind == "tvm":
-            times = time_steps(lambda i: tvm_step(state, cfg, x, labels, i, net, plan=plan), args.warmup, args.steps)
+            run = graphed_tvm_step(state, cfg, x, labels, net, plan) if plan.graph else None
+            times = time_steps(
+                run or (lambda i: tvm_step(state, cfg, x, labels, i, net, plan=plan)), args.warmup, args.steps
+            )
         else:
             times = time_steps(lambda i: fm_step(state, cfg, x, labels, i, net), args.warmup, args.steps)
     except torch.OutOfMemoryError:
@@ -544,9 +573,11 @@ def main() -> None:
     variants = [v for v in args.variants.split(",") if v]
     timed = variants + ([args.ab_fast_launch] if args.ab_fast_launch is not None else [])
     checked = checked_variants(args.check, timed)
-    for v in dict.fromkeys(timed + checked):  # a bad variant fails before any GPU work
+    for v in dict.fromkeys(timed + checked + [args.profile] * bool(args.profile)):  # bad ones fail before GPU work
         if args.batch % Variant.parse(v).rounds:
             raise SystemExit(f"variant {v!r}: its rounds do not divide the batch {args.batch}")
+        if Variant.parse(v).graph and (v not in variants or args.warmup < 3):
+            raise SystemExit(f"variant {v!r}: graph=1 times --variants rows only, with --warmup >= 3")
 
     # Every shape gets its own static graph, as in training (fixed per-GPU batch): otherwise the
     # check's batch-4 compile makes Dynamo recompile the timed batch with a dynamic batch size,

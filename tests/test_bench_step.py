@@ -54,10 +54,15 @@ def test_step_benchmark_split_and_rounds_options(monkeypatch):
     assert (plan.split, plan.fm_budget, plan.rounds, plan.budget) == (True, 1.0, 2, 0.7)
     assert Variant.parse("explicit:triton:blocks") == Variant("explicit", "triton", "blocks")
     assert (Variant.parse("explicit:triton").split, Variant.parse("explicit:triton").rounds) == (False, 1)
-    for bad in ("split=2", "fm_budget=1.0", "rounds=0", "rounds=two"):
+    assert Variant.parse("explicit:triton:blocks:graph=1").graph and not plan.graph
+    for bad in ("split=2", "fm_budget=1.0", "rounds=0", "rounds=two", "graph=yes"):
         monkeypatch.setattr("sys.argv", ["step.py", "--variants", f"explicit:triton:blocks:{bad}"])
         with pytest.raises(SystemExit, match="bad variant"):
             main()
     monkeypatch.setattr("sys.argv", ["step.py", "--batch", "32", "--variants", "explicit:triton:blocks:rounds=3"])
     with pytest.raises(SystemExit, match="rounds do not divide the batch 32"):
         main()
+    for argv in (["--warmup", "2", "--variants", "explicit:triton:graph=1"], ["--profile", "explicit:triton:graph=1"]):
+        monkeypatch.setattr("sys.argv", ["step.py", *argv])
+        with pytest.raises(SystemExit, match="graph=1 times --variants rows only"):
+            main()

@@ -207,10 +207,10 @@ def _instrument(probe: Probe, slow_disk_s_per_mb: float | None) -> None:
     real_apply, real_restore, real_save = loop.apply_update, loop.restore, CheckpointManager.save
     real_replace = os.replace
 
-    def apply_update(*args: Any, **kwargs: Any) -> torch.Tensor:
-        skip = real_apply(*args, **kwargs)
+    def apply_update(*args: Any, **kwargs: Any) -> Any:
+        update = real_apply(*args, **kwargs)
         probe.steps.value += 1
-        return skip
+        return update
 
     def restore(state: Any, ckpt: dict, *args: Any, **kwargs: Any) -> None:
         real_restore(state, ckpt, *args, **kwargs)

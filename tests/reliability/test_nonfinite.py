@@ -70,18 +70,18 @@ def _rank(rank: int, run_dir: Path, out_dir: Path, inject: dict[int, str]) -> No
         modules = (state.net, state.ema, state.teacher)
         with counter.paused():
             before = [p.detach().clone() for m in modules for p in m.parameters()] if step in inject else None
-        skip = real_apply(state, *args, **kwargs)
+        update = real_apply(state, *args, **kwargs)
         with counter.paused():
             for handle in hooks:
                 handle.remove()
             hooks.clear()
-            record["skips"].append(bool(skip))
+            record["skips"].append(bool(update.skip))
             if before is not None:
                 after = [p.detach() for m in modules for p in m.parameters()]
                 record["unchanged"][step] = all(torch.equal(a, b) for a, b in zip(before, after))
         record["reads"].append(counter.count)
         step += 1
-        return skip
+        return update
 
     loop.TVMWrapper.forward, loop.apply_update = forward, apply_update
     try:

@@ -24,6 +24,7 @@ What differs from upstream, on purpose (docs/method.md §11):
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ from tvm.compiling import (
 from tvm.config import validate_config
 from tvm.eval.grid import save_reference_grid
 from tvm.eval.metrics import MetricContext, check_metric_names, check_reference_files
-from tvm.method.times import draw_step
+from tvm.method.times import StepDraws, draw_step
 from tvm.method.wrapper import TVMWrapper
 from tvm.models.dit import count_parameters
 from tvm.runtime import distributed
@@ -60,6 +61,7 @@ from tvm.train.preemption import PreemptionHandler, ignore_interrupts
 from tvm.train.report import TickMeter, evaluate, log_error_on_exit, open_run_logger, save_sample_grids
 from tvm.train.sharding import check_sharding_supported, gather_module, state_memory_per_rank
 from tvm.train.startup import StartupClock
+from tvm.train.step_graph import StepGraph, check_cuda_graph_supported
 from tvm.train.state import (
     Schedule,
     already_finished,
@@ -137,6 +139,8 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         dist.distributed,
         ncfg.compile_mode,
     )
+    if tcfg.cuda_graph:
+        check_cuda_graph_supported(device, dist.distributed, ncfg.sharding, ncfg.compile, ncfg.compile_mode)
     ckpts = CheckpointManager(
         run_dir, keep_last=tcfg.keep_last, snapshot_every_steps=tcfg.snapshot_ticks * steps_per_tick
     )
@@ -212,6 +216,43 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     meter = TickMeter(progress.step, step_flops(net, batching.batch), device, dist.world_size)
     startup.mark("other set-up")
 
+    def round_sync(last_round: bool, last: bool) -> contextlib.AbstractContextManager:
+        """The gradient sync of a backward: all-reduce after the step's last one only (DDP)."""
+        return gradient_sync(ddp, sharded, dist.distributed, last_round and last)
+
+    def train_step(parts: list[tuple[torch.Tensor, torch.Tensor | None, StepDraws]]) -> dict[str, torch.Tensor]:
+        """One optimizer step on this rank's micro-batches ``(x, labels, draws)``: the tensors the loop
+        reports (per-sample terms ``[rounds, b]``, gradient norm, skip flag). No host sync, so that
+        ``training.cuda_graph`` can capture it whole."""
+        nonfinite_loss = torch.zeros((), device=device)
+        terms = []
+        for round_, (x, labels, mine) in enumerate(parts):
+            last_round = round_ == len(parts) - 1
+            terms.append(
+                loss_and_backward(
+                    train_net,
+                    teacher if teacher is not None else net,
+                    x,
+                    labels,
+                    mine,
+                    dist.world_size / batching.batch,
+                    functools.partial(round_sync, last_round),
+                    tcfg.split_backward,
+                    ncfg.compile_memory_budget_fm if ncfg.compile else None,
+                )
+            )
+            nonfinite_loss = torch.maximum(nonfinite_loss, (~torch.isfinite(terms[-1]["loss"])).any().float())
+        distributed.all_reduce_max_(nonfinite_loss)
+        update = apply_update(state, tcfg.max_grad_norm, tcfg.ema_beta, tcfg.ema_target_beta, nonfinite_loss)
+        return {
+            "terminal": torch.stack([t["terminal"] for t in terms]),
+            "fm": torch.stack([t["fm"] for t in terms]),
+            "grad_norm": update.grad_norm,
+            "skip": update.skip,
+        }
+
+    step = StepGraph(train_step, optimizers=[state.optimizer]) if tcfg.cuda_graph else train_step
+
     # ---------------------------------------------------------------- the loop
     while progress.step < total_steps:
         if cuda_graphs:  # a new step: CUDA graph trees may reuse the previous step's outputs
@@ -219,30 +260,18 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         gen = distributed.step_generator(seed, progress.step, device)
         draws = draw_step(gen, batching.batch, sample_shape, times, guide, device)
         net.train()
-        nonfinite_loss = torch.zeros((), device=device)
+        parts = []
         for round_ in range(batching.rounds):
             images, labels = next(batches)
             x = encoder.encode(images.to(device, non_blocking=True), generator=gen)
             labels = labels.to(device) if label_dim else None
-            mine = take(draws, batching.positions(dist.rank, round_))
-            last_round = round_ == batching.rounds - 1
-            terms = loss_and_backward(
-                train_net,
-                teacher if teacher is not None else net,
-                x,
-                labels,
-                mine,
-                dist.world_size / batching.batch,
-                lambda last: gradient_sync(ddp, sharded, dist.distributed, last_round and last),
-                tcfg.split_backward,
-                ncfg.compile_memory_budget_fm if ncfg.compile else None,
-            )
-            nonfinite_loss = torch.maximum(nonfinite_loss, (~torch.isfinite(terms["loss"])).any().float())
-            stats.report_binned("Loss/terminal_loss", terms["terminal"], mine.t.flatten())
-            stats.report_binned("Loss/fm_loss", terms["fm"], mine.t.flatten())
-        distributed.all_reduce_max_(nonfinite_loss)
-        skip = apply_update(state, tcfg.max_grad_norm, tcfg.ema_beta, tcfg.ema_target_beta, nonfinite_loss, stats)
-        nonfinite.record(skip)
+            parts.append((x, labels, take(draws, batching.positions(dist.rank, round_))))
+        out = step(parts)
+        for round_, (_, _, mine) in enumerate(parts):
+            stats.report_binned("Loss/terminal_loss", out["terminal"][round_], mine.t.flatten())
+            stats.report_binned("Loss/fm_loss", out["fm"][round_], mine.t.flatten())
+        stats.report("Loss/grad_norm", out["grad_norm"].reshape(1))
+        nonfinite.record(out["skip"])
         progress.step += 1
         bar.update(1)
         if not startup.finished:  # where the start-up went, the first step (compilation) included

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 import torch
 from omegaconf import DictConfig
@@ -19,7 +19,6 @@ from omegaconf import DictConfig
 from tvm.compiling import memory_budget_scope
 from tvm.method.times import StepDraws
 from tvm.method.wrapper import TVMWrapper
-from tvm.runtime.stats import StatsCollector
 from tvm.train.ema import update_ema_
 from tvm.train.sharding import gradient_norm, is_sharded, local
 from tvm.train.state import Progress, RunState
@@ -71,11 +70,17 @@ def step_flops(net: TVMWrapper, batch: int) -> float:
     return 11 * net.model.forward_flops() * batch
 
 
-def grad_norm_and_skip(
-    net: TVMWrapper, max_norm: float | None, nonfinite_loss: torch.Tensor, stats: StatsCollector | None = None
-) -> torch.Tensor:
+class Update(NamedTuple):
+    """What an update reports, as 0-dim device tensors: the skip flag (bool) and the gradient norm
+    before clipping."""
+
+    skip: torch.Tensor
+    grad_norm: torch.Tensor
+
+
+def grad_norm_and_skip(net: TVMWrapper, max_norm: float | None, nonfinite_loss: torch.Tensor) -> Update:
     """Gradient norm (after the DDP all-reduce, so equal on all ranks), optional clipping, and the
-    skip flag ``non-finite loss on any rank or non-finite gradient`` as a 0-dim bool tensor."""
+    skip flag ``non-finite loss on any rank or non-finite gradient``."""
     grads = [p.grad for p in net.parameters() if p.grad is not None]
     if grads and is_sharded(grads[0]):  # FSDP2: norms of the local slices, summed over the ranks
         norm, grads = gradient_norm(grads), [local(g) for g in grads]
@@ -83,9 +88,7 @@ def grad_norm_and_skip(
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
     if max_norm is not None:
         torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
-    if stats is not None:
-        stats.report("Loss/grad_norm", norm.detach().reshape(1))
-    return (~torch.isfinite(norm)) | (nonfinite_loss > 0)
+    return Update((~torch.isfinite(norm)) | (nonfinite_loss > 0), norm.detach())
 
 
 def gradient_sync(
@@ -150,18 +153,17 @@ def apply_update(
     ema_beta: float,
     ema_target_beta: float | None,
     nonfinite_loss: torch.Tensor,
-    stats: StatsCollector | None = None,
-) -> torch.Tensor:
+) -> Update:
     """Clip, AdamW (skipped on device by fused AdamW's ``found_inf`` when non-finite), then the eval
-    EMA and the teacher EMA in that order (docs/method.md §5.2 items 5–9). Returns the skip flag."""
-    skip = grad_norm_and_skip(state.net, max_grad_norm, nonfinite_loss, stats)
+    EMA and the teacher EMA in that order (docs/method.md §5.2 items 5–9). No host sync."""
+    skip, norm = grad_norm_and_skip(state.net, max_grad_norm, nonfinite_loss)
     state.optimizer.found_inf = skip.float()  # type: ignore[attr-defined]  # read by fused AdamW's step
     state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
     update_ema_(state.ema, state.net, ema_beta, skip)
     if ema_target_beta is not None:
         update_ema_(state.teacher, state.net, ema_target_beta, skip)
-    return skip
+    return Update(skip, norm)
 
 
 class NonFiniteCounter:
@@ -175,7 +177,7 @@ class NonFiniteCounter:
         self.longest = self.in_row.clone()  # longest run of consecutive skipped steps since the last sync
 
     def record(self, skip: torch.Tensor) -> None:
-        """Count one step; ``skip`` is the step's 0-dim bool skip flag (:func:`apply_update`)."""
+        """Count one step; ``skip`` is the step's 0-dim bool skip flag (:class:`Update`)."""
         self.skipped += skip.float()
         self.in_row = (self.in_row + 1) * skip.float()
         torch.maximum(self.longest, self.in_row, out=self.longest)
