@@ -5,7 +5,8 @@
 #
 #   bash bench/device_calls.sh PART
 #
-# PART: profile | full | full-check | full-graphs | autotune | autotune-check | rows | split | split-graphs | split-more | split-profile | split-order | estimator | launch-ab | plain | gen-autotune | 512 | coldstart | fsdp2 | attention
+# PART: profile | full | full-check | full-graphs | autotune | autotune-check | rows | split | split-graphs | split-more |
+#   split-profile | split-order | graph | graph-order | estimator | launch-ab | plain | gen-autotune | 512 | coldstart | fsdp2 | attention
 #
 # Run from the repository root on the GPU machine. Wheels the machine lacks (hydra-core, omegaconf,
 # antlr4-python3-runtime) are installed from .whl/ when that folder exists (docs/benchmarks.md,
@@ -14,7 +15,7 @@
 # the call limit still returns what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: bash bench/device_calls.sh profile|full|full-check|full-graphs|autotune|autotune-check|rows|split|split-graphs|split-more|split-profile|split-order|estimator|launch-ab|plain|gen-autotune|512|coldstart|fsdp2|attention}"
+part="${1:?usage: bash bench/device_calls.sh profile|full|full-check|full-graphs|autotune|autotune-check|rows|split|split-graphs|split-more|split-profile|split-order|graph|graph-order|estimator|launch-ab|plain|gen-autotune|512|coldstart|fsdp2|attention}"
 if [ -d .whl ] && ! python3 -c "import hydra" 2>/dev/null; then
     site="$(mktemp -d)"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
@@ -68,6 +69,13 @@ split-order) # the split and one-backward steps in the other order at 256 px, th
     step --variants "$default,$joint" --check '' --plain ''
     step --resolution 512 --batch 8 --variants "$joint,$default" --check '' --plain ''
     step --resolution 512 --batch 8 --variants "$default,$joint" --check '' --plain '' ;;
+graph) # the whole step as one CUDA graph (training.cuda_graph): its GPU tests (a captured tiny run equals the eager
+    # run bit for bit), then the default step without and with the graph, checked against torch.func.jvp
+    TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/train/test_step_graph.py
+    step --variants "$default,$default:graph=1" --check "$default" --plain '' ;;
+graph-order) # the same two steps in the other order at 256 px, then in both orders at 512 px, batch 8
+    step --variants "$default:graph=1,$default" --check '' --plain ''
+    step --resolution 512 --batch 8 --variants "$default,$default:graph=1,$default" --check '' --plain '' ;;
 estimator) # what the budget recomputes, chosen by FLOP count (PyTorch's default) or by each op's measured time
     step --variants "$default,$default:estimator=profile" --check "$default:estimator=profile" --plain '' ;;
 launch-ab) # the attention launch plans on, then off, in one process (issue 16 item 5)

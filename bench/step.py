@@ -41,6 +41,7 @@ import os
 import statistics
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 
 import torch
@@ -613,6 +614,7 @@ def main() -> None:
         try:
             rows += measure(kind, variant, cfg, R, x, labels, args)
         except Exception as exc:  # noqa: BLE001 - a variant that fails to compile or run is a row, not the end
+            traceback.print_exc()
             rows.append((kind, f"{variant} (failed: {type(exc).__name__}: {str(exc)[:80]})", None, None, None, None))
         print("#", rows[-1], flush=True)
         release(f"{kind} {variant}")
