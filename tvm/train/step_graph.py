@@ -28,11 +28,11 @@ the capture (the learning rate and the EMA decays are constants).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_map
 
 from tvm.compiling import uses_cuda_graphs
 
@@ -76,12 +76,81 @@ def capturable(optimizers: Sequence[torch.optim.Optimizer]) -> Iterator[None]:
             group["capturable"] = flag
 
 
+def _children(tree: Any) -> list[Any] | None:
+    """The sub-trees of a container (dataclass fields, tuple or list items, dict values); None for a leaf."""
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        return [getattr(tree, field.name) for field in dataclasses.fields(tree)]
+    if isinstance(tree, list | tuple):
+        return list(tree)
+    if isinstance(tree, dict):
+        return list(tree.values())
+    return None
+
+
+def input_leaves(tree: Any) -> list[Any]:
+    """The leaves of a step's inputs (tensors and other values), depth first."""
+    children = _children(tree)
+    return [tree] if children is None else [leaf for child in children for leaf in input_leaves(child)]
+
+
+def input_structure(tree: Any) -> Any:
+    """What a replay needs unchanged: the containers (types, keys), each tensor's shape and dtype, every
+    other value."""
+    children = _children(tree)
+    if children is None:
+        return ("tensor", tuple(tree.shape), tree.dtype) if isinstance(tree, torch.Tensor) else ("value", tree)
+    return (type(tree), tuple(tree) if isinstance(tree, dict) else len(children), tuple(map(input_structure, children)))
+
+
+def clone_inputs(tree: Any) -> Any:
+    """The same tree with every tensor cloned (the graph's static input buffers)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.clone()
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        fields = [field.name for field in dataclasses.fields(tree) if field.init]
+        return dataclasses.replace(tree, **{name: clone_inputs(getattr(tree, name)) for name in fields})
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # a named tuple
+        return type(tree)(*map(clone_inputs, tree))
+    if isinstance(tree, list | tuple):
+        return type(tree)(map(clone_inputs, tree))
+    if isinstance(tree, dict):
+        return {key: clone_inputs(value) for key, value in tree.items()}
+    return tree
+
+
+class StaticInputs:
+    """The captured step's input buffers: a copy of the first captured call's inputs (``tree``), into
+    which every replay's inputs are copied (:meth:`load`)."""
+
+    def __init__(self, inputs: Any) -> None:
+        self.tree = clone_inputs(inputs)
+        self.leaves, self.structure = input_leaves(self.tree), input_structure(self.tree)
+
+    def load(self, inputs: Any) -> None:
+        """Copy ``inputs`` into the buffers; ValueError if their structure, a tensor's shape or dtype, or a
+        non-tensor value differs from the captured inputs'."""
+        leaves = input_leaves(inputs)
+        if input_structure(inputs) != self.structure:
+            for mine, new in zip(self.leaves, leaves):
+                if isinstance(mine, torch.Tensor) and isinstance(new, torch.Tensor):
+                    if (new.shape, new.dtype) != (mine.shape, mine.dtype):
+                        raise ValueError(
+                            f"StepGraph: an input of shape {tuple(new.shape)} {new.dtype} replaces the captured "
+                            f"{tuple(mine.shape)} {mine.dtype}; a captured step needs static shapes"
+                        )
+            raise ValueError("StepGraph: the step's inputs changed structure or non-tensor values after the capture")
+        for mine, new in zip(self.leaves, leaves, strict=True):
+            if isinstance(mine, torch.Tensor):
+                mine.copy_(new, non_blocking=True)
+
+
 class StepGraph:
     """Run ``step(inputs) → {name: tensor}`` eagerly ``warmup`` times, then capture it and replay.
 
-    ``inputs`` is a pytree (lists, tuples, named tuples) of tensors and Nones with the same structure,
-    shapes and dtypes at every call; the outputs are fresh tensors (copies of the graph's static
-    outputs, which the next replay overwrites). ``optimizers`` are marked capturable during the capture.
+    ``inputs`` is a tree of containers (lists, tuples, dicts, dataclasses) holding tensors and other
+    values, with the same structure, shapes, dtypes and non-tensor values at every call; the outputs
+    are fresh tensors (copies of the graph's static outputs, which the next replay overwrites).
+    ``optimizers`` are marked capturable during the capture.
     """
 
     def __init__(
@@ -92,10 +161,9 @@ class StepGraph:
         self.step, self.warmup, self.optimizers = step, warmup, tuple(optimizers)
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.static_inputs: list[Any] = []
+        self.static_inputs: StaticInputs | None = None
         self.static_outputs: StepOutputs = {}
-        self._spec: Any = None
-        self._stream = torch.cuda.Stream()
+        self._stream: torch.cuda.Stream | None = None
 
     @property
     def captured(self) -> bool:
@@ -108,7 +176,8 @@ class StepGraph:
         if self.graph is None:
             self._capture(inputs)
         else:
-            self._load(inputs)
+            assert self.static_inputs is not None
+            self.static_inputs.load(inputs)
         assert self.graph is not None
         self.graph.replay()
         return {name: value.clone() for name, value in self.static_outputs.items()}
@@ -116,6 +185,8 @@ class StepGraph:
     def _eager(self, inputs: Any) -> StepOutputs:
         """A warm-up step on the side stream (PyTorch's capture recipe: lazy initialisations such as
         cuBLAS workspaces then belong to the stream the capture uses)."""
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
         self._stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self._stream):
             outputs = self.step(inputs)
@@ -123,8 +194,7 @@ class StepGraph:
         return outputs
 
     def _capture(self, inputs: Any) -> None:
-        static = tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, inputs)
-        self.static_inputs, self._spec = tree_flatten(static)
+        self.static_inputs = StaticInputs(inputs)
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
         # the warm-up's blocks are cached for its side stream; the graph allocates from a pool of its own
@@ -132,7 +202,7 @@ class StepGraph:
         try:
             # thread_local: the data loader's pinning thread may call CUDA while this thread captures
             with capturable(self.optimizers), torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                outputs = self.step(static)
+                outputs = self.step(self.static_inputs.tree)
         except RuntimeError as exc:
             raise RuntimeError(
                 f"training.cuda_graph: capturing the training step failed ({exc}). The step must not "
@@ -140,19 +210,3 @@ class StepGraph:
                 "training.cuda_graph=false to train without the graph"
             ) from exc
         self.static_outputs, self.graph = outputs, graph
-
-    def _load(self, inputs: Any) -> None:
-        """Copy the step's inputs into the captured buffers (same structure, shapes and dtypes)."""
-        leaves, spec = tree_flatten(inputs)
-        if spec != self._spec:
-            raise ValueError(f"StepGraph: the step's inputs changed structure after the capture: {spec}")
-        for mine, new in zip(self.static_inputs, leaves, strict=True):
-            if isinstance(mine, torch.Tensor):
-                if new.shape != mine.shape or new.dtype != mine.dtype:
-                    raise ValueError(
-                        f"StepGraph: an input of shape {tuple(new.shape)} {new.dtype} replaces the captured "
-                        f"{tuple(mine.shape)} {mine.dtype}; a captured step needs static shapes"
-                    )
-                mine.copy_(new, non_blocking=True)
-            elif new != mine:
-                raise ValueError(f"StepGraph: a non-tensor input changed after the capture: {mine!r} → {new!r}")
