@@ -11,9 +11,9 @@ import torch
 
 from helpers import QUICK_TINY
 from tvm.config import compose_config
+from tvm.method.times import StepDraws
 from tvm.runtime.checkpoint import CheckpointManager, load_checkpoint
 from tvm.train.loop import run
-from tvm.method.times import StepDraws
 from tvm.train.step_graph import StaticInputs, StepGraph, capturable, check_cuda_graph_supported
 
 CUDA = torch.device("cuda")
@@ -70,7 +70,9 @@ def step_parts(seed: int, n: int = 4, labels: bool = True) -> list[tuple]:
     """Inputs shaped like the loop's: per micro-batch ``(x, labels or None, StepDraws)``."""
     gen = torch.Generator().manual_seed(seed)
     draws = StepDraws(
-        *(torch.rand(n, 1, 1, 1, generator=gen) for _ in range(4)), torch.randn(n, 2, 8, 8), torch.rand(n) < 0.5
+        *(torch.rand(n, 1, 1, 1, generator=gen) for _ in range(4)),
+        torch.randn(n, 2, 8, 8, generator=gen),
+        torch.rand(n, generator=gen) < 0.5,
     )
     return [(torch.randn(n, 2, 8, 8, generator=gen), torch.eye(10)[:n] if labels else None, draws)] * 2
 

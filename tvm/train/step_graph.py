@@ -15,8 +15,9 @@ PyTorch's whole-network capture (``torch.cuda.graph``), in three phases:
    replay is the step.
 3. **Replay.** Every later step copies its inputs into the static buffers and replays.
 
-A replay runs the eager step's kernels on the same inputs, so the run's numbers do not change
-(``tests/train/test_step_graph.py`` compares the weights bit for bit on a GPU).
+A replay runs the eager step's kernels on the same inputs, so the run's numbers should not change:
+``tests/train/test_step_graph.py`` compares a captured run with the eager run bit for bit on a GPU
+(not yet run green: docs/benchmarks.md, Round 7; hence experimental).
 
 What the step must allow (:func:`check_cuda_graph_supported` names each setting that breaks it):
 static shapes (every micro-batch has ``batch_gpu`` images), no host synchronisation inside (the
