@@ -457,10 +457,12 @@ def measure(kind: str, variant: str, cfg, R: int, x: torch.Tensor, labels: torch
                 )
             ]
         if kind == "tvm":
-            run = graphed_tvm_step(state, cfg, x, labels, net, plan) if plan.graph else None
-            times = time_steps(
-                run or (lambda i: tvm_step(state, cfg, x, labels, i, net, plan=plan)), args.warmup, args.steps
+            run = (
+                graphed_tvm_step(state, cfg, x, labels, net, plan)
+                if plan.graph
+                else lambda i: tvm_step(state, cfg, x, labels, i, net, plan=plan)
             )
+            times = time_steps(run, args.warmup, args.steps)
         else:
             times = time_steps(lambda i: fm_step(state, cfg, x, labels, i, net), args.warmup, args.steps)
     except torch.OutOfMemoryError:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping, TypeVar
 
 import torch
+from torch.utils._pytree import register_pytree_node
 
 TIME_SCHEMES = ("gap", "trunc", "clamp")
 FM_TIMES = ("separate", "shared")
@@ -185,6 +186,16 @@ class StepDraws:
 
     def to(self, device: torch.device | str) -> "StepDraws":
         return StepDraws(*(getattr(self, f).to(device) for f in ("t", "s", "s_prime", "beta", "noise", "drop")))
+
+
+# A pytree node (its fields are the leaves, in order), so that tree utilities such as the captured step's
+# input copy (tvm/train/step_graph.py) reach its tensors. (register_pytree_node: torch >= 2.2; the
+# dataclass shortcut came later.)
+register_pytree_node(
+    StepDraws,
+    lambda draws: ([getattr(draws, f.name) for f in fields(draws)], None),
+    lambda leaves, _: StepDraws(*leaves),
+)
 
 
 def draw_step(

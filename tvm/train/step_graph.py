@@ -29,11 +29,11 @@ the capture (the learning rate and the EMA decays are constants).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_map
 
 from tvm.compiling import uses_cuda_graphs
 
@@ -77,69 +77,37 @@ def capturable(optimizers: Sequence[torch.optim.Optimizer]) -> Iterator[None]:
             group["capturable"] = flag
 
 
-def _children(tree: Any) -> list[Any] | None:
-    """The sub-trees of a container (dataclass fields, tuple or list items, dict values); None for a leaf."""
-    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
-        return [getattr(tree, field.name) for field in dataclasses.fields(tree)]
-    if isinstance(tree, list | tuple):
-        return list(tree)
-    if isinstance(tree, dict):
-        return list(tree.values())
-    return None
-
-
-def input_leaves(tree: Any) -> list[Any]:
-    """The leaves of a step's inputs (tensors and other values), depth first."""
-    children = _children(tree)
-    return [tree] if children is None else [leaf for child in children for leaf in input_leaves(child)]
-
-
-def input_structure(tree: Any) -> Any:
-    """What a replay needs unchanged: the containers (types, keys), each tensor's shape and dtype, every
-    other value."""
-    children = _children(tree)
-    if children is None:
-        return ("tensor", tuple(tree.shape), tree.dtype) if isinstance(tree, torch.Tensor) else ("value", tree)
-    return (type(tree), tuple(tree) if isinstance(tree, dict) else len(children), tuple(map(input_structure, children)))
-
-
-def clone_inputs(tree: Any) -> Any:
-    """The same tree with every tensor cloned (the graph's static input buffers)."""
-    if isinstance(tree, torch.Tensor):
-        return tree.clone()
-    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
-        fields = [field.name for field in dataclasses.fields(tree) if field.init]
-        return dataclasses.replace(tree, **{name: clone_inputs(getattr(tree, name)) for name in fields})
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # a named tuple
-        return type(tree)(*map(clone_inputs, tree))
-    if isinstance(tree, list | tuple):
-        return type(tree)(map(clone_inputs, tree))
-    if isinstance(tree, dict):
-        return {key: clone_inputs(value) for key, value in tree.items()}
-    return tree
-
-
 class StaticInputs:
     """The captured step's input buffers: a copy of the first captured call's inputs (``tree``), into
     which every replay's inputs are copied (:meth:`load`)."""
 
     def __init__(self, inputs: Any) -> None:
-        self.tree = clone_inputs(inputs)
-        self.leaves, self.structure = input_leaves(self.tree), input_structure(self.tree)
+        self.tree = tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, inputs)
+        self.leaves, self.spec = tree_flatten(self.tree)
+        plain = torch.Tensor | bool | int | float | str | None
+        opaque = {type(v).__name__ for v in self.leaves if not isinstance(v, plain)}
+        if opaque:
+            raise TypeError(
+                f"StepGraph: the step's inputs hold {sorted(opaque)}, which are not pytree nodes, so their tensors "
+                "would not be copied into the graph's buffers: register them (torch.utils._pytree.register_pytree_node)"
+            )
 
     def load(self, inputs: Any) -> None:
         """Copy ``inputs`` into the buffers; ValueError if their structure, a tensor's shape or dtype, or a
-        non-tensor value differs from the captured inputs'."""
-        leaves = input_leaves(inputs)
-        if input_structure(inputs) != self.structure:
-            for mine, new in zip(self.leaves, leaves):
-                if isinstance(mine, torch.Tensor) and isinstance(new, torch.Tensor):
-                    if (new.shape, new.dtype) != (mine.shape, mine.dtype):
-                        raise ValueError(
-                            f"StepGraph: an input of shape {tuple(new.shape)} {new.dtype} replaces the captured "
-                            f"{tuple(mine.shape)} {mine.dtype}; a captured step needs static shapes"
-                        )
-            raise ValueError("StepGraph: the step's inputs changed structure or non-tensor values after the capture")
+        non-tensor value differs from the captured inputs' (checked before anything is copied)."""
+        leaves, spec = tree_flatten(inputs)
+        is_tensor = [isinstance(leaf, torch.Tensor) for leaf in self.leaves]
+        if spec != self.spec or is_tensor != [isinstance(leaf, torch.Tensor) for leaf in leaves]:
+            raise ValueError("StepGraph: the step's inputs changed structure after the capture")
+        for mine, new in zip(self.leaves, leaves, strict=True):
+            if not isinstance(mine, torch.Tensor):
+                if new != mine:
+                    raise ValueError(f"StepGraph: a non-tensor input changed after the capture: {mine!r} → {new!r}")
+            elif (new.shape, new.dtype) != (mine.shape, mine.dtype):
+                raise ValueError(
+                    f"StepGraph: an input of shape {tuple(new.shape)} {new.dtype} replaces the captured "
+                    f"{tuple(mine.shape)} {mine.dtype}; a captured step needs static shapes"
+                )
         for mine, new in zip(self.leaves, leaves, strict=True):
             if isinstance(mine, torch.Tensor):
                 mine.copy_(new, non_blocking=True)
@@ -148,8 +116,8 @@ class StaticInputs:
 class StepGraph:
     """Run ``step(inputs) → {name: tensor}`` eagerly ``warmup`` times, then capture it and replay.
 
-    ``inputs`` is a tree of containers (lists, tuples, dicts, dataclasses) holding tensors and other
-    values, with the same structure, shapes, dtypes and non-tensor values at every call; the outputs
+    ``inputs`` is a pytree (lists, tuples, dicts, registered dataclasses such as ``StepDraws``) of
+    tensors and other values, with the same structure, shapes, dtypes and non-tensor values at every call; the outputs
     are fresh tensors (copies of the graph's static outputs, which the next replay overwrites).
     ``optimizers`` are marked capturable during the capture.
     """
