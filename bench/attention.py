@@ -9,7 +9,9 @@
 2. Timing (median of CUDA-event timings after warm-up), H=18, D=64, N ∈ {256, 1024},
    B ∈ {32, 64}, bf16 inputs ~N(0,1): our op (with launch plans, and with FAST_LAUNCH off, i.e.
    Triton's dispatch on every launch), our autograd.Function under torch.func.jvp, math
-   attention under torch.func.jvp, and SDPA without JVP; forward and forward+backward, peak memory
+   attention under torch.func.jvp, and SDPA without JVP; our op and SDPA also replayed from a CUDA
+   graph (no host work per launch, as inside the training step's graph, ``training.cuda_graph``),
+   after checking that the replay equals the eager call bit for bit; forward and forward+backward, peak memory
    of forward+backward, TFLOP/s by the counts of docs/attention_jvp.md §5 (u = N²·D per
    batch·head: JVP forward 12u, JVP forward+backward 42u; SDPA forward 4u, forward+backward 14u).
 """
@@ -123,6 +125,27 @@ def median_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
+def cuda_graphed(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` captured once as a CUDA graph (after 3 warm-up calls on a side stream); the returned
+    callable replays it and returns the captured call's outputs, which each replay rewrites. This is
+    how the op runs inside the training step's graph (``training.cuda_graph``): no host work per launch."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn()
+
+    def replay() -> object:
+        graph.replay()
+        return outputs
+
+    return replay
+
+
 def peak_gib(fn: Callable[[], object]) -> float:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -141,18 +164,21 @@ def timing_rows(batch: int, n_ctx: int, heads: int = 18, head_dim: int = 64) -> 
     def jvp_fwd_bwd(attention):
         def run():
             o, t = attention(*inputs)
-            torch.autograd.grad((o, t), inputs, (grad_o, grad_t))
+            return (o, t, *torch.autograd.grad((o, t), inputs, (grad_o, grad_t)))
 
         return run
 
     def sdpa_fwd_bwd():
         o = F.scaled_dot_product_attention(q, k, v)
-        torch.autograd.grad(o, (q, k, v), grad_o)
+        return torch.autograd.grad(o, (q, k, v), grad_o)
+
+    def sdpa(q, k, v, *_):
+        return F.scaled_dot_product_attention(q, k, v)
 
     def no_grad(fn):
         def run():
             with torch.no_grad():
-                fn(*inputs)
+                return fn(*inputs)
 
         return run
 
@@ -163,8 +189,13 @@ def timing_rows(batch: int, n_ctx: int, heads: int = 18, head_dim: int = 64) -> 
 
         return run
 
+    eager = jvp_fwd_bwd(attention_with_tangent)()
+    graphed = cuda_graphed(jvp_fwd_bwd(attention_with_tangent))
+    same = all(torch.equal(a, b) for a, b in zip(eager, graphed()))
+    print(f"  N={n_ctx} B={batch}: op fwd+bwd replayed from a CUDA graph equals the eager call bit for bit: {same}")
     variants = [
         ("ours: op", no_grad(attention_with_tangent), jvp_fwd_bwd(attention_with_tangent), 12, 42),
+        ("ours: op, CUDA graph", cuda_graphed(no_grad(attention_with_tangent)), graphed, 12, 42),
         (
             "ours: op, no plans",
             dispatch_path(no_grad(attention_with_tangent)),
@@ -174,7 +205,8 @@ def timing_rows(batch: int, n_ctx: int, heads: int = 18, head_dim: int = 64) -> 
         ),
         ("ours: func.jvp", no_grad(with_func_jvp), jvp_fwd_bwd(with_func_jvp), 12, 42),
         ("math func.jvp", no_grad(attention_jvp_math), jvp_fwd_bwd(attention_jvp_math), 12, 42),
-        ("SDPA (no JVP)", no_grad(lambda q, k, v, *_: F.scaled_dot_product_attention(q, k, v)), sdpa_fwd_bwd, 4, 14),
+        ("SDPA (no JVP)", no_grad(sdpa), sdpa_fwd_bwd, 4, 14),
+        ("SDPA (no JVP), CUDA graph", cuda_graphed(no_grad(sdpa)), cuda_graphed(sdpa_fwd_bwd), 4, 14),
     ]
     rows = []
     for name, fwd, fwd_bwd, fwd_units, total_units in variants:

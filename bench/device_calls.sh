@@ -6,7 +6,8 @@
 #   bash bench/device_calls.sh PART
 #
 # PART: profile | full | full-check | full-graphs | autotune | autotune-check | rows | split | split-graphs | split-more |
-#   split-profile | split-order | graph | graph-order | estimator | launch-ab | plain | gen-autotune | 512 | coldstart | fsdp2 | attention
+#   split-profile | split-order | graph | graph-order | estimator | launch-ab | plain | gen-profile | gen-autotune | 512 |
+#   coldstart | fsdp2 | attention
 #
 # Run from the repository root on the GPU machine. Wheels the machine lacks (hydra-core, omegaconf,
 # antlr4-python3-runtime) are installed from .whl/ when that folder exists (docs/benchmarks.md,
@@ -15,7 +16,7 @@
 # the call limit still returns what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: bash bench/device_calls.sh profile|full|full-check|full-graphs|autotune|autotune-check|rows|split|split-graphs|split-more|split-profile|split-order|graph|graph-order|estimator|launch-ab|plain|gen-autotune|512|coldstart|fsdp2|attention}"
+part="${1:?usage: bash bench/device_calls.sh profile|full|full-check|full-graphs|autotune|autotune-check|rows|split|split-graphs|split-more|split-profile|split-order|graph|graph-order|estimator|launch-ab|plain|gen-profile|gen-autotune|512|coldstart|fsdp2|attention}"
 if [ -d .whl ] && ! python3 -c "import hydra" 2>/dev/null; then
     site="$(mktemp -d)"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
@@ -83,6 +84,8 @@ launch-ab) # the attention launch plans on, then off, in one process (issue 16 i
     step --ab-fast-launch "$default" --variants '' --check '' --plain '' ;;
 plain) # flow-matching step and 1-step generation (batch 256)
     step --variants '' --check '' --plain fm:blocks,fm:eager,gen:compile,gen:blocks ;;
+gen-profile) # where the time of 1-step generation (batch 256, whole DiT compiled) goes
+    step --profile gen:compile --variants '' --check '' --plain '' ;;
 gen-autotune) # 1-step generation compiled, and with autotuned GEMM templates (generate.py --compile max-autotune-no-cudagraphs)
     step --variants '' --check '' --plain gen:compile,gen:compile:mode=max-autotune-no-cudagraphs ;;
 512) # 512 px, per-GPU batch 8

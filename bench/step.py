@@ -307,18 +307,13 @@ def phase_times(state: RunState, cfg, x, labels, net, warmup: int, steps: int, p
     return {name: statistics.median(v) for name, v in phases.items()}
 
 
-def profile(cfg, R: int, variant: str, x, labels, args) -> None:
-    """Where the time of one TVM step goes: kernel time by category (torch.profiler over
-    ``args.steps`` steps, per step), the phases, and the host gap = step time − GPU busy time."""
-    state, net, plan = tvm_state(cfg, R, variant, args.recompute)
-    wall = statistics.median(
-        time_steps(lambda i: tvm_step(state, cfg, x, labels, i, net, plan=plan), args.warmup, args.steps)
-    )
-    phases = phase_times(state, cfg, x, labels, net, 1, args.steps, plan)
+def print_kernel_profile(name: str, run: Callable[[int], object], wall: float, steps: int) -> None:
+    """Kernel time of ``run`` by category (torch.profiler over ``steps`` calls, per call), the host gap
+    = ``wall`` (the unprofiled median ms of a call) − GPU busy time, and the top kernels."""
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
-        for i in range(args.steps):
-            tvm_step(state, cfg, x, labels, 100 + i, net, plan=plan)
+        for i in range(steps):
+            run(100 + i)
         torch.cuda.synchronize()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
@@ -329,23 +324,49 @@ def profile(cfg, R: int, variant: str, x, labels, args) -> None:
     by_category: dict[str, float] = collections.defaultdict(float)
     by_name: dict[str, float] = collections.defaultdict(float)
     for e in kernels:
-        by_category[kernel_category(e["name"])] += e["dur"] / 1e3 / args.steps
-        by_name[e["name"]] += e["dur"] / 1e3 / args.steps
-    busy = _busy_ms([(e["ts"], e["ts"] + e["dur"]) for e in kernels]) / args.steps
+        by_category[kernel_category(e["name"])] += e["dur"] / 1e3 / steps
+        by_name[e["name"]] += e["dur"] / 1e3 / steps
+    busy = _busy_ms([(e["ts"], e["ts"] + e["dur"]) for e in kernels]) / steps
     print(
-        f"# profile of {variant}: step {wall:.1f} ms (median of {args.steps}, unprofiled); GPU busy "
-        f"{busy:.1f} ms/step; {len(kernels) / args.steps:.0f} kernels/step"
+        f"# profile of {name}: {wall:.1f} ms per call (median of {steps}, unprofiled); GPU busy "
+        f"{busy:.1f} ms/call; {len(kernels) / steps:.0f} kernels/call"
     )
-    print("| category | ms/step | share of step |\n|---|---|---|")
+    print("| category | ms/call | share of call |\n|---|---|---|")
     for category, ms in sorted(by_category.items(), key=lambda kv: -kv[1]):
         print(f"| {category} | {ms:.1f} | {ms / wall:.1%} |")
-    print(f"| host gaps (step − GPU busy) | {wall - busy:.1f} | {(wall - busy) / wall:.1%} |")
+    print(f"| host gaps (call − GPU busy) | {wall - busy:.1f} | {(wall - busy) / wall:.1%} |")
+    print("# top kernels (ms/call):")
+    for kernel, ms in sorted(by_name.items(), key=lambda kv: -kv[1])[:25]:
+        print(f"#   {ms:7.2f}  [{kernel_category(kernel)}] {kernel[:110]}")
+
+
+def profile(cfg, R: int, variant: str, x, labels, args) -> None:
+    """Where the time of one TVM step goes (``variant``), or of one 1-step generation call at batch
+    ``args.sample_batch`` (``variant`` = ``gen:eager|compile|blocks[:mode=M]``): kernel time by
+    category, host gaps, and for a TVM step its phases."""
+    if variant.startswith("gen:"):
+        how, _, mode = variant.removeprefix("gen:").partition(":mode=")
+        state = build_state(cfg, R, DEFAULT_PLAN)
+        prepare(state, "gen", how, mode=mode or None)
+        z, lab = generation_inputs(args.sample_batch, R)
+
+        def generate(i: int) -> torch.Tensor:
+            return sample(state.ema, z, lab, 1, 2.0)
+
+        wall = statistics.median(time_steps(generate, args.warmup, max(args.steps, 20)))
+        print_kernel_profile(f"1-step generation, batch {args.sample_batch}, {variant}", generate, wall, args.steps)
+        return
+    state, net, plan = tvm_state(cfg, R, variant, args.recompute)
+
+    def run(i: int) -> object:
+        return tvm_step(state, cfg, x, labels, i, net, plan=plan)
+
+    wall = statistics.median(time_steps(run, args.warmup, args.steps))
+    phases = phase_times(state, cfg, x, labels, net, 1, args.steps, plan)
+    print_kernel_profile(variant, run, wall, args.steps)
     print("| phase (CUDA events) | ms/step |\n|---|---|")
     for name, ms in phases.items():
         print(f"| {name} | {ms:.1f} |")
-    print("# top kernels (ms/step):")
-    for name, ms in sorted(by_name.items(), key=lambda kv: -kv[1])[:25]:
-        print(f"#   {ms:7.2f}  [{kernel_category(name)}] {name[:110]}")
 
 
 def grads_of(state: RunState) -> torch.Tensor:
@@ -425,6 +446,12 @@ def tvm_state(cfg, resolution: int, variant: str, recompute: str) -> tuple[RunSt
     return state, prepare(state, "tvm", parsed.how, parsed.budget, parsed.mode, parsed.estimator), parsed
 
 
+def generation_inputs(n: int, R: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise ``[n, 4, R, R]`` and one-hot labels ``[n, 1000]`` of a 1-step generation call."""
+    z = torch.randn(n, 4, R, R, device="cuda")
+    return z, torch.nn.functional.one_hot(torch.randint(0, 1000, (n,), device="cuda"), 1000).float()
+
+
 def measure(kind: str, variant: str, cfg, R: int, x: torch.Tensor, labels: torch.Tensor, args) -> list[tuple]:
     """Table rows for one step kind (``tvm``, ``fm`` or ``gen``) and variant; OOM is a row too.
 
@@ -442,9 +469,8 @@ def measure(kind: str, variant: str, cfg, R: int, x: torch.Tensor, labels: torch
     torch.cuda.reset_peak_memory_stats()
     try:
         if kind == "gen":
-            z = torch.randn(args.sample_batch, 4, R, R, device="cuda")
-            lab = torch.nn.functional.one_hot(torch.randint(0, 1000, (args.sample_batch,), device="cuda"), 1000)
-            times = time_steps(lambda i: sample(state.ema, z, lab.float(), 1, 2.0), args.warmup, max(args.steps, 20))
+            z, lab = generation_inputs(args.sample_batch, R)
+            times = time_steps(lambda i: sample(state.ema, z, lab, 1, 2.0), args.warmup, max(args.steps, 20))
             ms = statistics.median(times)
             return [
                 (
@@ -452,7 +478,7 @@ def measure(kind: str, variant: str, cfg, R: int, x: torch.Tensor, labels: torch
                     f"batch {args.sample_batch}, {variant}",
                     ms,
                     args.sample_batch / ms * 1e3,
-                    None,
+                    state.ema.model.forward_flops() * args.sample_batch / (ms / 1e3) / args.peak,
                     torch.cuda.max_memory_allocated() / 2**30,
                 )
             ]
@@ -562,7 +588,10 @@ def main() -> None:
     )
     parser.add_argument("--sample-batch", type=int, default=256, help="batch of the 1-step generation timing")
     parser.add_argument(
-        "--profile", default="", help="a TVM variant to profile first: kernel time by category, phases, host gaps"
+        "--profile",
+        default="",
+        help="a TVM variant, or gen:eager|compile|blocks[:mode=M] for 1-step generation, to profile first: kernel "
+        "time by category, host gaps (and a TVM step's phases)",
     )
     parser.add_argument(
         "--ab-fast-launch",
@@ -576,7 +605,8 @@ def main() -> None:
     variants = [v for v in args.variants.split(",") if v]
     timed = variants + ([args.ab_fast_launch] if args.ab_fast_launch is not None else [])
     checked = checked_variants(args.check, timed)
-    for v in dict.fromkeys(timed + checked + [args.profile] * bool(args.profile)):  # bad ones fail before GPU work
+    profiled_tvm = [args.profile] if args.profile and not args.profile.startswith("gen:") else []
+    for v in dict.fromkeys(timed + checked + profiled_tvm):  # bad ones fail before GPU work
         if args.batch % Variant.parse(v).rounds:
             raise SystemExit(f"variant {v!r}: its rounds do not divide the batch {args.batch}")
         if Variant.parse(v).graph and (v not in variants or args.warmup < 3):
