@@ -70,10 +70,10 @@ split-order) # the split and one-backward steps in the other order at 256 px, th
     step --variants "$default,$joint" --check '' --plain ''
     step --resolution 512 --batch 8 --variants "$joint,$default" --check '' --plain ''
     step --resolution 512 --batch 8 --variants "$default,$joint" --check '' --plain '' ;;
-graph) # the whole step as one CUDA graph (training.cuda_graph): the default step without and with the graph, then the
-    # graph's GPU tests (a captured tiny run equals the eager run bit for bit)
-    step --variants "$default,$default:graph=1" --check '' --plain ''
-    TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/train/test_step_graph.py ;;
+graph) # the whole step as one CUDA graph (training.cuda_graph): the graph's GPU tests (a captured tiny run equals the
+    # eager run bit for bit), then the default step without and with the graph
+    TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/train/test_step_graph.py
+    step --variants "$default,$default:graph=1" --check '' --plain '' ;;
 graph-order) # the same two steps in the other order at 256 px with the default's check against torch.func.jvp, then
     # in both orders at 512 px, batch 8
     step --variants "$default:graph=1,$default" --check "$default" --plain ''
