@@ -6,8 +6,8 @@
 #   bash bench/device_calls.sh PART
 #
 # PART: profile | full | full-check | full-graphs | autotune | autotune-check | rows | split | split-graphs | split-more |
-#   split-profile | split-order | graph | graph-order | estimator | launch-ab | plain | gen-profile | gen-autotune | 512 |
-#   coldstart | fsdp2 | attention
+#   split-profile | split-order | graph | graph-order | headroom | estimator | launch-ab | plain | gen-profile |
+#   gen-autotune | 512 | coldstart | fsdp2 | attention
 #
 # Run from the repository root on the GPU machine. Wheels the machine lacks (hydra-core, omegaconf,
 # antlr4-python3-runtime) are installed from .whl/ when that folder exists (docs/benchmarks.md,
@@ -16,7 +16,7 @@
 # the call limit still returns what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: bash bench/device_calls.sh profile|full|full-check|full-graphs|autotune|autotune-check|rows|split|split-graphs|split-more|split-profile|split-order|graph|graph-order|estimator|launch-ab|plain|gen-profile|gen-autotune|512|coldstart|fsdp2|attention}"
+part="${1:?usage: bash bench/device_calls.sh profile|full|full-check|full-graphs|autotune|autotune-check|rows|split|split-graphs|split-more|split-profile|split-order|graph|graph-order|headroom|estimator|launch-ab|plain|gen-profile|gen-autotune|512|coldstart|fsdp2|attention}"
 if [ -d .whl ] && ! python3 -c "import hydra" 2>/dev/null; then
     site="$(mktemp -d)"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
@@ -78,6 +78,9 @@ graph-order) # the same two steps in the other order at 256 px with the default'
     # in both orders at 512 px, batch 8
     step --variants "$default:graph=1,$default" --check "$default" --plain ''
     step --resolution 512 --batch 8 --variants "$default,$default:graph=1,$default" --check '' --plain '' ;;
+headroom) # the split step's peak (27.2 GiB) leaves ≈ 4.8 GiB under the issue's 32 GiB: the terminal-velocity pass's
+    # graphs at budgets 0.8 and 0.85 (less recomputation) after the default in the same process
+    step --variants "$default,${default/budget=0.7/budget=0.8},${default/budget=0.7/budget=0.85}" --check '' --plain '' ;;
 estimator) # what the budget recomputes, chosen by FLOP count (PyTorch's default) or by each op's measured time
     step --variants "$default,$default:estimator=profile" --check "$default:estimator=profile" --plain '' ;;
 launch-ab) # the attention launch plans on, then off, in one process (issue 16 item 5)
