@@ -6,7 +6,7 @@
 #   bash bench/device_calls.sh PART
 #
 # PART: profile | full | full-check | full-graphs | autotune | autotune-check | rows | split | split-graphs | split-more |
-#   split-profile | split-order | graph | graph-order | headroom | estimator | launch-ab | plain | gen-profile |
+#   split-profile | split-order | graph-test | graph | graph-order | headroom | estimator | launch-ab | plain | gen-profile |
 #   gen-autotune | 512 | coldstart | fsdp2 | attention
 #
 # Run from the repository root on the GPU machine. Wheels the machine lacks (hydra-core, omegaconf,
@@ -16,7 +16,7 @@
 # the call limit still returns what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: bash bench/device_calls.sh profile|full|full-check|full-graphs|autotune|autotune-check|rows|split|split-graphs|split-more|split-profile|split-order|graph|graph-order|headroom|estimator|launch-ab|plain|gen-profile|gen-autotune|512|coldstart|fsdp2|attention}"
+part="${1:?usage: bash bench/device_calls.sh profile|full|full-check|full-graphs|autotune|autotune-check|rows|split|split-graphs|split-more|split-profile|split-order|graph-test|graph|graph-order|headroom|estimator|launch-ab|plain|gen-profile|gen-autotune|512|coldstart|fsdp2|attention}"
 if [ -d .whl ] && ! python3 -c "import hydra" 2>/dev/null; then
     site="$(mktemp -d)"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
@@ -27,6 +27,7 @@ out="${OUT:-.}"
 default=explicit:triton:blocks:budget=0.7:split=1:fm_budget=1.0 # the configs' training step (im256_w2.yaml)
 joint=explicit:triton:blocks:budget=0.7 # the same with one backward of the sum (the configs' step until 2026-12-06)
 step() { python3 bench/step.py --steps 6 --warmup 3 "$@"; }
+graph_test() { TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/train/test_step_graph.py; }
 
 case "$part" in
 profile) # where the time goes, the default step, the launch-plan A/B (issue 16 item 5) and CUDA graphs, checked
@@ -70,9 +71,12 @@ split-order) # the split and one-backward steps in the other order at 256 px, th
     step --variants "$default,$joint" --check '' --plain ''
     step --resolution 512 --batch 8 --variants "$joint,$default" --check '' --plain ''
     step --resolution 512 --batch 8 --variants "$default,$joint" --check '' --plain '' ;;
-graph) # the whole step as one CUDA graph (training.cuda_graph): the graph's GPU tests (a captured tiny run equals the
-    # eager run bit for bit), then the default step without and with the graph
-    TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/train/test_step_graph.py
+graph-test) # the GPU tests of the whole step as one CUDA graph (a captured tiny run equals the eager run bit for bit;
+    # about a minute): the part 'graph' without its A/B, for a call with little device time left
+    graph_test ;;
+graph) # the whole step as one CUDA graph (training.cuda_graph): the graph's GPU tests, then the default step without
+    # and with the graph
+    graph_test
     step --variants "$default,$default:graph=1" --check '' --plain '' ;;
 graph-order) # the same two steps in the other order at 256 px with the default's check against torch.func.jvp, then
     # in both orders at 512 px, batch 8
