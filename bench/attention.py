@@ -22,7 +22,7 @@ import argparse
 import datetime
 import statistics
 import time
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -125,21 +125,10 @@ def median_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
-def detached(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    return tuple(x.detach() for x in tensors)
-
-
-def cuda_graphed(fn: Callable[[], Sequence[torch.Tensor]]) -> Callable[[], tuple[torch.Tensor, ...]]:
+def cuda_graphed(fn: Callable[[], object]) -> Callable[[], object]:
     """``fn`` captured once as a CUDA graph (after 3 warm-up calls on a side stream); the returned
     callable replays it and returns the captured call's outputs, which each replay rewrites. This is
-    how the op runs inside the training step's graph (``training.cuda_graph``): no host work per launch.
-
-    ``fn`` returns a sequence of tensors; they are kept detached, so the captured autograd graph and the
-    inputs' gradient accumulators it holds (each bound to the stream it was made on) die with the
-    capture. A leaf's accumulator made on the default stream and still alive fails a later capture that
-    runs a backward through it ("operation would make the legacy stream depend on a capturing blocking
-    stream"; H100, torch 2.11, 2026-12-07): callers also detach the outputs of any eager call before one.
-    """
+    how the op runs inside the training step's graph (``training.cuda_graph``): no host work per launch."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -148,9 +137,9 @@ def cuda_graphed(fn: Callable[[], Sequence[torch.Tensor]]) -> Callable[[], tuple
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        outputs = detached(fn())
+        outputs = fn()
 
-    def replay() -> tuple[torch.Tensor, ...]:
+    def replay() -> object:
         graph.replay()
         return outputs
 
@@ -174,8 +163,12 @@ def timing_rows(batch: int, n_ctx: int, heads: int = 18, head_dim: int = 64) -> 
 
     def jvp_fwd_bwd(attention):
         def run():
+            # Detached: outputs holding their autograd graph would keep the inputs' gradient accumulators
+            # alive, bound to the stream they were made on; a later CUDA-graph capture of this backward then
+            # fails when that was the default stream ("operation would make the legacy stream depend on a
+            # capturing blocking stream"; H100, torch 2.11, 2026-12-07).
             o, t = attention(*inputs)
-            return (o, t, *torch.autograd.grad((o, t), inputs, (grad_o, grad_t)))
+            return (o.detach(), t.detach(), *torch.autograd.grad((o, t), inputs, (grad_o, grad_t)))
 
         return run
 
@@ -184,7 +177,7 @@ def timing_rows(batch: int, n_ctx: int, heads: int = 18, head_dim: int = 64) -> 
         return torch.autograd.grad(o, (q, k, v), grad_o)
 
     def sdpa(q, k, v, *_):
-        return (F.scaled_dot_product_attention(q, k, v),)
+        return F.scaled_dot_product_attention(q, k, v)
 
     def no_grad(fn):
         def run():
@@ -200,7 +193,7 @@ def timing_rows(batch: int, n_ctx: int, heads: int = 18, head_dim: int = 64) -> 
 
         return run
 
-    eager = detached(jvp_fwd_bwd(attention_with_tangent)())
+    eager = jvp_fwd_bwd(attention_with_tangent)()
     graphed = cuda_graphed(jvp_fwd_bwd(attention_with_tangent))
     same = all(torch.equal(a, b) for a, b in zip(eager, graphed()))
     print(f"  N={n_ctx} B={batch}: op fwd+bwd replayed from a CUDA graph equals the eager call bit for bit: {same}")
