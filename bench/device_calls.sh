@@ -7,7 +7,7 @@
 #
 # PART: profile | full | full-check | full-graphs | autotune | autotune-check | rows | split | split-graphs | split-more |
 #   split-profile | split-order | graph-test | graph | graph-order | headroom | estimator | launch-ab | plain | gen-profile |
-#   gen-autotune | 512 | coldstart | fsdp2 | attention
+#   gen-autotune | gen-gelu | 512 | coldstart | fsdp2 | attention
 #
 # Run from the repository root on the GPU machine. Wheels the machine lacks (hydra-core, omegaconf,
 # antlr4-python3-runtime) are installed from .whl/ when that folder exists (docs/benchmarks.md,
@@ -16,7 +16,7 @@
 # the call limit still returns what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: bash bench/device_calls.sh profile|full|full-check|full-graphs|autotune|autotune-check|rows|split|split-graphs|split-more|split-profile|split-order|graph-test|graph|graph-order|headroom|estimator|launch-ab|plain|gen-profile|gen-autotune|512|coldstart|fsdp2|attention}"
+part="${1:?usage: bash bench/device_calls.sh profile|full|full-check|full-graphs|autotune|autotune-check|rows|split|split-graphs|split-more|split-profile|split-order|graph-test|graph|graph-order|headroom|estimator|launch-ab|plain|gen-profile|gen-autotune|gen-gelu|512|coldstart|fsdp2|attention}"
 if [ -d .whl ] && ! python3 -c "import hydra" 2>/dev/null; then
     site="$(mktemp -d)"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
@@ -95,6 +95,10 @@ gen-profile) # where the time of 1-step generation (batch 256, whole DiT compile
     step --profile gen:compile --variants '' --check '' --plain '' ;;
 gen-autotune) # 1-step generation compiled, and with autotuned GEMM templates (generate.py --compile max-autotune-no-cudagraphs)
     step --variants '' --check '' --plain gen:compile,gen:compile:mode=max-autotune-no-cudagraphs ;;
+gen-gelu) # 1-step generation with each block's fc1 + GELU as one GEMM (scripts/generate.py --gelu-epilogue): its GPU
+    # tests (against float64, bf16 accuracy, the compiled DiT), then compiled without and with it (about 3 minutes)
+    TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/models/test_gelu_epilogue.py
+    step --variants '' --check '' --plain gen:compile,gen:compile+gelu ;;
 512) # 512 px, per-GPU batch 8
     step --resolution 512 --batch 8 --variants "$default" --check '' --plain '' ;;
 coldstart) # seconds to the first finished step of `bash train.sh 1 im256_w2.yaml`: cold, run-dir cache, local cache

@@ -342,12 +342,11 @@ def print_kernel_profile(name: str, run: Callable[[int], object], wall: float, s
 
 def profile(cfg, R: int, variant: str, x, labels, args) -> None:
     """Where the time of one TVM step goes (``variant``), or of one 1-step generation call at batch
-    ``args.sample_batch`` (``variant`` = ``gen:eager|compile|blocks[:mode=M]``): kernel time by
+    ``args.sample_batch`` (``variant`` = ``gen:eager|compile|blocks[+gelu][:mode=M]``): kernel time by
     category, host gaps, and for a TVM step its phases."""
     if variant.startswith("gen:"):
-        how, _, mode = variant.removeprefix("gen:").partition(":mode=")
         state = build_state(cfg, R, DEFAULT_PLAN)
-        prepare(state, "gen", how, mode=mode or None)
+        prepare_plain(state, "gen", variant.removeprefix("gen:"))
         z, lab = generation_inputs(args.sample_batch, R)
 
         def generate(i: int) -> torch.Tensor:
@@ -438,6 +437,17 @@ def prepare(
     return state.net
 
 
+def prepare_plain(state: RunState, kind: str, variant: str) -> torch.nn.Module:
+    """:func:`prepare` for a flow-matching or generation ``variant`` = ``how[+gelu][:mode=M]``; ``+gelu``
+    (generation only) runs each block's fc1 + GELU as one GEMM (``DiT.fuse_gelu_epilogue``)."""
+    how, _, mode = variant.partition(":mode=")
+    if how.endswith("+gelu"):
+        if kind != "gen":
+            raise ValueError(f"+gelu is a generation option (the fused GEMM has no backward), not {kind}")
+        state.ema.model.fuse_gelu_epilogue()
+    return prepare(state, kind, how.removesuffix("+gelu"), mode=mode or None)
+
+
 def tvm_state(cfg, resolution: int, variant: str, recompute: str) -> tuple[RunState, torch.nn.Module, Variant]:
     """The run state of a TVM step variant (text, see :class:`Variant`), the network to call and the
     parsed variant (how :func:`tvm_step` runs it)."""
@@ -464,8 +474,7 @@ def measure(kind: str, variant: str, cfg, R: int, x: torch.Tensor, labels: torch
         state, net, plan = tvm_state(cfg, R, variant, args.recompute)
     else:
         state = build_state(cfg, R, DEFAULT_PLAN)
-        how, _, mode = variant.partition(":mode=")
-        net = prepare(state, kind, how, mode=mode or None)
+        net = prepare_plain(state, kind, variant)
     torch.cuda.reset_peak_memory_stats()
     try:
         if kind == "gen":
@@ -570,8 +579,9 @@ def main() -> None:
     parser.add_argument(
         "--plain",
         default="eager,blocks",
-        help="flow-matching step and generation: [fm:|gen:]eager|compile|blocks[:mode=M], "
-        "comma-separated; a prefix limits an entry to that kind ('' for none)",
+        help="flow-matching step and generation: [fm:|gen:]eager|compile|blocks[+gelu][:mode=M], "
+        "comma-separated; a prefix limits an entry to that kind ('' for none); +gelu: generation with fc1 + GELU "
+        "as one GEMM",
     )
     parser.add_argument(
         "--recompute",
@@ -590,8 +600,8 @@ def main() -> None:
     parser.add_argument(
         "--profile",
         default="",
-        help="a TVM variant, or gen:eager|compile|blocks[:mode=M] for 1-step generation, to profile first: kernel "
-        "time by category, host gaps (and a TVM step's phases)",
+        help="a TVM variant, or gen:eager|compile|blocks[+gelu][:mode=M] for 1-step generation, to profile first: "
+        "kernel time by category, host gaps (and a TVM step's phases)",
     )
     parser.add_argument(
         "--ab-fast-launch",

@@ -91,6 +91,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "many images on a GPU: 1903 img/s against 1746 block by block, DiT-XL/2 on an H200, "
         "docs/benchmarks.md. CUDA graphs are not offered: the sampler feeds a step's output back in",
     )
+    parser.add_argument(
+        "--gelu-epilogue",
+        action="store_true",
+        help="on a GPU, run each block's fc1 + GELU as one GEMM with the GELU in its epilogue (one pass less over "
+        "the MLP's activations; differs from the unfused network by the bf16 rounding of the pre-activation; "
+        "docs/benchmarks.md, Round 8)",
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -102,7 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise CheckpointError(f"no checkpoint-<step>.pt files in {args.ckpt}")
         config = compose_config(args.config) if args.config else None
         net, cfg, step = load_network_for_eval(paths[0], args.override, dist.device, config=config)
-        if args.compile is not None:
+        if args.gelu_epilogue:
+            net.model.fuse_gelu_epilogue()
+        if args.compile is not None:  # after the fusion switch, which the compiled graph bakes in
             allow_tracing_this_package()
             net.model.compile(**compile_options(args.compile, cuda_graphs=False))
         classes = parse_classes(args.classes, net.model.num_classes) if args.classes else None

@@ -214,6 +214,23 @@ def test_generate_cli_compile_modes(uncond_ckpt: Path, tmp_path: Path, monkeypat
     assert calls == ([] if options is None else [("DiT", options)])
 
 
+def test_generate_cli_gelu_epilogue_is_set_before_compiling(uncond_ckpt: Path, tmp_path: Path, monkeypatch) -> None:
+    """``--gelu-epilogue`` switches every block's fused fc1 + GELU on before ``--compile`` traces the
+    network (the compiled graph bakes the choice in); on a CPU the images equal the unfused run's."""
+    seen = []
+    monkeypatch.setattr(
+        torch.nn.Module, "compile", lambda self, **kwargs: seen.extend(b.mlp.gelu_epilogue for b in self.blocks)
+    )
+    base = ["--ckpt", str(uncond_ckpt), "--steps", "1", "--cfg", "1", "--seeds", "0-1", "--compile"]
+    assert _script().main([*base, "--out", str(tmp_path / "plain.npz")]) == 0
+    assert seen and not any(seen)
+    seen.clear()
+    assert _script().main([*base, "--gelu-epilogue", "--out", str(tmp_path / "fused.npz")]) == 0
+    assert seen and all(seen)
+    with np.load(tmp_path / "plain.npz") as plain, np.load(tmp_path / "fused.npz") as fused:
+        np.testing.assert_array_equal(plain["images"], fused["images"])
+
+
 def test_generate_cli_refuses_cuda_graph_compile_modes(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         _script().main(["--ckpt", str(tmp_path), "--out", str(tmp_path / "o"), "--compile", "reduce-overhead"])
