@@ -95,8 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--gelu-epilogue",
         action="store_true",
         help="on a GPU, run each block's fc1 + GELU as one GEMM with the GELU in its epilogue (one pass less over "
-        "the MLP's activations; differs from the unfused network by the bf16 rounding of the pre-activation; "
-        "docs/benchmarks.md, Round 8)",
+        "the MLP's activations; differs from the unfused network by the bf16 rounding of the pre-activation). "
+        "Experimental: its GPU tests and speed are not yet measured (docs/benchmarks.md, Round 8)",
     )
     args = parser.parse_args(argv)
 
