@@ -96,9 +96,10 @@ gen-profile) # where the time of 1-step generation (batch 256, whole DiT compile
 gen-autotune) # 1-step generation compiled, and with autotuned GEMM templates (generate.py --compile max-autotune-no-cudagraphs)
     step --variants '' --check '' --plain gen:compile,gen:compile:mode=max-autotune-no-cudagraphs ;;
 gen-gelu) # 1-step generation with each block's fc1 + GELU as one GEMM (scripts/generate.py --gelu-epilogue): its GPU
-    # tests (against float64, bf16 accuracy, the compiled DiT), then compiled without and with it (about 3 minutes)
+    # tests (against float64, bf16 accuracy, the compiled DiT), then compiled without and with it, then with it and
+    # the whole DiT replayed as a CUDA graph (about 4 minutes)
     TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/models/test_gelu_epilogue.py
-    step --variants '' --check '' --plain gen:compile,gen:compile+gelu ;;
+    step --variants '' --check '' --plain gen:compile,gen:compile+gelu,gen:compile+gelu:mode=reduce-overhead ;;
 512) # 512 px, per-GPU batch 8
     step --resolution 512 --batch 8 --variants "$default" --check '' --plain '' ;;
 coldstart) # seconds to the first finished step of `bash train.sh 1 im256_w2.yaml`: cold, run-dir cache, local cache
