@@ -27,7 +27,8 @@ out="${OUT:-.}"
 default=explicit:triton:blocks:budget=0.7:split=1:fm_budget=1.0 # the configs' training step (im256_w2.yaml)
 joint=explicit:triton:blocks:budget=0.7 # the same with one backward of the sum (the configs' step until 2026-12-06)
 step() { python3 bench/step.py --steps 6 --warmup 3 "$@"; }
-graph_test() { TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/train/test_step_graph.py; }
+gpu_tests() { TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider "$@"; }
+graph_test() { gpu_tests tests/train/test_step_graph.py; }
 
 case "$part" in
 profile) # where the time goes, the default step, the launch-plan A/B (issue 16 item 5) and CUDA graphs, checked
@@ -98,7 +99,7 @@ gen-autotune) # 1-step generation compiled, and with autotuned GEMM templates (g
 gen-gelu) # 1-step generation with each block's fc1 + GELU as one GEMM (scripts/generate.py --gelu-epilogue): its GPU
     # tests (against float64, bf16 accuracy, the compiled DiT), then compiled without and with it, then with it and
     # the whole DiT replayed as a CUDA graph (about 4 minutes)
-    TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/models/test_gelu_epilogue.py
+    gpu_tests tests/models/test_gelu_epilogue.py
     step --variants '' --check '' --plain gen:compile,gen:compile+gelu,gen:compile+gelu:mode=reduce-overhead ;;
 512) # 512 px, per-GPU batch 8
     step --resolution 512 --batch 8 --variants "$default" --check '' --plain '' ;;
