@@ -70,13 +70,14 @@ STARTED = time.perf_counter()  # for the elapsed seconds printed after each row 
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """A TVM step variant ``JVPMODE:ATTENTION[:HOW][:recompute=R][:budget=B][:mode=M][:estimator=E]
-    [:split=1][:fm_budget=F][:rounds=K][:graph=1]``, e.g. ``explicit:triton:blocks:budget=0.5``: ``HOW`` = eager |
+    [:split=1][:fm_budget=F][:rounds=K][:graph=1][:cdt=1]``, e.g. ``explicit:triton:blocks:budget=0.5``: ``HOW`` = eager |
     compile | blocks, ``R`` = ``network.recompute``, ``B`` = ``network.compile_memory_budget``, ``M`` the
     torch.compile mode, ``E`` how the partitioner estimates the cost of recomputing an op under a
     budget below 1 (:func:`set_recompute_estimator`; a bench-only experiment, not a config key),
     ``split=1`` = ``training.split_backward``, ``F`` = ``network.compile_memory_budget_fm``, ``K``
     accumulation rounds (the batch in K micro-batches, as ``training.batch_gpu`` = batch / K), ``graph=1``
-    = ``training.cuda_graph`` (the whole step as one CUDA graph)."""
+    = ``training.cuda_graph`` (the whole step as one CUDA graph), ``cdt=1`` = Inductor's coordinate-descent
+    tuning of its Triton kernels' launch parameters (a bench-only experiment, not a config key)."""
 
     jvp_mode: str
     attention: str
@@ -89,13 +90,14 @@ class Variant:
     fm_budget: float | None = None  # network.compile_memory_budget_fm (with split)
     rounds: int = 1  # gradient accumulation rounds per step
     graph: bool = False  # training.cuda_graph: the whole step captured as one CUDA graph
+    tuned: bool = False  # Inductor's coordinate_descent_tuning for the compiled graphs
 
     @classmethod
     def parse(cls, text: str, recompute: str = "none") -> "Variant":
         fields = text.split(":")
         options = dict(f.split("=", 1) for f in fields[2:] if "=" in f)
         how = next((f for f in fields[2:] if "=" not in f), "eager")
-        unknown = set(options) - {"recompute", "budget", "mode", "estimator", "split", "fm_budget", "rounds", "graph"}
+        unknown = set(options) - {"recompute", "budget", "mode", "estimator", "split", "fm_budget", "rounds", "graph", "cdt"}
         estimator = options.get("estimator", "flops")
         if (
             len(fields) < 2
@@ -104,6 +106,7 @@ class Variant:
             or estimator not in ESTIMATORS
             or options.get("split", "0") not in ("0", "1")
             or options.get("graph", "0") not in ("0", "1")
+            or options.get("cdt", "0") not in ("0", "1")
             or ("fm_budget" in options and options.get("split") != "1")
             or not options.get("rounds", "1").isdigit()
             or int(options.get("rounds", "1")) < 1
@@ -111,7 +114,7 @@ class Variant:
             raise SystemExit(
                 f"bad variant {text!r}: JVPMODE:ATTENTION[:eager|compile|blocks][:recompute=R][:budget=B][:mode=M]"
                 f"[:estimator={'|'.join(ESTIMATORS)}][:split=0|1][:fm_budget=F (with split=1)][:rounds=K (>= 1)]"
-                "[:graph=0|1]"
+                "[:graph=0|1][:cdt=0|1]"
             )
         return cls(
             fields[0],
@@ -125,6 +128,7 @@ class Variant:
             float(options["fm_budget"]) if "fm_budget" in options else None,
             int(options.get("rounds", 1)),
             options.get("graph") == "1",
+            options.get("cdt") == "1",
         )
 
 
@@ -342,7 +346,7 @@ def print_kernel_profile(name: str, run: Callable[[int], object], wall: float, s
 
 def profile(cfg, R: int, variant: str, x, labels, args) -> None:
     """Where the time of one TVM step goes (``variant``), or of one 1-step generation call at batch
-    ``args.sample_batch`` (``variant`` = ``gen:eager|compile|blocks[+gelu][:mode=M]``): kernel time by
+    ``args.sample_batch`` (``variant`` = ``gen:eager|compile|blocks[+gelu][+cdt][:mode=M]``): kernel time by
     category, host gaps, and for a TVM step its phases."""
     if variant.startswith("gen:"):
         state = build_state(cfg, R, DEFAULT_PLAN)
@@ -417,15 +421,30 @@ def set_recompute_estimator(estimator: str) -> None:
     inductor_config.fx_graph_cache = caches_on and COMPILE_CACHES[1]
 
 
+def compile_kwargs(mode: str, tuned: bool) -> dict:
+    """``torch.compile`` keyword arguments for ``mode``; with ``tuned``, the mode's Inductor options plus
+    ``coordinate_descent_tuning`` (torch.compile takes a mode or options, not both)."""
+    if not tuned:
+        return compile_options(mode)
+    return {"options": {**torch._inductor.list_mode_options(mode), "coordinate_descent_tuning": True}}
+
+
 def prepare(
-    state: RunState, kind: str, how: str, budget: float = 1.0, mode: str | None = None, estimator: str = "flops"
+    state: RunState,
+    kind: str,
+    how: str,
+    budget: float = 1.0,
+    mode: str | None = None,
+    estimator: str = "flops",
+    tuned: bool = False,
 ):
     """The network to call for ``how`` = eager | compile | blocks (see :func:`measure`), its
     compiled graphs keeping ``budget`` of their activations for the backward (choosing what to
-    recompute by ``estimator``), compiled in ``mode``."""
+    recompute by ``estimator``), compiled in ``mode``; ``tuned``: with Inductor's coordinate-descent
+    tuning (each generated Triton kernel's block sizes and warps searched by timing it at compile time)."""
     set_activation_memory_budget(budget)
     set_recompute_estimator(estimator)
-    options = compile_options(mode or "default")
+    options = compile_kwargs(mode or "default", tuned)
     if how == "compile" and kind == "tvm":
         return compile_model(state.net, **options)
     if how == "compile":
@@ -438,14 +457,18 @@ def prepare(
 
 
 def prepare_plain(state: RunState, kind: str, variant: str) -> torch.nn.Module:
-    """:func:`prepare` for a flow-matching or generation ``variant`` = ``how[+gelu][:mode=M]``; ``+gelu``
-    (generation only) runs each block's fc1 + GELU as one GEMM (``DiT.fuse_gelu_epilogue``)."""
+    """:func:`prepare` for a flow-matching or generation ``variant`` = ``how[+gelu][+cdt][:mode=M]``; ``+gelu``
+    (generation only) runs each block's fc1 + GELU as one GEMM (``DiT.fuse_gelu_epilogue``), ``+cdt``
+    compiles with coordinate-descent tuning (:func:`prepare`)."""
     how, _, mode = variant.partition(":mode=")
-    if how.endswith("+gelu"):
+    how, *extras = how.split("+")
+    if set(extras) - {"gelu", "cdt"}:
+        raise ValueError(f"bad plain variant {variant!r}: how[+gelu][+cdt][:mode=M]")
+    if "gelu" in extras:
         if kind != "gen":
             raise ValueError(f"+gelu is a generation option (the fused GEMM has no backward), not {kind}")
         state.ema.model.fuse_gelu_epilogue()
-    return prepare(state, kind, how.removesuffix("+gelu"), mode=mode or None)
+    return prepare(state, kind, how, mode=mode or None, tuned="cdt" in extras)
 
 
 def tvm_state(cfg, resolution: int, variant: str, recompute: str) -> tuple[RunState, torch.nn.Module, Variant]:
@@ -453,7 +476,8 @@ def tvm_state(cfg, resolution: int, variant: str, recompute: str) -> tuple[RunSt
     parsed variant (how :func:`tvm_step` runs it)."""
     parsed = Variant.parse(variant, recompute)
     state = build_state(cfg, resolution, parsed)
-    return state, prepare(state, "tvm", parsed.how, parsed.budget, parsed.mode, parsed.estimator), parsed
+    net = prepare(state, "tvm", parsed.how, parsed.budget, parsed.mode, parsed.estimator, parsed.tuned)
+    return state, net, parsed
 
 
 def generation_inputs(n: int, R: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -579,9 +603,9 @@ def main() -> None:
     parser.add_argument(
         "--plain",
         default="eager,blocks",
-        help="flow-matching step and generation: [fm:|gen:]eager|compile|blocks[+gelu][:mode=M], "
+        help="flow-matching step and generation: [fm:|gen:]eager|compile|blocks[+gelu][+cdt][:mode=M], "
         "comma-separated; a prefix limits an entry to that kind ('' for none); +gelu: generation with fc1 + GELU "
-        "as one GEMM",
+        "as one GEMM; +cdt: Inductor's coordinate-descent tuning",
     )
     parser.add_argument(
         "--recompute",
@@ -600,7 +624,7 @@ def main() -> None:
     parser.add_argument(
         "--profile",
         default="",
-        help="a TVM variant, or gen:eager|compile|blocks[+gelu][:mode=M] for 1-step generation, to profile first: "
+        help="a TVM variant, or gen:eager|compile|blocks[+gelu][+cdt][:mode=M] for 1-step generation, to profile first: "
         "kernel time by category, host gaps (and a TVM step's phases)",
     )
     parser.add_argument(

@@ -55,7 +55,8 @@ def test_step_benchmark_split_and_rounds_options(monkeypatch):
     assert Variant.parse("explicit:triton:blocks") == Variant("explicit", "triton", "blocks")
     assert (Variant.parse("explicit:triton").split, Variant.parse("explicit:triton").rounds) == (False, 1)
     assert Variant.parse("explicit:triton:blocks:graph=1").graph and not plan.graph
-    for bad in ("split=2", "fm_budget=1.0", "rounds=0", "rounds=two", "graph=yes"):
+    assert Variant.parse("explicit:triton:blocks:cdt=1").tuned and not plan.tuned
+    for bad in ("split=2", "fm_budget=1.0", "rounds=0", "rounds=two", "graph=yes", "cdt=yes"):
         monkeypatch.setattr("sys.argv", ["step.py", "--variants", f"explicit:triton:blocks:{bad}"])
         with pytest.raises(SystemExit, match="bad variant"):
             main()
@@ -66,3 +67,15 @@ def test_step_benchmark_split_and_rounds_options(monkeypatch):
         monkeypatch.setattr("sys.argv", ["step.py", *argv])
         with pytest.raises(SystemExit, match="graph=1 times --variants rows only"):
             main()
+
+
+def test_step_benchmark_tuned_compile_keeps_the_modes_options():
+    """``cdt=1`` / ``+cdt``: the torch.compile mode's own Inductor options plus coordinate-descent tuning."""
+    from bench.step import compile_kwargs
+
+    assert compile_kwargs("default", False) == {}
+    assert compile_kwargs("max-autotune-no-cudagraphs", False) == {"mode": "max-autotune-no-cudagraphs"}
+    assert compile_kwargs("default", True) == {"options": {"coordinate_descent_tuning": True}}
+    tuned = compile_kwargs("reduce-overhead", True)["options"]
+    assert tuned == {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
+    assert compile_kwargs("max-autotune-no-cudagraphs", True)["options"]["max_autotune"] is True
