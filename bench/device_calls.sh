@@ -7,7 +7,7 @@
 #
 # PART: profile | full | full-check | full-graphs | autotune | autotune-check | rows | split | split-graphs | split-more |
 #   split-profile | split-order | graph-test | graph | graph-order | headroom | estimator | launch-ab | plain | gen-profile |
-#   gen-autotune | gen-gelu | cdt | 512 | coldstart | fsdp2 | attention
+#   gen-autotune | gen-gelu | gen-gelu-autotune | cdt | 512 | coldstart | fsdp2 | attention
 #
 # Run from the repository root on the GPU machine. Wheels the machine lacks (hydra-core, omegaconf,
 # antlr4-python3-runtime) are installed from .whl/ when that folder exists (docs/benchmarks.md,
@@ -16,7 +16,7 @@
 # the call limit still returns what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: bash bench/device_calls.sh profile|full|full-check|full-graphs|autotune|autotune-check|rows|split|split-graphs|split-more|split-profile|split-order|graph-test|graph|graph-order|headroom|estimator|launch-ab|plain|gen-profile|gen-autotune|gen-gelu|cdt|512|coldstart|fsdp2|attention}"
+part="${1:?usage: bash bench/device_calls.sh profile|full|full-check|full-graphs|autotune|autotune-check|rows|split|split-graphs|split-more|split-profile|split-order|graph-test|graph|graph-order|headroom|estimator|launch-ab|plain|gen-profile|gen-autotune|gen-gelu|gen-gelu-autotune|cdt|512|coldstart|fsdp2|attention}"
 if [ -d .whl ] && ! python3 -c "import hydra" 2>/dev/null; then
     site="$(mktemp -d)"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
@@ -101,6 +101,9 @@ gen-gelu) # 1-step generation with each block's fc1 + GELU as one GEMM (scripts/
     # the whole DiT replayed as a CUDA graph (about 4 minutes)
     gpu_tests tests/models/test_gelu_epilogue.py
     step --variants '' --check '' --plain gen:compile,gen:compile+gelu,gen:compile+gelu:mode=reduce-overhead ;;
+gen-gelu-autotune) # 1-step generation with the GELU epilogue, compiled without and with autotuning (generate.py --compile
+    # max-autotune-no-cudagraphs --gelu-epilogue; about 6 minutes)
+    step --variants '' --check '' --plain gen:compile+gelu,gen:compile+gelu:mode=max-autotune-no-cudagraphs ;;
 cdt) # Inductor's coordinate-descent tuning of its generated kernels (bench option cdt=1 / +cdt): the default step
     # without and with it, 1-step generation (fc1 + GELU as one GEMM) without and with it, then the default step with
     # it and as one CUDA graph (about 9 minutes)
