@@ -5,11 +5,13 @@
 1. Accuracy: relative Frobenius error ‖out − ref‖/‖ref‖ of O, T and the six gradients against a
    float64 reference on the same (rounded) inputs, for both faces (op with explicit tangents;
    autograd.Function under torch.func.jvp), bf16/fp16 at several shapes and fp32 at one shape.
-   The naive bf16 math JVP is listed for comparison.
+   The naive bf16 math JVP is listed for comparison, and the op with the one-pass backward
+   (``TVM_ATTENTION_BACKWARD=one-pass``; its repeats may differ in the last bits: atomic adds).
 2. Timing (median of CUDA-event timings after warm-up), H=18, D=64, N ∈ {256, 1024},
    B ∈ {32, 64}, bf16 inputs ~N(0,1): our op (with launch plans, and with FAST_LAUNCH off, i.e.
    Triton's dispatch on every launch), our autograd.Function under torch.func.jvp, math
-   attention under torch.func.jvp, and SDPA without JVP; our op and SDPA also replayed from a CUDA
+   attention under torch.func.jvp, and SDPA without JVP; our op with the one-pass backward; our op
+   (both backwards) and SDPA also replayed from a CUDA
    graph (no host work per launch, as inside the training step's graph, ``training.cuda_graph``),
    after checking that the replay equals the eager call bit for bit; forward and forward+backward, peak memory
    of forward+backward, TFLOP/s by the counts of docs/attention_jvp.md §5 (u = N²·D per
@@ -72,23 +74,38 @@ def accuracy_rows(shape: tuple[int, int, int, int], dtype: torch.dtype, faces: d
     for face_name, attention in faces.items():
         # The first call takes Triton's dispatch path and records launch plans; the second one
         # launches through the plans. Both must give bitwise the same outputs (deterministic kernels).
-        first = outputs_and_grads(attention, inputs, grad_o, grad_t)
-        outputs = outputs_and_grads(attention, inputs, grad_o, grad_t)
+        run = with_one_pass_backward(outputs_and_grads) if face_name == ONE_PASS_FACE else outputs_and_grads
+        first = run(attention, inputs, grad_o, grad_t)
+        outputs = run(attention, inputs, grad_o, grad_t)
         repeat = all(torch.equal(a, b) for a, b in zip(first, outputs))
         errors = [relative_error(out, ref) for out, ref in zip(outputs, reference)]
         rows.append((face_name, str(dtype).replace("torch.", ""), shape, errors, repeat))
     return rows
 
 
+def with_one_pass_backward(fn: Callable) -> Callable:
+    """``fn`` (a forward and its backward) run with ``kernels.attention_jvp.ONE_PASS_BACKWARD`` set."""
+
+    def run(*args):
+        with kernels_module.one_pass_backward():
+            return fn(*args)
+
+    return run
+
+
+ONE_PASS_FACE = "op 1-pass"  # the op with the one-pass backward: atomic adds, a repeat may differ in the last bits
+
+
 def run_accuracy() -> bool:
-    ours = {"op": attention_with_tangent, "func.jvp": with_func_jvp}
+    ops = {"op": attention_with_tangent, ONE_PASS_FACE: attention_with_tangent}
+    ours = {**ops, "func.jvp": with_func_jvp}
     cases = [
         ((2, 18, 256, 64), torch.bfloat16, {**ours, "math-bf16": attention_jvp_math}),
         ((1, 18, 1024, 64), torch.bfloat16, {**ours, "math-bf16": attention_jvp_math}),
-        ((2, 3, 100, 64), torch.bfloat16, {"op": attention_with_tangent}),
-        ((2, 16, 256, 72), torch.bfloat16, {"op": attention_with_tangent}),
-        ((2, 18, 256, 64), torch.float16, {"op": attention_with_tangent}),
-        ((1, 4, 256, 64), torch.float32, {"op": attention_with_tangent}),
+        ((2, 3, 100, 64), torch.bfloat16, ops),
+        ((2, 16, 256, 72), torch.bfloat16, ops),
+        ((2, 18, 256, 64), torch.float16, ops),
+        ((1, 4, 256, 64), torch.float32, ops),
     ]
     print("== accuracy: ||out - ref|| / ||ref|| vs float64 on the same inputs ==")
     print(
@@ -100,7 +117,7 @@ def run_accuracy() -> bool:
             limit = ACCURACY_LIMITS[dtype]
             ok = all(e <= limit for e in errors)
             if not face.startswith("math"):
-                all_ok &= ok and repeat
+                all_ok &= ok and (repeat or face == ONE_PASS_FACE)
             cells = " ".join(f"{e:8.1e}" for e in errors)
             print(
                 f"{face:9} {dtype_name:9} {str(shape_):18} {cells}  {'yes' if ok else 'NO'}  "
@@ -193,6 +210,7 @@ def timing_rows(batch: int, n_ctx: int, heads: int = 18, head_dim: int = 64) -> 
 
         return run
 
+    one_pass = with_one_pass_backward(jvp_fwd_bwd(attention_with_tangent))
     eager = jvp_fwd_bwd(attention_with_tangent)()
     graphed = cuda_graphed(jvp_fwd_bwd(attention_with_tangent))
     same = all(torch.equal(a, b) for a, b in zip(eager, graphed()))
@@ -200,6 +218,14 @@ def timing_rows(batch: int, n_ctx: int, heads: int = 18, head_dim: int = 64) -> 
     variants = [
         ("ours: op", no_grad(attention_with_tangent), jvp_fwd_bwd(attention_with_tangent), 12, 42),
         ("ours: op, CUDA graph", cuda_graphed(no_grad(attention_with_tangent)), graphed, 12, 42),
+        ("ours: op, one-pass bwd", no_grad(attention_with_tangent), one_pass, 12, 42),
+        (
+            "ours: op, one-pass bwd, CUDA graph",
+            cuda_graphed(no_grad(attention_with_tangent)),
+            cuda_graphed(one_pass),
+            12,
+            42,
+        ),
         (
             "ours: op, no plans",
             dispatch_path(no_grad(attention_with_tangent)),
@@ -251,16 +277,18 @@ def print_kernel_profile(batch: int, n_ctx: int, heads: int = 18, head_dim: int 
         o, t = attention_with_tangent(*inputs)
         torch.autograd.grad((o, t), inputs, (grad_o, grad_t))
 
-    step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    ) as prof:
-        for _ in range(10):
+    for name, one_pass in (("op fwd+bwd", False), ("op fwd+bwd, one-pass bwd", True)):
+        with kernels_module.one_pass_backward(one_pass):
             step()
-        torch.cuda.synchronize()
-    print(f"\n== profile: op fwd+bwd x10, N={n_ctx} B={batch} ==")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=40))
+            torch.cuda.synchronize()
+            with torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            ) as prof:
+                for _ in range(10):
+                    step()
+                torch.cuda.synchronize()
+        print(f"\n== profile: {name} x10, N={n_ctx} B={batch} ==")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=40))
     print_host_overhead()
 
 
@@ -334,6 +362,7 @@ def print_best_configs() -> None:
         "fwd": kernels_module._attention_jvp_fwd_kernel,
         "bwd_q": kernels_module._attention_jvp_bwd_q_kernel,
         "bwd_kv": kernels_module._attention_jvp_bwd_kv_kernel,
+        "bwd_kv+q": kernels_module._attention_jvp_bwd_kv_fused_q_kernel,  # the one-pass backward
     }
     print("\n== autotuned configs (key: N, D, dtypes) ==")
     for name, kernel in kernels.items():

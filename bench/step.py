@@ -70,9 +70,9 @@ STARTED = time.perf_counter()  # for the elapsed seconds printed after each row 
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """A TVM step variant ``JVPMODE:ATTENTION[:HOW][:recompute=R][:budget=B][:mode=M][:estimator=E]
-    [:split=1][:fm_budget=F][:rounds=K][:graph=1][:cdt=1]``, e.g. ``explicit:triton:blocks:budget=0.5``: ``HOW`` = eager |
-    compile | blocks, ``R`` = ``network.recompute``, ``B`` = ``network.compile_memory_budget``, ``M`` the
-    torch.compile mode, ``E`` how the partitioner estimates the cost of recomputing an op under a
+    [:split=1][:fm_budget=F][:rounds=K][:graph=1][:cdt=1]``, e.g. ``explicit:triton:blocks:budget=0.5``:
+    ``HOW`` = eager | compile | blocks, ``R`` = ``network.recompute``, ``B`` = ``network.compile_memory_budget``,
+    ``M`` the torch.compile mode, ``E`` how the partitioner estimates the cost of recomputing an op under a
     budget below 1 (:func:`set_recompute_estimator`; a bench-only experiment, not a config key),
     ``split=1`` = ``training.split_backward``, ``F`` = ``network.compile_memory_budget_fm``, ``K``
     accumulation rounds (the batch in K micro-batches, as ``training.batch_gpu`` = batch / K), ``graph=1``
@@ -97,7 +97,8 @@ class Variant:
         fields = text.split(":")
         options = dict(f.split("=", 1) for f in fields[2:] if "=" in f)
         how = next((f for f in fields[2:] if "=" not in f), "eager")
-        unknown = set(options) - {"recompute", "budget", "mode", "estimator", "split", "fm_budget", "rounds", "graph", "cdt"}
+        known = {"recompute", "budget", "mode", "estimator", "split", "fm_budget", "rounds", "graph", "cdt"}
+        unknown = set(options) - known
         estimator = options.get("estimator", "flops")
         if (
             len(fields) < 2
@@ -624,8 +625,8 @@ def main() -> None:
     parser.add_argument(
         "--profile",
         default="",
-        help="a TVM variant, or gen:eager|compile|blocks[+gelu][+cdt][:mode=M] for 1-step generation, to profile first: "
-        "kernel time by category, host gaps (and a TVM step's phases)",
+        help="a TVM variant, or gen:eager|compile|blocks[+gelu][+cdt][:mode=M] for 1-step generation, to profile "
+        "first: kernel time by category, host gaps (and a TVM step's phases)",
     )
     parser.add_argument(
         "--ab-fast-launch",

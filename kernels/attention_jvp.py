@@ -10,12 +10,17 @@ blocks with online softmax and keeps two fp32 ``[BLOCK_M, D]`` accumulators (A f
 centred T) and the row statistics m, ℓ, ν. It stores O, T and two fp32 statistics per row:
 ``lse2`` = log₂ Σ_j 2^(S_ij·log₂e) (the log-sum-exp in base 2 of the scaled scores) and μ.
 
-Backward (§1.4, §5.3): two passes, no atomics, deterministic.
+Backward (§1.4, §5.3): by default two passes, no atomics, deterministic.
 * pass Q (query-stationary) writes δP = rowsum(gO⊙O) + rowsum(gT⊙T) and δG = rowsum(gT⊙O),
   then accumulates gQ = c·(gS K + gtS tK) and gtQ = c·gtS K;
 * pass KV (key-stationary) accumulates gK = c·(gSᵀQ + gtSᵀtQ), gtK = c·gtSᵀQ,
   gV = PᵀgO + (P⊙(tS − μ))ᵀgT and gtV = PᵀgT,
 with gtS = P⊙(gT Vᵀ − δG) and gS = P⊙(gO Vᵀ + gT tVᵀ − δP) + (tS − μ)⊙gtS.
+One-pass backward (``TVM_ATTENTION_BACKWARD=one-pass``, or ``ONE_PASS_BACKWARD = True`` on this
+module; experimental): a small kernel writes δP, δG, then pass KV also adds each key block's share of
+gQ and gtQ (c·gSᵀᵀK + c·gtSᵀᵀtK, c·gtSᵀᵀK) into fp32 buffers with atomic adds. It skips pass Q's
+recomputation of S, tS, P and the three products with V (30u instead of 42u for both gradients),
+at the price of nondeterministic sums (the order of the atomic adds varies from run to run).
 The constexpr flags HAS_GO / HAS_GT select the fused, primal-only (plain flash backward) and
 tangent-only variants from the same code.
 
@@ -32,7 +37,10 @@ The launchers repeat a call with a known input signature through :mod:`kernels.l
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+from collections.abc import Iterator
 from typing import Any, NamedTuple, Optional
 
 import torch
@@ -45,6 +53,28 @@ from kernels.launch_plans import is_interpreting
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _one_pass_from_environment() -> bool:
+    """``TVM_ATTENTION_BACKWARD``: ``two-pass`` (default) or ``one-pass`` (see the module docstring)."""
+    value = os.environ.get("TVM_ATTENTION_BACKWARD", "two-pass")
+    if value not in ("two-pass", "one-pass"):
+        raise ValueError(f"TVM_ATTENTION_BACKWARD={value!r}: expected two-pass (the default) or one-pass")
+    return value == "one-pass"
+
+
+ONE_PASS_BACKWARD = _one_pass_from_environment()
+
+
+@contextlib.contextmanager
+def one_pass_backward(enabled: bool = True) -> Iterator[None]:
+    """Set :data:`ONE_PASS_BACKWARD` for a block of code (restored after it)."""
+    global ONE_PASS_BACKWARD
+    previous, ONE_PASS_BACKWARD = ONE_PASS_BACKWARD, enabled
+    try:
+        yield
+    finally:
+        ONE_PASS_BACKWARD = previous
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,10 +138,17 @@ def _prune(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: A
     return kept
 
 
-def _autotune(configs: list[triton.Config]):
+def _autotune(configs: list[triton.Config], reset_to_zero: Optional[list[str]] = None, key_extra: tuple = ()):
+    """Tuned on (N, D, ``key_extra``, the tensors' dtypes); ``reset_to_zero``: buffers the kernel adds into
+    atomically, zeroed before each timed trial and before the real launch."""
     if is_interpreting():
-        return triton.autotune(configs=_INTERPRETER_CONFIGS, key=["N_CTX", "HEAD_DIM"])
-    return triton.autotune(configs=configs, key=["N_CTX", "HEAD_DIM"], prune_configs_by={"early_config_prune": _prune})
+        return triton.autotune(configs=_INTERPRETER_CONFIGS, key=["N_CTX", "HEAD_DIM"], reset_to_zero=reset_to_zero)
+    return triton.autotune(
+        configs=configs,
+        key=["N_CTX", "HEAD_DIM", *key_extra],
+        prune_configs_by={"early_config_prune": _prune},
+        reset_to_zero=reset_to_zero,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,6 +181,13 @@ def _load_tile(base, rows, dims, stride_n, N_CTX, HEAD_DIM: tl.constexpr):
 def _store_tile(base, rows, dims, stride_n, N_CTX, HEAD_DIM: tl.constexpr, value):
     mask = (rows[:, None] < N_CTX) & (dims[None, :] < HEAD_DIM)
     tl.store(base + rows[:, None] * stride_n + dims[None, :], value.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _add_tile(base, rows, dims, N_CTX, HEAD_DIM: tl.constexpr, value):
+    """Atomically add rows × dims into one head of a contiguous fp32/fp64 [B, H, N, HEAD_DIM] buffer."""
+    mask = (rows[:, None] < N_CTX) & (dims[None, :] < HEAD_DIM)
+    tl.atomic_add(base + rows[:, None] * HEAD_DIM + dims[None, :], value, mask=mask, sem="relaxed")
 
 
 @triton.jit
@@ -323,24 +367,58 @@ def _attention_jvp_bwd_q_kernel(
 
 
 # --------------------------------------------------------------------------------------------
+# Row statistics of the one-pass backward (what pass Q writes first in the two-pass one)
+# --------------------------------------------------------------------------------------------
+
+
+@triton.autotune(configs=[_config(16 if is_interpreting() else 64, 16, 1 if is_interpreting() else 4, 1)], key=[])
+@triton.jit
+def _attention_jvp_bwd_delta_kernel(
+    O, T, GO, GT, DELTA,
+    N_CTX,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    HAS_GO: tl.constexpr, HAS_GT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Grid (cdiv(N, BLOCK_M), B·H). Writes δP = rowsum(gO⊙O) + rowsum(gT⊙T) and, with HAS_GT,
+    δG = rowsum(gT⊙O) (rows of DELTA[0], DELTA[1]); BLOCK_N is unused (the shared config type)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, D_PAD)
+    o = _load_tile(_contiguous_base(O, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM).to(ACC_DTYPE)
+    delta_p = tl.zeros([BLOCK_M], ACC_DTYPE)
+    if HAS_GO:
+        go = _load_tile(_contiguous_base(GO, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM)
+        delta_p += tl.sum(go.to(ACC_DTYPE) * o, 1)
+    if HAS_GT:
+        gt = _load_tile(_contiguous_base(GT, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM)
+        t = _load_tile(_contiguous_base(T, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM)
+        delta_p += tl.sum(gt.to(ACC_DTYPE) * t.to(ACC_DTYPE), 1)
+        delta_g = tl.sum(gt.to(ACC_DTYPE) * o, 1)
+        _store_row_stat(DELTA + tl.num_programs(1).to(tl.int64) * N_CTX, pid_bh, rows, N_CTX, delta_g)
+    _store_row_stat(DELTA, pid_bh, rows, N_CTX, delta_p)
+
+
+# --------------------------------------------------------------------------------------------
 # Backward pass KV (key-stationary; docs/attention_jvp.md §4)
 # --------------------------------------------------------------------------------------------
 
 
-@_autotune(_BWD_KV_CONFIGS)
 @triton.jit
-def _attention_jvp_bwd_kv_kernel(
-    Q, K, V, TQ, TK, TV, GO, GT, LSE2, MU, DELTA, GK, GV, GTK, GTV,
+def _attention_jvp_bwd_kv(
+    Q, K, V, TQ, TK, TV, GO, GT, LSE2, MU, DELTA, GK, GV, GTK, GTV, GQ, GTQ,
     sb, sh, sn,
     H, N_CTX,
     SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    HAS_GO: tl.constexpr, HAS_GT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_GO: tl.constexpr, HAS_GT: tl.constexpr, FUSE_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Grid (cdiv(N, BLOCK_N), B·H); loops over query blocks of BLOCK_M rows.
 
-    Reads δP, δG from DELTA (written by pass Q). Writes gK, gV and, with HAS_GT, gtK, gtV
-    (contiguous).
+    Reads δP, δG from DELTA (written by pass Q, or by the δ kernel). Writes gK, gV and, with HAS_GT,
+    gtK, gtV (contiguous). With FUSE_Q (the one-pass backward) it also adds this key block's share of
+    gQ and, with HAS_GT, gtQ into GQ, GTQ (contiguous, in the accumulation dtype, zeroed by the caller);
+    without it GQ and GTQ are not touched.
     """
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -355,6 +433,9 @@ def _attention_jvp_bwd_kv_kernel(
     qk_scale = tl.full([], SCALE * LOG2E, ACC_DTYPE)
     acc_gk = tl.zeros([BLOCK_N, D_PAD], ACC_DTYPE)
     acc_gv = tl.zeros([BLOCK_N, D_PAD], ACC_DTYPE)
+    if FUSE_Q:
+        gq_base = _contiguous_base(GQ, pid_bh, N_CTX, HEAD_DIM)
+        gtq_base = _contiguous_base(GTQ, pid_bh, N_CTX, HEAD_DIM)
     if HAS_GO:
         go_base = _contiguous_base(GO, pid_bh, N_CTX, HEAD_DIM)
     if HAS_GT:
@@ -399,6 +480,15 @@ def _attention_jvp_bwd_kv_kernel(
             dp_t = tl.dot(v, tl.trans(go), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
             gs_t = p_t * (dp_t - delta_p[None, :])
             acc_gk = tl.dot(gs_t.to(q.dtype), q, acc_gk, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        if FUSE_Q:  # gQ += c·(gS K + gtS tK), gtQ += c·gtS K over this key block (rows of gSᵀ are keys)
+            gs = tl.trans(gs_t).to(k.dtype)
+            part = tl.dot(gs, k, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            if HAS_GT:
+                gts = tl.trans(gts_t).to(k.dtype)
+                part = tl.dot(gts, tk, part, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+                gtq_part = tl.dot(gts, k, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+                _add_tile(gtq_base, rows, dims, N_CTX, HEAD_DIM, gtq_part * scale)
+            _add_tile(gq_base, rows, dims, N_CTX, HEAD_DIM, part * scale)
 
     _store_tile(_contiguous_base(GK, pid_bh, N_CTX, HEAD_DIM), cols, dims, HEAD_DIM, N_CTX, HEAD_DIM, acc_gk * scale)
     _store_tile(_contiguous_base(GV, pid_bh, N_CTX, HEAD_DIM), cols, dims, HEAD_DIM, N_CTX, HEAD_DIM, acc_gv)
@@ -407,6 +497,12 @@ def _attention_jvp_bwd_kv_kernel(
             _contiguous_base(GTK, pid_bh, N_CTX, HEAD_DIM), cols, dims, HEAD_DIM, N_CTX, HEAD_DIM, acc_gtk * scale
         )
         _store_tile(_contiguous_base(GTV, pid_bh, N_CTX, HEAD_DIM), cols, dims, HEAD_DIM, N_CTX, HEAD_DIM, acc_gtv)
+
+
+_attention_jvp_bwd_kv_kernel = _autotune(_BWD_KV_CONFIGS)(_attention_jvp_bwd_kv)
+# The one-pass face: its own tuning results, in memory and on disk (FUSE_Q in the key: it changes the
+# work per program), and the gQ/gtQ buffers zeroed around the autotuner's timed trials, which add into them.
+_attention_jvp_bwd_kv_fused_q_kernel = _autotune(_BWD_KV_CONFIGS, ["GQ", "GTQ"], ("FUSE_Q",))(_attention_jvp_bwd_kv)
 
 
 # --------------------------------------------------------------------------------------------
@@ -628,53 +724,62 @@ def backward_with_key(
         or not launch_plans.aligned(o, t, grad_o, grad_t, lse2, mu)
     ):
         key = None
-    plan_key = ("bwd", key, has_go, has_gt, scale)
+    one_pass = ONE_PASS_BACKWARD
+    plan_key = ("bwd", key, has_go, has_gt, scale, one_pass)
     plan = launch_plans.lookup(plan_key) if key is not None else None
     six, record = (_six(inputs), False) if plan is not None else _validated(inputs, key)
     q = six[0]
     batch, heads, n_ctx, head_dim = q.shape
-    constexprs = dict(
-        SCALE=default_scale(head_dim) if scale is None else float(scale),
-        HAS_GO=has_go,
-        HAS_GT=has_gt,
-        **_kernel_dtype_args(dtype, head_dim),
-    )
+    dtype_args = _kernel_dtype_args(dtype, head_dim)
+    flags = dict(HAS_GO=has_go, HAS_GT=has_gt)
+    constexprs = dict(SCALE=default_scale(head_dim) if scale is None else float(scale), **flags, **dtype_args)
     ints = (*q.stride()[:3], heads, n_ctx)
 
-    # Allocate what pass Q writes, launch it, then allocate the rest while it runs.
+    # The first kernel (pass Q, or the one-pass backward's δ kernel), then allocate the rest while it runs.
     delta = _empty((2 if has_gt else 1, batch, heads, n_ctx), stats_dtype, q.device)
-    gq = _empty_like(q)
-    gtq = _empty_like(q) if has_gt else gq
-    pass_q = (*six, o, t, grad_o, grad_t, lse2, mu, delta, gq, gtq)
-    if plan is not None:
-        plan[0](*pass_q)
+    if one_pass:  # gQ, gtQ: sums of atomic adds, in the accumulation dtype
+        first_kernel, first_ints = _attention_jvp_bwd_delta_kernel, (n_ctx,)
+        first_args: tuple = (o, t, grad_o, grad_t, delta)
+        first_constexprs = dict(**flags, **{k: v for k, v in dtype_args.items() if k != "DOT_PRECISION"})
+        gq = torch.zeros(q.shape, dtype=stats_dtype, device=q.device)
+        gtq = torch.zeros(q.shape, dtype=stats_dtype, device=q.device) if has_gt else gq
     else:
-        launch_q = launch_plans.launch_and_record(
-            _attention_jvp_bwd_q_kernel,
+        gq = _empty_like(q)
+        gtq = _empty_like(q) if has_gt else gq
+        first_kernel, first_ints, first_constexprs = _attention_jvp_bwd_q_kernel, ints, constexprs
+        first_args = (*six, o, t, grad_o, grad_t, lse2, mu, delta, gq, gtq)
+    if plan is not None:
+        plan[0](*first_args)
+    else:
+        launch_first = launch_plans.launch_and_record(
+            first_kernel,
             _grid(n_ctx, batch * heads, "BLOCK_M"),
-            pass_q,
-            ints,
-            constexprs,
+            first_args,
+            first_ints,
+            first_constexprs,
             q.get_device(),
             record,
         )
     gk, gv = _empty_like(q), _empty_like(q)
     gtk, gtv = (_empty_like(q), _empty_like(q)) if has_gt else (gk, gv)
-    pass_kv = (*six, grad_o, grad_t, lse2, mu, delta, gk, gv, gtk, gtv)
+    pass_kv = (*six, grad_o, grad_t, lse2, mu, delta, gk, gv, gtk, gtv, gq, gtq)
     if plan is not None:
         plan[1](*pass_kv)
     else:
         launch_kv = launch_plans.launch_and_record(
-            _attention_jvp_bwd_kv_kernel,
+            _attention_jvp_bwd_kv_fused_q_kernel if one_pass else _attention_jvp_bwd_kv_kernel,
             _grid(n_ctx, batch * heads, "BLOCK_N"),
             pass_kv,
             ints,
-            constexprs,
+            dict(constexprs, FUSE_Q=one_pass),
             q.get_device(),
             record,
         )
-        if launch_q is not None and launch_kv is not None:
-            launch_plans.record(plan_key, (launch_q, launch_kv))
+        if launch_first is not None and launch_kv is not None:
+            launch_plans.record(plan_key, (launch_first, launch_kv))
+    if one_pass and dtype != stats_dtype:
+        gq = gq.to(dtype)
+        gtq = gtq.to(dtype) if has_gt else gq
     if has_gt:
         return gq, gk, gv, gtq, gtk, gtv
     return gq, gk, gv, None, None, None
@@ -702,7 +807,8 @@ def attention_jvp_backward(
     ``grad_o`` / ``grad_t`` may be None (treated as zero). Without ``grad_t`` this is the plain
     flash backward and the tangent gradients are None; with ``grad_t`` the tangent inputs, ``t``
     and ``mu`` from :func:`attention_jvp_forward` are required. Gradients are contiguous
-    ``[B, H, N, D]`` in the input dtype. Pass Q then pass KV: 18u + 24u FLOPs when both are given.
+    ``[B, H, N, D]`` in the input dtype. Pass Q then pass KV: 18u + 24u FLOPs when both are given;
+    with :data:`ONE_PASS_BACKWARD`, the δ kernel then pass KV adding into gQ, gtQ: 30u.
     """
     if grad_o is None and grad_t is None:
         raise ValueError("attention_jvp_backward: at least one of grad_o, grad_t is required")

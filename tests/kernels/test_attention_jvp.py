@@ -82,9 +82,16 @@ KERNEL_CASES = [
 ]
 
 
+@pytest.fixture(params=["two-pass", "one-pass"])
+def backward_passes(request, monkeypatch) -> str:
+    """Each backward: pass Q then pass KV (default), or the δ kernel then pass KV adding into gQ, gtQ."""
+    monkeypatch.setattr(kernel_module, "ONE_PASS_BACKWARD", request.param == "one-pass")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype,shape", KERNEL_CASES, ids=lambda x: str(x).replace("torch.", ""))
-def test_kernels_match_float64_reference(dtype, shape):
-    """Fused forward and backward with gO and gT, gO only and gT only."""
+def test_kernels_match_float64_reference(dtype, shape, backward_passes):
+    """Fused forward and backward with gO and gT, gO only and gT only (both backward kernels)."""
     inputs, grad_o, grad_t = random_inputs(shape, dtype, seed=sum(shape))
     fwd = attention_jvp_forward(*inputs)
     both = attention_jvp_backward(*inputs, *fwd, grad_o.to(dtype), grad_t.to(dtype))
@@ -306,6 +313,37 @@ def test_launch_plans_repeat_dispatch_results(monkeypatch, grads):
         assert (a is None and b is None) or torch.equal(a, b)
 
 
+def test_one_pass_backward_equals_two_pass_and_repeats_through_its_plan(monkeypatch):
+    """The one-pass backward (atomic adds into gQ, gtQ) equals the two-pass one to fp64 rounding, has a
+    plan of its own (δ kernel, pass KV), and its second call through the plan repeats the first."""
+    calls = _count_dispatches(monkeypatch)
+    launch_plans.clear()
+    inputs, grad_o, grad_t = random_inputs((2, 3, 23, 16), torch.float64, seed=12)
+    fwd = attention_jvp_forward(*inputs)
+    two_pass = attention_jvp_backward(*inputs, *fwd, grad_o, grad_t)
+    monkeypatch.setattr(kernel_module, "ONE_PASS_BACKWARD", True)
+    first = attention_jvp_backward(*inputs, *fwd, grad_o, grad_t)
+    kernels = [getattr(c, "fn", c) for c in calls[-2:]]
+    assert [k.__name__ for k in kernels] == ["_attention_jvp_bwd_delta_kernel", "_attention_jvp_bwd_kv"]
+    assert len(launch_plans.recorded()) == 3  # forward, two-pass backward, one-pass backward
+    second = attention_jvp_backward(*inputs, *fwd, grad_o, grad_t)
+    assert len(calls) == 5, "the one-pass call did not use its plan"
+    for a, b, c in zip(two_pass, first, second):
+        assert torch.equal(b, c)
+        assert relative_error(b, a) < 1e-13
+    assert kernel_module._attention_jvp_bwd_kv_fused_q_kernel.reset_to_zero == ["GQ", "GTQ"]
+
+
+def test_backward_passes_from_the_environment(monkeypatch):
+    monkeypatch.delenv("TVM_ATTENTION_BACKWARD", raising=False)
+    assert kernel_module._one_pass_from_environment() is False
+    monkeypatch.setenv("TVM_ATTENTION_BACKWARD", "one-pass")
+    assert kernel_module._one_pass_from_environment() is True
+    monkeypatch.setenv("TVM_ATTENTION_BACKWARD", "single")
+    with pytest.raises(ValueError, match="TVM_ATTENTION_BACKWARD='single': expected two-pass"):
+        kernel_module._one_pass_from_environment()
+
+
 def test_launch_plan_tail_matches_kernel_signature(monkeypatch):
     """A plan's argument list is the kernel's full signature with the config's meta-parameters."""
     launch_plans.clear()
@@ -453,5 +491,7 @@ def test_our_autotuners_have_the_result_storing_flag():
         kernel_module._attention_jvp_fwd_kernel,
         kernel_module._attention_jvp_bwd_q_kernel,
         kernel_module._attention_jvp_bwd_kv_kernel,
+        kernel_module._attention_jvp_bwd_kv_fused_q_kernel,
+        kernel_module._attention_jvp_bwd_delta_kernel,
     ):
         assert isinstance(kernel.cache_results, bool), type(kernel).__name__
