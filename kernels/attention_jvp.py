@@ -18,7 +18,7 @@ Backward (§1.4, §5.3): by default two passes, no atomics, deterministic.
 with gtS = P⊙(gT Vᵀ − δG) and gS = P⊙(gO Vᵀ + gT tVᵀ − δP) + (tS − μ)⊙gtS.
 One-pass backward (``TVM_ATTENTION_BACKWARD=one-pass``, or ``ONE_PASS_BACKWARD = True`` on this
 module; experimental): a small kernel writes δP, δG, then pass KV also adds each key block's share of
-gQ and gtQ (c·gSᵀᵀK + c·gtSᵀᵀtK, c·gtSᵀᵀK) into fp32 buffers with atomic adds. It skips pass Q's
+gQ = c·(gS K + gtS tK) and gtQ = c·gtS K (the sums over its keys) into fp32 buffers with atomic adds. It skips pass Q's
 recomputation of S, tS, P and the three products with V (30u instead of 42u for both gradients),
 at the price of nondeterministic sums (the order of the atomic adds varies from run to run).
 The constexpr flags HAS_GO / HAS_GT select the fused, primal-only (plain flash backward) and
