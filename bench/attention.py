@@ -364,10 +364,10 @@ def print_best_configs() -> None:
         "bwd_kv": kernels_module._attention_jvp_bwd_kv_kernel,
         "bwd_kv+q": kernels_module._attention_jvp_bwd_kv_fused_q_kernel,  # the one-pass backward
     }
-    print("\n== autotuned configs (key: N, D, dtypes) ==")
+    print("\n== autotuned configs (key: N, D[, FUSE_Q], dtypes) ==")
     for name, kernel in kernels.items():
         for key, config in kernel.cache.items():
-            print(f"{name:7} N={key[0]} D={key[1]} {key[2]}: {config}")
+            print(f"{name:8} N={key[0]} D={key[1]} {' '.join(map(str, key[2:]))}: {config}")
 
 
 def main() -> None:
