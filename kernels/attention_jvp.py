@@ -121,12 +121,15 @@ _SMALL_N_ONLY = _SMALL_N_FWD + _SMALL_N_BWD_Q + _SMALL_N_BWD_KV
 _FWD_CONFIGS += _SMALL_N_FWD
 _BWD_Q_CONFIGS += _SMALL_N_BWD_Q
 _BWD_KV_CONFIGS += _SMALL_N_BWD_KV
+# Pass KV of the one-pass backward (FUSE_Q) holds more live tiles: at every N it also tries the two tiles
+# that spill least there (bench/kernel_resources.py: 16×64 with 4 warps none, 32×64 with 8 warps 72 bytes).
+_BWD_KV_FUSED_Q_CONFIGS = _BWD_KV_CONFIGS + [_config(16, 64, 4, 2), _config(32, 64, 8, 2)]
 _FP32_CONFIG = (32, 32)
 
 
 def _prune(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
-    """Keep the small fp32 tile for 32/64-bit inputs, tiles of ≤ 64 rows for D_PAD = 128, and the
-    short-sequence candidates only for N ≤ 512 and D_PAD ≤ 64."""
+    """Keep the small fp32 tile for 32/64-bit inputs, tiles of ≤ 64 rows for D_PAD = 128, the
+    short-sequence candidates only for N ≤ 512 and D_PAD ≤ 64, and each tile once."""
     args = {**named_args, **kwargs}
     if args["Q"].dtype in (torch.float32, torch.float64):
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == _FP32_CONFIG]
@@ -135,7 +138,10 @@ def _prune(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: A
         kept = [c for c in kept if c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64]
     if args["N_CTX"] > 512 or args["D_PAD"] > 64:
         kept = [c for c in kept if not any(c is extra for extra in _SMALL_N_ONLY)]
-    return kept
+    unique: dict[tuple, triton.Config] = {}
+    for c in kept:  # the first of equal configs, in the list's order
+        unique.setdefault((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages), c)
+    return list(unique.values())
 
 
 def _autotune(configs: list[triton.Config], reset_to_zero: Optional[list[str]] = None, key_extra: tuple = ()):
@@ -502,7 +508,9 @@ def _attention_jvp_bwd_kv(
 _attention_jvp_bwd_kv_kernel = _autotune(_BWD_KV_CONFIGS)(_attention_jvp_bwd_kv)
 # The one-pass face: its own tuning results, in memory and on disk (FUSE_Q in the key: it changes the
 # work per program), and the gQ/gtQ buffers zeroed around the autotuner's timed trials, which add into them.
-_attention_jvp_bwd_kv_fused_q_kernel = _autotune(_BWD_KV_CONFIGS, ["GQ", "GTQ"], ("FUSE_Q",))(_attention_jvp_bwd_kv)
+_attention_jvp_bwd_kv_fused_q_kernel = _autotune(_BWD_KV_FUSED_Q_CONFIGS, ["GQ", "GTQ"], ("FUSE_Q",))(
+    _attention_jvp_bwd_kv
+)
 
 
 # --------------------------------------------------------------------------------------------

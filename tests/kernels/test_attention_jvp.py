@@ -495,3 +495,21 @@ def test_our_autotuners_have_the_result_storing_flag():
         kernel_module._attention_jvp_bwd_delta_kernel,
     ):
         assert isinstance(kernel.cache_results, bool), type(kernel).__name__
+
+
+def test_pruned_tuning_spaces():
+    """What each backward's autotuner may pick on the GPU: the short-sequence candidates only for N ≤ 512,
+    the one-pass pass KV's low-spill tiles at every N, and no tile timed twice."""
+
+    def tiles(configs, n_ctx, dtype=torch.bfloat16, d_pad=64):
+        kept = kernel_module._prune(configs, {"Q": torch.empty(0, dtype=dtype), "D_PAD": d_pad, "N_CTX": n_ctx})
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
+
+    two_pass, one_pass = kernel_module._BWD_KV_CONFIGS, kernel_module._BWD_KV_FUSED_Q_CONFIGS
+    for n_ctx in (256, 1024):
+        assert len(set(tiles(one_pass, n_ctx))) == len(tiles(one_pass, n_ctx))
+        assert {(16, 64, 4, 2), (32, 64, 8, 2)} <= set(tiles(one_pass, n_ctx))
+    assert (16, 64, 4, 2) in tiles(two_pass, 256) and (16, 64, 4, 2) not in tiles(two_pass, 1024)
+    assert tiles(one_pass, 1024) == tiles(two_pass, 1024) + [(16, 64, 4, 2), (32, 64, 8, 2)]
+    assert tiles(one_pass, 1024, torch.float32) == [(32, 32, 4, 1)]
+    assert all(m <= 64 and n <= 64 for m, n, _, _ in tiles(one_pass, 256, d_pad=128))
