@@ -27,7 +27,6 @@ import itertools
 import os
 import re
 import sys
-import time
 from typing import Any, NamedTuple
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -43,13 +42,12 @@ from kernels import attention_jvp as km  # noqa: E402
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 INT_ARGS = ("sb", "sh", "sn", "H", "N_CTX")
 STAT_ARGS = ("LSE2", "MU", "DELTA")  # row statistics: the accumulation dtype
+GRADIENTS = ((True, True), (True, False), (False, True))  # (HAS_GO, HAS_GT): both, gO only, gT only
 FLAG_SETS = {  # the variants each launcher compiles
     "fwd": [dict(HAS_TANGENT=t) for t in (True, False)],
-    "bwd_q": [dict(HAS_GO=o, HAS_GT=t) for o, t in ((True, True), (True, False), (False, True))],
-    "bwd_kv": [
-        dict(HAS_GO=o, HAS_GT=t, FUSE_Q=f) for f, (o, t) in itertools.product((False, True), ((1, 1), (1, 0), (0, 1)))
-    ],
-    "delta": [dict(HAS_GO=o, HAS_GT=t) for o, t in ((True, True), (True, False), (False, True))],
+    "bwd_q": [dict(HAS_GO=o, HAS_GT=t) for o, t in GRADIENTS],
+    "bwd_kv": [dict(HAS_GO=o, HAS_GT=t, FUSE_Q=f) for f, (o, t) in itertools.product((False, True), GRADIENTS)],
+    "delta": [dict(HAS_GO=o, HAS_GT=t) for o, t in GRADIENTS],
 }
 AUTOTUNERS = {
     "fwd": km._attention_jvp_fwd_kernel,
@@ -60,11 +58,12 @@ AUTOTUNERS = {
 
 
 class Resources(NamedTuple):
+    """What one compiled variant uses: registers per thread, spill bytes per thread, shared memory bytes."""
+
     registers: int
     spill_stores: int
     spill_loads: int
     shared: int
-    seconds: float
 
 
 def pointer_type(name: str, flags: dict[str, Any], dtype: torch.dtype) -> str:
@@ -95,7 +94,6 @@ def compile_variant(
             attrs[(index,)] = [["tt.divisibility", 16]]  # the launchers' pointers are 16-byte aligned
     source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
     log = io.StringIO()
-    start = time.perf_counter()
     with triton.knobs.nvidia.scope(), triton.knobs.compilation.scope(), contextlib.redirect_stdout(log):
         triton.knobs.nvidia.dump_ptxas_log = True
         triton.knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its log
@@ -104,15 +102,12 @@ def compile_variant(
             target=GPUTarget("cuda", capability, 32),
             options=dict(num_warps=config.num_warps, num_stages=config.num_stages),
         )
-    seconds = time.perf_counter() - start
     text = log.getvalue()
     registers = re.search(r"Used (\d+) registers", text)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     if registers is None or spills is None:
         raise RuntimeError(f"no ptxas resource line in its log: {text[:500]!r}")
-    return Resources(
-        int(registers.group(1)), int(spills.group(1)), int(spills.group(2)), compiled.metadata.shared, seconds
-    )
+    return Resources(int(registers.group(1)), int(spills.group(1)), int(spills.group(2)), compiled.metadata.shared)
 
 
 def autotuner(kernel: str, flags: dict[str, Any]) -> Any:
