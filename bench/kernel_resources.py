@@ -70,7 +70,7 @@ def pointer_type(name: str, flags: dict[str, Any], dtype: torch.dtype) -> str:
     """Triton pointer type of argument ``name``: row statistics, and the one-pass gQ/gtQ sums, in fp32."""
     if name in STAT_ARGS or (flags.get("FUSE_Q") and name in ("GQ", "GTQ")):
         return "*fp32"
-    return "*" + {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    return "*" + next(name for name, value in DTYPES.items() if value == dtype)
 
 
 def compile_variant(
@@ -125,8 +125,9 @@ def kept_configs(kernel: str, flags: dict[str, Any], dtype: torch.dtype, n_ctx: 
 
 
 def describe(config: triton.Config) -> str:
-    block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    return f"{block_m}x{block_n} w{config.num_warps} s{config.num_stages}"
+    """``BLOCK_M×BLOCK_N`` (the δ kernel: ``BLOCK_M`` rows), warps and pipeline stages."""
+    tile = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N") if k in config.kwargs)
+    return f"{tile} w{config.num_warps} s{config.num_stages}"
 
 
 def main() -> int:

@@ -377,16 +377,23 @@ def _attention_jvp_bwd_q_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=[_config(16 if is_interpreting() else 64, 16, 1 if is_interpreting() else 4, 1)], key=[])
+@triton.autotune(
+    configs=[
+        triton.Config(
+            {"BLOCK_M": 16 if is_interpreting() else 64}, num_warps=1 if is_interpreting() else 4, num_stages=1
+        )
+    ],
+    key=[],
+)
 @triton.jit
 def _attention_jvp_bwd_delta_kernel(
     O, T, GO, GT, DELTA,
     N_CTX,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    HAS_GO: tl.constexpr, HAS_GT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_GO: tl.constexpr, HAS_GT: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """Grid (cdiv(N, BLOCK_M), B·H). Writes δP = rowsum(gO⊙O) + rowsum(gT⊙T) and, with HAS_GT,
-    δG = rowsum(gT⊙O) (rows of DELTA[0], DELTA[1]); BLOCK_N is unused (the shared config type)."""
+    δG = rowsum(gT⊙O) (rows of DELTA[0], DELTA[1])."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
