@@ -7,7 +7,7 @@
 #
 # PART: profile | full | full-check | full-graphs | autotune | autotune-check | rows | split | split-graphs | split-more |
 #   split-profile | split-order | graph-test | graph | graph-order | headroom | estimator | launch-ab | plain | gen-profile |
-#   gen-autotune | gen-gelu | gen-gelu-autotune | cdt | one-pass | 512 | coldstart | fsdp2 | attention
+#   gen-autotune | gen-gelu | gen-gelu-autotune | cdt | one-pass | one-pass-256 | 512 | coldstart | fsdp2 | attention
 #
 # Run from the repository root on the GPU machine. Wheels the machine lacks (hydra-core, omegaconf,
 # antlr4-python3-runtime) are installed from .whl/ when that folder exists (docs/benchmarks.md,
@@ -16,7 +16,7 @@
 # the call limit still returns what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: bash bench/device_calls.sh profile|full|full-check|full-graphs|autotune|autotune-check|rows|split|split-graphs|split-more|split-profile|split-order|graph-test|graph|graph-order|headroom|estimator|launch-ab|plain|gen-profile|gen-autotune|gen-gelu|gen-gelu-autotune|cdt|one-pass|512|coldstart|fsdp2|attention}"
+part="${1:?usage: bash bench/device_calls.sh profile|full|full-check|full-graphs|autotune|autotune-check|rows|split|split-graphs|split-more|split-profile|split-order|graph-test|graph|graph-order|headroom|estimator|launch-ab|plain|gen-profile|gen-autotune|gen-gelu|gen-gelu-autotune|cdt|one-pass|one-pass-256|512|coldstart|fsdp2|attention}"
 if [ -d .whl ] && ! python3 -c "import hydra" 2>/dev/null; then
     site="$(mktemp -d)"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
@@ -110,11 +110,14 @@ cdt) # Inductor's coordinate-descent tuning of its generated kernels (bench opti
     step --variants "$default,$default:cdt=1" --check '' --plain gen:compile+gelu,gen:compile+gelu+cdt
     step --variants "$default:graph=1:cdt=1" --check '' --plain '' ;;
 one-pass) # the attention kernel's one-pass backward (TVM_ATTENTION_BACKWARD=one-pass): accuracy and kernel rows at
-    # N=256 and 1024, B=32 (both backwards), then the default step at 512 px, batch 8, with each backward, the
-    # one-pass step checked against torch.func.jvp (about 7 minutes)
+    # N=256 and 1024, B=32 (both backwards), then the default step at 512 px, batch 8, as one CUDA graph with each
+    # backward in one process (bench option bwd=one-pass), the one-pass step checked against torch.func.jvp (about
+    # 7 minutes)
     python3 bench/attention.py --sizes 256x32,1024x32 --profile 1024x32
-    step --resolution 512 --batch 8 --variants "$default" --check '' --plain ''
-    TVM_ATTENTION_BACKWARD=one-pass step --resolution 512 --batch 8 --variants "$default" --check "$default" --plain '' ;;
+    step --resolution 512 --batch 8 --variants "$default:graph=1,$default:graph=1:bwd=one-pass" \
+        --check "$default:bwd=one-pass" --plain '' ;;
+one-pass-256) # the same two steps at 256 px, batch 32, one-pass first and last (about 4 minutes)
+    step --variants "$default:graph=1:bwd=one-pass,$default:graph=1,$default:graph=1:bwd=one-pass" --check '' --plain '' ;;
 512) # 512 px, per-GPU batch 8
     step --resolution 512 --batch 8 --variants "$default" --check '' --plain '' ;;
 coldstart) # seconds to the first finished step of `bash train.sh 1 im256_w2.yaml`: cold, run-dir cache, local cache

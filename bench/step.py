@@ -49,7 +49,7 @@ import torch._functorch.config as functorch_config
 import torch._inductor.config as inductor_config
 import triton
 
-from kernels import launch_plans
+from kernels import attention_jvp, launch_plans
 from tvm.compiling import allow_tracing_this_package, compile_model, compile_options, set_activation_memory_budget
 from tvm.config import compose_config
 from tvm.data.encoders import StabilityVAEEncoder
@@ -70,14 +70,16 @@ STARTED = time.perf_counter()  # for the elapsed seconds printed after each row 
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """A TVM step variant ``JVPMODE:ATTENTION[:HOW][:recompute=R][:budget=B][:mode=M][:estimator=E]
-    [:split=1][:fm_budget=F][:rounds=K][:graph=1][:cdt=1]``, e.g. ``explicit:triton:blocks:budget=0.5``:
+    [:split=1][:fm_budget=F][:rounds=K][:graph=1][:cdt=1][:bwd=one-pass]``, e.g. ``explicit:triton:blocks:budget=0.5``:
     ``HOW`` = eager | compile | blocks, ``R`` = ``network.recompute``, ``B`` = ``network.compile_memory_budget``,
     ``M`` the torch.compile mode, ``E`` how the partitioner estimates the cost of recomputing an op under a
     budget below 1 (:func:`set_recompute_estimator`; a bench-only experiment, not a config key),
     ``split=1`` = ``training.split_backward``, ``F`` = ``network.compile_memory_budget_fm``, ``K``
     accumulation rounds (the batch in K micro-batches, as ``training.batch_gpu`` = batch / K), ``graph=1``
     = ``training.cuda_graph`` (the whole step as one CUDA graph), ``cdt=1`` = Inductor's coordinate-descent
-    tuning of its Triton kernels' launch parameters (a bench-only experiment, not a config key)."""
+    tuning of its Triton kernels' launch parameters (a bench-only experiment, not a config key),
+    ``bwd=one-pass`` = the attention kernel's one-pass backward (``TVM_ATTENTION_BACKWARD=one-pass``, set for
+    this variant's steps only, so that rows with either backward share one process)."""
 
     jvp_mode: str
     attention: str
@@ -91,13 +93,14 @@ class Variant:
     rounds: int = 1  # gradient accumulation rounds per step
     graph: bool = False  # training.cuda_graph: the whole step captured as one CUDA graph
     tuned: bool = False  # Inductor's coordinate_descent_tuning for the compiled graphs
+    one_pass: bool = False  # the attention kernel's one-pass backward (kernels.attention_jvp.one_pass_backward)
 
     @classmethod
     def parse(cls, text: str, recompute: str = "none") -> "Variant":
         fields = text.split(":")
         options = dict(f.split("=", 1) for f in fields[2:] if "=" in f)
         how = next((f for f in fields[2:] if "=" not in f), "eager")
-        known = {"recompute", "budget", "mode", "estimator", "split", "fm_budget", "rounds", "graph", "cdt"}
+        known = {"recompute", "budget", "mode", "estimator", "split", "fm_budget", "rounds", "graph", "cdt", "bwd"}
         unknown = set(options) - known
         estimator = options.get("estimator", "flops")
         if (
@@ -108,6 +111,7 @@ class Variant:
             or options.get("split", "0") not in ("0", "1")
             or options.get("graph", "0") not in ("0", "1")
             or options.get("cdt", "0") not in ("0", "1")
+            or options.get("bwd", "two-pass") not in ("two-pass", "one-pass")
             or ("fm_budget" in options and options.get("split") != "1")
             or not options.get("rounds", "1").isdigit()
             or int(options.get("rounds", "1")) < 1
@@ -115,7 +119,7 @@ class Variant:
             raise SystemExit(
                 f"bad variant {text!r}: JVPMODE:ATTENTION[:eager|compile|blocks][:recompute=R][:budget=B][:mode=M]"
                 f"[:estimator={'|'.join(ESTIMATORS)}][:split=0|1][:fm_budget=F (with split=1)][:rounds=K (>= 1)]"
-                "[:graph=0|1][:cdt=0|1]"
+                "[:graph=0|1][:cdt=0|1][:bwd=two-pass|one-pass]"
             )
         return cls(
             fields[0],
@@ -130,10 +134,17 @@ class Variant:
             int(options.get("rounds", 1)),
             options.get("graph") == "1",
             options.get("cdt") == "1",
+            options.get("bwd") == "one-pass",
         )
 
 
 DEFAULT_PLAN = Variant("explicit", "triton")  # one round, one backward: how a step runs unless a variant says
+
+
+def attention_backward(plan: Variant) -> contextlib.AbstractContextManager:
+    """The attention backward of ``plan``'s steps: one-pass where it says ``bwd=one-pass``, else as the
+    process runs it (``TVM_ATTENTION_BACKWARD``)."""
+    return attention_jvp.one_pass_backward() if plan.one_pass else contextlib.nullcontext()
 
 
 def build_state(cfg, resolution: int, variant: Variant = Variant("autograd", "math"), seed: int = 0) -> RunState:
@@ -388,7 +399,8 @@ def check_variants(
         state, net, plan = tvm_state(cfg, resolution, variant, recompute)
         gen = torch.Generator(device="cuda").manual_seed(7)
         draws = draw_step(gen, n, tuple(x.shape[1:]), time_sampling(cfg.loss), guidance(cfg.loss), "cuda")
-        loss = loss_and_backward(net, state.teacher, x, labels, draws, 1 / n, no_sync, plan.split, plan.fm_budget)
+        with attention_backward(plan):
+            loss = loss_and_backward(net, state.teacher, x, labels, draws, 1 / n, no_sync, plan.split, plan.fm_budget)
         return loss["loss"], grads_of(state)
 
     l_ref, g_ref = loss_and_grads("autograd:math")
@@ -517,12 +529,13 @@ def measure(kind: str, variant: str, cfg, R: int, x: torch.Tensor, labels: torch
                 )
             ]
         if kind == "tvm":
-            run = (
-                graphed_tvm_step(state, cfg, x, labels, net, plan)
-                if plan.graph
-                else lambda i: tvm_step(state, cfg, x, labels, i, net, plan=plan)
-            )
-            times = time_steps(run, args.warmup, args.steps)
+            with attention_backward(plan):
+                run = (
+                    graphed_tvm_step(state, cfg, x, labels, net, plan)
+                    if plan.graph
+                    else lambda i: tvm_step(state, cfg, x, labels, i, net, plan=plan)
+                )
+                times = time_steps(run, args.warmup, args.steps)
         else:
             times = time_steps(lambda i: fm_step(state, cfg, x, labels, i, net), args.warmup, args.steps)
     except torch.OutOfMemoryError:

@@ -56,7 +56,9 @@ def test_step_benchmark_split_and_rounds_options(monkeypatch):
     assert (Variant.parse("explicit:triton").split, Variant.parse("explicit:triton").rounds) == (False, 1)
     assert Variant.parse("explicit:triton:blocks:graph=1").graph and not plan.graph
     assert Variant.parse("explicit:triton:blocks:cdt=1").tuned and not plan.tuned
-    for bad in ("split=2", "fm_budget=1.0", "rounds=0", "rounds=two", "graph=yes", "cdt=yes"):
+    assert Variant.parse("explicit:triton:blocks:bwd=one-pass").one_pass and not plan.one_pass
+    assert not Variant.parse("explicit:triton:blocks:bwd=two-pass").one_pass
+    for bad in ("split=2", "fm_budget=1.0", "rounds=0", "rounds=two", "graph=yes", "cdt=yes", "bwd=1"):
         monkeypatch.setattr("sys.argv", ["step.py", "--variants", f"explicit:triton:blocks:{bad}"])
         with pytest.raises(SystemExit, match="bad variant"):
             main()
@@ -79,3 +81,18 @@ def test_step_benchmark_tuned_compile_keeps_the_modes_options():
     tuned = compile_kwargs("reduce-overhead", True)["options"]
     assert tuned == {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
     assert compile_kwargs("max-autotune-no-cudagraphs", True)["options"]["max_autotune"] is True
+
+
+def test_step_benchmark_sets_the_attention_backward_per_variant(monkeypatch):
+    """``bwd=one-pass`` sets the one-pass attention backward for that variant's steps only; a variant
+    without it leaves the process's setting (``TVM_ATTENTION_BACKWARD``) as it is."""
+    from bench.step import Variant, attention_backward
+    from kernels import attention_jvp
+
+    monkeypatch.setattr(attention_jvp, "ONE_PASS_BACKWARD", False)
+    with attention_backward(Variant.parse("explicit:triton:bwd=one-pass")):
+        assert attention_jvp.ONE_PASS_BACKWARD
+    assert not attention_jvp.ONE_PASS_BACKWARD
+    monkeypatch.setattr(attention_jvp, "ONE_PASS_BACKWARD", True)
+    with attention_backward(Variant.parse("explicit:triton")):
+        assert attention_jvp.ONE_PASS_BACKWARD
