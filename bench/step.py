@@ -309,6 +309,26 @@ def _busy_ms(intervals: list[tuple[float, float]]) -> float:
     return total / 1e3
 
 
+def launching_ops(events: list[dict], steps: int, categories: tuple[str, ...], top: int = 12) -> list[tuple]:
+    """Which host ops launched the kernels of ``categories`` in a chrome trace of ``steps`` calls
+    (torch.profiler with ``record_shapes``): ``(ms per call, kernels per call, op, input dims, input types)``,
+    largest first, at most ``top``. Kernels are matched to their op by the trace's ``External id``."""
+    ops = {
+        e["args"]["External id"]: e for e in events if e.get("cat") == "cpu_op" and "External id" in e.get("args", {})
+    }
+    totals: dict[tuple, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for e in events:
+        if e.get("cat") != "kernel" or "dur" not in e or kernel_category(e["name"]) not in categories:
+            continue
+        op = ops.get(e.get("args", {}).get("External id"), {})
+        args = op.get("args", {})
+        key = (op.get("name", "?"), str(args.get("Input Dims", "")), str(args.get("Input type", "")))
+        totals[key][0] += e["dur"] / 1e3 / steps
+        totals[key][1] += 1 / steps
+    rows = sorted(((ms, n, *key) for key, (ms, n) in totals.items()), key=lambda row: -row[0])
+    return rows[:top]
+
+
 def phase_times(state: RunState, cfg, x, labels, net, warmup: int, steps: int, plan: Variant) -> dict[str, float]:
     """Median ms of the step's phases (CUDA events between them, no host syncs inside a step):
     loss forward and backward, and the update (norm, AdamW, both EMAs)."""
@@ -327,7 +347,7 @@ def print_kernel_profile(name: str, run: Callable[[int], object], wall: float, s
     """Kernel time of ``run`` by category (torch.profiler over ``steps`` calls, per call), the host gap
     = ``wall`` (the unprofiled median ms of a call) − GPU busy time, and the top kernels."""
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
         for i in range(steps):
             run(100 + i)
         torch.cuda.synchronize()
@@ -354,6 +374,12 @@ def print_kernel_profile(name: str, run: Callable[[int], object], wall: float, s
     print("# top kernels (ms/call):")
     for kernel, ms in sorted(by_name.items(), key=lambda kv: -kv[1])[:25]:
         print(f"#   {ms:7.2f}  [{kernel_category(kernel)}] {kernel[:110]}")
+    eager = ("elementwise / normalisation (ATen)", "optimizer + EMAs")
+    print(
+        "# the host ops behind the ATen elementwise and update kernels (ms/call, kernels/call, op, input dims, types):"
+    )
+    for ms, n, op, dims, types in launching_ops(trace["traceEvents"], steps, eager):
+        print(f"#   {ms:7.2f}  {n:6.0f}  {op} {dims[:100]} {types[:80]}")
 
 
 def profile(cfg, R: int, variant: str, x, labels, args) -> None:

@@ -96,3 +96,38 @@ def test_step_benchmark_sets_the_attention_backward_per_variant(monkeypatch):
     monkeypatch.setattr(attention_jvp, "ONE_PASS_BACKWARD", True)
     with attention_backward(Variant.parse("explicit:triton")):
         assert attention_jvp.ONE_PASS_BACKWARD
+
+
+def test_step_benchmark_names_the_ops_behind_eager_kernels():
+    """The profile's attribution of ATen kernels to the host ops that launched them (by ``External id``),
+    per call, filtered by category, largest first."""
+    from bench.step import launching_ops
+
+    def op(eid, name, dims):
+        return {
+            "cat": "cpu_op",
+            "name": name,
+            "args": {"External id": eid, "Input Dims": dims, "Input type": ["float"]},
+        }
+
+    def kernel(eid, name, dur):
+        return {"cat": "kernel", "name": name, "dur": dur, "args": {"External id": eid}}
+
+    copy = "void at::native::elementwise_kernel<128, 4, direct_copy_kernel_cuda>"
+    events = [
+        op(1, "aten::copy_", [[4, 4], [4, 4]]),
+        op(2, "aten::copy_", [[8], [8]]),
+        op(3, "aten::mm", [[4, 4], [4, 4]]),
+        kernel(1, copy, 3000.0),
+        kernel(1, copy, 3000.0),
+        kernel(2, copy, 1000.0),
+        kernel(3, "nvjet_sm90_tst_192x192", 9000.0),  # a GEMM: not asked for
+        kernel(4, "void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add<float>>", 500.0),  # no op
+    ]
+    rows = launching_ops(events, 2, ("elementwise / normalisation (ATen)",))
+    assert rows == [
+        (3.0, 1.0, "aten::copy_", "[[4, 4], [4, 4]]", "['float']"),
+        (0.5, 0.5, "aten::copy_", "[[8], [8]]", "['float']"),
+        (0.25, 0.5, "?", "", ""),
+    ]
+    assert launching_ops(events, 1, ("elementwise / normalisation (ATen)",), top=1)[0][0] == 6.0
