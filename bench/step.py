@@ -699,8 +699,12 @@ def main() -> None:
         f"batch {args.batch}, recompute {args.recompute}"
     )
     if checked:
-        for variant, diff in check_variants(cfg, R, checked, args.recompute).items():
-            print(f"# check (bf16, batch 4) {variant} vs autograd:math: {diff}", flush=True)
+        try:
+            for variant, diff in check_variants(cfg, R, checked, args.recompute).items():
+                print(f"# check (bf16, batch 4) {variant} vs autograd:math: {diff}", flush=True)
+        except torch.OutOfMemoryError:  # the math reference at 512 px needs more than an H100's 80 GB (Round 10)
+            print(f"# check of {', '.join(checked)}: out of GPU memory, not checked", flush=True)
+        release("the checks")  # outside the handler: its traceback would keep the failed check's tensors alive
 
     rows = []
     x, labels = batch(args.batch, R, 0)

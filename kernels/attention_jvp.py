@@ -21,6 +21,7 @@ module; experimental): a small kernel writes δP, δG, then pass KV also adds ea
 gQ = c·(gS K + gtS tK) and gtQ = c·gtS K (the sums over its keys) into fp32 buffers with atomic adds. It skips pass Q's
 recomputation of S, tS, P and the three products with V (30u instead of 42u for both gradients),
 at the price of nondeterministic sums (the order of the atomic adds varies from run to run).
+Measured slower on an H100 (+28 to +48% forward+backward at N=256 and 1024; docs/benchmarks.md, Round 10).
 The constexpr flags HAS_GO / HAS_GT select the fused, primal-only (plain flash backward) and
 tangent-only variants from the same code.
 
