@@ -53,6 +53,7 @@ from kernels import attention_jvp, launch_plans
 from tvm.compiling import allow_tracing_this_package, compile_model, compile_options, set_activation_memory_budget
 from tvm.config import compose_config
 from tvm.data.encoders import StabilityVAEEncoder
+from tvm.models.attention import contiguous_kernel_operands
 from tvm.method.objective import interpolate
 from tvm.method.sampler import sample
 from tvm.method.times import draw_step
@@ -70,7 +71,8 @@ STARTED = time.perf_counter()  # for the elapsed seconds printed after each row 
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """A TVM step variant ``JVPMODE:ATTENTION[:HOW][:recompute=R][:budget=B][:mode=M][:estimator=E]
-    [:split=1][:fm_budget=F][:rounds=K][:graph=1][:cdt=1][:bwd=one-pass]``, e.g. ``explicit:triton:blocks:budget=0.5``:
+    [:split=1][:fm_budget=F][:rounds=K][:graph=1][:cdt=1][:bwd=one-pass][:operands=contiguous]``, e.g.
+    ``explicit:triton:blocks:budget=0.5``:
     ``HOW`` = eager | compile | blocks, ``R`` = ``network.recompute``, ``B`` = ``network.compile_memory_budget``,
     ``M`` the torch.compile mode, ``E`` how the partitioner estimates the cost of recomputing an op under a
     budget below 1 (:func:`set_recompute_estimator`; a bench-only experiment, not a config key),
@@ -79,7 +81,9 @@ class Variant:
     = ``training.cuda_graph`` (the whole step as one CUDA graph), ``cdt=1`` = Inductor's coordinate-descent
     tuning of its Triton kernels' launch parameters (a bench-only experiment, not a config key),
     ``bwd=one-pass`` = the attention kernel's one-pass backward (``TVM_ATTENTION_BACKWARD=one-pass``, set for
-    this variant's steps only, so that rows with either backward share one process)."""
+    this variant's steps only, so that rows with either backward share one process), ``operands=contiguous`` =
+    the Triton attention's operands made contiguous before the kernel (``tvm.models.attention.
+    contiguous_kernel_operands``, for this variant's steps only)."""
 
     jvp_mode: str
     attention: str
@@ -94,13 +98,26 @@ class Variant:
     graph: bool = False  # training.cuda_graph: the whole step captured as one CUDA graph
     tuned: bool = False  # Inductor's coordinate_descent_tuning for the compiled graphs
     one_pass: bool = False  # the attention kernel's one-pass backward (kernels.attention_jvp.one_pass_backward)
+    contiguous_operands: bool = False  # tvm.models.attention.contiguous_kernel_operands
 
     @classmethod
     def parse(cls, text: str, recompute: str = "none") -> "Variant":
         fields = text.split(":")
         options = dict(f.split("=", 1) for f in fields[2:] if "=" in f)
         how = next((f for f in fields[2:] if "=" not in f), "eager")
-        known = {"recompute", "budget", "mode", "estimator", "split", "fm_budget", "rounds", "graph", "cdt", "bwd"}
+        known = {
+            "recompute",
+            "budget",
+            "mode",
+            "estimator",
+            "split",
+            "fm_budget",
+            "rounds",
+            "graph",
+            "cdt",
+            "bwd",
+            "operands",
+        }
         unknown = set(options) - known
         estimator = options.get("estimator", "flops")
         if (
@@ -112,6 +129,7 @@ class Variant:
             or options.get("graph", "0") not in ("0", "1")
             or options.get("cdt", "0") not in ("0", "1")
             or options.get("bwd", "two-pass") not in ("two-pass", "one-pass")
+            or options.get("operands", "views") not in ("views", "contiguous")
             or ("fm_budget" in options and options.get("split") != "1")
             or not options.get("rounds", "1").isdigit()
             or int(options.get("rounds", "1")) < 1
@@ -119,7 +137,7 @@ class Variant:
             raise SystemExit(
                 f"bad variant {text!r}: JVPMODE:ATTENTION[:eager|compile|blocks][:recompute=R][:budget=B][:mode=M]"
                 f"[:estimator={'|'.join(ESTIMATORS)}][:split=0|1][:fm_budget=F (with split=1)][:rounds=K (>= 1)]"
-                "[:graph=0|1][:cdt=0|1][:bwd=two-pass|one-pass]"
+                "[:graph=0|1][:cdt=0|1][:bwd=two-pass|one-pass][:operands=views|contiguous]"
             )
         return cls(
             fields[0],
@@ -135,16 +153,23 @@ class Variant:
             options.get("graph") == "1",
             options.get("cdt") == "1",
             options.get("bwd") == "one-pass",
+            options.get("operands") == "contiguous",
         )
 
 
 DEFAULT_PLAN = Variant("explicit", "triton")  # one round, one backward: how a step runs unless a variant says
 
 
-def attention_backward(plan: Variant) -> contextlib.AbstractContextManager:
-    """The attention backward of ``plan``'s steps: one-pass where it says ``bwd=one-pass``, else as the
-    process runs it (``TVM_ATTENTION_BACKWARD``)."""
-    return attention_jvp.one_pass_backward() if plan.one_pass else contextlib.nullcontext()
+def attention_settings(plan: Variant) -> contextlib.ExitStack:
+    """The attention settings of ``plan``'s steps: the one-pass backward where it says ``bwd=one-pass`` (else
+    as the process runs it, ``TVM_ATTENTION_BACKWARD``), contiguous kernel operands where it says
+    ``operands=contiguous``."""
+    stack = contextlib.ExitStack()
+    if plan.one_pass:
+        stack.enter_context(attention_jvp.one_pass_backward())
+    if plan.contiguous_operands:
+        stack.enter_context(contiguous_kernel_operands())
+    return stack
 
 
 def build_state(cfg, resolution: int, variant: Variant = Variant("autograd", "math"), seed: int = 0) -> RunState:
@@ -425,7 +450,7 @@ def check_variants(
         state, net, plan = tvm_state(cfg, resolution, variant, recompute)
         gen = torch.Generator(device="cuda").manual_seed(7)
         draws = draw_step(gen, n, tuple(x.shape[1:]), time_sampling(cfg.loss), guidance(cfg.loss), "cuda")
-        with attention_backward(plan):
+        with attention_settings(plan):
             loss = loss_and_backward(net, state.teacher, x, labels, draws, 1 / n, no_sync, plan.split, plan.fm_budget)
         return loss["loss"], grads_of(state)
 
@@ -555,7 +580,7 @@ def measure(kind: str, variant: str, cfg, R: int, x: torch.Tensor, labels: torch
                 )
             ]
         if kind == "tvm":
-            with attention_backward(plan):
+            with attention_settings(plan):
                 run = (
                     graphed_tvm_step(state, cfg, x, labels, net, plan)
                     if plan.graph

@@ -58,7 +58,8 @@ def test_step_benchmark_split_and_rounds_options(monkeypatch):
     assert Variant.parse("explicit:triton:blocks:cdt=1").tuned and not plan.tuned
     assert Variant.parse("explicit:triton:blocks:bwd=one-pass").one_pass and not plan.one_pass
     assert not Variant.parse("explicit:triton:blocks:bwd=two-pass").one_pass
-    for bad in ("split=2", "fm_budget=1.0", "rounds=0", "rounds=two", "graph=yes", "cdt=yes", "bwd=1"):
+    assert Variant.parse("explicit:triton:operands=contiguous").contiguous_operands and not plan.contiguous_operands
+    for bad in ("split=2", "fm_budget=1.0", "rounds=0", "rounds=two", "graph=yes", "cdt=yes", "bwd=1", "operands=1"):
         monkeypatch.setattr("sys.argv", ["step.py", "--variants", f"explicit:triton:blocks:{bad}"])
         with pytest.raises(SystemExit, match="bad variant"):
             main()
@@ -83,19 +84,20 @@ def test_step_benchmark_tuned_compile_keeps_the_modes_options():
     assert compile_kwargs("max-autotune-no-cudagraphs", True)["options"]["max_autotune"] is True
 
 
-def test_step_benchmark_sets_the_attention_backward_per_variant(monkeypatch):
-    """``bwd=one-pass`` sets the one-pass attention backward for that variant's steps only; a variant
-    without it leaves the process's setting (``TVM_ATTENTION_BACKWARD``) as it is."""
-    from bench.step import Variant, attention_backward
+def test_step_benchmark_sets_the_attention_per_variant(monkeypatch):
+    """``bwd=one-pass`` and ``operands=contiguous`` hold for that variant's steps only; a variant without
+    ``bwd`` leaves the process's setting (``TVM_ATTENTION_BACKWARD``) as it is."""
+    from bench.step import Variant, attention_settings
     from kernels import attention_jvp
+    from tvm.models import attention
 
     monkeypatch.setattr(attention_jvp, "ONE_PASS_BACKWARD", False)
-    with attention_backward(Variant.parse("explicit:triton:bwd=one-pass")):
-        assert attention_jvp.ONE_PASS_BACKWARD
-    assert not attention_jvp.ONE_PASS_BACKWARD
+    with attention_settings(Variant.parse("explicit:triton:bwd=one-pass:operands=contiguous")):
+        assert attention_jvp.ONE_PASS_BACKWARD and attention.CONTIGUOUS_KERNEL_OPERANDS
+    assert not attention_jvp.ONE_PASS_BACKWARD and not attention.CONTIGUOUS_KERNEL_OPERANDS
     monkeypatch.setattr(attention_jvp, "ONE_PASS_BACKWARD", True)
-    with attention_backward(Variant.parse("explicit:triton")):
-        assert attention_jvp.ONE_PASS_BACKWARD
+    with attention_settings(Variant.parse("explicit:triton")):
+        assert attention_jvp.ONE_PASS_BACKWARD and not attention.CONTIGUOUS_KERNEL_OPERANDS
 
 
 def test_step_benchmark_names_the_ops_behind_eager_kernels():

@@ -182,3 +182,38 @@ def test_sdpa_backend_is_refused_for_tangents():
     x, t, gap, labels, beta = (v.float() for v in model_inputs())
     with pytest.raises(ValueError, match="computes no tangent"):
         model.forward_with_tangent(FlowMapInput(x, t, gap, labels, beta), -torch.ones_like(gap), attn_backend="sdpa")
+
+
+def test_contiguous_kernel_operands_remove_the_launchers_copies_and_keep_the_bits(monkeypatch):
+    """``contiguous_kernel_operands``: the Triton path's v and v̇ (views of the fused qkv output) are made
+    contiguous before the kernel, so its launchers copy no input in the forward or the backward (without
+    it: v and v̇ in both, docs/benchmarks.md Round 10); the values and gradients are the same bits."""
+    from kernels import attention_jvp
+    from tvm.models.attention import contiguous_kernel_operands
+
+    shared_layout, copied = attention_jvp._shared_layout, []
+
+    def recording(*tensors):
+        out = shared_layout(*tensors)
+        copied.extend(i for i, (a, b) in enumerate(zip(tensors, out)) if a is not b)
+        return out
+
+    monkeypatch.setattr(attention_jvp, "_shared_layout", recording)
+    torch.manual_seed(0)
+    model = perturb_(tiny_dit(hidden=64, heads=4))
+    x, t, gap, labels, beta = (v.float() if v is not None else None for v in model_inputs())
+    inputs = FlowMapInput(x, t, gap, labels, beta)
+    results = {}
+    for contiguous in (False, True):
+        copied.clear()
+        model.zero_grad(set_to_none=True)
+        with contiguous_kernel_operands(contiguous):
+            out, dout = model.forward_with_tangent(inputs, -torch.ones_like(gap), attn_backend="triton")
+            (out.square().sum() + dout.square().sum()).backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results[contiguous] = out, dout, grads, sorted(set(copied)), len(copied)
+    views, contiguous = results[False], results[True]
+    assert views[3] == [2, 5] and views[4] == 2 * 2 * len(model.blocks)  # v, v̇: forward and backward, per block
+    assert contiguous[3] == [] and contiguous[4] == 0
+    for a, b in zip(views[:3], contiguous[:3]):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)

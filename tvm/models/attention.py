@@ -20,6 +20,9 @@ autocast dtype (the kernel needs one operand dtype), as docs/method.md §3.9 pre
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -55,9 +58,33 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     raise ValueError(f"unknown attention backend {backend!r}; allowed: {', '.join(BACKENDS)}")
 
 
+# The Triton kernels address their inputs with one set of strides and copy them (outside any compiled
+# graph, in the forward and again in the backward) when layouts differ: in the DiT, v and its tangent are
+# views of the fused qkv output while q and k leave the QK-norm contiguous (docs/benchmarks.md, Round 10:
+# 4 of the 6 copies per block, 3.4 ms of the default step on an H100). With this on, the operands are made
+# contiguous here instead, where a compiled block fuses the copy and the backward reuses it. Values are
+# the same bits either way. Off by default until measured on a GPU (bench/step.py's option operands=contiguous).
+CONTIGUOUS_KERNEL_OPERANDS = False
+
+
+@contextlib.contextmanager
+def contiguous_kernel_operands(enabled: bool = True) -> Iterator[None]:
+    """Set :data:`CONTIGUOUS_KERNEL_OPERANDS` for a block of code (restored after it; read when a
+    compiled block is traced, so a change recompiles)."""
+    global CONTIGUOUS_KERNEL_OPERANDS
+    previous, CONTIGUOUS_KERNEL_OPERANDS = CONTIGUOUS_KERNEL_OPERANDS, enabled
+    try:
+        yield
+    finally:
+        CONTIGUOUS_KERNEL_OPERANDS = previous
+
+
 def _kernel_operands(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Cast the Triton kernel's operands to one dtype: the autocast dtype, else the first's."""
+    """Cast the Triton kernel's operands to one dtype: the autocast dtype, else the first's; with
+    :data:`CONTIGUOUS_KERNEL_OPERANDS`, also to contiguous memory (a no-op for those already so)."""
     dtype = _autocast_dtype(tensors[0].device.type) or tensors[0].dtype
+    if CONTIGUOUS_KERNEL_OPERANDS:
+        return [x.to(dtype).contiguous() for x in tensors]
     return [x.to(dtype) for x in tensors]
 
 
