@@ -105,39 +105,20 @@ class Variant:
         fields = text.split(":")
         options = dict(f.split("=", 1) for f in fields[2:] if "=" in f)
         how = next((f for f in fields[2:] if "=" not in f), "eager")
-        known = {
-            "recompute",
-            "budget",
-            "mode",
-            "estimator",
-            "split",
-            "fm_budget",
-            "rounds",
-            "graph",
-            "cdt",
-            "bwd",
-            "operands",
-        }
-        unknown = set(options) - known
-        estimator = options.get("estimator", "flops")
+        unknown = set(options) - {"recompute", "budget", "mode", "fm_budget", "rounds", *CHOICES}
         if (
             len(fields) < 2
             or unknown
             or how not in ("eager", "compile", "blocks")
-            or estimator not in ESTIMATORS
-            or options.get("split", "0") not in ("0", "1")
-            or options.get("graph", "0") not in ("0", "1")
-            or options.get("cdt", "0") not in ("0", "1")
-            or options.get("bwd", "two-pass") not in ("two-pass", "one-pass")
-            or options.get("operands", "views") not in ("views", "contiguous")
+            or any(options.get(name, values[0]) not in values for name, values in CHOICES.items())
             or ("fm_budget" in options and options.get("split") != "1")
             or not options.get("rounds", "1").isdigit()
             or int(options.get("rounds", "1")) < 1
         ):
+            choices = "".join(f"[:{name}={'|'.join(values)}]" for name, values in CHOICES.items())
             raise SystemExit(
                 f"bad variant {text!r}: JVPMODE:ATTENTION[:eager|compile|blocks][:recompute=R][:budget=B][:mode=M]"
-                f"[:estimator={'|'.join(ESTIMATORS)}][:split=0|1][:fm_budget=F (with split=1)][:rounds=K (>= 1)]"
-                "[:graph=0|1][:cdt=0|1][:bwd=two-pass|one-pass][:operands=views|contiguous]"
+                f"[:fm_budget=F (with split=1)][:rounds=K (>= 1)]{choices}"
             )
         return cls(
             fields[0],
@@ -146,7 +127,7 @@ class Variant:
             options.get("recompute", recompute),
             float(options.get("budget", 1.0)),
             options.get("mode"),
-            estimator,
+            options.get("estimator", "flops"),
             options.get("split") == "1",
             float(options["fm_budget"]) if "fm_budget" in options else None,
             int(options.get("rounds", 1)),
@@ -156,6 +137,17 @@ class Variant:
             options.get("operands") == "contiguous",
         )
 
+
+ESTIMATORS = ("flops", "profile")
+# The variant options that take one of a few values, the default first.
+CHOICES = {
+    "estimator": ESTIMATORS,
+    "split": ("0", "1"),
+    "graph": ("0", "1"),
+    "cdt": ("0", "1"),
+    "bwd": ("two-pass", "one-pass"),
+    "operands": ("views", "contiguous"),
+}
 
 DEFAULT_PLAN = Variant("explicit", "triton")  # one round, one backward: how a step runs unless a variant says
 
@@ -466,7 +458,6 @@ def check_variants(
     return out
 
 
-ESTIMATORS = ("flops", "profile")
 COMPILE_CACHES = (functorch_config.enable_autograd_cache, inductor_config.fx_graph_cache)  # as PyTorch set them
 
 

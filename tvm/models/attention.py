@@ -32,7 +32,8 @@ from tvm.models.tangent import Pair
 BACKENDS = ("math", "sdpa", "triton")
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype of ``device_type`` when autocast is on there, else None."""
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
@@ -82,7 +83,7 @@ def contiguous_kernel_operands(enabled: bool = True) -> Iterator[None]:
 def _kernel_operands(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """Cast the Triton kernel's operands to one dtype: the autocast dtype, else the first's; with
     :data:`CONTIGUOUS_KERNEL_OPERANDS`, also to contiguous memory (a no-op for those already so)."""
-    dtype = _autocast_dtype(tensors[0].device.type) or tensors[0].dtype
+    dtype = autocast_dtype(tensors[0].device.type) or tensors[0].dtype
     if CONTIGUOUS_KERNEL_OPERANDS:
         return [x.to(dtype).contiguous() for x in tensors]
     return [x.to(dtype) for x in tensors]

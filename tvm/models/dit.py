@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from tvm.models import tangent
-from tvm.models.attention import attention, attention_with_tangent
+from tvm.models.attention import attention, attention_with_tangent, autocast_dtype
 from tvm.models.init import initialize_dit
 
 RMS_EPS = 1e-6
@@ -272,7 +272,7 @@ def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
     instead of twice, as ``F.gelu(F.linear(...))`` in bf16 does. No autograd (PyTorch defines no
     derivative for ``aten._addmm_activation``) and CUDA only: on a CPU that op's GELU is the erf form.
     """
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    dtype = autocast_dtype("cuda") or x.dtype
     flat = x.reshape(-1, x.shape[-1]).to(dtype)
     out = torch._addmm_activation(bias.to(dtype), flat, weight.to(dtype).t(), use_gelu=True)
     return out.view(*x.shape[:-1], weight.shape[0])
