@@ -171,10 +171,19 @@ def peak_gib(fn: Callable[[], object]) -> float:
     return torch.cuda.max_memory_allocated() / 2**30
 
 
+def upstream_gradients(shape: tuple[int, ...], count: int = 2) -> list[torch.Tensor]:
+    """Random bf16 upstream gradients in the layout of the kernels' outputs, as the model's merge of the
+    heads hands them back (a gradient in another layout would be copied inside the timed backward)."""
+    return [
+        kernels_module.output_like(shape, torch.bfloat16, torch.device("cuda")).copy_(torch.randn(shape))
+        for _ in range(count)
+    ]
+
+
 def timing_rows(batch: int, n_ctx: int, heads: int = 18, head_dim: int = 64) -> list[tuple]:
     shape = (batch, heads, n_ctx, head_dim)
     inputs = [torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(6)]
-    grad_o, grad_t = torch.randn_like(inputs[0]), torch.randn_like(inputs[0])
+    grad_o, grad_t = upstream_gradients(shape)
     q, k, v = inputs[:3]
     u = batch * heads * n_ctx**2 * head_dim
 
@@ -271,7 +280,7 @@ def print_kernel_profile(batch: int, n_ctx: int, heads: int = 18, head_dim: int 
     """CUDA time per kernel of 10 op forward+backward calls (torch.profiler), vs wall time."""
     shape = (batch, heads, n_ctx, head_dim)
     inputs = [torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(6)]
-    grad_o, grad_t = torch.randn_like(inputs[0]), torch.randn_like(inputs[0])
+    grad_o, grad_t = upstream_gradients(shape)
 
     def step():
         o, t = attention_with_tangent(*inputs)

@@ -7,7 +7,7 @@
 #
 # PART: profile | full | full-check | full-graphs | autotune | autotune-check | rows | split | split-graphs | split-more |
 #   split-profile | split-order | graph-test | graph | graph-order | headroom | estimator | launch-ab | plain | gen-profile |
-#   gen-autotune | gen-gelu | gen-gelu-autotune | cdt | one-pass | one-pass-256 | operands | 512 | coldstart | fsdp2 | attention
+#   gen-autotune | gen-gelu | gen-gelu-autotune | cdt | one-pass | one-pass-256 | layout | 512 | coldstart | fsdp2 | attention
 #
 # Run from the repository root on the GPU machine. Wheels the machine lacks (hydra-core, omegaconf,
 # antlr4-python3-runtime) are installed from .whl/ when that folder exists (docs/benchmarks.md,
@@ -16,7 +16,7 @@
 # the call limit still returns what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: bash bench/device_calls.sh profile|full|full-check|full-graphs|autotune|autotune-check|rows|split|split-graphs|split-more|split-profile|split-order|graph-test|graph|graph-order|headroom|estimator|launch-ab|plain|gen-profile|gen-autotune|gen-gelu|gen-gelu-autotune|cdt|one-pass|one-pass-256|operands|512|coldstart|fsdp2|attention}"
+part="${1:?usage: bash bench/device_calls.sh profile|full|full-check|full-graphs|autotune|autotune-check|rows|split|split-graphs|split-more|split-profile|split-order|graph-test|graph|graph-order|headroom|estimator|launch-ab|plain|gen-profile|gen-autotune|gen-gelu|gen-gelu-autotune|cdt|one-pass|one-pass-256|layout|512|coldstart|fsdp2|attention}"
 if [ -d .whl ] && ! python3 -c "import hydra" 2>/dev/null; then
     site="$(mktemp -d)"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
@@ -119,10 +119,12 @@ one-pass-256) # the same two steps at 256 px, batch 32, one-pass first and last,
     # torch.func.jvp (about 5 minutes)
     step --variants "$default:graph=1:bwd=one-pass,$default:graph=1,$default:graph=1:bwd=one-pass" \
         --check "$default:bwd=one-pass" --plain '' ;;
-operands) # the Triton attention's operands made contiguous before the kernel (bench option operands=contiguous; Round 11):
-    # the default step without and with it, then both as one CUDA graph, the option's step checked against
-    # torch.func.jvp (about 6 minutes)
-    step --variants "$default,$default:operands=contiguous,$default:graph=1:operands=contiguous,$default:graph=1" \
+layout) # the attention tensors' layouts (Rounds 11-12): the step with the kernels' outputs contiguous (as before
+    # 2026-12-07, outputs=contiguous), token-major (the default since), and with contiguous operands too
+    # (operands=contiguous), then the first and the last as one CUDA graph, then the first again (order effect);
+    # the last lever's step checked against torch.func.jvp (about 6 minutes)
+    before=$default:outputs=contiguous
+    step --variants "$before,$default,$default:operands=contiguous,$before:graph=1,$default:graph=1:operands=contiguous,$before" \
         --check "$default:operands=contiguous" --plain '' ;;
 512) # 512 px, per-GPU batch 8
     step --resolution 512 --batch 8 --variants "$default" --check '' --plain '' ;;

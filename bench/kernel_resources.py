@@ -40,7 +40,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from kernels import attention_jvp as km  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-INT_ARGS = ("sb", "sh", "sn", "H", "N_CTX")
+INT_ARGS = ("sb", "sh", "sn", "ob", "oh", "on", "H", "N_CTX")
 STAT_ARGS = ("LSE2", "MU", "DELTA")  # row statistics: the accumulation dtype
 GRADIENTS = ((True, True), (True, False), (False, True))  # (HAS_GO, HAS_GT): both, gO only, gT only
 FLAG_SETS = {  # the variants each launcher compiles

@@ -83,7 +83,9 @@ class Variant:
     ``bwd=one-pass`` = the attention kernel's one-pass backward (``TVM_ATTENTION_BACKWARD=one-pass``, set for
     this variant's steps only, so that rows with either backward share one process), ``operands=contiguous`` =
     the Triton attention's operands made contiguous before the kernel (``tvm.models.attention.
-    contiguous_kernel_operands``, for this variant's steps only)."""
+    contiguous_kernel_operands``, for this variant's steps only), ``outputs=contiguous`` = the attention
+    kernels' O and T stored as contiguous ``[B, H, N, D]`` instead of token-major, the layout before
+    2026-12-07 (``kernels.attention_jvp.token_major_outputs(False)``, for this variant's steps only)."""
 
     jvp_mode: str
     attention: str
@@ -99,6 +101,7 @@ class Variant:
     tuned: bool = False  # Inductor's coordinate_descent_tuning for the compiled graphs
     one_pass: bool = False  # the attention kernel's one-pass backward (kernels.attention_jvp.one_pass_backward)
     contiguous_operands: bool = False  # tvm.models.attention.contiguous_kernel_operands
+    contiguous_outputs: bool = False  # kernels.attention_jvp.token_major_outputs(False)
 
     @classmethod
     def parse(cls, text: str, recompute: str = "none") -> "Variant":
@@ -135,6 +138,7 @@ class Variant:
             options.get("cdt") == "1",
             options.get("bwd") == "one-pass",
             options.get("operands") == "contiguous",
+            options.get("outputs") == "contiguous",
         )
 
 
@@ -147,6 +151,7 @@ CHOICES = {
     "cdt": ("0", "1"),
     "bwd": ("two-pass", "one-pass"),
     "operands": ("views", "contiguous"),
+    "outputs": ("token-major", "contiguous"),
 }
 
 DEFAULT_PLAN = Variant("explicit", "triton")  # one round, one backward: how a step runs unless a variant says
@@ -155,12 +160,14 @@ DEFAULT_PLAN = Variant("explicit", "triton")  # one round, one backward: how a s
 def attention_settings(plan: Variant) -> contextlib.ExitStack:
     """The attention settings of ``plan``'s steps: the one-pass backward where it says ``bwd=one-pass`` (else
     as the process runs it, ``TVM_ATTENTION_BACKWARD``), contiguous kernel operands where it says
-    ``operands=contiguous``."""
+    ``operands=contiguous``, contiguous attention outputs where it says ``outputs=contiguous``."""
     stack = contextlib.ExitStack()
     if plan.one_pass:
         stack.enter_context(attention_jvp.one_pass_backward())
     if plan.contiguous_operands:
         stack.enter_context(contiguous_kernel_operands())
+    if plan.contiguous_outputs:
+        stack.enter_context(attention_jvp.token_major_outputs(False))
     return stack
 
 

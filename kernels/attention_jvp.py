@@ -27,7 +27,11 @@ tangent-only variants from the same code.
 
 Tensors are ``[B, H, N, D]``. The inputs of one call are addressed with one set of (b, h, n)
 strides (any strides with a unit last stride, e.g. views of a fused qkv buffer; inputs with
-differing layouts are copied); outputs, gO and gT are contiguous.
+differing layouts are copied). O and T are stored token-major, in ``[B, N, H, D]`` order
+(:func:`token_major`), so that ``O.transpose(1, 2).reshape(B, N, H·D)`` before the output projection is
+a view and the gradients gO, gT coming back through it already have O's layout; O, T, gO and gT are
+addressed with that second set of strides (gO or gT in another layout is copied into it). The input
+gradients are contiguous.
 The head dimension is padded to a power of two (≥ 16) with masked loads; N is arbitrary (the
 partial last block is masked). 16-bit inputs use fp32 accumulation; fp32 inputs use true fp32
 dots (``input_precision="ieee"``); fp64 inputs (interpreter only) run in fp64 throughout.
@@ -76,6 +80,23 @@ def one_pass_backward(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         ONE_PASS_BACKWARD = previous
+
+
+# O and T are stored token-major (see the module docstring); False stores them as contiguous [B, H, N, D],
+# as before 2026-12-07, for bench/step.py's A/B (outputs=contiguous; docs/benchmarks.md, Round 12).
+TOKEN_MAJOR_OUTPUTS = True
+
+
+@contextlib.contextmanager
+def token_major_outputs(enabled: bool = True) -> Iterator[None]:
+    """Set :data:`TOKEN_MAJOR_OUTPUTS` for a block of code (restored after it; compiled graphs traced
+    under one setting keep its layout: reset Dynamo between settings)."""
+    global TOKEN_MAJOR_OUTPUTS
+    previous, TOKEN_MAJOR_OUTPUTS = TOKEN_MAJOR_OUTPUTS, enabled
+    try:
+        yield
+    finally:
+        TOKEN_MAJOR_OUTPUTS = previous
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,7 +194,7 @@ def _head_base(ptr, pid_bh, H, stride_b, stride_h):
 
 @triton.jit
 def _contiguous_base(ptr, pid_bh, N_CTX, HEAD_DIM: tl.constexpr):
-    """Pointer to head pid_bh of a contiguous [B, H, N, HEAD_DIM] tensor (outputs, gO, gT)."""
+    """Pointer to head pid_bh of a contiguous [B, H, N, HEAD_DIM] tensor (the input gradients)."""
     return ptr + pid_bh.to(tl.int64) * N_CTX * HEAD_DIM
 
 
@@ -216,7 +237,7 @@ def _store_row_stat(ptr, pid_bh, rows, N_CTX, value):
 @triton.jit
 def _attention_jvp_fwd_kernel(
     Q, K, V, TQ, TK, TV, O, T, LSE2, MU,
-    sb, sh, sn,
+    sb, sh, sn, ob, oh, on,
     H, N_CTX,
     SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -272,14 +293,10 @@ def _attention_jvp_fwd_kernel(
         m_i = m_new
 
     inv_l = 1.0 / l_i
-    _store_tile(
-        _contiguous_base(O, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM, acc_o * inv_l[:, None]
-    )
+    _store_tile(_head_base(O, pid_bh, H, ob, oh), rows, dims, on, N_CTX, HEAD_DIM, acc_o * inv_l[:, None])
     _store_row_stat(LSE2, pid_bh, rows, N_CTX, m_i + tl.math.log2(l_i))
     if HAS_TANGENT:
-        _store_tile(
-            _contiguous_base(T, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM, acc_t * inv_l[:, None]
-        )
+        _store_tile(_head_base(T, pid_bh, H, ob, oh), rows, dims, on, N_CTX, HEAD_DIM, acc_t * inv_l[:, None])
         _store_row_stat(MU, pid_bh, rows, N_CTX, mean_i)
 
 
@@ -292,7 +309,7 @@ def _attention_jvp_fwd_kernel(
 @triton.jit
 def _attention_jvp_bwd_q_kernel(
     Q, K, V, TQ, TK, TV, O, T, GO, GT, LSE2, MU, DELTA, GQ, GTQ,
-    sb, sh, sn,
+    sb, sh, sn, ob, oh, on,
     H, N_CTX,
     SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -317,17 +334,13 @@ def _attention_jvp_bwd_q_kernel(
 
     delta_p = tl.zeros([BLOCK_M], ACC_DTYPE)
     if HAS_GO or HAS_GT:
-        o = _load_tile(_contiguous_base(O, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM).to(
-            ACC_DTYPE
-        )
+        o = _load_tile(_head_base(O, pid_bh, H, ob, oh), rows, dims, on, N_CTX, HEAD_DIM).to(ACC_DTYPE)
     if HAS_GO:
-        go = _load_tile(_contiguous_base(GO, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM)
+        go = _load_tile(_head_base(GO, pid_bh, H, ob, oh), rows, dims, on, N_CTX, HEAD_DIM)
         delta_p += tl.sum(go.to(ACC_DTYPE) * o, 1)
     if HAS_GT:
-        gt = _load_tile(_contiguous_base(GT, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM)
-        t = _load_tile(_contiguous_base(T, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM).to(
-            ACC_DTYPE
-        )
+        gt = _load_tile(_head_base(GT, pid_bh, H, ob, oh), rows, dims, on, N_CTX, HEAD_DIM)
+        t = _load_tile(_head_base(T, pid_bh, H, ob, oh), rows, dims, on, N_CTX, HEAD_DIM).to(ACC_DTYPE)
         tq = _load_tile(_head_base(TQ, pid_bh, H, sb, sh), rows, dims, sn, N_CTX, HEAD_DIM)
         tk_base = _head_base(TK, pid_bh, H, sb, sh)
         tv_base = _head_base(TV, pid_bh, H, sb, sh)
@@ -389,7 +402,8 @@ def _attention_jvp_bwd_q_kernel(
 @triton.jit
 def _attention_jvp_bwd_delta_kernel(
     O, T, GO, GT, DELTA,
-    N_CTX,
+    ob, oh, on,
+    H, N_CTX,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr,
     HAS_GO: tl.constexpr, HAS_GT: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
@@ -399,14 +413,14 @@ def _attention_jvp_bwd_delta_kernel(
     pid_bh = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, D_PAD)
-    o = _load_tile(_contiguous_base(O, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM).to(ACC_DTYPE)
+    o = _load_tile(_head_base(O, pid_bh, H, ob, oh), rows, dims, on, N_CTX, HEAD_DIM).to(ACC_DTYPE)
     delta_p = tl.zeros([BLOCK_M], ACC_DTYPE)
     if HAS_GO:
-        go = _load_tile(_contiguous_base(GO, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM)
+        go = _load_tile(_head_base(GO, pid_bh, H, ob, oh), rows, dims, on, N_CTX, HEAD_DIM)
         delta_p += tl.sum(go.to(ACC_DTYPE) * o, 1)
     if HAS_GT:
-        gt = _load_tile(_contiguous_base(GT, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM)
-        t = _load_tile(_contiguous_base(T, pid_bh, N_CTX, HEAD_DIM), rows, dims, HEAD_DIM, N_CTX, HEAD_DIM)
+        gt = _load_tile(_head_base(GT, pid_bh, H, ob, oh), rows, dims, on, N_CTX, HEAD_DIM)
+        t = _load_tile(_head_base(T, pid_bh, H, ob, oh), rows, dims, on, N_CTX, HEAD_DIM)
         delta_p += tl.sum(gt.to(ACC_DTYPE) * t.to(ACC_DTYPE), 1)
         delta_g = tl.sum(gt.to(ACC_DTYPE) * o, 1)
         _store_row_stat(DELTA + tl.num_programs(1).to(tl.int64) * N_CTX, pid_bh, rows, N_CTX, delta_g)
@@ -421,7 +435,7 @@ def _attention_jvp_bwd_delta_kernel(
 @triton.jit
 def _attention_jvp_bwd_kv(
     Q, K, V, TQ, TK, TV, GO, GT, LSE2, MU, DELTA, GK, GV, GTK, GTV, GQ, GTQ,
-    sb, sh, sn,
+    sb, sh, sn, ob, oh, on,
     H, N_CTX,
     SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ACC_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -451,10 +465,10 @@ def _attention_jvp_bwd_kv(
         gq_base = _contiguous_base(GQ, pid_bh, N_CTX, HEAD_DIM)
         gtq_base = _contiguous_base(GTQ, pid_bh, N_CTX, HEAD_DIM)
     if HAS_GO:
-        go_base = _contiguous_base(GO, pid_bh, N_CTX, HEAD_DIM)
+        go_base = _head_base(GO, pid_bh, H, ob, oh)
     if HAS_GT:
         tq_base = _head_base(TQ, pid_bh, H, sb, sh)
-        gt_base = _contiguous_base(GT, pid_bh, N_CTX, HEAD_DIM)
+        gt_base = _head_base(GT, pid_bh, H, ob, oh)
         tk = _load_tile(_head_base(TK, pid_bh, H, sb, sh), cols, dims, sn, N_CTX, HEAD_DIM)
         tv = _load_tile(_head_base(TV, pid_bh, H, sb, sh), cols, dims, sn, N_CTX, HEAD_DIM)
         acc_gtk = tl.zeros([BLOCK_N, D_PAD], ACC_DTYPE)
@@ -468,11 +482,11 @@ def _attention_jvp_bwd_kv(
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
         p_t = tl.math.exp2(s_t - lse2[None, :])
         if HAS_GO:
-            go = _load_tile(go_base, rows, dims, HEAD_DIM, N_CTX, HEAD_DIM)
+            go = _load_tile(go_base, rows, dims, on, N_CTX, HEAD_DIM)
             acc_gv = tl.dot(p_t.to(go.dtype), go, acc_gv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         if HAS_GT:
             tq = _load_tile(tq_base, rows, dims, sn, N_CTX, HEAD_DIM)
-            gt = _load_tile(gt_base, rows, dims, HEAD_DIM, N_CTX, HEAD_DIM)
+            gt = _load_tile(gt_base, rows, dims, on, N_CTX, HEAD_DIM)
             mu = _load_row_stat(MU, pid_bh, rows, N_CTX, 0.0)
             delta_g = _load_row_stat(DELTA_G, pid_bh, rows, N_CTX, 0.0)
             ts_t = tl.dot(k, tl.trans(tq), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
@@ -529,7 +543,8 @@ _attention_jvp_bwd_kv_fused_q_kernel = _autotune(_BWD_KV_FUSED_Q_CONFIGS, ["GQ",
 class ForwardResult(NamedTuple):
     """Outputs of :func:`attention_jvp_forward` (shapes for inputs ``[B, H, N, D]``).
 
-    ``o``, ``t``: ``[B, H, N, D]`` in the input dtype (``t`` is None without tangents).
+    ``o``, ``t``: ``[B, H, N, D]`` in the input dtype, stored token-major (:func:`token_major`; ``t`` is
+    None without tangents).
     ``lse2``: ``[B, H, N]`` base-2 log-sum-exp of the scaled scores (fp32; fp64 for fp64 input).
     ``mu``: ``[B, H, N]`` μ = Σ_j P_ij·tS_ij (None without tangents).
     """
@@ -560,8 +575,28 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 
 def _empty_like(x: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor shaped like x: the [B, H, N, D] outputs (tests replace it too)."""
+    """A contiguous tensor shaped like x: the [B, H, N, D] input gradients (tests replace it too)."""
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def token_major(shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised ``[B, H, N, D]`` tensor stored in ``[B, N, H, D]`` order: the layout of O and T,
+    whose ``transpose(1, 2)`` is contiguous (strides ``(N·H·D, D, H·D, 1)``)."""
+    batch, heads, n_ctx, head_dim = shape
+    return torch.empty((batch, n_ctx, heads, head_dim), dtype=dtype, device=device).transpose(1, 2)
+
+
+def output_like(shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised ``[B, H, N, D]`` tensor in the layout of O and T: :func:`token_major`, or contiguous
+    without :data:`TOKEN_MAJOR_OUTPUTS`."""
+    if TOKEN_MAJOR_OUTPUTS:
+        return token_major(shape, dtype, device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _empty_output_like(x: torch.Tensor) -> torch.Tensor:
+    """A tensor shaped like x in the outputs' layout (:func:`output_like`): O and T (tests replace it too)."""
+    return output_like(x.shape, x.dtype, x.device)
 
 
 def _layout(x: torch.Tensor) -> tuple[int, ...]:
@@ -581,11 +616,22 @@ def _shared_layout(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [x.contiguous() for x in tensors]
 
 
-def _contiguous(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x as a contiguous tensor of dtype (outputs and upstream gradients use this layout)."""
-    if x.dtype == dtype and x.is_contiguous():
+def _output_layout(shape: torch.Size) -> tuple[int, ...]:
+    """:func:`_layout` of an :func:`output_like` tensor of this shape."""
+    batch, heads, n_ctx, head_dim = shape
+    if TOKEN_MAJOR_OUTPUTS:
+        strides = (n_ctx * heads * head_dim, head_dim, heads * head_dim, 1)
+    else:
+        strides = (heads * n_ctx * head_dim, n_ctx * head_dim, head_dim, 1)
+    return tuple(stride if size > 1 else 0 for stride, size in zip(strides, shape))
+
+
+def _in_output_layout(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as an :func:`output_like` tensor of dtype (O, T and the upstream gradients gO, gT): x itself when
+    it is one already (the outputs, and gradients coming back through ``O.transpose(1, 2)``)."""
+    if x.dtype == dtype and _layout(x) == _output_layout(x.shape):
         return x
-    return x.to(dtype).contiguous()
+    return output_like(x.shape, dtype, x.device).copy_(x)
 
 
 def check_inputs(names: tuple[str, ...], *tensors: torch.Tensor) -> None:
@@ -651,14 +697,14 @@ def forward_with_key(inputs: tuple, has_tangent: bool, scale: Optional[float]) -
     inputs passed validation when the plan was made); else through the autotuner and the JIT.
     """
     key = launch_plans.input_key(inputs)
-    plan_key = ("fwd", key, has_tangent, scale)
+    plan_key = ("fwd", key, has_tangent, scale, TOKEN_MAJOR_OUTPUTS)
     plan = launch_plans.lookup(plan_key) if key is not None else None
     six, record = (_six(inputs), False) if plan is not None else _validated(inputs, key)
     q = six[0]
     batch, heads, n_ctx, head_dim = q.shape
     stats_dtype = _acc_dtype(q.dtype)
-    o = _empty_like(q)
-    t = _empty_like(q) if has_tangent else o
+    o = _empty_output_like(q)
+    t = _empty_output_like(q) if has_tangent else o
     lse2 = _empty((batch, heads, n_ctx), stats_dtype, q.device)
     mu = _empty(lse2.shape, stats_dtype, q.device) if has_tangent else lse2
     if plan is not None:
@@ -673,7 +719,7 @@ def forward_with_key(inputs: tuple, has_tangent: bool, scale: Optional[float]) -
             _attention_jvp_fwd_kernel,
             _grid(n_ctx, batch * heads, "BLOCK_M"),
             (*six, o, t, lse2, mu),
-            (*q.stride()[:3], heads, n_ctx),
+            (*q.stride()[:3], *o.stride()[:3], heads, n_ctx),
             constexprs,
             q.get_device(),
             record,
@@ -726,11 +772,11 @@ def backward_with_key(
     has_gt = grad_t is not None
     dtype = inputs[0].dtype
     stats_dtype = _acc_dtype(dtype)
-    o = _contiguous(o, dtype)
-    grad_o = _contiguous(grad_o, dtype) if grad_o is not None else o
+    o = _in_output_layout(o, dtype)
+    grad_o = _in_output_layout(grad_o, dtype) if grad_o is not None else o
     if grad_t is not None:
         assert t is not None and mu is not None  # required with grad_t (attention_jvp_backward)
-        t, grad_t = _contiguous(t, dtype), _contiguous(grad_t, dtype)
+        t, grad_t = _in_output_layout(t, dtype), _in_output_layout(grad_t, dtype)
     else:
         t, grad_t, mu = o, o, lse2
     if key is not None and (
@@ -741,7 +787,7 @@ def backward_with_key(
     ):
         key = None
     one_pass = ONE_PASS_BACKWARD
-    plan_key = ("bwd", key, has_go, has_gt, scale, one_pass)
+    plan_key = ("bwd", key, has_go, has_gt, scale, one_pass, TOKEN_MAJOR_OUTPUTS)
     plan = launch_plans.lookup(plan_key) if key is not None else None
     six, record = (_six(inputs), False) if plan is not None else _validated(inputs, key)
     q = six[0]
@@ -749,12 +795,12 @@ def backward_with_key(
     dtype_args = _kernel_dtype_args(dtype, head_dim)
     flags = dict(HAS_GO=has_go, HAS_GT=has_gt)
     constexprs = dict(SCALE=default_scale(head_dim) if scale is None else float(scale), **flags, **dtype_args)
-    ints = (*q.stride()[:3], heads, n_ctx)
+    ints = (*q.stride()[:3], *o.stride()[:3], heads, n_ctx)  # o, t, grad_o, grad_t share one layout
 
     # The first kernel (pass Q, or the one-pass backward's δ kernel), then allocate the rest while it runs.
     delta = _empty((2 if has_gt else 1, batch, heads, n_ctx), stats_dtype, q.device)
     if one_pass:  # gQ, gtQ: sums of atomic adds, in the accumulation dtype
-        first_kernel, first_ints = _attention_jvp_bwd_delta_kernel, (n_ctx,)
+        first_kernel, first_ints = _attention_jvp_bwd_delta_kernel, (*o.stride()[:3], heads, n_ctx)
         first_args: tuple = (o, t, grad_o, grad_t, delta)
         first_constexprs = dict(**flags, **{k: v for k, v in dtype_args.items() if k != "DOT_PRECISION"})
         gq = torch.zeros(q.shape, dtype=stats_dtype, device=q.device)
@@ -822,8 +868,9 @@ def attention_jvp_backward(
 
     ``grad_o`` / ``grad_t`` may be None (treated as zero). Without ``grad_t`` this is the plain
     flash backward and the tangent gradients are None; with ``grad_t`` the tangent inputs, ``t``
-    and ``mu`` from :func:`attention_jvp_forward` are required. Gradients are contiguous
-    ``[B, H, N, D]`` in the input dtype. Pass Q then pass KV: 18u + 24u FLOPs when both are given;
+    and ``mu`` from :func:`attention_jvp_forward` are required. ``o``, ``t``, ``grad_o`` and ``grad_t`` in
+    another layout than :func:`output_like`'s are copied into it. Gradients are contiguous ``[B, H, N, D]``
+    in the input dtype. Pass Q then pass KV: 18u + 24u FLOPs when both are given;
     with :data:`ONE_PASS_BACKWARD`, the δ kernel then pass KV adding into gQ, gtQ: 30u.
     """
     if grad_o is None and grad_t is None:

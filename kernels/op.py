@@ -15,7 +15,8 @@
     ``torch.compile``/dynamo drops an autograd.Function's jvp, so (b) is for eager mode.
 
 All tensors are ``[B, H, N, D]``; inputs may be strided views (inputs of one call that do not
-share one layout with a unit last stride are copied, see ``attention_jvp._shared_layout``).
+share one layout with a unit last stride are copied, see ``attention_jvp._shared_layout``); O and T
+are stored token-major (``attention_jvp.token_major``: ``O.transpose(1, 2)`` is contiguous).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from kernels.attention_jvp import (
     backward_with_key,
     check_inputs,
     forward_with_key,
+    output_like,
 )
 
 _NAMES = ("q", "k", "v", "tq", "tk", "tv")
@@ -54,7 +56,8 @@ def _attention_jvp_fwd_op(
 def _attention_jvp_fwd_fake(q, k, v, tq, tk, tv):
     stats_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     stats = q.new_empty(q.shape[:3], dtype=stats_dtype)
-    return torch.empty_like(q), torch.empty_like(q), stats, torch.empty_like(stats)
+    o, t = (output_like(q.shape, q.dtype, q.device) for _ in range(2))  # the kernels' layout of O, T
+    return o, t, stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("tvm::attention_jvp_bwd", mutates_args=())

@@ -59,7 +59,9 @@ def test_step_benchmark_split_and_rounds_options(monkeypatch):
     assert Variant.parse("explicit:triton:blocks:bwd=one-pass").one_pass and not plan.one_pass
     assert not Variant.parse("explicit:triton:blocks:bwd=two-pass").one_pass
     assert Variant.parse("explicit:triton:operands=contiguous").contiguous_operands and not plan.contiguous_operands
-    for bad in ("split=2", "fm_budget=1.0", "rounds=0", "rounds=two", "graph=yes", "cdt=yes", "bwd=1", "operands=1"):
+    assert Variant.parse("explicit:triton:outputs=contiguous").contiguous_outputs and not plan.contiguous_outputs
+    bad_options = ("split=2", "fm_budget=1.0", "rounds=0", "rounds=two", "graph=yes", "cdt=yes", "bwd=1", "operands=1")
+    for bad in (*bad_options, "outputs=views"):
         monkeypatch.setattr("sys.argv", ["step.py", "--variants", f"explicit:triton:blocks:{bad}"])
         with pytest.raises(SystemExit, match="bad variant"):
             main()
@@ -85,16 +87,19 @@ def test_step_benchmark_tuned_compile_keeps_the_modes_options():
 
 
 def test_step_benchmark_sets_the_attention_per_variant(monkeypatch):
-    """``bwd=one-pass`` and ``operands=contiguous`` hold for that variant's steps only; a variant without
+    """``bwd=one-pass``, ``operands=contiguous`` and ``outputs=contiguous`` hold for that variant's steps only; a
+    variant without
     ``bwd`` leaves the process's setting (``TVM_ATTENTION_BACKWARD``) as it is."""
     from bench.step import Variant, attention_settings
     from kernels import attention_jvp
     from tvm.models import attention
 
     monkeypatch.setattr(attention_jvp, "ONE_PASS_BACKWARD", False)
-    with attention_settings(Variant.parse("explicit:triton:bwd=one-pass:operands=contiguous")):
+    with attention_settings(Variant.parse("explicit:triton:bwd=one-pass:operands=contiguous:outputs=contiguous")):
         assert attention_jvp.ONE_PASS_BACKWARD and attention.CONTIGUOUS_KERNEL_OPERANDS
+        assert not attention_jvp.TOKEN_MAJOR_OUTPUTS
     assert not attention_jvp.ONE_PASS_BACKWARD and not attention.CONTIGUOUS_KERNEL_OPERANDS
+    assert attention_jvp.TOKEN_MAJOR_OUTPUTS
     monkeypatch.setattr(attention_jvp, "ONE_PASS_BACKWARD", True)
     with attention_settings(Variant.parse("explicit:triton")):
         assert attention_jvp.ONE_PASS_BACKWARD and not attention.CONTIGUOUS_KERNEL_OPERANDS

@@ -423,14 +423,16 @@ def test_registered_metrics_end_to_end(ckpt: Path, files: dict[str, Path]) -> No
     stats.update(em.dinov2_features(em.load_dinov2(files["dinov2"]), images))
     ref = fid.load_ref_stats(files["dinov2_ref"])
     expected = fid.frechet_distance(*stats.mean_cov(unbiased=True), ref.mu, ref.sigma)
-    assert results["fd_dinov2"]["fd_dinov2"] == pytest.approx(expected, rel=1e-9)
+    # To rounding, not to the bit: the distance's matrix square root of the 20-image covariance (rank 19)
+    # amplifies fp32 feature rounding; with scipy 1.17.1 (2026-12-07) the runs below differed by 5e-9 relative.
+    assert results["fd_dinov2"]["fd_dinov2"] == pytest.approx(expected, rel=1e-6)
     # EDM2's pickle as eval.ref_stats supplies the 'fd_dinov2' entry when dinov2_ref_stats is unset.
     (edm2,) = evaluate_checkpoints(
         eval_cfg(
             ckpt, files, "eval.metrics=[fd_dinov2]", "eval.dinov2_ref_stats=null", f"eval.ref_stats={files['edm2_pkl']}"
         )
     )
-    assert edm2["results"]["fd_dinov2"] == pytest.approx(expected, rel=1e-9)
+    assert edm2["results"]["fd_dinov2"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_registered_metrics_configuration_errors(

@@ -35,8 +35,12 @@ def poisoned_outputs(monkeypatch):
     def nan_empty_like(x):
         return torch.full(x.shape, float("nan"), dtype=x.dtype, device=x.device)
 
+    def nan_empty_output_like(x):
+        return kernel_module.output_like(x.shape, x.dtype, x.device).fill_(float("nan"))
+
     monkeypatch.setattr(kernel_module, "_empty", nan_empty)
     monkeypatch.setattr(kernel_module, "_empty_like", nan_empty_like)
+    monkeypatch.setattr(kernel_module, "_empty_output_like", nan_empty_output_like)
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -118,6 +122,56 @@ def test_primal_forward_and_strided_views():
     assert torch.allclose(fwd.lse2, expected_lse2, rtol=0, atol=1e-12)
     mixed_layouts = attention_jvp_forward(q.contiguous(), k, v)
     assert_close([mixed_layouts.o], [attention_math(q, k, v)], torch.float64, ("O",))
+
+
+def test_outputs_are_token_major_and_gradients_in_their_layout_are_not_copied(monkeypatch, backward_passes):
+    """O and T are stored in [B, N, H, D] order, so the model's merge of the heads is a view; upstream
+    gradients in that layout (as they come back through it) reach the kernels uncopied, others are copied
+    into it, with the same bits either way."""
+    conformed = kernel_module._in_output_layout
+    copies: list[bool] = []
+
+    def recording(x, dtype):
+        out = conformed(x, dtype)
+        copies.append(out is not x)
+        return out
+
+    monkeypatch.setattr(kernel_module, "_in_output_layout", recording)
+    batch, heads, n_ctx, head_dim = 2, 3, 21, 16
+    inputs, grad_o, grad_t = random_inputs((batch, heads, n_ctx, head_dim), torch.float32, seed=5)
+    fwd = attention_jvp_forward(*inputs)
+    for out in (fwd.o, fwd.t):
+        assert out.transpose(1, 2).is_contiguous() and out.stride() == (
+            n_ctx * heads * head_dim,
+            head_dim,
+            heads * head_dim,
+            1,
+        )
+        assert out.transpose(1, 2).reshape(batch, n_ctx, heads * head_dim).data_ptr() == out.data_ptr()
+    merged = [g.float().transpose(1, 2).reshape(batch, n_ctx, heads * head_dim) for g in (grad_o, grad_t)]
+    as_from_merge = [g.view(batch, n_ctx, heads, head_dim).transpose(1, 2) for g in merged]
+    contiguous = [g.contiguous() for g in as_from_merge]
+    assert not contiguous[0].transpose(1, 2).is_contiguous()
+    copies.clear()
+    uncopied = attention_jvp_backward(*inputs, *fwd, *as_from_merge)
+    assert copies == [False] * 4  # o, gO, t, gT
+    copied = attention_jvp_backward(*inputs, *fwd, *contiguous)
+    assert copies[4:] == [False, True, False, True]
+    for a, b in zip(uncopied, copied):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert_close(list(uncopied), reference(inputs, grad_o, grad_t)[2:], torch.float32, OUTPUT_NAMES[2:])
+
+    # The previous layout (bench/step.py's outputs=contiguous): contiguous O and T, the contiguous gradients
+    # uncopied, the same bits; the launch plans of one layout are not taken for the other.
+    with kernel_module.token_major_outputs(False):
+        fwd_contiguous = attention_jvp_forward(*inputs)
+        assert fwd_contiguous.o.is_contiguous() and fwd_contiguous.t.is_contiguous()
+        copies.clear()
+        grads = attention_jvp_backward(*inputs, *fwd_contiguous, *contiguous)
+        assert copies == [False] * 4
+    for a, b in zip((*fwd, *uncopied), (*fwd_contiguous, *grads)):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert attention_jvp_forward(*inputs).o.transpose(1, 2).is_contiguous()
 
 
 def test_zero_tangents_give_zero_t_but_tangent_gradients():

@@ -187,18 +187,31 @@ def test_sdpa_backend_is_refused_for_tangents():
 def test_contiguous_kernel_operands_remove_the_launchers_copies_and_keep_the_bits(monkeypatch):
     """``contiguous_kernel_operands``: the Triton path's v and v̇ (views of the fused qkv output) are made
     contiguous before the kernel, so its launchers copy no input in the forward or the backward (without
-    it: v and v̇ in both, docs/benchmarks.md Round 10); the values and gradients are the same bits."""
+    it: v and v̇ in both, docs/benchmarks.md Round 10); the values and gradients are the same bits. The
+    upstream gradients gO, gT come back through the heads' merge in the outputs' token-major layout and
+    are never copied."""
     from kernels import attention_jvp
     from tvm.models.attention import contiguous_kernel_operands
 
-    shared_layout, copied = attention_jvp._shared_layout, []
+    shared_layout, in_output_layout, copied, gradients_copied = (
+        attention_jvp._shared_layout,
+        attention_jvp._in_output_layout,
+        [],
+        [],
+    )
 
     def recording(*tensors):
         out = shared_layout(*tensors)
         copied.extend(i for i, (a, b) in enumerate(zip(tensors, out)) if a is not b)
         return out
 
+    def recording_outputs(x, dtype):
+        out = in_output_layout(x, dtype)
+        gradients_copied.append(out is not x)
+        return out
+
     monkeypatch.setattr(attention_jvp, "_shared_layout", recording)
+    monkeypatch.setattr(attention_jvp, "_in_output_layout", recording_outputs)
     torch.manual_seed(0)
     model = perturb_(tiny_dit(hidden=64, heads=4))
     x, t, gap, labels, beta = (v.float() if v is not None else None for v in model_inputs())
@@ -215,5 +228,6 @@ def test_contiguous_kernel_operands_remove_the_launchers_copies_and_keep_the_bit
     views, contiguous = results[False], results[True]
     assert views[3] == [2, 5] and views[4] == 2 * 2 * len(model.blocks)  # v, v̇: forward and backward, per block
     assert contiguous[3] == [] and contiguous[4] == 0
+    assert len(gradients_copied) == 2 * 4 * len(model.blocks) and not any(gradients_copied)  # O, gO, T, gT
     for a, b in zip(views[:3], contiguous[:3]):
         torch.testing.assert_close(b, a, rtol=0, atol=0)

@@ -62,7 +62,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
 # The Triton kernels address their inputs with one set of strides and copy them (outside any compiled
 # graph, in the forward and again in the backward) when layouts differ: in the DiT, v and its tangent are
 # views of the fused qkv output while q and k leave the QK-norm contiguous (docs/benchmarks.md, Round 10:
-# 4 of the 6 copies per block, 3.4 ms of the default step on an H100). With this on, the operands are made
+# 4 of the 6 copies per block, 3.4 ms of the default step on an H100; the other 2, of gO and gT, went with the
+# kernels' token-major outputs, Round 12). With this on, the operands are made
 # contiguous here instead, where a compiled block fuses the copy and the backward reuses it. Values are
 # the same bits either way. Off by default until measured on a GPU (bench/step.py's option operands=contiguous).
 CONTIGUOUS_KERNEL_OPERANDS = False
