@@ -7,7 +7,7 @@
 #
 # PART: profile | full | full-check | full-graphs | autotune | autotune-check | rows | split | split-graphs | split-more |
 #   split-profile | split-order | graph-test | graph | graph-order | headroom | estimator | launch-ab | plain | gen-profile |
-#   gen-autotune | gen-gelu | gen-gelu-autotune | cdt | one-pass | one-pass-256 | layout | 512 | coldstart | fsdp2 | attention
+#   gen-autotune | gen-gelu | gen-gelu-autotune | cdt | one-pass | one-pass-256 | layout | ema | levers | 512 | coldstart | fsdp2 | attention
 #
 # Run from the repository root on the GPU machine. Wheels the machine lacks (hydra-core, omegaconf,
 # antlr4-python3-runtime) are installed from .whl/ when that folder exists (docs/benchmarks.md,
@@ -16,7 +16,7 @@
 # the call limit still returns what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: bash bench/device_calls.sh profile|full|full-check|full-graphs|autotune|autotune-check|rows|split|split-graphs|split-more|split-profile|split-order|graph-test|graph|graph-order|headroom|estimator|launch-ab|plain|gen-profile|gen-autotune|gen-gelu|gen-gelu-autotune|cdt|one-pass|one-pass-256|layout|512|coldstart|fsdp2|attention}"
+part="${1:?usage: bash bench/device_calls.sh profile|full|full-check|full-graphs|autotune|autotune-check|rows|split|split-graphs|split-more|split-profile|split-order|graph-test|graph|graph-order|headroom|estimator|launch-ab|plain|gen-profile|gen-autotune|gen-gelu|gen-gelu-autotune|cdt|one-pass|one-pass-256|layout|ema|levers|512|coldstart|fsdp2|attention}"
 if [ -d .whl ] && ! python3 -c "import hydra" 2>/dev/null; then
     site="$(mktemp -d)"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
@@ -126,6 +126,21 @@ layout) # the attention tensors' layouts (Rounds 11-12): the step with the kerne
     before=$default:outputs=contiguous
     step --variants "$before,$default,$default:operands=contiguous,$before:graph=1,$default:graph=1:operands=contiguous,$before" \
         --check "$default:operands=contiguous" --plain '' ;;
+levers) # Rounds 11-13 in one call, for a session with one machine start (about 9 minutes): the EMA kernel's GPU tests,
+    # the profile of the step with all three levers (its categories show the copies and the EMA time), then the step
+    # as before 2026-12-07 (outputs=contiguous), with token-major outputs (the default), with all three levers, and the
+    # first and the last as one CUDA graph; all three checked against torch.func.jvp
+    gpu_tests tests/kernels/test_ema.py
+    before=$default:outputs=contiguous
+    all=$default:operands=contiguous:ema=fused
+    step --profile "$all" --variants "$before,$default,$all,$before:graph=1,$all:graph=1" --check "$all" --plain '' ;;
+ema) # both EMA updates as one kernel (Round 13): its GPU tests (bits against torch.lerp), the profile of the step with
+    # it (the optimizer + EMAs category), then the default step without and with it, each also as one CUDA graph,
+    # the new variant checked against torch.func.jvp (about 7 minutes)
+    gpu_tests tests/kernels/test_ema.py
+    step --profile "$default:ema=fused" \
+        --variants "$default,$default:ema=fused,$default:graph=1,$default:graph=1:ema=fused" \
+        --check "$default:ema=fused" --plain '' ;;
 512) # 512 px, per-GPU batch 8
     step --resolution 512 --batch 8 --variants "$default" --check '' --plain '' ;;
 coldstart) # seconds to the first finished step of `bash train.sh 1 im256_w2.yaml`: cold, run-dir cache, local cache

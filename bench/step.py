@@ -62,6 +62,7 @@ from tvm.runtime.build import build_network, build_optimizer, guidance, time_sam
 from tvm.train.ema import make_ema
 from tvm.train.state import Progress, RunState
 from tvm.train.step_graph import StepGraph
+from tvm.train.ema import fused_ema_update
 from tvm.train.update import Batching, apply_update, loss_and_backward, take
 
 
@@ -85,7 +86,8 @@ class Variant:
     the Triton attention's operands made contiguous before the kernel (``tvm.models.attention.
     contiguous_kernel_operands``, for this variant's steps only), ``outputs=contiguous`` = the attention
     kernels' O and T stored as contiguous ``[B, H, N, D]`` instead of token-major, the layout before
-    2026-12-07 (``kernels.attention_jvp.token_major_outputs(False)``, for this variant's steps only)."""
+    2026-12-07 (``kernels.attention_jvp.token_major_outputs(False)``, for this variant's steps only), ``ema=fused`` =
+    both EMA updates as one kernel (``tvm.train.ema.fused_ema_update``, for this variant's steps only)."""
 
     jvp_mode: str
     attention: str
@@ -102,6 +104,7 @@ class Variant:
     one_pass: bool = False  # the attention kernel's one-pass backward (kernels.attention_jvp.one_pass_backward)
     contiguous_operands: bool = False  # tvm.models.attention.contiguous_kernel_operands
     contiguous_outputs: bool = False  # kernels.attention_jvp.token_major_outputs(False)
+    fused_ema: bool = False  # tvm.train.ema.fused_ema_update
 
     @classmethod
     def parse(cls, text: str, recompute: str = "none") -> "Variant":
@@ -139,6 +142,7 @@ class Variant:
             options.get("bwd") == "one-pass",
             options.get("operands") == "contiguous",
             options.get("outputs") == "contiguous",
+            options.get("ema") == "fused",
         )
 
 
@@ -152,15 +156,17 @@ CHOICES = {
     "bwd": ("two-pass", "one-pass"),
     "operands": ("views", "contiguous"),
     "outputs": ("token-major", "contiguous"),
+    "ema": ("per-tensor", "fused"),
 }
 
 DEFAULT_PLAN = Variant("explicit", "triton")  # one round, one backward: how a step runs unless a variant says
 
 
-def attention_settings(plan: Variant) -> contextlib.ExitStack:
-    """The attention settings of ``plan``'s steps: the one-pass backward where it says ``bwd=one-pass`` (else
-    as the process runs it, ``TVM_ATTENTION_BACKWARD``), contiguous kernel operands where it says
-    ``operands=contiguous``, contiguous attention outputs where it says ``outputs=contiguous``."""
+def step_settings(plan: Variant) -> contextlib.ExitStack:
+    """The module-level settings of ``plan``'s steps: the attention's one-pass backward where it says
+    ``bwd=one-pass`` (else as the process runs it, ``TVM_ATTENTION_BACKWARD``), contiguous kernel operands where
+    it says ``operands=contiguous``, contiguous attention outputs where it says ``outputs=contiguous``, both EMA
+    updates as one kernel where it says ``ema=fused``."""
     stack = contextlib.ExitStack()
     if plan.one_pass:
         stack.enter_context(attention_jvp.one_pass_backward())
@@ -168,6 +174,8 @@ def attention_settings(plan: Variant) -> contextlib.ExitStack:
         stack.enter_context(contiguous_kernel_operands())
     if plan.contiguous_outputs:
         stack.enter_context(attention_jvp.token_major_outputs(False))
+    if plan.fused_ema:
+        stack.enter_context(fused_ema_update())
     return stack
 
 
@@ -309,7 +317,7 @@ KERNEL_CATEGORIES = (
     ("attention (ours, JVP)", ("_attention_jvp",)),
     ("attention (SDPA)", ("flash", "fmha", "efficient_attention", "attention")),
     ("GEMM", ("gemm", "nvjet", "xmma", "cutlass", "matmul", "sm90_", "splitk", "cublas")),
-    ("optimizer + EMAs", ("adam", "multi_tensor", "foreach", "lerp")),
+    ("optimizer + EMAs", ("adam", "multi_tensor", "foreach", "lerp", "_ema_update")),
     ("elementwise / normalisation (Inductor)", ("triton_",)),
     (
         "elementwise / normalisation (ATen)",
@@ -426,9 +434,10 @@ def profile(cfg, R: int, variant: str, x, labels, args) -> None:
     def run(i: int) -> object:
         return tvm_step(state, cfg, x, labels, i, net, plan=plan)
 
-    wall = statistics.median(time_steps(run, args.warmup, args.steps))
-    phases = phase_times(state, cfg, x, labels, net, 1, args.steps, plan)
-    print_kernel_profile(variant, run, wall, args.steps)
+    with step_settings(plan):
+        wall = statistics.median(time_steps(run, args.warmup, args.steps))
+        phases = phase_times(state, cfg, x, labels, net, 1, args.steps, plan)
+        print_kernel_profile(variant, run, wall, args.steps)
     print("| phase (CUDA events) | ms/step |\n|---|---|")
     for name, ms in phases.items():
         print(f"| {name} | {ms:.1f} |")
@@ -449,7 +458,7 @@ def check_variants(
         state, net, plan = tvm_state(cfg, resolution, variant, recompute)
         gen = torch.Generator(device="cuda").manual_seed(7)
         draws = draw_step(gen, n, tuple(x.shape[1:]), time_sampling(cfg.loss), guidance(cfg.loss), "cuda")
-        with attention_settings(plan):
+        with step_settings(plan):
             loss = loss_and_backward(net, state.teacher, x, labels, draws, 1 / n, no_sync, plan.split, plan.fm_budget)
         return loss["loss"], grads_of(state)
 
@@ -578,7 +587,7 @@ def measure(kind: str, variant: str, cfg, R: int, x: torch.Tensor, labels: torch
                 )
             ]
         if kind == "tvm":
-            with attention_settings(plan):
+            with step_settings(plan):
                 run = (
                     graphed_tvm_step(state, cfg, x, labels, net, plan)
                     if plan.graph

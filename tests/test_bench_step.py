@@ -60,8 +60,9 @@ def test_step_benchmark_split_and_rounds_options(monkeypatch):
     assert not Variant.parse("explicit:triton:blocks:bwd=two-pass").one_pass
     assert Variant.parse("explicit:triton:operands=contiguous").contiguous_operands and not plan.contiguous_operands
     assert Variant.parse("explicit:triton:outputs=contiguous").contiguous_outputs and not plan.contiguous_outputs
+    assert Variant.parse("explicit:triton:ema=fused").fused_ema and not plan.fused_ema
     bad_options = ("split=2", "fm_budget=1.0", "rounds=0", "rounds=two", "graph=yes", "cdt=yes", "bwd=1", "operands=1")
-    for bad in (*bad_options, "outputs=views"):
+    for bad in (*bad_options, "outputs=views", "ema=1"):
         monkeypatch.setattr("sys.argv", ["step.py", "--variants", f"explicit:triton:blocks:{bad}"])
         with pytest.raises(SystemExit, match="bad variant"):
             main()
@@ -86,22 +87,23 @@ def test_step_benchmark_tuned_compile_keeps_the_modes_options():
     assert compile_kwargs("max-autotune-no-cudagraphs", True)["options"]["max_autotune"] is True
 
 
-def test_step_benchmark_sets_the_attention_per_variant(monkeypatch):
-    """``bwd=one-pass``, ``operands=contiguous`` and ``outputs=contiguous`` hold for that variant's steps only; a
-    variant without
-    ``bwd`` leaves the process's setting (``TVM_ATTENTION_BACKWARD``) as it is."""
-    from bench.step import Variant, attention_settings
+def test_step_benchmark_sets_the_modules_per_variant(monkeypatch):
+    """``bwd=one-pass``, ``operands=contiguous``, ``outputs=contiguous`` and ``ema=fused`` hold for that variant's
+    steps only; a variant without ``bwd`` leaves the process's setting (``TVM_ATTENTION_BACKWARD``) as it is."""
+    from bench.step import Variant, step_settings
     from kernels import attention_jvp
     from tvm.models import attention
+    from tvm.train import ema
 
     monkeypatch.setattr(attention_jvp, "ONE_PASS_BACKWARD", False)
-    with attention_settings(Variant.parse("explicit:triton:bwd=one-pass:operands=contiguous:outputs=contiguous")):
+    every = "explicit:triton:bwd=one-pass:operands=contiguous:outputs=contiguous:ema=fused"
+    with step_settings(Variant.parse(every)):
         assert attention_jvp.ONE_PASS_BACKWARD and attention.CONTIGUOUS_KERNEL_OPERANDS
-        assert not attention_jvp.TOKEN_MAJOR_OUTPUTS
+        assert not attention_jvp.TOKEN_MAJOR_OUTPUTS and ema.FUSED_EMA_UPDATE
     assert not attention_jvp.ONE_PASS_BACKWARD and not attention.CONTIGUOUS_KERNEL_OPERANDS
-    assert attention_jvp.TOKEN_MAJOR_OUTPUTS
+    assert attention_jvp.TOKEN_MAJOR_OUTPUTS and not ema.FUSED_EMA_UPDATE
     monkeypatch.setattr(attention_jvp, "ONE_PASS_BACKWARD", True)
-    with attention_settings(Variant.parse("explicit:triton")):
+    with step_settings(Variant.parse("explicit:triton")):
         assert attention_jvp.ONE_PASS_BACKWARD and not attention.CONTIGUOUS_KERNEL_OPERANDS
 
 
@@ -138,3 +140,18 @@ def test_step_benchmark_names_the_ops_behind_eager_kernels():
         (0.25, 0.5, "?", "", ""),
     ]
     assert launching_ops(events, 1, ("elementwise / normalisation (ATen)",), top=1)[0][0] == 6.0
+
+
+def test_step_benchmark_kernel_categories():
+    """The profile's categories of kernel names as Hopper prints them (first matching rule wins)."""
+    from bench.step import kernel_category
+
+    assert kernel_category("_attention_jvp_bwd_kv") == "attention (ours, JVP)"
+    assert kernel_category("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN") == "GEMM"
+    assert kernel_category("_ema_update_kernel") == "optimizer + EMAs"  # kernels/ema.py
+    assert kernel_category("void at::native::lerp_kernel_tensor_weight") == "optimizer + EMAs"
+    assert kernel_category("triton_poi_fused_gelu_view_15") == "elementwise / normalisation (Inductor)"
+    assert kernel_category("void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add>") == (
+        "elementwise / normalisation (ATen)"
+    )
+    assert kernel_category("cudnn_generated_fort_native_sdpa_sm90_flash_bprop") == "attention (SDPA)"

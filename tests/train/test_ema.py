@@ -50,3 +50,34 @@ def test_in_place_update_has_upstreams_bits_for_every_beta_dtype_and_skip():
                 update_ema_(ema, net, beta, skip)
                 for got, want in zip(ema.parameters(), expected):
                     assert torch.equal(got, want), (dtype, beta, skip)
+
+
+def test_both_emas_in_one_pass_equal_the_per_tensor_updates():
+    """``update_emas_`` with :data:`FUSED_EMA_UPDATE` (kernels/ema.py; the Triton interpreter here, whose fused
+    multiply-add rounds twice, so to within two fp32 roundings; bit for bit on a GPU: tests/kernels/test_ema.py):
+    the eval EMA and the teacher, or the eval EMA alone, as two per-tensor passes give them; a parameter the
+    kernel does not take (3 elements) exactly so; a skipped step changes nothing."""
+    from kernels import ema as ema_kernel
+    from tvm.train.ema import fused_ema_update, update_emas_
+
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 3))  # last bias: 3 elements
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p))
+    for betas in ((0.9999, 0.99), (0.999,), (0.3, 0.7)):
+        emas = {fused: [make_ema(net) for _ in betas] for fused in (False, True)}
+        ema_kernel._PLANS.clear()
+        for fused, modules in emas.items():
+            with fused_ema_update(fused):
+                update_emas_(net, list(zip(modules, betas)), torch.tensor(False))
+                frozen = [[p.clone() for p in m.parameters()] for m in modules]
+                update_emas_(net, list(zip(modules, betas)), torch.tensor(True))
+                assert all(torch.equal(a, b) for m, old in zip(modules, frozen) for a, b in zip(m.parameters(), old))
+        ((table, _, left),) = ema_kernel._PLANS.values()  # the kernel ran, on all but the last bias
+        assert len(table) == 3 and left == (3,)
+        for per_tensor, one_pass in zip(emas[False], emas[True]):
+            params = list(zip(per_tensor.parameters(), one_pass.parameters()))
+            assert torch.equal(*params[-1])  # the 3-element bias: per tensor in both
+            for a, b in params[:-1]:
+                torch.testing.assert_close(b, a, rtol=3e-7, atol=1e-7)

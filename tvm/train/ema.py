@@ -8,21 +8,51 @@ over parameters only (the DiT has no buffers), paired in ``parameters()`` order.
 start = p_net and end = p_ema is upstream's operation, so the values match it bit for bit. When
 the step was skipped (non-finite gradients) the weight becomes exactly 1, which leaves the EMA
 untouched without a host sync.
+
+:func:`update_emas_` runs both updates of a step; with :data:`FUSED_EMA_UPDATE` (off by default until
+measured on a GPU; bench/step.py's option ``ema=fused``) as one Triton kernel that reads the network
+once for both EMAs (:mod:`kernels.ema`), else as two per-tensor passes (:func:`update_ema_`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn as nn
 
 from tvm.train.sharding import ModuleT, local
 
+# Both EMA updates as one kernel (kernels.ema); else the per-tensor lerps of update_ema_. Same values either
+# way (torch.lerp's formula, tests/train/test_ema.py; bit for bit on a GPU: tests/kernels/test_ema.py).
+FUSED_EMA_UPDATE = False
+
+
+@contextlib.contextmanager
+def fused_ema_update(enabled: bool = True) -> Iterator[None]:
+    """Set :data:`FUSED_EMA_UPDATE` for a block of code (restored after it)."""
+    global FUSED_EMA_UPDATE
+    previous, FUSED_EMA_UPDATE = FUSED_EMA_UPDATE, enabled
+    try:
+        yield
+    finally:
+        FUSED_EMA_UPDATE = previous
+
 
 def make_ema(net: ModuleT) -> ModuleT:
     """An exact copy of ``net`` in eval mode without gradients."""
     return copy.deepcopy(net).eval().requires_grad_(False)
+
+
+def _parameters(ema: nn.Module, net: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """This rank's pieces of both modules' parameters (FSDP2: the local slices), paired in order."""
+    ema_params = [local(p) for p in ema.parameters()]
+    net_params = [local(p) for p in net.parameters()]
+    if len(ema_params) != len(net_params):
+        raise ValueError(f"EMA has {len(ema_params)} parameters, the network {len(net_params)}")
+    return ema_params, net_params
 
 
 @torch.no_grad()
@@ -34,10 +64,15 @@ def update_ema_(ema: nn.Module, net: nn.Module, beta: float, skip: torch.Tensor 
         beta: decay β ∈ [0, 1].
         skip: 0-dim bool tensor on the parameters' device, or None.
     """
-    ema_params = [local(p) for p in ema.parameters()]  # sharded (FSDP2) modules: this rank's slices
-    net_params = [local(p) for p in net.parameters()]
-    if len(ema_params) != len(net_params):
-        raise ValueError(f"EMA has {len(ema_params)} parameters, the network {len(net_params)}")
+    _lerp_towards_(*_parameters(ema, net), beta, skip)
+
+
+def _lerp_towards_(
+    ema_params: list[torch.Tensor], net_params: list[torch.Tensor], beta: float, skip: torch.Tensor | None
+) -> None:
+    """:func:`update_ema_` on lists of tensors (per tensor, in a few foreach calls)."""
+    if not ema_params:
+        return
     # In place: ``ema.lerp_(net, 1 − β)`` gives ``ema + (1 − β)(net − ema)``, bit for bit upstream's
     # ``lerp(net, ema, β) = ema − (ema − net)(1 − β)`` (β ≥ 0.5 branch) when ``1 − β`` is formed in the
     # parameters' dtype as lerp forms it (exact there: Sterbenz), and saves a temporary copy of every
@@ -57,3 +92,26 @@ def update_ema_(ema: nn.Module, net: nn.Module, beta: float, skip: torch.Tensor 
     else:
         weight = 1 - torch.where(skip, 1.0, beta).to(dtype)  # upstream's weight tensor, complemented
         torch._foreach_lerp_(ema_params, net_params, [weight] * len(ema_params))
+
+
+@torch.no_grad()
+def update_emas_(net: nn.Module, emas: Sequence[tuple[nn.Module, float]], skip: torch.Tensor | None = None) -> None:
+    """``p_ema ← lerp(p_net, p_ema, β)`` for each ``(ema, β)`` of ``emas`` in order (one or two: the eval
+    EMA, then the teacher's); no-op where ``skip`` is true. With :data:`FUSED_EMA_UPDATE`, the parameters
+    :func:`kernels.ema.takes` in one pass over ``net`` for all EMAs; the others (all of them without it)
+    per tensor, as :func:`update_ema_` does.
+    """
+    pairs = [_parameters(ema, net) for ema, _ in emas]
+    net_params = pairs[0][1] if pairs else []
+    ema_params = [ema_list for ema_list, _ in pairs]
+    if FUSED_EMA_UPDATE and 1 <= len(emas) <= 2 and net_params:
+        from kernels import ema as ema_kernel
+
+        device = net_params[0].device
+        keep = torch.zeros((), dtype=torch.bool, device=device) if skip is None else skip
+        betas = torch.stack([torch.where(keep, 1.0, beta).float() for _, beta in emas])
+        left = ema_kernel.update_emas_(net_params, ema_params, betas)  # the parameters the kernel does not take
+        net_params = [net_params[i] for i in left]
+        ema_params = [[ema_list[i] for i in left] for ema_list in ema_params]
+    for ema_list, (_, beta) in zip(ema_params, emas):
+        _lerp_towards_(ema_list, net_params, beta, skip)

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from tvm.compiling import memory_budget_scope
 from tvm.method.times import StepDraws
 from tvm.method.wrapper import TVMWrapper
-from tvm.train.ema import update_ema_
+from tvm.train.ema import update_emas_
 from tvm.train.sharding import gradient_norm, is_sharded, local
 from tvm.train.state import Progress, RunState
 
@@ -160,9 +160,12 @@ def apply_update(
     state.optimizer.found_inf = skip.float()  # type: ignore[attr-defined]  # read by fused AdamW's step
     state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
-    update_ema_(state.ema, state.net, ema_beta, skip)
-    if ema_target_beta is not None:
-        update_ema_(state.teacher, state.net, ema_target_beta, skip)
+    emas = (
+        [(state.ema, ema_beta)]
+        if ema_target_beta is None
+        else [(state.ema, ema_beta), (state.teacher, ema_target_beta)]
+    )
+    update_emas_(state.net, emas, skip)
     return Update(skip, norm)
 
 
