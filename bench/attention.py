@@ -187,14 +187,14 @@ def timing_rows(batch: int, n_ctx: int, heads: int = 18, head_dim: int = 64) -> 
     q, k, v = inputs[:3]
     u = batch * heads * n_ctx**2 * head_dim
 
-    def jvp_fwd_bwd(attention):
+    def jvp_fwd_bwd(attention, grads=(grad_o, grad_t)):
         def run():
             # Detached: outputs holding their autograd graph would keep the inputs' gradient accumulators
             # alive, bound to the stream they were made on; a later CUDA-graph capture of this backward then
             # fails when that was the default stream ("operation would make the legacy stream depend on a
             # capturing blocking stream"; H100, torch 2.11, 2026-12-07).
             o, t = attention(*inputs)
-            return (o.detach(), t.detach(), *torch.autograd.grad((o, t), inputs, (grad_o, grad_t)))
+            return (o.detach(), t.detach(), *torch.autograd.grad((o, t), inputs, grads))
 
         return run
 
@@ -219,7 +219,17 @@ def timing_rows(batch: int, n_ctx: int, heads: int = 18, head_dim: int = 64) -> 
 
         return run
 
+    def contiguous_outputs(fn):
+        """O and T stored contiguous, as before 2026-12-07 (Round 12's A/B), with gradients in that layout."""
+
+        def run():
+            with kernels_module.token_major_outputs(False):
+                return fn()
+
+        return run
+
     one_pass = with_one_pass_backward(jvp_fwd_bwd(attention_with_tangent))
+    contiguous = contiguous_outputs(jvp_fwd_bwd(attention_with_tangent, (grad_o.contiguous(), grad_t.contiguous())))
     eager = jvp_fwd_bwd(attention_with_tangent)()
     graphed = cuda_graphed(jvp_fwd_bwd(attention_with_tangent))
     same = all(torch.equal(a, b) for a, b in zip(eager, graphed()))
@@ -227,6 +237,14 @@ def timing_rows(batch: int, n_ctx: int, heads: int = 18, head_dim: int = 64) -> 
     variants = [
         ("ours: op", no_grad(attention_with_tangent), jvp_fwd_bwd(attention_with_tangent), 12, 42),
         ("ours: op, CUDA graph", cuda_graphed(no_grad(attention_with_tangent)), graphed, 12, 42),
+        ("ours: op, O/T contiguous", contiguous_outputs(no_grad(attention_with_tangent)), contiguous, 12, 42),
+        (
+            "ours: op, O/T contiguous, CUDA graph",
+            cuda_graphed(contiguous_outputs(no_grad(attention_with_tangent))),
+            cuda_graphed(contiguous),
+            12,
+            42,
+        ),
         ("ours: op, one-pass bwd", no_grad(attention_with_tangent), one_pass, 12, 42),
         (
             "ours: op, one-pass bwd, CUDA graph",
@@ -311,7 +329,9 @@ def print_host_overhead(calls: int = 300) -> None:
     inputs = [torch.randn(1, 1, 64, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(6)]
     grad = torch.randn_like(inputs[0])
     fwd = kernels_module.attention_jvp_forward(*inputs)
-    custom_op = torch.ops.tvm.attention_jvp_fwd
+
+    def custom_op(*inputs):
+        return torch.ops.tvm.attention_jvp_fwd(*inputs, kernels_module.TOKEN_MAJOR_OUTPUTS)
 
     def op_step(face):
         def run():

@@ -7,7 +7,7 @@
 #
 # PART: profile | full | full-check | full-graphs | autotune | autotune-check | rows | split | split-graphs | split-more |
 #   split-profile | split-order | graph-test | graph | graph-order | headroom | estimator | launch-ab | plain | gen-profile |
-#   gen-autotune | gen-gelu | gen-gelu-autotune | cdt | one-pass | one-pass-256 | layout | ema | levers | 512 | coldstart | fsdp2 | attention
+#   gen-autotune | gen-gelu | gen-gelu-autotune | cdt | one-pass | one-pass-256 | layout | layout-ab | ema | levers | 512 | coldstart | fsdp2 | attention
 #
 # Run from the repository root on the GPU machine. Wheels the machine lacks (hydra-core, omegaconf,
 # antlr4-python3-runtime) are installed from .whl/ when that folder exists (docs/benchmarks.md,
@@ -16,7 +16,7 @@
 # the call limit still returns what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: bash bench/device_calls.sh profile|full|full-check|full-graphs|autotune|autotune-check|rows|split|split-graphs|split-more|split-profile|split-order|graph-test|graph|graph-order|headroom|estimator|launch-ab|plain|gen-profile|gen-autotune|gen-gelu|gen-gelu-autotune|cdt|one-pass|one-pass-256|layout|ema|levers|512|coldstart|fsdp2|attention}"
+part="${1:?usage: bash bench/device_calls.sh profile|full|full-check|full-graphs|autotune|autotune-check|rows|split|split-graphs|split-more|split-profile|split-order|graph-test|graph|graph-order|headroom|estimator|launch-ab|plain|gen-profile|gen-autotune|gen-gelu|gen-gelu-autotune|cdt|one-pass|one-pass-256|layout|layout-ab|ema|levers|512|coldstart|fsdp2|attention}"
 if [ -d .whl ] && ! python3 -c "import hydra" 2>/dev/null; then
     site="$(mktemp -d)"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
@@ -134,6 +134,12 @@ levers) # Rounds 11-13 in one call, for a session with one machine start (about 
     before=$default:outputs=contiguous
     all=$default:operands=contiguous:ema=fused
     step --profile "$all" --variants "$before,$default,$all,$before:graph=1,$all:graph=1" --check "$all" --plain '' ;;
+layout-ab) # token-major attention outputs against contiguous ones (Round 12): the kernel rows at N=256 and 1024, B=32, then
+    # the step pair as one CUDA graph and without (the layout is an argument of the custom op since the 'levers' part's
+    # token-major row failed: Inductor's cache had handed it the graph compiled for contiguous outputs)
+    before=$default:outputs=contiguous
+    python3 bench/attention.py --skip-accuracy --sizes 256x32,1024x32
+    step --variants "$before:graph=1,$default:graph=1,$before,$default" --check '' --plain '' ;;
 ema) # both EMA updates as one kernel (Round 13): its GPU tests (bits against torch.lerp), the profile of the step with
     # it (the optimizer + EMAs category), then the default step without and with it, each also as one CUDA graph,
     # the new variant checked against torch.func.jvp (about 7 minutes)

@@ -586,10 +586,15 @@ def token_major(shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device:
     return torch.empty((batch, n_ctx, heads, head_dim), dtype=dtype, device=device).transpose(1, 2)
 
 
-def output_like(shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def output_like(
+    shape: torch.Size | tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    token_major_order: Optional[bool] = None,
+) -> torch.Tensor:
     """An uninitialised ``[B, H, N, D]`` tensor in the layout of O and T: :func:`token_major`, or contiguous
-    without :data:`TOKEN_MAJOR_OUTPUTS`."""
-    if TOKEN_MAJOR_OUTPUTS:
+    where ``token_major_order`` is False (None: :data:`TOKEN_MAJOR_OUTPUTS`)."""
+    if TOKEN_MAJOR_OUTPUTS if token_major_order is None else token_major_order:
         return token_major(shape, dtype, device)
     return torch.empty(shape, dtype=dtype, device=device)
 
@@ -616,22 +621,22 @@ def _shared_layout(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [x.contiguous() for x in tensors]
 
 
-def _output_layout(shape: torch.Size) -> tuple[int, ...]:
+def _output_layout(shape: torch.Size, token_major_order: bool) -> tuple[int, ...]:
     """:func:`_layout` of an :func:`output_like` tensor of this shape."""
     batch, heads, n_ctx, head_dim = shape
-    if TOKEN_MAJOR_OUTPUTS:
+    if token_major_order:
         strides = (n_ctx * heads * head_dim, head_dim, heads * head_dim, 1)
     else:
         strides = (heads * n_ctx * head_dim, n_ctx * head_dim, head_dim, 1)
     return tuple(stride if size > 1 else 0 for stride, size in zip(strides, shape))
 
 
-def _in_output_layout(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _in_output_layout(x: torch.Tensor, dtype: torch.dtype, token_major_order: bool) -> torch.Tensor:
     """x as an :func:`output_like` tensor of dtype (O, T and the upstream gradients gO, gT): x itself when
     it is one already (the outputs, and gradients coming back through ``O.transpose(1, 2)``)."""
-    if x.dtype == dtype and _layout(x) == _output_layout(x.shape):
+    if x.dtype == dtype and _layout(x) == _output_layout(x.shape, token_major_order):
         return x
-    return output_like(x.shape, dtype, x.device).copy_(x)
+    return output_like(x.shape, dtype, x.device, token_major_order).copy_(x)
 
 
 def check_inputs(names: tuple[str, ...], *tensors: torch.Tensor) -> None:
@@ -772,11 +777,13 @@ def backward_with_key(
     has_gt = grad_t is not None
     dtype = inputs[0].dtype
     stats_dtype = _acc_dtype(dtype)
-    o = _in_output_layout(o, dtype)
-    grad_o = _in_output_layout(grad_o, dtype) if grad_o is not None else o
+    # O's layout decides (the forward that made it chose it): gO, gT, and T, are brought into it.
+    token_major_order = _layout(o) == _output_layout(o.shape, True)
+    o = _in_output_layout(o, dtype, token_major_order)
+    grad_o = _in_output_layout(grad_o, dtype, token_major_order) if grad_o is not None else o
     if grad_t is not None:
         assert t is not None and mu is not None  # required with grad_t (attention_jvp_backward)
-        t, grad_t = _in_output_layout(t, dtype), _in_output_layout(grad_t, dtype)
+        t, grad_t = _in_output_layout(t, dtype, token_major_order), _in_output_layout(grad_t, dtype, token_major_order)
     else:
         t, grad_t, mu = o, o, lse2
     if key is not None and (
@@ -787,7 +794,7 @@ def backward_with_key(
     ):
         key = None
     one_pass = ONE_PASS_BACKWARD
-    plan_key = ("bwd", key, has_go, has_gt, scale, one_pass, TOKEN_MAJOR_OUTPUTS)
+    plan_key = ("bwd", key, has_go, has_gt, scale, one_pass, token_major_order)
     plan = launch_plans.lookup(plan_key) if key is not None else None
     six, record = (_six(inputs), False) if plan is not None else _validated(inputs, key)
     q = six[0]
@@ -868,9 +875,9 @@ def attention_jvp_backward(
 
     ``grad_o`` / ``grad_t`` may be None (treated as zero). Without ``grad_t`` this is the plain
     flash backward and the tangent gradients are None; with ``grad_t`` the tangent inputs, ``t``
-    and ``mu`` from :func:`attention_jvp_forward` are required. ``o``, ``t``, ``grad_o`` and ``grad_t`` in
-    another layout than :func:`output_like`'s are copied into it. Gradients are contiguous ``[B, H, N, D]``
-    in the input dtype. Pass Q then pass KV: 18u + 24u FLOPs when both are given;
+    and ``mu`` from :func:`attention_jvp_forward` are required. ``t``, ``grad_o`` and ``grad_t`` in another
+    layout than ``o``'s (token-major or contiguous) are copied into it. Gradients are contiguous
+    ``[B, H, N, D]`` in the input dtype. Pass Q then pass KV: 18u + 24u FLOPs when both are given;
     with :data:`ONE_PASS_BACKWARD`, the δ kernel then pass KV adding into gQ, gtQ: 30u.
     """
     if grad_o is None and grad_t is None:

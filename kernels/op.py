@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 import torch
 
+import kernels.attention_jvp as attention_jvp_module
 from kernels.attention_jvp import (
     attention_jvp_backward,
     attention_jvp_forward,
@@ -32,6 +33,7 @@ from kernels.attention_jvp import (
     check_inputs,
     forward_with_key,
     output_like,
+    token_major_outputs,
 )
 
 _NAMES = ("q", "k", "v", "tq", "tk", "tv")
@@ -44,19 +46,28 @@ _NAMES = ("q", "k", "v", "tq", "tk", "tv")
 
 @torch.library.custom_op("tvm::attention_jvp_fwd", mutates_args=())
 def _attention_jvp_fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.Tensor, tk: torch.Tensor, tv: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tq: torch.Tensor,
+    tk: torch.Tensor,
+    tv: torch.Tensor,
+    token_major_order: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (O, T, lse2, μ); lse2 and μ are the fp32 ``[B, H, N]`` row statistics."""
-    out = attention_jvp_forward(q, k, v, tq, tk, tv)
+    """Returns (O, T, lse2, μ); lse2 and μ are the fp32 ``[B, H, N]`` row statistics. ``token_major_order``:
+    O and T stored token-major (``attention_jvp.TOKEN_MAJOR_OUTPUTS`` at trace time; an argument, so that
+    a graph compiled for one layout is never taken from a cache for the other)."""
+    with token_major_outputs(token_major_order):
+        out = attention_jvp_forward(q, k, v, tq, tk, tv)
     assert out.t is not None and out.mu is not None  # given the tangents
     return out.o, out.t, out.lse2, out.mu
 
 
 @_attention_jvp_fwd_op.register_fake
-def _attention_jvp_fwd_fake(q, k, v, tq, tk, tv):
+def _attention_jvp_fwd_fake(q, k, v, tq, tk, tv, token_major_order):
     stats_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     stats = q.new_empty(q.shape[:3], dtype=stats_dtype)
-    o, t = (output_like(q.shape, q.dtype, q.device) for _ in range(2))  # the kernels' layout of O, T
+    o, t = (output_like(q.shape, q.dtype, q.device, token_major_order) for _ in range(2))  # the kernels' layout
     return o, t, stats, torch.empty_like(stats)
 
 
@@ -89,16 +100,16 @@ def _attention_jvp_bwd_fake(q, k, v, tq, tk, tv, o, t, lse2, mu, grad_o, grad_t)
     return tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(6))
 
 
-def _fwd_setup_context(ctx: Any, inputs: tuple[torch.Tensor, ...], output: tuple[torch.Tensor, ...]) -> None:
+def _fwd_setup_context(ctx: Any, inputs: tuple, output: tuple[torch.Tensor, ...]) -> None:
     o, t, lse2, mu = output
-    ctx.save_for_backward(*inputs, o, t, lse2, mu)
+    ctx.save_for_backward(*inputs[:6], o, t, lse2, mu)
     ctx.mark_non_differentiable(lse2, mu)
 
 
 def _fwd_backward(ctx: Any, grad_o, grad_t, grad_lse2, grad_mu):
     if grad_o is None and grad_t is None:
-        return (None,) * 6
-    return _attention_jvp_bwd_op(*ctx.saved_tensors, grad_o, grad_t)
+        return (None,) * 7
+    return (*_attention_jvp_bwd_op(*ctx.saved_tensors, grad_o, grad_t), None)
 
 
 torch.library.register_autograd("tvm::attention_jvp_fwd", _fwd_backward, setup_context=_fwd_setup_context)
@@ -141,7 +152,7 @@ def attention_with_tangent(
     """
     if torch.compiler.is_compiling():
         check_inputs(_NAMES, q, k, v, tq, tk, tv)
-        o, t, _, _ = _attention_jvp_fwd_op(q, k, v, tq, tk, tv)
+        o, t, _, _ = _attention_jvp_fwd_op(q, k, v, tq, tk, tv, attention_jvp_module.TOKEN_MAJOR_OUTPUTS)
         return o, t
     return _AttentionWithTangent.apply(q, k, v, tq, tk, tv)  # the forward launcher validates
 
@@ -179,7 +190,7 @@ class _AttentionJvp(torch.autograd.Function):
         q, k, v = ctx.saved_tensors
         tq, tk, tv = [torch.zeros_like(q) if x is None else x for x in (tq, tk, tv)]
         check_inputs(_NAMES, q, k, v, tq, tk, tv)
-        _, t, _, _ = _attention_jvp_fwd_op(q, k, v, tq, tk, tv)
+        _, t, _, _ = _attention_jvp_fwd_op(q, k, v, tq, tk, tv, attention_jvp_module.TOKEN_MAJOR_OUTPUTS)
         return t, None
 
 

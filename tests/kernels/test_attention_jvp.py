@@ -131,8 +131,8 @@ def test_outputs_are_token_major_and_gradients_in_their_layout_are_not_copied(mo
     conformed = kernel_module._in_output_layout
     copies: list[bool] = []
 
-    def recording(x, dtype):
-        out = conformed(x, dtype)
+    def recording(x, dtype, token_major_order):
+        out = conformed(x, dtype, token_major_order)
         copies.append(out is not x)
         return out
 
@@ -217,7 +217,7 @@ def test_unsupported_inputs_raise_clear_errors(monkeypatch):
 
 
 def custom_op_outputs(*inputs):
-    return torch.ops.tvm.attention_jvp_fwd(*inputs)[:2]
+    return torch.ops.tvm.attention_jvp_fwd(*inputs, True)[:2]
 
 
 @pytest.mark.parametrize("face", [attention_with_tangent, custom_op_outputs], ids=["eager", "custom_op"])
@@ -237,7 +237,8 @@ def test_op_matches_reference_and_handles_missing_grad_t(face):
 def test_op_passes_opcheck():
     inputs, _, _ = random_inputs((1, 2, 9, 16), torch.float64, seed=4)
     leaves = [x.requires_grad_() for x in inputs]
-    torch.library.opcheck(torch.ops.tvm.attention_jvp_fwd.default, tuple(leaves))
+    for token_major_order in (True, False):  # the fake's strides are the kernel's, in both layouts
+        torch.library.opcheck(torch.ops.tvm.attention_jvp_fwd.default, (*leaves, token_major_order))
 
 
 def test_op_compiles_without_graph_break():

@@ -16,8 +16,10 @@ import pytest
 import torch
 
 from kernels import ema as kernel
+from kernels.launch_plans import is_interpreting
 
 ROOT = Path(__file__).resolve().parents[2]
+DEVICE = "cpu" if is_interpreting() else "cuda"  # the compiled kernel takes GPU tensors only
 SIZES = (4, 8, 68, 1000, 2 * 4 * 64 + 4)  # one vector to several rounds of the programs' loop (interpreter sizes)
 
 
@@ -37,10 +39,10 @@ def lerp_float64(net: torch.Tensor, ema: torch.Tensor, beta: float) -> torch.Ten
 
 @pytest.mark.parametrize("betas", [(0.9999, 0.99), (0.3, 0.9), (0.999,)], ids=str)
 def test_kernel_is_lerp_for_one_or_two_emas(betas):
-    net, emas = random_tensors(SIZES, "cpu", seed=len(betas))
+    net, emas = random_tensors(SIZES, DEVICE, seed=len(betas))
     emas = emas[: len(betas)]
     before = [[x.clone() for x in ema] for ema in emas]
-    assert kernel.update_emas_(net, emas, torch.tensor(betas, dtype=torch.float32)) == ()
+    assert kernel.update_emas_(net, emas, torch.tensor(betas, dtype=torch.float32, device=DEVICE)) == ()
     for ema, old, beta in zip(emas, before, betas):
         for got, previous, n in zip(ema, old, net):
             want = lerp_float64(n, previous, beta)
@@ -50,35 +52,35 @@ def test_kernel_is_lerp_for_one_or_two_emas(betas):
 
 
 def test_beta_one_leaves_the_emas_unchanged_and_the_plan_is_reused():
-    net, emas = random_tensors(SIZES, "cpu", seed=3)
+    net, emas = random_tensors(SIZES, DEVICE, seed=3)
     before = [[x.clone() for x in ema] for ema in emas]
     kernel._PLANS.clear()
-    assert kernel.update_emas_(net, emas, torch.ones(2)) == ()
+    assert kernel.update_emas_(net, emas, torch.ones(2, device=DEVICE)) == ()
     assert all(torch.equal(a, b) for ema, old in zip(emas, before) for a, b in zip(ema, old))
-    kernel.update_emas_(net, emas, torch.tensor([0.9, 0.9]))
+    kernel.update_emas_(net, emas, torch.tensor([0.9, 0.9], device=DEVICE))
     assert len(kernel._PLANS) == 1
     moved = [x.clone() for x in net]  # new addresses: a new plan
-    kernel.update_emas_(moved, emas, torch.tensor([0.9, 0.9]))
+    kernel.update_emas_(moved, emas, torch.tensor([0.9, 0.9], device=DEVICE))
     assert len(kernel._PLANS) == 2
 
 
 def test_parameters_the_kernel_does_not_take_are_left_to_the_caller():
-    net, (first, second) = random_tensors((8, 16, 12, 20, 24), "cpu", seed=4)
+    net, (first, second) = random_tensors((8, 16, 12, 20, 24), DEVICE, seed=4)
     assert all(kernel.takes(*group) for group in zip(net, first, second))
-    first[1] = torch.zeros(32)[::2]  # not contiguous
-    second[2] = torch.zeros(13)[1:]  # 4 bytes past an aligned address
+    first[1] = torch.zeros(32, device=DEVICE)[::2]  # not contiguous
+    second[2] = torch.zeros(13, device=DEVICE)[1:]  # 4 bytes past an aligned address
     net[3] = net[3].double()
-    odd = (torch.zeros(7), torch.zeros(7), torch.zeros(7))  # 7 elements: not divisible by 4
-    assert not kernel.takes(*odd) and not kernel.takes(torch.zeros(8), torch.zeros(2, 4))  # another shape
+    odd = [torch.zeros(7, device=DEVICE) for _ in range(3)]  # 7 elements: not divisible by 4
+    assert not kernel.takes(*odd) and not kernel.takes(torch.zeros(8, device=DEVICE), torch.zeros(2, 4, device=DEVICE))
     before = [[x.clone() for x in ema] for ema in (first, second)]
-    assert kernel.update_emas_(net, [first, second], torch.tensor([0.5, 0.5])) == (1, 2, 3)
+    assert kernel.update_emas_(net, [first, second], torch.tensor([0.5, 0.5], device=DEVICE)) == (1, 2, 3)
     for i in range(5):
         changed = [not torch.equal(ema[i], old[i]) for ema, old in zip((first, second), before)]
         assert changed == [i in (0, 4)] * 2, i
     with pytest.raises(ValueError, match="one or two EMAs with 5 tensors each"):
-        kernel.update_emas_(net, [first[:4]], torch.ones(1))
+        kernel.update_emas_(net, [first[:4]], torch.ones(1, device=DEVICE))
     with pytest.raises(ValueError, match=r"betas must be fp32 \[2\]"):
-        kernel.update_emas_(net, [first, second], torch.ones(1))
+        kernel.update_emas_(net, [first, second], torch.ones(1, device=DEVICE))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU's fused multiply-add: bits on a GPU only")

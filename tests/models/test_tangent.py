@@ -205,8 +205,8 @@ def test_contiguous_kernel_operands_remove_the_launchers_copies_and_keep_the_bit
         copied.extend(i for i, (a, b) in enumerate(zip(tensors, out)) if a is not b)
         return out
 
-    def recording_outputs(x, dtype):
-        out = in_output_layout(x, dtype)
+    def recording_outputs(x, dtype, token_major_order):
+        out = in_output_layout(x, dtype, token_major_order)
         gradients_copied.append(out is not x)
         return out
 
