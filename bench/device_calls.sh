@@ -119,34 +119,30 @@ one-pass-256) # the same two steps at 256 px, batch 32, one-pass first and last,
     # torch.func.jvp (about 5 minutes)
     step --variants "$default:graph=1:bwd=one-pass,$default:graph=1,$default:graph=1:bwd=one-pass" \
         --check "$default:bwd=one-pass" --plain '' ;;
-layout) # the attention tensors' layouts (Rounds 11-12): the step with the kernels' outputs contiguous (as before
-    # 2026-12-07, outputs=contiguous), token-major (the default since), and with contiguous operands too
-    # (operands=contiguous), then the first and the last as one CUDA graph, then the first again (order effect);
-    # the last lever's step checked against torch.func.jvp (about 6 minutes)
-    before=$default:outputs=contiguous
-    step --variants "$before,$default,$default:operands=contiguous,$before:graph=1,$default:graph=1:operands=contiguous,$before" \
-        --check "$default:operands=contiguous" --plain '' ;;
-levers) # Rounds 11-13 in one call, for a session with one machine start (about 9 minutes): the EMA kernel's GPU tests,
-    # the profile of the step with all three levers (its categories show the copies and the EMA time), then the step
-    # as before 2026-12-07 (outputs=contiguous), with token-major outputs (the default), with all three levers, and the
-    # first and the last as one CUDA graph; all three checked against torch.func.jvp
+layout) # the attention tensors' layouts (Rounds 11-12), each lever taken back alone from the defaults: operands as views
+    # of the qkv output (operands=views), outputs contiguous (outputs=contiguous), both (the step before 2026-12-07 but
+    # for the EMA kernel), the defaults, then the last two as one CUDA graph (about 6 minutes)
+    both=$default:operands=views:outputs=contiguous
+    step --variants "$default:operands=views,$default:outputs=contiguous,$both,$default,$both:graph=1,$default:graph=1" \
+        --check '' --plain '' ;;
+levers) # Rounds 11-13 in one call (about 9 minutes; ran on 2026-12-07 before the three became the defaults, with the
+    # variants spelled as they were then): the EMA kernel's GPU tests, the profile of the default step, then the step
+    # as before 2026-12-07 (all three taken back), with all three levers (the defaults), and both as one CUDA graph;
+    # checked against torch.func.jvp
     gpu_tests tests/kernels/test_ema.py
-    before=$default:outputs=contiguous
-    all=$default:operands=contiguous:ema=fused
-    step --profile "$all" --variants "$before,$default,$all,$before:graph=1,$all:graph=1" --check "$all" --plain '' ;;
+    before=$default:operands=views:outputs=contiguous:ema=per-tensor
+    step --profile "$default" --variants "$before,$default,$before:graph=1,$default:graph=1" --check "$default" \
+        --plain '' ;;
 layout-ab) # token-major attention outputs against contiguous ones (Round 12): the kernel rows at N=256 and 1024, B=32, then
-    # the step pair as one CUDA graph and without (the layout is an argument of the custom op since the 'levers' part's
-    # token-major row failed: Inductor's cache had handed it the graph compiled for contiguous outputs)
-    before=$default:outputs=contiguous
+    # the step pair as one CUDA graph (the layout is an argument of the custom op since the 'levers' part's token-major
+    # row failed: Inductor's cache had handed it the graph compiled for contiguous outputs); about 5 minutes
     python3 bench/attention.py --skip-accuracy --sizes 256x32,1024x32
-    step --variants "$before:graph=1,$default:graph=1,$before,$default" --check '' --plain '' ;;
-ema) # both EMA updates as one kernel (Round 13): its GPU tests (bits against torch.lerp), the profile of the step with
-    # it (the optimizer + EMAs category), then the default step without and with it, each also as one CUDA graph,
-    # the new variant checked against torch.func.jvp (about 7 minutes)
+    step --variants "$default:outputs=contiguous:graph=1,$default:graph=1" --check '' --plain '' ;;
+ema) # the EMA kernel (Round 13): its GPU tests (bits against torch.lerp), then the default step with the per-tensor
+    # lerps (ema=per-tensor) and with the kernel (the default), each also as one CUDA graph (about 5 minutes)
     gpu_tests tests/kernels/test_ema.py
-    step --profile "$default:ema=fused" \
-        --variants "$default,$default:ema=fused,$default:graph=1,$default:graph=1:ema=fused" \
-        --check "$default:ema=fused" --plain '' ;;
+    step --variants "$default:ema=per-tensor,$default,$default:ema=per-tensor:graph=1,$default:graph=1" \
+        --check '' --plain '' ;;
 512) # 512 px, per-GPU batch 8
     step --resolution 512 --batch 8 --variants "$default" --check '' --plain '' ;;
 coldstart) # seconds to the first finished step of `bash train.sh 1 im256_w2.yaml`: cold, run-dir cache, local cache

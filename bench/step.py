@@ -62,7 +62,7 @@ from tvm.runtime.build import build_network, build_optimizer, guidance, time_sam
 from tvm.train.ema import make_ema
 from tvm.train.state import Progress, RunState
 from tvm.train.step_graph import StepGraph
-from tvm.train.ema import fused_ema_update
+from tvm.train.ema import fused_ema_devices
 from tvm.train.update import Batching, apply_update, loss_and_backward, take
 
 
@@ -82,12 +82,13 @@ class Variant:
     = ``training.cuda_graph`` (the whole step as one CUDA graph), ``cdt=1`` = Inductor's coordinate-descent
     tuning of its Triton kernels' launch parameters (a bench-only experiment, not a config key),
     ``bwd=one-pass`` = the attention kernel's one-pass backward (``TVM_ATTENTION_BACKWARD=one-pass``, set for
-    this variant's steps only, so that rows with either backward share one process), ``operands=contiguous`` =
-    the Triton attention's operands made contiguous before the kernel (``tvm.models.attention.
-    contiguous_kernel_operands``, for this variant's steps only), ``outputs=contiguous`` = the attention
-    kernels' O and T stored as contiguous ``[B, H, N, D]`` instead of token-major, the layout before
-    2026-12-07 (``kernels.attention_jvp.token_major_outputs(False)``, for this variant's steps only), ``ema=fused`` =
-    both EMA updates as one kernel (``tvm.train.ema.fused_ema_update``, for this variant's steps only)."""
+    this variant's steps only, so that rows with either backward share one process). Three settings that were
+    levers (Rounds 11-13) and are now the defaults take their old way back for this variant's steps only:
+    ``operands=views`` (the Triton attention's operands as views of the qkv output, copied by the launchers;
+    ``tvm.models.attention.contiguous_kernel_operands``), ``outputs=contiguous`` (the attention kernels' O and T
+    stored as contiguous ``[B, H, N, D]`` instead of token-major; ``kernels.attention_jvp.token_major_outputs``) and
+    ``ema=per-tensor`` (the EMA updates as per-tensor lerps instead of one kernel; ``tvm.train.ema.
+    fused_ema_devices``); ``operands=contiguous``, ``outputs=token-major`` and ``ema=fused`` set the defaults."""
 
     jvp_mode: str
     attention: str
@@ -102,9 +103,10 @@ class Variant:
     graph: bool = False  # training.cuda_graph: the whole step captured as one CUDA graph
     tuned: bool = False  # Inductor's coordinate_descent_tuning for the compiled graphs
     one_pass: bool = False  # the attention kernel's one-pass backward (kernels.attention_jvp.one_pass_backward)
-    contiguous_operands: bool = False  # tvm.models.attention.contiguous_kernel_operands
-    contiguous_outputs: bool = False  # kernels.attention_jvp.token_major_outputs(False)
-    fused_ema: bool = False  # tvm.train.ema.fused_ema_update
+    # None: as the process runs (the modules' defaults)
+    contiguous_operands: bool | None = None  # tvm.models.attention.contiguous_kernel_operands
+    contiguous_outputs: bool | None = None  # kernels.attention_jvp.token_major_outputs(not this)
+    fused_ema: bool | None = None  # tvm.train.ema.fused_ema_devices
 
     @classmethod
     def parse(cls, text: str, recompute: str = "none") -> "Variant":
@@ -140,23 +142,28 @@ class Variant:
             options.get("graph") == "1",
             options.get("cdt") == "1",
             options.get("bwd") == "one-pass",
-            options.get("operands") == "contiguous",
-            options.get("outputs") == "contiguous",
-            options.get("ema") == "fused",
+            _switch(options, "operands", "contiguous"),
+            _switch(options, "outputs", "contiguous"),
+            _switch(options, "ema", "fused"),
         )
 
 
+def _switch(options: dict[str, str], name: str, on: str) -> bool | None:
+    """Whether option ``name`` says ``on`` (None where the variant does not give it)."""
+    return None if name not in options else options[name] == on
+
+
 ESTIMATORS = ("flops", "profile")
-# The variant options that take one of a few values, the default first.
+# The variant options that take one of a few values, the default first (for the last three: the modules' defaults).
 CHOICES = {
     "estimator": ESTIMATORS,
     "split": ("0", "1"),
     "graph": ("0", "1"),
     "cdt": ("0", "1"),
     "bwd": ("two-pass", "one-pass"),
-    "operands": ("views", "contiguous"),
+    "operands": ("contiguous", "views"),
     "outputs": ("token-major", "contiguous"),
-    "ema": ("per-tensor", "fused"),
+    "ema": ("fused", "per-tensor"),
 }
 
 DEFAULT_PLAN = Variant("explicit", "triton")  # one round, one backward: how a step runs unless a variant says
@@ -164,18 +171,17 @@ DEFAULT_PLAN = Variant("explicit", "triton")  # one round, one backward: how a s
 
 def step_settings(plan: Variant) -> contextlib.ExitStack:
     """The module-level settings of ``plan``'s steps: the attention's one-pass backward where it says
-    ``bwd=one-pass`` (else as the process runs it, ``TVM_ATTENTION_BACKWARD``), contiguous kernel operands where
-    it says ``operands=contiguous``, contiguous attention outputs where it says ``outputs=contiguous``, both EMA
-    updates as one kernel where it says ``ema=fused``."""
+    ``bwd=one-pass`` (else as the process runs it, ``TVM_ATTENTION_BACKWARD``), and the kernel operands' and
+    outputs' layouts and the EMA kernel where it gives ``operands``, ``outputs`` or ``ema``."""
     stack = contextlib.ExitStack()
     if plan.one_pass:
         stack.enter_context(attention_jvp.one_pass_backward())
-    if plan.contiguous_operands:
-        stack.enter_context(contiguous_kernel_operands())
-    if plan.contiguous_outputs:
-        stack.enter_context(attention_jvp.token_major_outputs(False))
-    if plan.fused_ema:
-        stack.enter_context(fused_ema_update())
+    if plan.contiguous_operands is not None:
+        stack.enter_context(contiguous_kernel_operands(plan.contiguous_operands))
+    if plan.contiguous_outputs is not None:
+        stack.enter_context(attention_jvp.token_major_outputs(not plan.contiguous_outputs))
+    if plan.fused_ema is not None:
+        stack.enter_context(fused_ema_devices(("cuda",) if plan.fused_ema else ()))
     return stack
 
 

@@ -58,9 +58,11 @@ def test_step_benchmark_split_and_rounds_options(monkeypatch):
     assert Variant.parse("explicit:triton:blocks:cdt=1").tuned and not plan.tuned
     assert Variant.parse("explicit:triton:blocks:bwd=one-pass").one_pass and not plan.one_pass
     assert not Variant.parse("explicit:triton:blocks:bwd=two-pass").one_pass
-    assert Variant.parse("explicit:triton:operands=contiguous").contiguous_operands and not plan.contiguous_operands
-    assert Variant.parse("explicit:triton:outputs=contiguous").contiguous_outputs and not plan.contiguous_outputs
-    assert Variant.parse("explicit:triton:ema=fused").fused_ema and not plan.fused_ema
+    assert plan.contiguous_operands is plan.contiguous_outputs is plan.fused_ema is None  # as the process runs
+    assert Variant.parse("explicit:triton:operands=views").contiguous_operands is False
+    assert Variant.parse("explicit:triton:operands=contiguous").contiguous_operands is True
+    assert Variant.parse("explicit:triton:outputs=contiguous").contiguous_outputs is True
+    assert Variant.parse("explicit:triton:ema=per-tensor").fused_ema is False
     bad_options = ("split=2", "fm_budget=1.0", "rounds=0", "rounds=two", "graph=yes", "cdt=yes", "bwd=1", "operands=1")
     for bad in (*bad_options, "outputs=views", "ema=1"):
         monkeypatch.setattr("sys.argv", ["step.py", "--variants", f"explicit:triton:blocks:{bad}"])
@@ -88,23 +90,25 @@ def test_step_benchmark_tuned_compile_keeps_the_modes_options():
 
 
 def test_step_benchmark_sets_the_modules_per_variant(monkeypatch):
-    """``bwd=one-pass``, ``operands=contiguous``, ``outputs=contiguous`` and ``ema=fused`` hold for that variant's
-    steps only; a variant without ``bwd`` leaves the process's setting (``TVM_ATTENTION_BACKWARD``) as it is."""
+    """``bwd``, ``operands``, ``outputs`` and ``ema`` hold for that variant's steps only; a variant without them
+    leaves the process's settings (``TVM_ATTENTION_BACKWARD``, the modules' defaults) as they are."""
     from bench.step import Variant, step_settings
     from kernels import attention_jvp
     from tvm.models import attention
     from tvm.train import ema
 
     monkeypatch.setattr(attention_jvp, "ONE_PASS_BACKWARD", False)
-    every = "explicit:triton:bwd=one-pass:operands=contiguous:outputs=contiguous:ema=fused"
+    defaults = (attention.CONTIGUOUS_KERNEL_OPERANDS, attention_jvp.TOKEN_MAJOR_OUTPUTS, ema.FUSED_EMA_DEVICES)
+    assert defaults == (True, True, ("cuda",))
+    every = "explicit:triton:bwd=one-pass:operands=views:outputs=contiguous:ema=per-tensor"
     with step_settings(Variant.parse(every)):
-        assert attention_jvp.ONE_PASS_BACKWARD and attention.CONTIGUOUS_KERNEL_OPERANDS
-        assert not attention_jvp.TOKEN_MAJOR_OUTPUTS and ema.FUSED_EMA_UPDATE
-    assert not attention_jvp.ONE_PASS_BACKWARD and not attention.CONTIGUOUS_KERNEL_OPERANDS
-    assert attention_jvp.TOKEN_MAJOR_OUTPUTS and not ema.FUSED_EMA_UPDATE
+        assert attention_jvp.ONE_PASS_BACKWARD and not attention.CONTIGUOUS_KERNEL_OPERANDS
+        assert not attention_jvp.TOKEN_MAJOR_OUTPUTS and ema.FUSED_EMA_DEVICES == ()
+    assert not attention_jvp.ONE_PASS_BACKWARD
+    assert (attention.CONTIGUOUS_KERNEL_OPERANDS, attention_jvp.TOKEN_MAJOR_OUTPUTS, ema.FUSED_EMA_DEVICES) == defaults
     monkeypatch.setattr(attention_jvp, "ONE_PASS_BACKWARD", True)
     with step_settings(Variant.parse("explicit:triton")):
-        assert attention_jvp.ONE_PASS_BACKWARD and not attention.CONTIGUOUS_KERNEL_OPERANDS
+        assert attention_jvp.ONE_PASS_BACKWARD and attention.CONTIGUOUS_KERNEL_OPERANDS
 
 
 def test_step_benchmark_names_the_ops_behind_eager_kernels():

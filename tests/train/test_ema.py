@@ -53,12 +53,12 @@ def test_in_place_update_has_upstreams_bits_for_every_beta_dtype_and_skip():
 
 
 def test_both_emas_in_one_pass_equal_the_per_tensor_updates():
-    """``update_emas_`` with :data:`FUSED_EMA_UPDATE` (kernels/ema.py; the Triton interpreter here, whose fused
+    """``update_emas_`` with the EMA kernel on the CPU (kernels/ema.py; the Triton interpreter here, whose fused
     multiply-add rounds twice, so to within two fp32 roundings; bit for bit on a GPU: tests/kernels/test_ema.py):
     the eval EMA and the teacher, or the eval EMA alone, as two per-tensor passes give them; a parameter the
     kernel does not take (3 elements) exactly so; a skipped step changes nothing."""
     from kernels import ema as ema_kernel
-    from tvm.train.ema import fused_ema_update, update_emas_
+    from tvm.train.ema import fused_ema_devices, update_emas_
 
     torch.manual_seed(2)
     net = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 3))  # last bias: 3 elements
@@ -69,7 +69,7 @@ def test_both_emas_in_one_pass_equal_the_per_tensor_updates():
         emas = {fused: [make_ema(net) for _ in betas] for fused in (False, True)}
         ema_kernel._PLANS.clear()
         for fused, modules in emas.items():
-            with fused_ema_update(fused):
+            with fused_ema_devices(("cpu",) if fused else ()):
                 update_emas_(net, list(zip(modules, betas)), torch.tensor(False))
                 frozen = [[p.clone() for p in m.parameters()] for m in modules]
                 update_emas_(net, list(zip(modules, betas)), torch.tensor(True))

@@ -68,10 +68,11 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path, split_backward):
     full, accum = final_checkpoint(tmp_path / "full"), final_checkpoint(tmp_path / "accum")
     # Summing 4 micro-batch gradients rounds differently from one batch; AdamW divides by √v + ε,
     # which magnifies that for parameters whose gradients are near ε (the zero-initialised adaLN
-    # layers: 3e-6 on weights of 5e-3 seen on one CPU). A wrong accumulation (a missing or
-    # mis-scaled micro-batch) moves the weights by up to lr = 2e-3 per step, 200x atol.
-    assert_state_dicts_close(full["net"], accum["net"], atol=1e-5)
-    assert_state_dicts_close(full["ema"], accum["ema"], atol=1e-5)
+    # layers: 3e-6 to 1.4e-5 on weights of 5e-3 seen on CPUs, depending on how the first block's
+    # tokens are laid out). A wrong accumulation (a missing or mis-scaled micro-batch) moves the
+    # weights by up to lr = 2e-3 per step, 65x atol.
+    assert_state_dicts_close(full["net"], accum["net"], atol=3e-5)
+    assert_state_dicts_close(full["ema"], accum["ema"], atol=3e-5)
 
 
 def test_resume_is_exact_and_skips_the_initialisation(tmp_path, monkeypatch):

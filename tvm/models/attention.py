@@ -65,8 +65,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
 # 4 of the 6 copies per block, 3.4 ms of the default step on an H100; the other 2, of gO and gT, went with the
 # kernels' token-major outputs, Round 12). With this on, the operands are made
 # contiguous here instead, where a compiled block fuses the copy and the backward reuses it. Values are
-# the same bits either way. Off by default until measured on a GPU (bench/step.py's option operands=contiguous).
-CONTIGUOUS_KERNEL_OPERANDS = False
+# the same bits either way. On since measured with the other two levers of Rounds 12-13 on an H100 (the step
+# 273.7 -> 267.5 ms as one CUDA graph, 295.3 -> 276.8 ms without); bench/step.py's option operands=views is the old way.
+CONTIGUOUS_KERNEL_OPERANDS = True
 
 
 @contextlib.contextmanager

@@ -9,9 +9,9 @@ start = p_net and end = p_ema is upstream's operation, so the values match it bi
 the step was skipped (non-finite gradients) the weight becomes exactly 1, which leaves the EMA
 untouched without a host sync.
 
-:func:`update_emas_` runs both updates of a step; with :data:`FUSED_EMA_UPDATE` (off by default until
-measured on a GPU; bench/step.py's option ``ema=fused``) as one Triton kernel that reads the network
-once for both EMAs (:mod:`kernels.ema`), else as two per-tensor passes (:func:`update_ema_`).
+:func:`update_emas_` runs both updates of a step: on the devices of :data:`FUSED_EMA_DEVICES` (GPUs) as one
+Triton kernel that reads the network once for both EMAs (:mod:`kernels.ema`; 4.6 instead of 7.2 ms per step
+for DiT-XL/2 on an H100, docs/benchmarks.md Round 13), elsewhere as two per-tensor passes (:func:`update_ema_`).
 """
 
 from __future__ import annotations
@@ -25,20 +25,21 @@ import torch.nn as nn
 
 from tvm.train.sharding import ModuleT, local
 
-# Both EMA updates as one kernel (kernels.ema); else the per-tensor lerps of update_ema_. Same values either
-# way (torch.lerp's formula, tests/train/test_ema.py; bit for bit on a GPU: tests/kernels/test_ema.py).
-FUSED_EMA_UPDATE = False
+# The device types whose parameters get both EMA updates in one kernel (kernels.ema); () for the per-tensor lerps
+# of update_ema_ everywhere. Same values either way (torch.lerp's formula: bit for bit on a GPU,
+# tests/kernels/test_ema.py). The CPU runs the kernel only under the Triton interpreter, for tests.
+FUSED_EMA_DEVICES: tuple[str, ...] = ("cuda",)
 
 
 @contextlib.contextmanager
-def fused_ema_update(enabled: bool = True) -> Iterator[None]:
-    """Set :data:`FUSED_EMA_UPDATE` for a block of code (restored after it)."""
-    global FUSED_EMA_UPDATE
-    previous, FUSED_EMA_UPDATE = FUSED_EMA_UPDATE, enabled
+def fused_ema_devices(devices: tuple[str, ...]) -> Iterator[None]:
+    """Set :data:`FUSED_EMA_DEVICES` for a block of code (restored after it)."""
+    global FUSED_EMA_DEVICES
+    previous, FUSED_EMA_DEVICES = FUSED_EMA_DEVICES, devices
     try:
         yield
     finally:
-        FUSED_EMA_UPDATE = previous
+        FUSED_EMA_DEVICES = previous
 
 
 def make_ema(net: ModuleT) -> ModuleT:
@@ -97,14 +98,14 @@ def _lerp_towards_(
 @torch.no_grad()
 def update_emas_(net: nn.Module, emas: Sequence[tuple[nn.Module, float]], skip: torch.Tensor | None = None) -> None:
     """``p_ema ← lerp(p_net, p_ema, β)`` for each ``(ema, β)`` of ``emas`` in order (one or two: the eval
-    EMA, then the teacher's); no-op where ``skip`` is true. With :data:`FUSED_EMA_UPDATE`, the parameters
-    :func:`kernels.ema.takes` in one pass over ``net`` for all EMAs; the others (all of them without it)
-    per tensor, as :func:`update_ema_` does.
+    EMA, then the teacher's); no-op where ``skip`` is true. On a device of :data:`FUSED_EMA_DEVICES`, the
+    parameters :func:`kernels.ema.takes` in one pass over ``net`` for all EMAs; the others (all of them on other
+    devices) per tensor, as :func:`update_ema_` does.
     """
     pairs = [_parameters(ema, net) for ema, _ in emas]
     net_params = pairs[0][1] if pairs else []
     ema_params = [ema_list for ema_list, _ in pairs]
-    if FUSED_EMA_UPDATE and 1 <= len(emas) <= 2 and net_params:
+    if net_params and net_params[0].device.type in FUSED_EMA_DEVICES and 1 <= len(emas) <= 2:
         from kernels import ema as ema_kernel
 
         device = net_params[0].device
