@@ -89,8 +89,8 @@ TOKEN_MAJOR_OUTPUTS = True
 
 @contextlib.contextmanager
 def token_major_outputs(enabled: bool = True) -> Iterator[None]:
-    """Set :data:`TOKEN_MAJOR_OUTPUTS` for a block of code (restored after it; compiled graphs traced
-    under one setting keep its layout: reset Dynamo between settings)."""
+    """Set :data:`TOKEN_MAJOR_OUTPUTS` for a block of code (restored after it; compiled code reads it when
+    traced and passes it to the custom op, so a change retraces)."""
     global TOKEN_MAJOR_OUTPUTS
     previous, TOKEN_MAJOR_OUTPUTS = TOKEN_MAJOR_OUTPUTS, enabled
     try:
