@@ -93,6 +93,49 @@ def test_memory_budget_recomputes_in_the_backward_without_changing_the_function(
     assert low < 0.6 * full, (low, full)  # 0.39 here
 
 
+def test_memory_budget_never_recomputes_the_attention_kernel():
+    """At the configs' budget 0.7 the partitioner saves the Triton attention's outputs instead of running its forward
+    again in the backward (it recomputes the cheap copies around it): the forward-backward graph pair of a compiled
+    block calls the fused forward once, in the forward graph (docs/benchmarks.md, Rounds 11–13)."""
+    from functorch.compile import min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    from helpers import perturb_, tiny_dit
+
+    graphs: list[tuple[str, torch.fx.GraphModule]] = []
+
+    def recorder(kind):
+        def compiler(gm, inputs):
+            graphs.append((kind, gm))
+            return gm.forward
+
+        return compiler
+
+    backend = aot_autograd(
+        fw_compiler=recorder("fw"), bw_compiler=recorder("bw"), partition_fn=min_cut_rematerialization_partition
+    )
+    torch._dynamo.reset()
+    torch.manual_seed(1)
+    block = perturb_(tiny_dit(hidden=64, heads=4)).blocks[0]
+    allow_tracing_this_package()
+    gen = torch.Generator().manual_seed(0)
+    x, dx = (torch.randn(2, 16, 64, generator=gen) for _ in range(2))
+    c, dc = (torch.randn(2, 64, generator=gen) for _ in range(2))
+    previous = functorch_config.activation_memory_budget
+    try:
+        set_activation_memory_budget(0.7)
+        y, dy = torch.compile(block, backend=backend)(x.requires_grad_(), c, "triton", dx, dc)
+        (y.square().sum() + dy.square().sum()).backward()
+    finally:
+        functorch_config.activation_memory_budget = previous
+        torch._dynamo.reset()
+
+    def calls(gm: torch.fx.GraphModule) -> int:
+        return sum(n.op == "call_function" and "attention_jvp_fwd" in str(n.target) for n in gm.graph.nodes)
+
+    assert sorted((kind, calls(gm)) for kind, gm in graphs) == [("bw", 0), ("fw", 1)]
+
+
 def test_memory_budget_outside_zero_one_is_refused():
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="compile_memory_budget must be in"):
