@@ -51,7 +51,7 @@ def _lerp(net, ema, beta, one_minus_beta):
 def _ema_update_kernel(TABLE, BETAS, HAS_SECOND: tl.constexpr, BLOCK: tl.constexpr):
     """Grid (P, parameters). TABLE: int64 ``[parameters, 4]`` rows (net, first EMA, second EMA, numel);
     BETAS: fp32 ``[2]`` (the second unused without HAS_SECOND)."""
-    # The hints (16-byte aligned addresses, element counts divisible by 4: what supported() checks) let the
+    # The hints (16-byte aligned addresses, element counts divisible by 4: what takes() checks) let the
     # compiler use 16-byte loads and stores.
     row = TABLE + tl.program_id(1).to(tl.int64) * 4
     net_ptr = tl.multiple_of(tl.load(row).to(tl.pointer_type(tl.float32)), 16)
