@@ -72,7 +72,8 @@ STARTED = time.perf_counter()  # for the elapsed seconds printed after each row 
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """A TVM step variant ``JVPMODE:ATTENTION[:HOW][:recompute=R][:budget=B][:mode=M][:estimator=E]
-    [:split=1][:fm_budget=F][:rounds=K][:graph=1][:cdt=1][:bwd=one-pass][:operands=contiguous]``, e.g.
+    [:split=1][:fm_budget=F][:rounds=K][:graph=1][:cdt=1][:bwd=one-pass][:operands=views]
+    [:outputs=contiguous][:ema=per-tensor]``, e.g.
     ``explicit:triton:blocks:budget=0.5``:
     ``HOW`` = eager | compile | blocks, ``R`` = ``network.recompute``, ``B`` = ``network.compile_memory_budget``,
     ``M`` the torch.compile mode, ``E`` how the partitioner estimates the cost of recomputing an op under a

@@ -599,9 +599,9 @@ def output_like(
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _empty_output_like(x: torch.Tensor) -> torch.Tensor:
+def _empty_output_like(x: torch.Tensor, token_major_order: bool) -> torch.Tensor:
     """A tensor shaped like x in the outputs' layout (:func:`output_like`): O and T (tests replace it too)."""
-    return output_like(x.shape, x.dtype, x.device)
+    return output_like(x.shape, x.dtype, x.device, token_major_order)
 
 
 def _layout(x: torch.Tensor) -> tuple[int, ...]:
@@ -694,22 +694,26 @@ def _grid(n_ctx: int, batch_heads: int, block: str) -> Any:
     return lambda meta: (triton.cdiv(n_ctx, meta[block]), batch_heads)
 
 
-def forward_with_key(inputs: tuple, has_tangent: bool, scale: Optional[float]) -> tuple[ForwardResult, Optional[tuple]]:
+def forward_with_key(
+    inputs: tuple, has_tangent: bool, scale: Optional[float], token_major_order: Optional[bool] = None
+) -> tuple[ForwardResult, Optional[tuple]]:
     """Forward on (q, k, v[, tq, tk, tv]); also returns the inputs' launch-plan key
     (:func:`kernels.launch_plans.input_key`; None: no plan applies), for :func:`backward_with_key`.
+    ``token_major_order``: the layout of O and T (None: :data:`TOKEN_MAJOR_OUTPUTS`).
 
     With a recorded plan for these inputs' key, the compiled kernel is launched directly (the
     inputs passed validation when the plan was made); else through the autotuner and the JIT.
     """
+    token_major_order = TOKEN_MAJOR_OUTPUTS if token_major_order is None else token_major_order
     key = launch_plans.input_key(inputs)
-    plan_key = ("fwd", key, has_tangent, scale, TOKEN_MAJOR_OUTPUTS)
+    plan_key = ("fwd", key, has_tangent, scale, token_major_order)
     plan = launch_plans.lookup(plan_key) if key is not None else None
     six, record = (_six(inputs), False) if plan is not None else _validated(inputs, key)
     q = six[0]
     batch, heads, n_ctx, head_dim = q.shape
     stats_dtype = _acc_dtype(q.dtype)
-    o = _empty_output_like(q)
-    t = _empty_output_like(q) if has_tangent else o
+    o = _empty_output_like(q, token_major_order)
+    t = _empty_output_like(q, token_major_order) if has_tangent else o
     lse2 = _empty((batch, heads, n_ctx), stats_dtype, q.device)
     mu = _empty(lse2.shape, stats_dtype, q.device) if has_tangent else lse2
     if plan is not None:
@@ -742,16 +746,18 @@ def attention_jvp_forward(
     tk: Optional[torch.Tensor] = None,
     tv: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
+    token_major_order: Optional[bool] = None,
 ) -> ForwardResult:
     """Fused forward (docs/attention_jvp.md §2): O = softmax(c·QKᵀ)V and, given all three tangents, T.
 
     All tensors are ``[B, H, N, D]`` of one dtype and device. Without tangents this is a plain
     flash forward (4u FLOPs); with them the fused primal+tangent forward (12u, docs/attention_jvp.md §5).
+    ``token_major_order``: O and T stored token-major (None: :data:`TOKEN_MAJOR_OUTPUTS`).
     """
     if tq is not None and tk is not None and tv is not None:
-        return forward_with_key((q, k, v, tq, tk, tv), True, scale)[0]
+        return forward_with_key((q, k, v, tq, tk, tv), True, scale, token_major_order)[0]
     if tq is None and tk is None and tv is None:
-        return forward_with_key((q, k, v), False, scale)[0]
+        return forward_with_key((q, k, v), False, scale, token_major_order)[0]
     raise ValueError("attention_jvp: give all of tq, tk, tv or none of them")
 
 

@@ -33,7 +33,6 @@ from kernels.attention_jvp import (
     check_inputs,
     forward_with_key,
     output_like,
-    token_major_outputs,
 )
 
 _NAMES = ("q", "k", "v", "tq", "tk", "tv")
@@ -57,8 +56,7 @@ def _attention_jvp_fwd_op(
     """Returns (O, T, lse2, μ); lse2 and μ are the fp32 ``[B, H, N]`` row statistics. ``token_major_order``:
     O and T stored token-major (``attention_jvp.TOKEN_MAJOR_OUTPUTS`` at trace time; an argument, so that
     a graph compiled for one layout is never taken from a cache for the other)."""
-    with token_major_outputs(token_major_order):
-        out = attention_jvp_forward(q, k, v, tq, tk, tv)
+    out = attention_jvp_forward(q, k, v, tq, tk, tv, token_major_order=token_major_order)
     assert out.t is not None and out.mu is not None  # given the tangents
     return out.o, out.t, out.lse2, out.mu
 

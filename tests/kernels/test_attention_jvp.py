@@ -35,8 +35,8 @@ def poisoned_outputs(monkeypatch):
     def nan_empty_like(x):
         return torch.full(x.shape, float("nan"), dtype=x.dtype, device=x.device)
 
-    def nan_empty_output_like(x):
-        return kernel_module.output_like(x.shape, x.dtype, x.device).fill_(float("nan"))
+    def nan_empty_output_like(x, token_major_order):
+        return kernel_module.output_like(x.shape, x.dtype, x.device, token_major_order).fill_(float("nan"))
 
     monkeypatch.setattr(kernel_module, "_empty", nan_empty)
     monkeypatch.setattr(kernel_module, "_empty_like", nan_empty_like)

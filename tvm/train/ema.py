@@ -47,13 +47,17 @@ def make_ema(net: ModuleT) -> ModuleT:
     return copy.deepcopy(net).eval().requires_grad_(False)
 
 
-def _parameters(ema: nn.Module, net: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """This rank's pieces of both modules' parameters (FSDP2: the local slices), paired in order."""
-    ema_params = [local(p) for p in ema.parameters()]
-    net_params = [local(p) for p in net.parameters()]
+def _local_parameters(module: nn.Module) -> list[torch.Tensor]:
+    """This rank's pieces of the module's parameters (FSDP2: the local slices), in order."""
+    return [local(p) for p in module.parameters()]
+
+
+def _ema_parameters(ema: nn.Module, net_params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """:func:`_local_parameters` of ``ema``, paired with the network's ``net_params``."""
+    ema_params = _local_parameters(ema)
     if len(ema_params) != len(net_params):
         raise ValueError(f"EMA has {len(ema_params)} parameters, the network {len(net_params)}")
-    return ema_params, net_params
+    return ema_params
 
 
 @torch.no_grad()
@@ -65,7 +69,8 @@ def update_ema_(ema: nn.Module, net: nn.Module, beta: float, skip: torch.Tensor 
         beta: decay β ∈ [0, 1].
         skip: 0-dim bool tensor on the parameters' device, or None.
     """
-    _lerp_towards_(*_parameters(ema, net), beta, skip)
+    net_params = _local_parameters(net)
+    _lerp_towards_(_ema_parameters(ema, net_params), net_params, beta, skip)
 
 
 def _lerp_towards_(
@@ -102,9 +107,8 @@ def update_emas_(net: nn.Module, emas: Sequence[tuple[nn.Module, float]], skip: 
     parameters :func:`kernels.ema.takes` in one pass over ``net`` for all EMAs; the others (all of them on other
     devices) per tensor, as :func:`update_ema_` does.
     """
-    pairs = [_parameters(ema, net) for ema, _ in emas]
-    net_params = pairs[0][1] if pairs else []
-    ema_params = [ema_list for ema_list, _ in pairs]
+    net_params = _local_parameters(net)
+    ema_params = [_ema_parameters(ema, net_params) for ema, _ in emas]
     if net_params and net_params[0].device.type in FUSED_EMA_DEVICES and 1 <= len(emas) <= 2:
         from kernels import ema as ema_kernel
 
