@@ -6,8 +6,8 @@
 #   bash bench/device_calls.sh PART
 #
 # PART: profile | full | full-check | full-graphs | autotune | autotune-check | rows | split | split-graphs | split-more |
-#   split-profile | split-order | graph-test | graph | graph-order | headroom | estimator | launch-ab | plain | gen-profile |
-#   gen-autotune | gen-gelu | gen-gelu-autotune | cdt | one-pass | one-pass-256 | layout | layout-ab | ema | levers | 512 | coldstart | fsdp2 | attention
+#   split-profile | split-order | graph-test | graph | graph-order | headroom | headroom-high | estimator | launch-ab | plain | gen-profile |
+#   gen-autotune | gen-gelu | gen-gelu-autotune | cdt | one-pass | one-pass-256 | layout | layout-ab | round14 | ema | levers | 512 | coldstart | fsdp2 | attention
 #
 # Run from the repository root on the GPU machine. Wheels the machine lacks (hydra-core, omegaconf,
 # antlr4-python3-runtime) are installed from .whl/ when that folder exists (docs/benchmarks.md,
@@ -16,7 +16,7 @@
 # the call limit still returns what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: bash bench/device_calls.sh profile|full|full-check|full-graphs|autotune|autotune-check|rows|split|split-graphs|split-more|split-profile|split-order|graph-test|graph|graph-order|headroom|estimator|launch-ab|plain|gen-profile|gen-autotune|gen-gelu|gen-gelu-autotune|cdt|one-pass|one-pass-256|layout|layout-ab|ema|levers|512|coldstart|fsdp2|attention}"
+part="${1:?usage: bash bench/device_calls.sh profile|full|full-check|full-graphs|autotune|autotune-check|rows|split|split-graphs|split-more|split-profile|split-order|graph-test|graph|graph-order|headroom|headroom-high|estimator|launch-ab|plain|gen-profile|gen-autotune|gen-gelu|gen-gelu-autotune|cdt|one-pass|one-pass-256|layout|layout-ab|round14|ema|levers|512|coldstart|fsdp2|attention}"
 if [ -d .whl ] && ! python3 -c "import hydra" 2>/dev/null; then
     site="$(mktemp -d)"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
@@ -86,6 +86,10 @@ graph-order) # the same two steps in the other order at 256 px with the default'
 headroom) # the split step's peak (27.2 GiB) leaves ≈ 4.8 GiB under the issue's 32 GiB: the terminal-velocity pass's
     # graphs at budgets 0.8 and 0.85 (less recomputation) after the default in the same process
     step --variants "$default,${default/budget=0.7/budget=0.8},${default/budget=0.7/budget=0.85}" --check '' --plain '' ;;
+headroom-high) # the terminal-velocity pass's graphs at budgets 0.9, 0.95 and 1 (no recomputation) after the default in the
+    # same process: whether a budget above 0.85 keeps a set that still fits 32 GiB and recomputes less (about 6 minutes)
+    step --variants "$default,${default/budget=0.7/budget=0.9},${default/budget=0.7/budget=0.95},${default/budget=0.7/budget=1.0}" \
+        --check '' --plain '' ;;
 estimator) # what the budget recomputes, chosen by FLOP count (PyTorch's default) or by each op's measured time
     step --variants "$default,$default:estimator=profile" --check "$default:estimator=profile" --plain '' ;;
 launch-ab) # the attention launch plans on, then off, in one process (issue 16 item 5)
@@ -138,6 +142,13 @@ layout-ab) # token-major attention outputs against contiguous ones (Round 12): t
     # row failed: Inductor's cache had handed it the graph compiled for contiguous outputs); about 5 minutes
     python3 bench/attention.py --skip-accuracy --sizes 256x32,1024x32
     step --variants "$default:outputs=contiguous:graph=1,$default:graph=1" --check '' --plain '' ;;
+round14) # one call for a session that may get one machine start (about 10 minutes, most important first; rows cut by
+    # the call limit are lost, the others kept): the layout A/B's kernel rows and its step pair as one CUDA graph, the
+    # EMA kernel taken back (as one graph), 1-step generation with the fc1 + GELU epilogue, and 512 px as one graph
+    python3 bench/attention.py --skip-accuracy --sizes 256x32,1024x32
+    step --variants "$default:outputs=contiguous:graph=1,$default:graph=1,$default:ema=per-tensor:graph=1" --check '' \
+        --plain gen:compile+gelu
+    step --resolution 512 --batch 8 --variants "$default:graph=1" --check '' --plain '' ;;
 ema) # the EMA kernel (Round 13): its GPU tests (bits against torch.lerp), then the default step with the per-tensor
     # lerps (ema=per-tensor) and with the kernel (the default), each also as one CUDA graph (about 5 minutes)
     gpu_tests tests/kernels/test_ema.py

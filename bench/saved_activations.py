@@ -1,7 +1,7 @@
 """Bytes kept for the backward by one TVM loss forward, per ``network.recompute`` mode (CPU proxy).
 
     PYTHONPATH=. python bench/saved_activations.py [--variant DiT-XL/2-18h] [--resolution 32] [--batch 1]
-        [--budgets 1.0,0.7,0.5]
+        [--budgets 1.0,0.7,0.5] [--lift-bans]
 
 Runs the loss forward (explicit-tangent JVP with math attention, teacher, flow-matching branch)
 in fp32 on the CPU with random weights and sums the sizes of the distinct storages autograd
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 
 import torch
 import torch._functorch.config as functorch_config
@@ -28,6 +29,12 @@ from tvm.compiling import set_activation_memory_budget
 from tvm.method.times import Guidance, TimeSampling, draw_step
 from tvm.method.wrapper import TVMWrapper
 from tvm.models.dit import DiT
+
+
+# The min-cut partitioner's recompute bans (``torch._functorch.config.ban_recompute_*``, all on by default). Below a
+# budget of 1 the partitioner first tries the cut with the first three lifted (``choose_saved_values_set``), so
+# lifting them at budget 1 shows which one makes the difference between the budget-1 cut and the budgeted one.
+BANS = ("used_far_apart", "long_fusible_chains", "materialized_backward", "not_in_allowlist")
 
 
 def loss_inputs(batch: int, resolution: int) -> tuple:
@@ -91,6 +98,11 @@ def main() -> None:
         default="1.0,0.8,0.7,0.5",
         help="network.compile_memory_budget values of the compiled rows ('' for none)",
     )
+    parser.add_argument(
+        "--lift-bans",
+        action="store_true",
+        help="also budget-1 rows with each of the partitioner's recompute bans lifted (BANS), alone and in pairs",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     model = DiT(args.variant, input_size=args.resolution, in_channels=4, num_classes=1000, init=False)
@@ -103,17 +115,24 @@ def main() -> None:
         "| terminal term's pass GiB | flow-matching term's pass GiB |"
     )
     print("|---|---|---|---|---|---|")
-    rows = [(f"eager, recompute={mode}", mode, None) for mode in ("none", "fm", "all")]
+    rows: list[tuple[str, str, float | None, tuple[str, ...]]] = [
+        (f"eager, recompute={mode}", mode, None, ()) for mode in ("none", "fm", "all")
+    ]
     rows += [
-        (f"blocks compiled, budget={b:g}", "none", b)
+        (f"blocks compiled, budget={b:g}", "none", b, ())
         for b in map(float, args.budgets.split(",") if args.budgets else [])
     ]
+    if args.lift_bans:
+        for bans in [(ban,) for ban in BANS] + list(itertools.combinations(BANS[:3], 2)):
+            rows.append((f"blocks compiled, budget=1, {' and '.join(bans)} lifted", "none", 1.0, bans))
     base = None
-    for name, mode, budget in rows:
+    for name, mode, budget, bans in rows:
         net = TVMWrapper(model, data_type="fp32", recompute=mode)
         if budget is not None:
             torch._dynamo.reset()
             set_activation_memory_budget(budget)
+            for ban in BANS:
+                setattr(functorch_config, f"ban_recompute_{ban}", ban not in bans)
             for m in (model, teacher.model):
                 m.compile_blocks(backend="aot_eager_decomp_partition")
         saved, flops = saved_bytes_and_flops(net, teacher, args.batch, args.resolution)
@@ -125,6 +144,8 @@ def main() -> None:
             flush=True,
         )
     functorch_config.activation_memory_budget = 1.0
+    for ban in BANS:
+        setattr(functorch_config, f"ban_recompute_{ban}", True)
 
 
 if __name__ == "__main__":
