@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python bench/saved_activations.py [--variant DiT-XL/2-18h] [--resolution 32] [--batch 1]
         [--budgets 1.0,0.7,0.5] [--lift-bans]
+        [--saved-values]
 
 Runs the loss forward (explicit-tangent JVP with math attention, teacher, flow-matching branch)
 in fp32 on the CPU with random weights and sums the sizes of the distinct storages autograd
@@ -18,11 +19,13 @@ kernels change the absolute numbers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import itertools
 
 import torch
 import torch._functorch.config as functorch_config
+import torch._functorch.partitioners as partitioners
 from torch.utils.flop_counter import FlopCounterMode
 
 from tvm.compiling import set_activation_memory_budget
@@ -88,6 +91,30 @@ def saved_bytes_per_term(net: TVMWrapper, teacher: TVMWrapper, batch: int, resol
     return terminal.total, fm.total
 
 
+@contextlib.contextmanager
+def logged_partitions(log: list[list[str]] | None):
+    """While active, append to ``log`` the values each compiled graph saves for its backward (as the partitioner
+    chose them: op, shape, MiB), one list per partitioned graph; nothing where ``log`` is None."""
+    if log is None:
+        yield
+        return
+    choose = partitioners.choose_saved_values_set
+
+    def logging_choose(joint_graph, node_info, memory_budget=1):
+        chosen = choose(joint_graph, node_info, memory_budget)
+        shapes = [tuple(getattr(n.meta.get("val"), "shape", ())) for n in chosen]
+        log.append(
+            sorted(f"{n.target} {shape} {partitioners._size_of(n) / 2**20:.2f}" for n, shape in zip(chosen, shapes))
+        )
+        return chosen
+
+    partitioners.choose_saved_values_set = logging_choose
+    try:
+        yield
+    finally:
+        partitioners.choose_saved_values_set = choose
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="DiT-XL/2-18h")
@@ -102,6 +129,11 @@ def main() -> None:
         "--lift-bans",
         action="store_true",
         help="also budget-1 rows with each of the partitioner's recompute bans lifted (BANS), alone and in pairs",
+    )
+    parser.add_argument(
+        "--saved-values",
+        action="store_true",
+        help="also list, per compiled row and graph, the values the partitioner saves (op, shape, MiB)",
     )
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -126,6 +158,7 @@ def main() -> None:
         for bans in [(ban,) for ban in BANS] + list(itertools.combinations(BANS[:3], 2)):
             rows.append((f"blocks compiled, budget=1, {' and '.join(bans)} lifted", "none", 1.0, bans))
     base = None
+    listings: list[tuple[str, int, list[str]]] = []
     for name, mode, budget, bans in rows:
         net = TVMWrapper(model, data_type="fp32", recompute=mode)
         if budget is not None:
@@ -135,14 +168,20 @@ def main() -> None:
                 setattr(functorch_config, f"ban_recompute_{ban}", ban not in bans)
             for m in (model, teacher.model):
                 m.compile_blocks(backend="aot_eager_decomp_partition")
-        saved, flops = saved_bytes_and_flops(net, teacher, args.batch, args.resolution)
+        log: list[list[str]] | None = [] if args.saved_values and budget is not None else None
+        with logged_partitions(log):
+            saved, flops = saved_bytes_and_flops(net, teacher, args.batch, args.resolution)
         terminal, fm = saved_bytes_per_term(net, teacher, args.batch, args.resolution)
+        listings += [(name, i, values) for i, values in enumerate(log or [])]
         base = base or saved
         print(
             f"| {name} | {saved / 2**30:.3f} | {saved / base:.0%} | {flops / 1e9:.0f} | {terminal / 2**30:.3f} "
             f"| {fm / 2**30:.3f} |",
             flush=True,
         )
+    for name, i, values in listings:
+        print(f"\n# {name}, compiled graph {i}: {len(values)} saved values (op, shape, MiB)")
+        print("\n".join(f"#   {value}" for value in values))
     functorch_config.activation_memory_budget = 1.0
     for ban in BANS:
         setattr(functorch_config, f"ban_recompute_{ban}", True)
