@@ -72,7 +72,7 @@ STARTED = time.perf_counter()  # for the elapsed seconds printed after each row 
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """A TVM step variant ``JVPMODE:ATTENTION[:HOW][:recompute=R][:budget=B][:mode=M][:estimator=E]
-    [:split=1][:fm_budget=F][:rounds=K][:graph=1][:cdt=1][:bwd=one-pass][:operands=views]
+    [:split=1][:fm_budget=F][:rounds=K][:graph=1][:cdt=1][:pdl=1][:bwd=one-pass][:operands=views]
     [:outputs=contiguous][:ema=per-tensor]``, e.g.
     ``explicit:triton:blocks:budget=0.5``:
     ``HOW`` = eager | compile | blocks, ``R`` = ``network.recompute``, ``B`` = ``network.compile_memory_budget``,
@@ -81,7 +81,10 @@ class Variant:
     ``split=1`` = ``training.split_backward``, ``F`` = ``network.compile_memory_budget_fm``, ``K``
     accumulation rounds (the batch in K micro-batches, as ``training.batch_gpu`` = batch / K), ``graph=1``
     = ``training.cuda_graph`` (the whole step as one CUDA graph), ``cdt=1`` = Inductor's coordinate-descent
-    tuning of its Triton kernels' launch parameters (a bench-only experiment, not a config key),
+    tuning of its Triton kernels' launch parameters (a bench-only experiment, not a config key), ``pdl=1`` = Inductor's
+    Triton kernels launched with programmatic dependent launch (``triton.enable_pdl``: on Hopper a kernel's launch and
+    prologue overlap the previous kernel's tail, and it waits for that kernel's results before its first load; a
+    bench-only experiment, not a config key),
     ``bwd=one-pass`` = the attention kernel's one-pass backward (``TVM_ATTENTION_BACKWARD=one-pass``, set for
     this variant's steps only, so that rows with either backward share one process). Three settings that were
     levers (Rounds 11-13) and are now the defaults take their old way back for this variant's steps only:
@@ -103,6 +106,7 @@ class Variant:
     rounds: int = 1  # gradient accumulation rounds per step
     graph: bool = False  # training.cuda_graph: the whole step captured as one CUDA graph
     tuned: bool = False  # Inductor's coordinate_descent_tuning for the compiled graphs
+    pdl: bool = False  # Inductor's triton.enable_pdl (programmatic dependent launch) for the compiled graphs
     one_pass: bool = False  # the attention kernel's one-pass backward (kernels.attention_jvp.one_pass_backward)
     # None: as the process runs (the modules' defaults)
     contiguous_operands: bool | None = None  # tvm.models.attention.contiguous_kernel_operands
@@ -142,6 +146,7 @@ class Variant:
             int(options.get("rounds", 1)),
             options.get("graph") == "1",
             options.get("cdt") == "1",
+            options.get("pdl") == "1",
             options.get("bwd") == "one-pass",
             _switch(options, "operands", "contiguous"),
             _switch(options, "outputs", "contiguous"),
@@ -161,6 +166,7 @@ CHOICES = {
     "split": ("0", "1"),
     "graph": ("0", "1"),
     "cdt": ("0", "1"),
+    "pdl": ("0", "1"),
     "bwd": ("two-pass", "one-pass"),
     "operands": ("contiguous", "views"),
     "outputs": ("token-major", "contiguous"),
@@ -423,7 +429,7 @@ def print_kernel_profile(name: str, run: Callable[[int], object], wall: float, s
 
 def profile(cfg, R: int, variant: str, x, labels, args) -> None:
     """Where the time of one TVM step goes (``variant``), or of one 1-step generation call at batch
-    ``args.sample_batch`` (``variant`` = ``gen:eager|compile|blocks[+gelu][+cdt][:mode=M]``): kernel time by
+    ``args.sample_batch`` (``variant`` = ``gen:eager|compile|blocks[+gelu][+cdt][+pdl][:mode=M]``): kernel time by
     category, host gaps, and for a TVM step its phases."""
     if variant.startswith("gen:"):
         state = build_state(cfg, R, DEFAULT_PLAN)
@@ -499,12 +505,22 @@ def set_recompute_estimator(estimator: str) -> None:
     inductor_config.fx_graph_cache = caches_on and COMPILE_CACHES[1]
 
 
-def compile_kwargs(mode: str, tuned: bool) -> dict:
-    """``torch.compile`` keyword arguments for ``mode``; with ``tuned``, the mode's Inductor options plus
-    ``coordinate_descent_tuning`` (torch.compile takes a mode or options, not both)."""
-    if not tuned:
+# Inductor switches a variant can turn on (bench-only experiments): variant option (``cdt=1``, or ``+cdt`` in a plain
+# variant) -> Inductor option.
+INDUCTOR_SWITCHES = {"cdt": "coordinate_descent_tuning", "pdl": "triton.enable_pdl"}
+
+
+def inductor_options(*switches: str) -> dict[str, bool]:
+    """The Inductor options of the variant options ``switches`` (names of :data:`INDUCTOR_SWITCHES`)."""
+    return {INDUCTOR_SWITCHES[name]: True for name in switches}
+
+
+def compile_kwargs(mode: str, options: dict[str, bool]) -> dict:
+    """``torch.compile`` keyword arguments for ``mode``; with Inductor ``options``, the mode's own Inductor options
+    plus those (torch.compile takes a mode or options, not both)."""
+    if not options:
         return compile_options(mode)
-    return {"options": {**torch._inductor.list_mode_options(mode), "coordinate_descent_tuning": True}}
+    return {"options": {**torch._inductor.list_mode_options(mode), **options}}
 
 
 def prepare(
@@ -514,15 +530,16 @@ def prepare(
     budget: float = 1.0,
     mode: str | None = None,
     estimator: str = "flops",
-    tuned: bool = False,
+    switches: tuple[str, ...] = (),
 ):
     """The network to call for ``how`` = eager | compile | blocks (see :func:`measure`), its
     compiled graphs keeping ``budget`` of their activations for the backward (choosing what to
-    recompute by ``estimator``), compiled in ``mode``; ``tuned``: with Inductor's coordinate-descent
-    tuning (each generated Triton kernel's block sizes and warps searched by timing it at compile time)."""
+    recompute by ``estimator``), compiled in ``mode`` with the Inductor ``switches`` on (:data:`INDUCTOR_SWITCHES`:
+    ``cdt``, coordinate-descent tuning, each generated Triton kernel's block sizes and warps searched by timing it at
+    compile time; ``pdl``, programmatic dependent launch)."""
     set_activation_memory_budget(budget)
     set_recompute_estimator(estimator)
-    options = compile_kwargs(mode or "default", tuned)
+    options = compile_kwargs(mode or "default", inductor_options(*switches))
     if how == "compile" and kind == "tvm":
         return compile_model(state.net, **options)
     if how == "compile":
@@ -535,18 +552,19 @@ def prepare(
 
 
 def prepare_plain(state: RunState, kind: str, variant: str) -> torch.nn.Module:
-    """:func:`prepare` for a flow-matching or generation ``variant`` = ``how[+gelu][+cdt][:mode=M]``; ``+gelu``
-    (generation only) runs each block's fc1 + GELU as one GEMM (``DiT.fuse_gelu_epilogue``), ``+cdt``
-    compiles with coordinate-descent tuning (:func:`prepare`)."""
+    """:func:`prepare` for a flow-matching or generation ``variant`` = ``how[+gelu][+cdt][+pdl][:mode=M]``; ``+gelu``
+    (generation only) runs each block's fc1 + GELU as one GEMM (``DiT.fuse_gelu_epilogue``), ``+cdt`` and ``+pdl``
+    compile with coordinate-descent tuning and programmatic dependent launch (:func:`prepare`)."""
     how, _, mode = variant.partition(":mode=")
     how, *extras = how.split("+")
-    if set(extras) - {"gelu", "cdt"}:
-        raise ValueError(f"bad plain variant {variant!r}: how[+gelu][+cdt][:mode=M]")
+    if set(extras) - {"gelu", *INDUCTOR_SWITCHES}:
+        raise ValueError(f"bad plain variant {variant!r}: how[+gelu][+cdt][+pdl][:mode=M]")
     if "gelu" in extras:
         if kind != "gen":
             raise ValueError(f"+gelu is a generation option (the fused GEMM has no backward), not {kind}")
         state.ema.model.fuse_gelu_epilogue()
-    return prepare(state, kind, how, mode=mode or None, tuned="cdt" in extras)
+    switches = tuple(name for name in INDUCTOR_SWITCHES if name in extras)
+    return prepare(state, kind, how, mode=mode or None, switches=switches)
 
 
 def tvm_state(cfg, resolution: int, variant: str, recompute: str) -> tuple[RunState, torch.nn.Module, Variant]:
@@ -554,7 +572,8 @@ def tvm_state(cfg, resolution: int, variant: str, recompute: str) -> tuple[RunSt
     parsed variant (how :func:`tvm_step` runs it)."""
     parsed = Variant.parse(variant, recompute)
     state = build_state(cfg, resolution, parsed)
-    net = prepare(state, "tvm", parsed.how, parsed.budget, parsed.mode, parsed.estimator, parsed.tuned)
+    switches = ("cdt",) * parsed.tuned + ("pdl",) * parsed.pdl
+    net = prepare(state, "tvm", parsed.how, parsed.budget, parsed.mode, parsed.estimator, switches)
     return state, net, parsed
 
 
@@ -682,9 +701,9 @@ def main() -> None:
     parser.add_argument(
         "--plain",
         default="eager,blocks",
-        help="flow-matching step and generation: [fm:|gen:]eager|compile|blocks[+gelu][+cdt][:mode=M], "
+        help="flow-matching step and generation: [fm:|gen:]eager|compile|blocks[+gelu][+cdt][+pdl][:mode=M], "
         "comma-separated; a prefix limits an entry to that kind ('' for none); +gelu: generation with fc1 + GELU "
-        "as one GEMM; +cdt: Inductor's coordinate-descent tuning",
+        "as one GEMM; +cdt: Inductor's coordinate-descent tuning; +pdl: programmatic dependent launch",
     )
     parser.add_argument(
         "--recompute",
@@ -703,7 +722,7 @@ def main() -> None:
     parser.add_argument(
         "--profile",
         default="",
-        help="a TVM variant, or gen:eager|compile|blocks[+gelu][+cdt][:mode=M] for 1-step generation, to profile "
+        help="a TVM variant, or gen:eager|compile|blocks[+gelu][+cdt][+pdl][:mode=M] for 1-step generation, to profile "
         "first: kernel time by category, host gaps (and a TVM step's phases)",
     )
     parser.add_argument(

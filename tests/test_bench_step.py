@@ -4,6 +4,7 @@ themselves need a GPU: docs/benchmarks.md)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 
 def test_step_benchmark_parses_the_launch_plan_ab(monkeypatch):
@@ -56,6 +57,7 @@ def test_step_benchmark_split_and_rounds_options(monkeypatch):
     assert (Variant.parse("explicit:triton").split, Variant.parse("explicit:triton").rounds) == (False, 1)
     assert Variant.parse("explicit:triton:blocks:graph=1").graph and not plan.graph
     assert Variant.parse("explicit:triton:blocks:cdt=1").tuned and not plan.tuned
+    assert Variant.parse("explicit:triton:blocks:pdl=1").pdl and not plan.pdl
     assert Variant.parse("explicit:triton:blocks:bwd=one-pass").one_pass and not plan.one_pass
     assert not Variant.parse("explicit:triton:blocks:bwd=two-pass").one_pass
     assert plan.contiguous_operands is plan.contiguous_outputs is plan.fused_ema is None  # as the process runs
@@ -64,7 +66,7 @@ def test_step_benchmark_split_and_rounds_options(monkeypatch):
     assert Variant.parse("explicit:triton:outputs=contiguous").contiguous_outputs is True
     assert Variant.parse("explicit:triton:ema=per-tensor").fused_ema is False
     bad_options = ("split=2", "fm_budget=1.0", "rounds=0", "rounds=two", "graph=yes", "cdt=yes", "bwd=1", "operands=1")
-    for bad in (*bad_options, "outputs=views", "ema=1"):
+    for bad in (*bad_options, "outputs=views", "ema=1", "pdl=yes"):
         monkeypatch.setattr("sys.argv", ["step.py", "--variants", f"explicit:triton:blocks:{bad}"])
         with pytest.raises(SystemExit, match="bad variant"):
             main()
@@ -77,16 +79,23 @@ def test_step_benchmark_split_and_rounds_options(monkeypatch):
             main()
 
 
-def test_step_benchmark_tuned_compile_keeps_the_modes_options():
-    """``cdt=1`` / ``+cdt``: the torch.compile mode's own Inductor options plus coordinate-descent tuning."""
-    from bench.step import compile_kwargs
+def test_step_benchmark_inductor_switches_keep_the_modes_options():
+    """``cdt=1`` / ``+cdt`` and ``pdl=1`` / ``+pdl``: the torch.compile mode's own Inductor options plus
+    coordinate-descent tuning or programmatic dependent launch."""
+    from bench.step import compile_kwargs, inductor_options
 
-    assert compile_kwargs("default", False) == {}
-    assert compile_kwargs("max-autotune-no-cudagraphs", False) == {"mode": "max-autotune-no-cudagraphs"}
-    assert compile_kwargs("default", True) == {"options": {"coordinate_descent_tuning": True}}
-    tuned = compile_kwargs("reduce-overhead", True)["options"]
-    assert tuned == {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
-    assert compile_kwargs("max-autotune-no-cudagraphs", True)["options"]["max_autotune"] is True
+    assert compile_kwargs("default", {}) == {}
+    assert compile_kwargs("max-autotune-no-cudagraphs", {}) == {"mode": "max-autotune-no-cudagraphs"}
+    tuned = inductor_options("cdt")
+    assert compile_kwargs("default", tuned) == {"options": {"coordinate_descent_tuning": True}}
+    assert compile_kwargs("reduce-overhead", tuned)["options"] == {
+        "triton.cudagraphs": True,
+        "coordinate_descent_tuning": True,
+    }
+    assert compile_kwargs("max-autotune-no-cudagraphs", tuned)["options"]["max_autotune"] is True
+    both = compile_kwargs("default", inductor_options("cdt", "pdl"))["options"]
+    assert both == {"coordinate_descent_tuning": True, "triton.enable_pdl": True}
+    assert set(both) <= set(torch._inductor.config.get_config_copy())  # names Inductor knows
 
 
 def test_step_benchmark_sets_the_modules_per_variant(monkeypatch):
