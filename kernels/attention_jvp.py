@@ -606,7 +606,12 @@ def _empty_output_like(x: torch.Tensor, token_major_order: bool) -> torch.Tensor
 
 def _layout(x: torch.Tensor) -> tuple[int, ...]:
     """Strides that matter for addressing (a dimension of size 1 is never stepped over)."""
-    return tuple(stride if size > 1 else 0 for stride, size in zip(x.stride(), x.shape))
+    return _addressed(x.stride(), x.shape)
+
+
+def _addressed(strides: tuple[int, ...], shape: torch.Size) -> tuple[int, ...]:
+    """:func:`_layout` of a tensor with these strides and shape."""
+    return tuple(stride if size > 1 else 0 for stride, size in zip(strides, shape))
 
 
 def _shared_layout(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -628,7 +633,7 @@ def _output_layout(shape: torch.Size, token_major_order: bool) -> tuple[int, ...
         strides = (n_ctx * heads * head_dim, head_dim, heads * head_dim, 1)
     else:
         strides = (heads * n_ctx * head_dim, n_ctx * head_dim, head_dim, 1)
-    return tuple(stride if size > 1 else 0 for stride, size in zip(strides, shape))
+    return _addressed(strides, shape)
 
 
 def _in_output_layout(x: torch.Tensor, dtype: torch.dtype, token_major_order: bool) -> torch.Tensor:

@@ -557,8 +557,10 @@ class DiT(nn.Module):
             labels = labels.expand(B, -1)
         # Contiguous tokens: the patch embedding's transpose would give the first block other strides than the rest,
         # so compiled blocks would compile a second graph for it, and Inductor on the CPU (torch 2.13) computes wrong
-        # gradients through the pair (tests/models/test_dit.py::test_compiled_blocks_have_eager_gradients).
-        h = (self.x_embedder(x) + self.pos_embed).contiguous()
+        # gradients through the pair (tests/models/test_dit.py::test_compiled_blocks_have_eager_gradients). The sum
+        # takes the layout of its first operand, the contiguous position embedding, so it is written contiguous in one
+        # pass instead of transposed and then copied.
+        h = self.pos_embed + self.x_embedder(x)
         c = self.t_embedder(_broadcast_batch(t, B, "t")) + gap_embedding
         if self.learn_guidance and guidance is not None:
             c = c + self.guidance_embedder(_broadcast_batch(guidance, B, "guidance"))

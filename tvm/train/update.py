@@ -160,11 +160,9 @@ def apply_update(
     state.optimizer.found_inf = skip.float()  # type: ignore[attr-defined]  # read by fused AdamW's step
     state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
-    emas = (
-        [(state.ema, ema_beta)]
-        if ema_target_beta is None
-        else [(state.ema, ema_beta), (state.teacher, ema_target_beta)]
-    )
+    emas = [(state.ema, ema_beta)]
+    if ema_target_beta is not None:
+        emas.append((state.teacher, ema_target_beta))
     update_emas_(state.net, emas, skip)
     return Update(skip, norm)
 
