@@ -552,17 +552,19 @@ def prepare(
 
 
 def prepare_plain(state: RunState, kind: str, variant: str) -> torch.nn.Module:
-    """:func:`prepare` for a flow-matching or generation ``variant`` = ``how[+gelu][+cdt][+pdl][:mode=M]``; ``+gelu``
-    (generation only) runs each block's fc1 + GELU as one GEMM (``DiT.fuse_gelu_epilogue``), ``+cdt`` and ``+pdl``
-    compile with coordinate-descent tuning and programmatic dependent launch (:func:`prepare`)."""
+    """:func:`prepare` for a flow-matching or generation ``variant`` = ``how[+gelu|+fp8][+cdt][+pdl][:mode=M]``;
+    ``+gelu`` (generation only) runs each block's fc1 + GELU as one GEMM (``DiT.fuse_gelu_epilogue``), ``+fp8``
+    (generation only) the blocks' linear layers as FP8 GEMMs (``DiT.quantize_fp8``), ``+cdt`` and ``+pdl`` compile
+    with coordinate-descent tuning and programmatic dependent launch (:func:`prepare`)."""
     how, _, mode = variant.partition(":mode=")
     how, *extras = how.split("+")
-    if set(extras) - {"gelu", *INDUCTOR_SWITCHES}:
-        raise ValueError(f"bad plain variant {variant!r}: how[+gelu][+cdt][+pdl][:mode=M]")
-    if "gelu" in extras:
-        if kind != "gen":
-            raise ValueError(f"+gelu is a generation option (the fused GEMM has no backward), not {kind}")
-        state.ema.model.fuse_gelu_epilogue()
+    if set(extras) - {"gelu", "fp8", *INDUCTOR_SWITCHES}:
+        raise ValueError(f"bad plain variant {variant!r}: how[+gelu|+fp8][+cdt][+pdl][:mode=M]")
+    for option, switch in (("gelu", state.ema.model.fuse_gelu_epilogue), ("fp8", state.ema.model.quantize_fp8)):
+        if option in extras:
+            if kind != "gen":
+                raise ValueError(f"+{option} is a generation option (its GEMMs have no backward), not {kind}")
+            switch()
     switches = tuple(name for name in INDUCTOR_SWITCHES if name in extras)
     return prepare(state, kind, how, mode=mode or None, switches=switches)
 
@@ -595,13 +597,17 @@ def measure(kind: str, variant: str, cfg, R: int, x: torch.Tensor, labels: torch
         state, net, plan = tvm_state(cfg, R, variant, args.recompute)
     else:
         state = build_state(cfg, R, DEFAULT_PLAN)
+        if kind == "gen":
+            z, lab = generation_inputs(args.sample_batch, R)
+            eager = sample(state.ema, z, lab, 1, 2.0)  # the same weights unfused, uncompiled, bf16
         net = prepare_plain(state, kind, variant)
     torch.cuda.reset_peak_memory_stats()
     try:
         if kind == "gen":
-            z, lab = generation_inputs(args.sample_batch, R)
             times = time_steps(lambda i: sample(state.ema, z, lab, 1, 2.0), args.warmup, max(args.steps, 20))
             ms = statistics.median(times)
+            difference = relative_difference(sample(state.ema, z, lab, 1, 2.0), eager)
+            print(f"# gen {variant}: samples differ from the eager bf16 network's by {difference:.2e} (relative)")
             return [
                 (
                     "1-step gen",
@@ -625,6 +631,12 @@ def measure(kind: str, variant: str, cfg, R: int, x: torch.Tensor, labels: torch
     except torch.OutOfMemoryError:
         return [(kind, variant, None, None, None, None)]
     return [step_row(kind, variant, statistics.median(times), state, args)]
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``‖a − b‖ / ‖b‖`` in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
 
 
 def step_row(kind: str, name: str, ms: float, state, args) -> tuple:

@@ -231,6 +231,27 @@ def test_generate_cli_gelu_epilogue_is_set_before_compiling(uncond_ckpt: Path, t
         np.testing.assert_array_equal(plain["images"], fused["images"])
 
 
+def test_generate_cli_fp8_quantizes_before_compiling(uncond_ckpt: Path, tmp_path: Path, monkeypatch) -> None:
+    """``--fp8`` swaps the blocks' linear layers for FP8 ones before ``--compile`` traces the network; the
+    images stay within a few uint8 levels of the unquantized run's (this checkpoint's network is near its
+    initialisation, so they may be equal; tests/models/test_fp8.py checks the numerics)."""
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: seen.append(self.fp8))
+    base = ["--ckpt", str(uncond_ckpt), "--steps", "1", "--cfg", "1", "--seeds", "0-3", "--compile"]
+    assert _script().main([*base, "--out", str(tmp_path / "plain.npz")]) == 0
+    assert _script().main([*base, "--fp8", "--out", str(tmp_path / "fp8.npz")]) == 0
+    assert seen == [False, True]
+    with np.load(tmp_path / "plain.npz") as plain, np.load(tmp_path / "fp8.npz") as fp8:
+        a, b = plain["images"].astype(np.float64), fp8["images"].astype(np.float64)
+    assert np.abs(a - b).mean() < 4  # uint8 levels
+
+
+def test_generate_cli_refuses_fp8_with_the_gelu_epilogue(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        _script().main(["--ckpt", str(tmp_path), "--out", str(tmp_path / "x"), "--fp8", "--gelu-epilogue"])
+    assert "cannot be combined" in capsys.readouterr().err
+
+
 def test_generate_cli_refuses_cuda_graph_compile_modes(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         _script().main(["--ckpt", str(tmp_path), "--out", str(tmp_path / "o"), "--compile", "reduce-overhead"])
