@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from helpers import one_hot, perturb_, tiny_dit
 from tvm.compiling import compile_model
-from tvm.models.fp8 import E4M3_MAX, Fp8Linear, rowwise_quantize
+from tvm.models.fp8 import E4M3_MAX, Fp8Linear, check_fp8_device, rowwise_quantize
 
 E4M3_EPS = 2.0**-3  # spacing of e4m3 values in [1, 2): 3 mantissa bits
 needs_fp8_gpu = pytest.mark.skipif(
@@ -132,6 +132,20 @@ def test_fp8_and_the_gelu_epilogue_exclude_each_other():
     net.quantize_fp8()
     with pytest.raises(ValueError, match="cannot be combined with FP8"):
         net.fuse_gelu_epilogue()
+
+
+@pytest.mark.parametrize("capability, refused", [((8, 0), True), ((8, 6), True), ((8, 9), False), ((9, 0), False)])
+def test_gpus_without_fp8_tensor_cores_are_refused_by_name(monkeypatch, capability, refused):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    if refused:
+        with pytest.raises(
+            ValueError, match=r"compute capability 8\.9 .*A100-SXM4-80GB is " + rf"{capability[0]}\.{capability[1]}"
+        ):
+            check_fp8_device(torch.device("cuda"))
+    else:
+        check_fp8_device(torch.device("cuda"))
+    check_fp8_device(torch.device("cpu"))
 
 
 def dit_inputs(B: int, device: str) -> tuple[torch.Tensor, ...]:

@@ -34,7 +34,7 @@ import torch.utils.checkpoint
 
 from tvm.models import tangent
 from tvm.models.attention import attention, attention_with_tangent, autocast_dtype
-from tvm.models.fp8 import Fp8Linear
+from tvm.models.fp8 import Fp8Linear, check_fp8_device
 from tvm.models.init import initialize_dit
 
 RMS_EPS = 1e-6
@@ -527,6 +527,7 @@ class DiT(nn.Module):
         and before compiling; the state dict is unchanged."""
         if any(block.mlp.gelu_epilogue for block in cast("Iterable[DiTBlock]", self.blocks)):
             raise ValueError("the GELU epilogue is a bf16 GEMM: it cannot be combined with FP8 linear layers")
+        check_fp8_device(self.pos_embed.device)
         for block in cast("Iterable[DiTBlock]", self.blocks):
             for owner, name in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc1"), (block.mlp, "fc2")):
                 layer = getattr(owner, name)

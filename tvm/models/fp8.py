@@ -26,6 +26,17 @@ E4M3_MAX = 448.0  # largest finite float8 e4m3fn value
 SCALE_FLOOR = 1e-12  # smallest row maximum: an all-zero row gets a finite scale and quantizes to zeros
 
 
+def check_fp8_device(device: torch.device) -> None:
+    """ValueError unless ``device`` runs FP8 GEMMs: a CPU, or a GPU of compute capability ≥ 8.9 (Ada, Hopper
+    and later; an A100 has no FP8 tensor cores)."""
+    if device.type == "cuda" and tuple(torch.cuda.get_device_capability(device)) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(
+            f"FP8 GEMMs need a GPU of compute capability 8.9 or higher (L40, RTX 4090, H100 and later); "
+            f"{torch.cuda.get_device_name(device)} is {major}.{minor}"
+        )
+
+
 def rowwise_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Q(x / s), s)`` for ``x`` ``[M, K]``: ``s`` ``[M, 1]`` fp32 = each row's max |x| / 448 (floored at
     :data:`SCALE_FLOOR` / 448), ``Q`` the rounding to float8 e4m3fn, so each row's largest entry maps to ±448."""
