@@ -104,7 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="run each block's qkv, proj, fc1 and fc2 as FP8 (e4m3) GEMMs with row-wise scales: twice the bf16 "
         "tensor-core rate on an H100 or newer, at the cost of rounding both operands to 3 mantissa bits, which "
-        "changes the images (check FID with eval.sh before relying on it). Not with --gelu-epilogue",
+        "changes the images (measure its FID with eval.sh ... eval.fp8=true before relying on it). "
+        "Not with --gelu-epilogue",
     )
     args = parser.parse_args(argv)
     if args.fp8 and args.gelu_epilogue:

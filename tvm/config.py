@@ -253,6 +253,7 @@ class EvalConfig:
     num_images: int = 50000  # generated images per metric (fid50k_full: 50,000)
     label_mode: LabelMode = LabelMode.uniform  # empirical: training-set label frequencies (upstream)
     enable_tf32: bool = False
+    fp8: bool = False  # sample with FP8 GEMMs in the blocks (DiT.quantize_fp8; GPUs of compute capability >= 8.9)
 
 
 @dataclass

@@ -37,6 +37,7 @@ FIELDS = {
     "sampler",
     "num_steps",
     "cfg_scale",
+    "fp8",
     "metric",
     "results",
     "num_images",
@@ -127,6 +128,27 @@ def test_run_directory_newest_first_appends_jsonl(run_dir: Path) -> None:
     assert [(r["step"], r["sampler"]) for r in single] == [(2, "1_step")]
     assert single[0]["results"] == records[3]["results"]
     assert read_lines(run_dir / RESULTS_FILE) == before + records + single
+    assert not any(r["fp8"] for r in records + single)
+
+
+def test_fp8_sampling_is_recorded_and_measured(run_dir: Path, monkeypatch) -> None:
+    """``eval.fp8=true`` measures the network with FP8 GEMMs in its blocks and says so in the records."""
+    import tvm.eval.evaluate as evaluate
+
+    quantized = []
+    compute = evaluate.compute_metric
+
+    def spy(metric, net, *args):
+        quantized.append(net.model.fp8)
+        return compute(metric, net, *args)
+
+    monkeypatch.setattr(evaluate, "compute_metric", spy)
+    checkpoint = run_dir / "checkpoint-00000004.pt"
+    plain = evaluate_checkpoints(eval_config(checkpoint, "eval.metrics=[digits]", samplers=("1_step",)))
+    fp8 = evaluate_checkpoints(eval_config(checkpoint, "eval.metrics=[digits]", "eval.fp8=true", samplers=("1_step",)))
+    assert quantized == [False, True]
+    assert [r["fp8"] for r in plain] == [False] and [r["fp8"] for r in fp8] == [True]
+    assert math.isfinite(fp8[0]["results"]["frechet"])
 
 
 def test_fid_with_stand_in_detector_end_to_end(run_dir: Path, fid_files: tuple[Path, Path]) -> None:

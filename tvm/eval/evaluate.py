@@ -6,8 +6,11 @@ oldest first although its README says newest first) — and runs every metric of
 at every sampler of ``sampling`` on each checkpoint's EMA network. Rank 0 appends one JSON line
 per (checkpoint, sampler, metric) to ``<checkpoint's directory>/metrics-eval.jsonl``::
 
-    {"checkpoint", "step", "sampler", "num_steps", "cfg_scale", "metric", "results",
+    {"checkpoint", "step", "sampler", "num_steps", "cfg_scale", "fp8", "metric", "results",
      "num_images", "num_gpus", "seconds", "timestamp"}
+
+``eval.fp8=true`` samples with the blocks' linear layers as FP8 GEMMs (``DiT.quantize_fp8``, what
+``scripts/generate.py --fp8`` runs), so that its cost in FID is measured; the records say which.
 
 What is taken from where: the network (architecture and EMA weights) from the checkpoint and its
 stored config; the encoder, samplers, ``eval`` settings and (for ``label_mode=empirical``) the
@@ -101,6 +104,8 @@ def evaluate_checkpoints(cfg: DictConfig) -> list[dict[str, Any]]:
     for path in paths:
         net, stored, step = load_network_for_eval(path, device=dist.device, config=cfg)
         _check_encoder(stored, cfg, path)
+        if ecfg.fp8:
+            net.model.quantize_fp8()
         for metric in ecfg.metrics:
             for sampler, scfg in cfg.sampling.items():
                 start = time.time()
@@ -111,6 +116,7 @@ def evaluate_checkpoints(cfg: DictConfig) -> list[dict[str, Any]]:
                     "sampler": sampler,
                     "num_steps": scfg.num_steps,
                     "cfg_scale": scfg.cfg_scale,
+                    "fp8": bool(ecfg.fp8),
                     "metric": metric,
                     "results": results,
                     "num_images": ecfg.num_images,

@@ -11,8 +11,8 @@ scales), so the only errors are the two roundings to e4m3 (relative ≤ 2⁻⁴ 
 rounding of the output. On an H100 the FP8 tensor cores run twice the bf16 rate.
 
 Sampling only: there is no backward (the training step never uses it), and the rounding changes the
-samples, so check FID (``bash eval.sh``) before relying on it. The fp32 weights stay in the module
-(state dicts are unchanged), and loading a state dict re-quantizes them.
+samples, so measure its FID (``bash eval.sh ... eval.fp8=true``) before relying on it. The fp32 weights
+stay in the module (state dicts are unchanged), and loading a state dict re-quantizes them.
 """
 
 from __future__ import annotations
