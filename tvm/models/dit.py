@@ -39,6 +39,7 @@ from tvm.models.init import initialize_dit
 
 RMS_EPS = 1e-6
 FREQ_DIM = 256  # sinusoidal feature size of every timestep embedder (docs/method.md §3.2)
+GELU_EPILOGUE_NOT_FP8 = "the GELU epilogue is a bf16 GEMM: it cannot be combined with FP8 linear layers"
 
 
 @dataclass(frozen=True)
@@ -511,7 +512,7 @@ class DiT(nn.Module):
         """Run each block's ``fc1`` + GELU as one GEMM when sampling on a GPU (:class:`Mlp`); call
         before compiling. Only for a network that samples, never for one that trains."""
         if enabled and self.fp8:
-            raise ValueError("the GELU epilogue is a bf16 GEMM: it cannot be combined with FP8 linear layers")
+            raise ValueError(GELU_EPILOGUE_NOT_FP8)
         for block in cast("Iterable[DiTBlock]", self.blocks):
             block.mlp.gelu_epilogue = enabled
 
@@ -526,7 +527,7 @@ class DiT(nn.Module):
         under gradient mode. Call after loading the weights (a later ``load_state_dict`` re-quantizes)
         and before compiling; the state dict is unchanged."""
         if any(block.mlp.gelu_epilogue for block in cast("Iterable[DiTBlock]", self.blocks)):
-            raise ValueError("the GELU epilogue is a bf16 GEMM: it cannot be combined with FP8 linear layers")
+            raise ValueError(GELU_EPILOGUE_NOT_FP8)
         check_fp8_device(self.pos_embed.device)
         for block in cast("Iterable[DiTBlock]", self.blocks):
             for owner, name in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc1"), (block.mlp, "fc2")):
