@@ -7,7 +7,7 @@
 #
 # PART: profile | full | full-check | full-graphs | autotune | autotune-check | rows | split | split-graphs | split-more |
 #   split-profile | split-order | graph-test | graph | graph-order | headroom | headroom-high | estimator | launch-ab | plain | gen-profile |
-#   gen-autotune | gen-gelu | gen-gelu-autotune | cdt | one-pass | one-pass-256 | layout | layout-ab | round14 | round14-check | pdl | fp8 | round16 | ema | levers | 512 | coldstart | fsdp2 | attention
+#   gen-autotune | gen-gelu | gen-gelu-autotune | cdt | one-pass | one-pass-256 | layout | layout-ab | round14 | round14-check | pdl | fp8 | round16 | round16-more | ema | levers | 512 | coldstart | fsdp2 | attention
 #
 # Run from the repository root on the GPU machine. Wheels the machine lacks (hydra-core, omegaconf,
 # antlr4-python3-runtime) are installed from .whl/ when that folder exists (docs/benchmarks.md,
@@ -16,7 +16,7 @@
 # the call limit still returns what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: bash bench/device_calls.sh profile|full|full-check|full-graphs|autotune|autotune-check|rows|split|split-graphs|split-more|split-profile|split-order|graph-test|graph|graph-order|headroom|headroom-high|estimator|launch-ab|plain|gen-profile|gen-autotune|gen-gelu|gen-gelu-autotune|cdt|one-pass|one-pass-256|layout|layout-ab|round14|round14-check|pdl|fp8|round16|ema|levers|512|coldstart|fsdp2|attention}"
+part="${1:?usage: bash bench/device_calls.sh profile|full|full-check|full-graphs|autotune|autotune-check|rows|split|split-graphs|split-more|split-profile|split-order|graph-test|graph|graph-order|headroom|headroom-high|estimator|launch-ab|plain|gen-profile|gen-autotune|gen-gelu|gen-gelu-autotune|cdt|one-pass|one-pass-256|layout|layout-ab|round14|round14-check|pdl|fp8|round16|round16-more|ema|levers|512|coldstart|fsdp2|attention}"
 if [ -d .whl ] && ! python3 -c "import hydra" 2>/dev/null; then
     site="$(mktemp -d)"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
@@ -162,13 +162,14 @@ fp8) # 1-step generation with the blocks' linear layers as row-wise scaled FP8 G
     # with the GELU epilogue, and with FP8 (each row prints its samples' difference to the eager bf16 network's)
     gpu_tests tests/models/test_fp8.py
     step --variants '' --check '' --plain gen:compile,gen:compile+gelu,gen:compile+fp8 ;;
-round16) # Rounds 15 and 16 in one call, for a session that may get one machine start (about 9 minutes, most important
-    # first): the FP8 GPU tests, generation with the GELU epilogue (the best bf16 row), with FP8, with FP8 and pdl; the
-    # default step and the pdl=1 step as one CUDA graph; the pdl=1 step's check against torch.func.jvp
+round16) # Rounds 15 and 16 in one call, for a session that may get one short machine start (about 7 minutes, most
+    # important first): the FP8 GPU tests, generation with the GELU epilogue (the best bf16 row) and with FP8; the
+    # default step and the pdl=1 step as one CUDA graph
     gpu_tests tests/models/test_fp8.py
-    step --variants '' --check '' --plain gen:compile+gelu,gen:compile+fp8,gen:compile+fp8+pdl
-    step --variants "$default:graph=1,$default:pdl=1:graph=1" --check '' --plain ''
-    step --variants '' --check "$default:pdl=1" --plain '' ;;
+    step --variants '' --check '' --plain gen:compile+gelu,gen:compile+fp8
+    step --variants "$default:graph=1,$default:pdl=1:graph=1" --check '' --plain '' ;;
+round16-more) # what round16 leaves out: generation with FP8 and pdl, and the pdl=1 step's check against torch.func.jvp
+    step --variants '' --check "$default:pdl=1" --plain gen:compile+fp8+pdl ;;
 ema) # the EMA kernel (Round 13): its GPU tests (bits against torch.lerp), then the default step with the per-tensor
     # lerps (ema=per-tensor) and with the kernel (the default), each also as one CUDA graph (about 5 minutes)
     gpu_tests tests/kernels/test_ema.py
