@@ -170,6 +170,19 @@ def test_quantized_dit_stays_close_to_the_fp32_network_on_a_cpu():
     assert 1e-3 < relative < 8e-2
 
 
+def test_compiled_quantized_dit_traces_the_fp8_layers_on_a_cpu():
+    """``torch.compile`` of the quantized DiT (what ``generate.py --fp8 --compile`` runs): Inductor's result
+    equals the eager one's up to e4m3 roundings that flip (its division rounds differently)."""
+    torch.manual_seed(0)
+    net = perturb_(tiny_dit(input_size=16, hidden=128, heads=4, depth=3), scale=0.2)
+    net.quantize_fp8()
+    args = dit_inputs(8, "cpu")
+    with torch.no_grad():
+        eager = net(*args)
+        compiled = compile_model(net)(*args)
+    assert (compiled - eager).norm() / eager.norm() < 2e-2
+
+
 @needs_fp8_gpu
 def test_gpu_fp8_gemm_equals_the_float64_product_of_the_dequantized_operands():
     torch.manual_seed(0)
