@@ -7,8 +7,9 @@ A linear layer ``y = x Wᵀ + b`` (``x`` ``[M, K]``, ``W`` ``[N, K]``) runs as o
 where ``Q`` rounds to float8 e4m3 (3 mantissa bits, largest finite value 448): one scale per row of ``x``
 (per token, computed on the fly) and one per row of ``W`` (per output feature, computed once). The GEMM
 accumulates in fp32 and applies both scales to its accumulator (``torch._scaled_mm`` with row-wise
-scales), so the only errors are the two roundings to e4m3 (relative ≤ 2⁻⁴ per element) and the bf16
-rounding of the output. On an H100 the FP8 tensor cores run twice the bf16 rate.
+scales), so the only errors are the two roundings to e4m3 (relative ≤ 2⁻⁴ per entry; absolute ≤ 2⁻¹⁰·s for
+the entries below 2⁻⁶·s, e4m3's subnormal range) and the bf16 rounding of the output. On an H100 the FP8
+tensor cores run twice the bf16 rate.
 
 Sampling only: there is no backward (the training step never uses it), and the rounding changes the
 samples, so measure its FID (``bash eval.sh ... eval.fp8=true``) before relying on it. The fp32 weights
