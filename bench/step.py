@@ -49,6 +49,7 @@ import torch._functorch.config as functorch_config
 import torch._inductor.config as inductor_config
 import triton
 
+from bench.attention import relative_error
 from kernels import attention_jvp, launch_plans
 from tvm.compiling import allow_tracing_this_package, compile_model, compile_options, set_activation_memory_budget
 from tvm.config import compose_config
@@ -599,14 +600,14 @@ def measure(kind: str, variant: str, cfg, R: int, x: torch.Tensor, labels: torch
         state = build_state(cfg, R, DEFAULT_PLAN)
         if kind == "gen":
             z, lab = generation_inputs(args.sample_batch, R)
-            eager = sample(state.ema, z, lab, 1, 2.0)  # the same weights unfused, uncompiled, bf16
+            eager = sample(state.ema, z, lab, 1, 2.0).double()  # the same weights unfused, uncompiled, bf16
         net = prepare_plain(state, kind, variant)
     torch.cuda.reset_peak_memory_stats()
     try:
         if kind == "gen":
             times = time_steps(lambda i: sample(state.ema, z, lab, 1, 2.0), args.warmup, max(args.steps, 20))
             ms = statistics.median(times)
-            difference = relative_difference(sample(state.ema, z, lab, 1, 2.0), eager)
+            difference = relative_error(sample(state.ema, z, lab, 1, 2.0), eager)
             print(f"# gen {variant}: samples differ from the eager bf16 network's by {difference:.2e} (relative)")
             return [
                 (
@@ -631,12 +632,6 @@ def measure(kind: str, variant: str, cfg, R: int, x: torch.Tensor, labels: torch
     except torch.OutOfMemoryError:
         return [(kind, variant, None, None, None, None)]
     return [step_row(kind, variant, statistics.median(times), state, args)]
-
-
-def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``‖a − b‖ / ‖b‖`` in float64."""
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def step_row(kind: str, name: str, ms: float, state, args) -> tuple:

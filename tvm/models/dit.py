@@ -39,6 +39,7 @@ from tvm.models.init import initialize_dit
 
 RMS_EPS = 1e-6
 FREQ_DIM = 256  # sinusoidal feature size of every timestep embedder (docs/method.md §3.2)
+TOKEN_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")  # a block's linear layers applied to every token
 GELU_EPILOGUE_NOT_FP8 = "the GELU epilogue is a bf16 GEMM: it cannot be combined with FP8 linear layers"
 
 
@@ -503,9 +504,7 @@ class DiT(nn.Module):
         T = self.x_embedder.num_patches
         token_params = self.x_embedder.proj.weight.numel() + self.final_layer.linear.weight.numel()
         for block in cast("Iterable[DiTBlock]", self.blocks):  # an nn.ModuleList types its items as Module
-            token_params += sum(
-                layer.weight.numel() for layer in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2)
-            )
+            token_params += sum(cast(nn.Linear, block.get_submodule(name)).weight.numel() for name in TOKEN_LINEARS)
         return 2 * token_params * T + 4 * T * T * self.hidden_size * len(self.blocks)
 
     def fuse_gelu_epilogue(self, enabled: bool = True) -> None:
@@ -530,10 +529,10 @@ class DiT(nn.Module):
             raise ValueError(GELU_EPILOGUE_NOT_FP8)
         check_fp8_device(self.pos_embed.device)
         for block in cast("Iterable[DiTBlock]", self.blocks):
-            for owner, name in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc1"), (block.mlp, "fc2")):
-                layer = getattr(owner, name)
+            for name in TOKEN_LINEARS:
+                layer = cast(nn.Linear, block.get_submodule(name))
                 if not isinstance(layer, Fp8Linear):
-                    setattr(owner, name, Fp8Linear.from_linear(layer))
+                    block.set_submodule(name, Fp8Linear.from_linear(layer))
 
     def compile_blocks(self, **kwargs) -> None:
         """``torch.compile`` each block in place (regional compilation: one compiled graph per

@@ -30,8 +30,10 @@ SCALE_FLOOR = 1e-12  # smallest row maximum: an all-zero row gets a finite scale
 def check_fp8_device(device: torch.device) -> None:
     """ValueError unless ``device`` runs FP8 GEMMs: a CPU, or a GPU of compute capability ≥ 8.9 (Ada, Hopper
     and later; an A100 has no FP8 tensor cores)."""
-    if device.type == "cuda" and tuple(torch.cuda.get_device_capability(device)) < (8, 9):
-        major, minor = torch.cuda.get_device_capability(device)
+    if device.type != "cuda":
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
         raise ValueError(
             f"FP8 GEMMs need a GPU of compute capability 8.9 or higher (L40, RTX 4090, H100 and later); "
             f"{torch.cuda.get_device_name(device)} is {major}.{minor}"
