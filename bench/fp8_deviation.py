@@ -1,12 +1,15 @@
-"""How far FP8 sampling moves a small DiT's output (CPU; the figures quoted in README.md and docs/benchmarks.md,
-Round 16):
+"""How far FP8 GEMMs move a small DiT's output, and in training its tangent and gradients (CPU; the figures quoted
+in README.md and docs/benchmarks.md, Rounds 16 and 17):
 
     PYTHONPATH=. python bench/fp8_deviation.py
 
 The DiT of tests/models/test_fp8.py (DiT-S/2 layout, hidden 128, 3 blocks, 4 heads, 16×16×2 latents, every
 parameter perturbed by 0.2·N(0, 1) so that the zero-initialised layers are live), batch 8, no gradients. Prints
 ‖y − y_fp32‖ / ‖y_fp32‖ for bf16 autocast, FP8 (``DiT.quantize_fp8``) in fp32 and under bf16 autocast, and the
-compiled FP8 network against the eager one.
+compiled FP8 network against the eager one. Then, as the training step uses the network (``network.fp8``,
+``DiT.quantize_fp8(static_weight=False)``): the explicit-tangent forward's value and tangent along the gap, and the
+parameters' gradients of ``Σ F² + Σ Ḟ² + Σ F_plain²``, for bf16 autocast and FP8 against fp32 (the gradients as
+the median and the largest of the per-tensor relative differences).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from tvm.compiling import compile_model
-from tvm.models.dit import DiT
+from tvm.models.dit import DiT, FlowMapInput
 
 
 def small_dit() -> DiT:
@@ -33,17 +36,45 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-@torch.no_grad()
-def main() -> None:
-    net = small_dit()
-    B = 8
-    args = (
+def inputs(B: int) -> FlowMapInput:
+    return FlowMapInput(
         torch.randn(B, 2, 16, 16),
         torch.rand(B),
         torch.rand(B) * 0.5,
         torch.nn.functional.one_hot(torch.arange(B) % 10, 10).float(),
         torch.ones(B),
     )
+
+
+def training_outputs(mode: str, args: FlowMapInput) -> list[torch.Tensor]:
+    """Value, tangent (along the gap, ``ġap = −1``) and the parameters' gradients of the small DiT in ``mode``:
+    fp32, bf16 (autocast) or fp8 (the training layers)."""
+    net = small_dit()
+    if mode == "fp8":
+        net.quantize_fp8(static_weight=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16"):
+        out, dout = net.forward_with_tangent(args, -torch.ones_like(args.gap), attn_backend="math")
+        (out.square().sum() + dout.square().sum() + net(*args, attn_backend="math").square().sum()).backward()
+    return [out.detach(), dout.detach(), *(p.grad for p in net.parameters() if p.grad is not None)]
+
+
+def print_training_deviations() -> None:
+    torch.manual_seed(1)
+    args = inputs(8)
+    fp32 = training_outputs("fp32", args)
+    print("| training network | value | tangent | gradients, median | gradients, largest | to |")
+    print("|---|---|---|---|---|---|")
+    for mode in ("bf16", "fp8"):
+        value, tangent, *grads = (relative(a, b) for a, b in zip(training_outputs(mode, args), fp32))
+        grads.sort()
+        name = {"bf16": "bf16 autocast", "fp8": "FP8 (network.fp8)"}[mode]
+        print(f"| {name} | {value:.2e} | {tangent:.2e} | {grads[len(grads) // 2]:.2e} | {grads[-1]:.2e} | fp32 |")
+
+
+@torch.no_grad()
+def print_sampling_deviations() -> None:
+    net = small_dit()
+    args = inputs(8)
     fp32 = net(*args)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16 = net(*args)
@@ -58,6 +89,11 @@ def main() -> None:
     print(f"| FP8 | {relative(fp8, fp32):.2e} | fp32 |")
     print(f"| FP8, bf16 autocast | {relative(fp8_bf16, fp32):.2e} | fp32 |")
     print(f"| FP8 compiled | {relative(compiled, fp8):.2e} | FP8 eager |")
+
+
+def main() -> None:
+    print_sampling_deviations()
+    print_training_deviations()
     print(f"# torch {torch.__version__}")
 
 

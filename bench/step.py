@@ -59,7 +59,7 @@ from tvm.method.objective import interpolate
 from tvm.method.sampler import sample
 from tvm.method.times import draw_step
 from tvm.models.dit import FlowMapInput
-from tvm.runtime.build import build_network, build_optimizer, guidance, time_sampling
+from tvm.runtime.build import build_network, build_optimizer, guidance, time_sampling, train_in_fp8
 from tvm.train.ema import make_ema
 from tvm.train.state import Progress, RunState
 from tvm.train.step_graph import StepGraph
@@ -74,7 +74,7 @@ STARTED = time.perf_counter()  # for the elapsed seconds printed after each row 
 class Variant:
     """A TVM step variant ``JVPMODE:ATTENTION[:HOW][:recompute=R][:budget=B][:mode=M][:estimator=E]
     [:split=1][:fm_budget=F][:rounds=K][:graph=1][:cdt=1][:pdl=1][:bwd=one-pass][:operands=views]
-    [:outputs=contiguous][:ema=per-tensor]``, e.g.
+    [:outputs=contiguous][:ema=per-tensor][:fp8=1]``, e.g.
     ``explicit:triton:blocks:budget=0.5``:
     ``HOW`` = eager | compile | blocks, ``R`` = ``network.recompute``, ``B`` = ``network.compile_memory_budget``,
     ``M`` the torch.compile mode, ``E`` how the partitioner estimates the cost of recomputing an op under a
@@ -93,7 +93,8 @@ class Variant:
     ``tvm.models.attention.contiguous_kernel_operands``), ``outputs=contiguous`` (the attention kernels' O and T
     stored as contiguous ``[B, H, N, D]`` instead of token-major; ``kernels.attention_jvp.token_major_outputs``) and
     ``ema=per-tensor`` (the EMA updates as per-tensor lerps instead of one kernel; ``tvm.train.ema.
-    fused_ema_devices``); ``operands=contiguous``, ``outputs=token-major`` and ``ema=fused`` set the defaults."""
+    fused_ema_devices``); ``operands=contiguous``, ``outputs=token-major`` and ``ema=fused`` set the defaults.
+    ``fp8=1`` = ``network.fp8`` (the blocks' linear layers as FP8 GEMMs in training, forward and backward)."""
 
     jvp_mode: str
     attention: str
@@ -113,6 +114,7 @@ class Variant:
     contiguous_operands: bool | None = None  # tvm.models.attention.contiguous_kernel_operands
     contiguous_outputs: bool | None = None  # kernels.attention_jvp.token_major_outputs(not this)
     fused_ema: bool | None = None  # tvm.train.ema.fused_ema_devices
+    fp8: bool = False  # network.fp8
 
     @classmethod
     def parse(cls, text: str, recompute: str = "none") -> "Variant":
@@ -152,6 +154,7 @@ class Variant:
             _switch(options, "operands", "contiguous"),
             _switch(options, "outputs", "contiguous"),
             _switch(options, "ema", "fused"),
+            options.get("fp8") == "1",
         )
 
 
@@ -161,7 +164,8 @@ def _switch(options: dict[str, str], name: str, on: str) -> bool | None:
 
 
 ESTIMATORS = ("flops", "profile")
-# The variant options that take one of a few values, the default first (for the last three: the modules' defaults).
+# The variant options that take one of a few values, the default first (for operands, outputs and ema: the modules'
+# defaults).
 CHOICES = {
     "estimator": ESTIMATORS,
     "split": ("0", "1"),
@@ -172,6 +176,7 @@ CHOICES = {
     "operands": ("contiguous", "views"),
     "outputs": ("token-major", "contiguous"),
     "ema": ("fused", "per-tensor"),
+    "fp8": ("0", "1"),
 }
 
 DEFAULT_PLAN = Variant("explicit", "triton")  # one round, one backward: how a step runs unless a variant says
@@ -197,11 +202,13 @@ def build_state(cfg, resolution: int, variant: Variant = Variant("autograd", "ma
     torch.manual_seed(seed)
     cfg.network.jvp_mode, cfg.network.jvp_attn_backend = variant.jvp_mode, variant.attention
     cfg.network.recompute = variant.recompute if variant.jvp_mode == "explicit" else "none"
+    cfg.network.fp8 = variant.fp8
     net = build_network(cfg.network, resolution, 4, 1000, device="cuda")
     with torch.no_grad():  # give the zero-initialised layers signal
         for name, p in net.named_parameters():
             if p.requires_grad and torch.count_nonzero(p) == 0:
                 p.normal_(0, 0.02)
+    train_in_fp8(net, cfg.network)
     return RunState(
         net, make_ema(net), make_ema(net), build_optimizer(cfg.optimizer, net.parameters(), "cuda"), Progress()
     )

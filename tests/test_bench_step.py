@@ -65,8 +65,9 @@ def test_step_benchmark_split_and_rounds_options(monkeypatch):
     assert Variant.parse("explicit:triton:operands=contiguous").contiguous_operands is True
     assert Variant.parse("explicit:triton:outputs=contiguous").contiguous_outputs is True
     assert Variant.parse("explicit:triton:ema=per-tensor").fused_ema is False
+    assert Variant.parse("explicit:triton:blocks:fp8=1").fp8 and not plan.fp8
     bad_options = ("split=2", "fm_budget=1.0", "rounds=0", "rounds=two", "graph=yes", "cdt=yes", "bwd=1", "operands=1")
-    for bad in (*bad_options, "outputs=views", "ema=1", "pdl=yes"):
+    for bad in (*bad_options, "outputs=views", "ema=1", "pdl=yes", "fp8=true"):
         monkeypatch.setattr("sys.argv", ["step.py", "--variants", f"explicit:triton:blocks:{bad}"])
         with pytest.raises(SystemExit, match="bad variant"):
             main()

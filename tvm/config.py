@@ -155,6 +155,9 @@ class NetworkConfig:
     attn_backend: AttnBackend = AttnBackend.sdpa  # plain forwards
     jvp_attn_backend: JVPAttnBackend = JVPAttnBackend.auto  # inside the JVP; auto: triton on CUDA, math on CPU
     jvp_mode: JVPMode = JVPMode.explicit  # ∂F/∂s: explicit tangents through the layers | autograd (torch.func.jvp)
+    # train with the blocks' qkv/proj/fc1/fc2 as FP8 (e4m3) GEMMs, forward and backward (tvm/models/fp8.py): opt-in,
+    # changes the numerics (not upstream's); GPUs of compute capability >= 8.9, explicit jvp_mode, ddp sharding
+    fp8: bool = False
 
 
 @dataclass

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from helpers import QUICK_TINY
 from tvm.config import compose_config
+from tvm.runtime.build import build_network, train_in_fp8
 from tvm.runtime.checkpoint import CheckpointManager, load_checkpoint
 from tvm.train.loop import run
 from tvm.train.startup import PHASES, PREFIX, parse_startup_line
@@ -142,6 +143,34 @@ def test_transfer_loads_weights_only(tmp_path):
         assert_state_dicts_close(dst[name], src["ema"], exact=True)
 
 
+def test_fp8_training_runs_its_gemms_in_fp8_and_saves_a_plain_checkpoint(tmp_path, monkeypatch):
+    """``network.fp8=true``: every step runs the blocks' GEMMs through the FP8 path (forward and backward, the
+    EMAs' calls too), and the checkpoint is the plain network's (it loads strictly into a network built without
+    FP8, as generate.py and eval.py build it)."""
+    import tvm.models.fp8 as fp8
+
+    calls = []
+    real = fp8.fp8_matmul
+    monkeypatch.setattr(fp8, "fp8_matmul", lambda a, b: calls.append(a.shape) or real(a, b))
+    result = run(quick_config(tmp_path, "training.total_ticks=1", "network.fp8=true"))
+    assert result["progress"]["step"] == 2
+    assert "the blocks' linear layers train as FP8 GEMMs (network.fp8)" in (tmp_path / "log.txt").read_text()
+    # 2 steps × 2 blocks × 4 layers (qkv, proj, fc1, fc2) × (3 forward GEMMs: the JVP pass's value and tangent
+    # as one, the teacher's, the flow-matching pass's; + 2 gradient GEMMs each for the two passes that train)
+    assert len(calls) == 2 * 2 * 4 * (3 + 2 * 2)
+    ckpt = final_checkpoint(tmp_path)
+    cfg = quick_config(tmp_path, "network.fp8=false")
+    plain = build_network(cfg.network, 8, 1, 10, init=False)
+    plain.load_state_dict(ckpt["ema"])
+    assert not plain.model.fp8 and all(torch.isfinite(v).all() for v in ckpt["net"].values())
+
+
+def test_fp8_training_refuses_what_it_cannot_run_with():
+    cfg = quick_config(Path("unused"), "network.fp8=true", "network.sharding=fsdp2")
+    with pytest.raises(ValueError, match="network.fp8=true runs with network.sharding=ddp only"):
+        train_in_fp8(build_network(cfg.network, 8, 1, 10), cfg.network)
+
+
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch):
     import tvm.train.loop as loop
 
@@ -184,6 +213,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypa
         (["+training.totl_ticks=3"], r"unknown config key training.totl_ticks \(did you mean training.total_ticks\?\)"),
         (["training.total_ticks=-3"], "training.total_ticks=-3 is not allowed: it must be >= 0"),
         (["network.data_type=fp16"], "network.data_type=fp16 is not supported for training"),
+        (["network.fp8=true", "network.jvp_mode=autograd"], "network.fp8=true needs network.jvp_mode=explicit"),
         (["training.resume=a.pt", "training.transfer=b.pt"], "training.resume and training.transfer are mutually"),
         (["training.metrics=[fid10k]"], "unknown metric 'fid10k' in training.metrics; allowed: digits, fid50k_full"),
         (["training.metrics=[fid50k_full]"], "training.metrics has fid50k_full but eval.ref_stats is not set"),

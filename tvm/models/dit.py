@@ -228,6 +228,14 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+def linear_with_tangent(layer: nn.Linear, x: torch.Tensor, dx: torch.Tensor) -> tangent.Pair:
+    """:func:`tvm.models.tangent.linear` through ``layer``'s own GEMMs: an FP8 layer's
+    (:meth:`Fp8Linear.forward_with_tangent`), else the plain rule with its weight and bias."""
+    if isinstance(layer, Fp8Linear):
+        return layer.forward_with_tangent(x, dx)
+    return tangent.linear(x, dx, layer.weight, layer.bias)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with QK-norm (docs/method.md §3.5)."""
 
@@ -257,13 +265,13 @@ class Attention(nn.Module):
     def forward_with_tangent(self, x: torch.Tensor, dx: torch.Tensor, backend: str) -> tangent.Pair:
         B, T, D = x.shape
         heads = (B, T, 3, self.num_heads, self.head_dim)
-        qkv, dqkv = tangent.linear(x, dx, self.qkv.weight, self.qkv.bias)
+        qkv, dqkv = linear_with_tangent(self.qkv, x, dx)
         q, k, v = qkv.reshape(heads).permute(2, 0, 3, 1, 4)
         dq, dk, dv = dqkv.reshape(heads).permute(2, 0, 3, 1, 4)
         query, key = self._qk_norm(self.q_norm, q, dq), self._qk_norm(self.k_norm, k, dk)
         out, dout = attention_with_tangent(query, key, (v, dv), backend)  # [B, H, T, d] each
         merge = lambda a: a.transpose(1, 2).reshape(B, T, D)  # noqa: E731
-        return tangent.linear(merge(out), merge(dout), self.proj.weight, self.proj.bias)
+        return linear_with_tangent(self.proj, merge(out), merge(dout))
 
 
 def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -307,9 +315,9 @@ class Mlp(nn.Module):
         return F.dropout(self.fc2(h), self.dropout, self.training)
 
     def forward_with_tangent(self, x: torch.Tensor, dx: torch.Tensor) -> tangent.Pair:
-        h, dh = tangent.gelu_tanh(*tangent.linear(x, dx, self.fc1.weight, self.fc1.bias))
+        h, dh = tangent.gelu_tanh(*linear_with_tangent(self.fc1, x, dx))
         h, dh = tangent.dropout(h, dh, self.dropout, self.training)
-        y, dy = tangent.linear(h, dh, self.fc2.weight, self.fc2.bias)
+        y, dy = linear_with_tangent(self.fc2, h, dh)
         return tangent.dropout(y, dy, self.dropout, self.training)
 
 
@@ -520,19 +528,20 @@ class DiT(nn.Module):
         """Whether the blocks' linear layers run as FP8 GEMMs (:meth:`quantize_fp8`)."""
         return any(isinstance(module, Fp8Linear) for module in self.blocks.modules())
 
-    def quantize_fp8(self) -> None:
+    def quantize_fp8(self, static_weight: bool = True) -> None:
         """Run each block's ``qkv``, ``proj``, ``fc1`` and ``fc2`` as row-wise scaled FP8 GEMMs
-        (:mod:`tvm.models.fp8`; 96% of the forward FLOPs of DiT-XL/2 at 256 px). Sampling only: the layers raise
-        under gradient mode. Call after loading the weights (a later ``load_state_dict`` re-quantizes)
-        and before compiling; the state dict is unchanged."""
+        (:mod:`tvm.models.fp8`; 96% of the forward FLOPs of DiT-XL/2 at 256 px); the state dict is unchanged.
+        ``static_weight`` (sampling): the weights are quantized once and the layers raise under gradient mode;
+        call after loading the weights (a later ``load_state_dict`` re-quantizes). Otherwise (training,
+        ``network.fp8``): quantized at every call, with FP8 gradient GEMMs. Call before compiling."""
         if any(block.mlp.gelu_epilogue for block in cast("Iterable[DiTBlock]", self.blocks)):
             raise ValueError(GELU_EPILOGUE_NOT_FP8)
         check_fp8_device(self.pos_embed.device)
         for block in cast("Iterable[DiTBlock]", self.blocks):
             for name in TOKEN_LINEARS:
                 layer = cast(nn.Linear, block.get_submodule(name))
-                if not isinstance(layer, Fp8Linear):
-                    block.set_submodule(name, Fp8Linear.from_linear(layer))
+                if not isinstance(layer, Fp8Linear) or layer.static_weight != static_weight:
+                    block.set_submodule(name, Fp8Linear.from_linear(layer, static_weight))
 
     def compile_blocks(self, **kwargs) -> None:
         """``torch.compile`` each block in place (regional compilation: one compiled graph per

@@ -1,4 +1,4 @@
-"""FP8 (e4m3) GEMMs for sampling: the DiT blocks' linear layers with row-wise scaled operands.
+"""FP8 (e4m3) GEMMs with row-wise scaled operands for the DiT blocks' linear layers: sampling, and training (opt-in).
 
 A linear layer ``y = x Wᵀ + b`` (``x`` ``[M, K]``, ``W`` ``[N, K]``) runs as one FP8 GEMM
 
@@ -11,9 +11,22 @@ scales), so the only errors are the two roundings to e4m3 (relative ≤ 2⁻⁴ 
 the entries below 2⁻⁶·s, e4m3's subnormal range) and the bf16 rounding of the output. On an H100 the FP8
 tensor cores run twice the bf16 rate.
 
-Sampling only: there is no backward (the training step never uses it), and the rounding changes the
-samples, so measure its FID (``bash eval.sh ... eval.fp8=true``) before relying on it. The fp32 weights
-stay in the module (state dicts are unchanged), and loading a state dict re-quantizes them.
+Sampling (:meth:`Fp8Linear.from_linear`, ``static_weight=True``): the weights are quantized once, there is no
+backward, and the rounding changes the samples, so measure its FID (``bash eval.sh ... eval.fp8=true``)
+before relying on it. The fp32 weights stay in the module (state dicts are unchanged), and loading a state
+dict re-quantizes them.
+
+Training (``static_weight=False``, ``network.fp8=true``): the weights are quantized at every call and all three
+GEMMs of a linear layer run in FP8 (:class:`Fp8Matmul`), each operand scaled along the GEMM's reduction axis:
+
+    forward           y  = x Wᵀ      x per token (row),             W per output feature (row)
+    input gradient    gx = gy W      gy per token (row),            W per input feature (column)
+    weight gradient   gW = gyᵀ x     gy per output feature (column), x per input feature (column)
+
+The gradients are those of the quantized product with the quantization's rounding passed straight through
+(each operand treated as exact), i.e. the exact linear map's gradients up to the same e4m3 roundings.
+Opt-in: every GEMM operand is rounded to 3 mantissa bits, which changes what the network learns by an
+amount measured only at small scale (docs/benchmarks.md, Round 17).
 """
 
 from __future__ import annotations
@@ -49,55 +62,118 @@ def rowwise_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
 
 
-class Fp8Linear(nn.Linear):
-    """``nn.Linear`` whose forward is one row-wise scaled FP8 GEMM (module docstring), for sampling.
+def fp8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` (``a`` ``[M, K]``, ``b`` ``[K, N]``) as one FP8 GEMM: each row of ``a`` and each column of ``b``
+    quantized with its own scale (:func:`rowwise_quantize` along the reduction axis ``K``), accumulated in fp32,
+    both scales applied to the accumulator, rounded to bf16. Returns ``[M, N]`` bf16. Any strides: the operands are
+    quantized into the layouts the GEMM takes (``a`` row-major, ``b`` column-major)."""
+    a_q, a_scale = rowwise_quantize(a)
+    b_q, b_scale = rowwise_quantize(b.t())  # [N, K]: b's columns as rows
+    return torch._scaled_mm(
+        a_q.contiguous(),
+        b_q.contiguous().t(),
+        scale_a=a_scale,
+        scale_b=b_scale.reshape(1, -1),
+        out_dtype=torch.bfloat16,
+    )
 
-    Keeps ``weight`` and ``bias`` (fp32 parameters, the state dict of the layer it replaces) and their
-    quantized form in non-persistent buffers: ``weight_fp8`` ``[N, K]`` e4m3 and ``weight_scale`` ``[1, N]``
-    fp32, refreshed by :meth:`quantize_weight` (called on construction and after ``load_state_dict``).
+
+class Fp8Matmul(torch.autograd.Function):
+    """``x Wᵀ`` (``x`` ``[M, K]``, ``W`` ``[N, K]``) with its forward and both gradient GEMMs in FP8
+    (:func:`fp8_matmul`; the table in the module docstring). Output in ``out_dtype``; the gradients in the
+    dtypes of ``x`` and ``W``. Saves ``x`` and ``W`` as given (what a bf16 linear layer saves)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return fp8_matmul(x, weight.t()).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x, weight = ctx.saved_tensors
+        grad_x = fp8_matmul(grad, weight).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = fp8_matmul(grad.t(), x).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_weight, None
+
+
+class Fp8Linear(nn.Linear):
+    """``nn.Linear`` whose GEMMs run in FP8 with row-wise scales (module docstring).
+
+    Keeps ``weight`` and ``bias`` (fp32 parameters, the state dict of the layer it replaces). With
+    ``static_weight`` (sampling) their quantized form lives in non-persistent buffers, ``weight_fp8`` ``[N, K]``
+    e4m3 and ``weight_scale`` ``[1, N]`` fp32, refreshed by :meth:`quantize_weight` (called on construction and
+    after ``load_state_dict``), and the layer raises under gradient mode. Without (training), the weights are
+    quantized at every call and gradients flow through :class:`Fp8Matmul`.
     Output dtype: the autocast dtype when autocast is on, else the input's.
     """
 
     weight_fp8: torch.Tensor
     weight_scale: torch.Tensor
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, static_weight=True
+    ):
         super().__init__(in_features, out_features, bias, device, dtype)
+        self.static_weight = static_weight
         self.register_buffer("weight_fp8", torch.empty(0), persistent=False)
         self.register_buffer("weight_scale", torch.empty(0), persistent=False)
         self.register_load_state_dict_post_hook(lambda module, _: module.quantize_weight())
         self.quantize_weight()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
-        """An FP8 layer sharing ``linear``'s parameters (the same tensors) on ``linear``'s device."""
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+    def from_linear(cls, linear: nn.Linear, static_weight: bool = True) -> Fp8Linear:
+        """An FP8 layer sharing ``linear``'s parameters (the same tensors) on ``linear``'s device;
+        ``static_weight``: for sampling (weights quantized once), else for training."""
+        layer = cls(
+            linear.in_features, linear.out_features, linear.bias is not None, device="meta", static_weight=static_weight
+        )
         layer.weight, layer.bias = linear.weight, linear.bias
         layer.train(linear.training)
         layer.quantize_weight()
         return layer
 
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, static_weight={self.static_weight}"
+
     @torch.no_grad()
     def quantize_weight(self) -> None:
-        """Re-quantize ``weight`` into ``weight_fp8`` and ``weight_scale`` (after changing the weights)."""
-        if self.weight.is_meta:
+        """Re-quantize ``weight`` into ``weight_fp8`` and ``weight_scale`` (after changing the weights of a
+        static layer; a training layer quantizes at every call and keeps no copy)."""
+        if self.weight.is_meta or not self.static_weight:
             return
         weight_fp8, scale = rowwise_quantize(self.weight)
         self.weight_fp8, self.weight_scale = weight_fp8, scale.reshape(1, -1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` ``[..., K]`` → ``[..., N]``. Raises under gradient mode: the FP8 GEMM has no backward."""
+    def _gemm(self, x: torch.Tensor) -> torch.Tensor:
+        """``x Wᵀ`` for ``x`` ``[M, K]``, in the output dtype (no bias)."""
+        out_dtype = autocast_dtype(x.device.type) or x.dtype
+        if not self.static_weight:
+            return Fp8Matmul.apply(x, self.weight, out_dtype)
         if torch.is_grad_enabled():
             raise RuntimeError(
-                "an FP8 linear layer is for sampling only (no backward); run it under torch.no_grad() "
-                "or torch.inference_mode(), and never quantize a network that trains"
+                "an FP8 linear layer for sampling has no backward; run it under torch.no_grad() or "
+                "torch.inference_mode(), or build it with static_weight=False (network.fp8=true) to train"
             )
-        out_dtype = autocast_dtype(x.device.type) or x.dtype
-        x_fp8, x_scale = rowwise_quantize(x.reshape(-1, self.in_features))
+        x_fp8, x_scale = rowwise_quantize(x)
         y = torch._scaled_mm(
             x_fp8, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale, out_dtype=torch.bfloat16
         )
-        y = y.to(out_dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(out_dtype)
+        return y.to(out_dtype)
+
+    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[..., K]`` → ``[..., N]``."""
+        y = self._add_bias(self._gemm(x.reshape(-1, self.in_features)))
         return y.view(*x.shape[:-1], self.out_features)
+
+    def forward_with_tangent(self, x: torch.Tensor, dx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x Wᵀ + b, ẋ Wᵀ)`` (:func:`tvm.models.tangent.linear`) as one GEMM over the rows of ``x`` and ``ẋ``
+        (``[..., K]`` each): the weights are quantized once, and in training the weight gradient of both is one
+        GEMM. Each row keeps its own scale, so the values equal two separate calls'."""
+        rows = x.reshape(-1, self.in_features)
+        both = self._gemm(torch.cat([rows, dx.reshape(-1, self.in_features).to(rows.dtype)]))
+        y, dy = both[: rows.shape[0]], both[rows.shape[0] :]
+        shape = (*x.shape[:-1], self.out_features)
+        return self._add_bias(y).view(shape), dy.view(shape)

@@ -148,6 +148,22 @@ def build_network(
     return wrapper.to(device) if init else wrapper.to_empty(device=device)
 
 
+def train_in_fp8(net: TVMWrapper, cfg: DictConfig) -> None:
+    """``network.fp8=true``: the blocks' token-wise linear layers of the network that trains as FP8 GEMMs,
+    forward and backward (``DiT.quantize_fp8(static_weight=False)``; build its EMAs after, so they copy it).
+    ValueError naming the setting it cannot run with; the device check is the layers'."""
+    if not cfg.fp8:
+        return
+    if cfg.jvp_mode != "explicit":
+        raise ValueError(
+            "network.fp8=true needs network.jvp_mode=explicit (torch.func.jvp has no forward-mode rule for the "
+            "FP8 GEMMs; the explicit tangents run through them)"
+        )
+    if cfg.sharding != "ddp":
+        raise ValueError(f"network.fp8=true runs with network.sharding=ddp only (got {cfg.sharding})")
+    net.model.quantize_fp8(static_weight=False)
+
+
 def time_sampling(cfg: DictConfig) -> TimeSampling:
     """The loss config's time sampler (docs/method.md §2)."""
     _lookup(LOSSES, cfg.class_name, "loss.class_name")

@@ -186,6 +186,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         + (f"; resumed from {resumed_from}" if resumed_from else "")
         + f"; {ncfg.sharding}: weights, gradients, AdamW and EMAs "
         f"{state_memory_per_rank(total, dist.world_size, str(ncfg.sharding)) / 2**30:.2f} GiB per rank (computed)"
+        + ("; the blocks' linear layers train as FP8 GEMMs (network.fp8)" if ncfg.fp8 else "")
     )
     if tcfg.do_log_image and dist.is_main:  # real training images, decoded like the samples, beside their grids
         reference = save_reference_grid(

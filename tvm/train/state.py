@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tvm.config import to_container
 from tvm.method.wrapper import TVMWrapper
 from tvm.runtime import distributed
-from tvm.runtime.build import build_network, build_optimizer
+from tvm.runtime.build import build_network, build_optimizer, train_in_fp8
 from tvm.runtime.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -106,6 +106,7 @@ def build_run_state(
     """
     ncfg = cfg.network
     net = build_network(ncfg, *data_shape, dist.device, init=init)
+    train_in_fp8(net, ncfg)
     trained: torch.nn.Module = net
     if ncfg.sharding == "fsdp2":
         broadcast_parameters_(net)
