@@ -111,7 +111,13 @@ class Fp8Linear(nn.Linear):
     weight_scale: torch.Tensor
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, static_weight=True
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        static_weight: bool = True,
     ):
         super().__init__(in_features, out_features, bias, device, dtype)
         self.static_weight = static_weight
