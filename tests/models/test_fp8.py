@@ -247,6 +247,22 @@ def test_training_layer_quantizes_the_current_weights_at_every_call():
         assert not torch.equal(layer(x), before)
 
 
+def test_training_layer_under_autocast_saves_its_input_in_the_autocast_dtype():
+    """As ``nn.Linear`` under autocast, the layer casts an fp32 input to bf16 first: what its backward keeps are
+    bf16 rows (half the bytes of the fp32 activations that reach it), the gradient flows back to fp32."""
+    layer = Fp8Linear.from_linear(nn.Linear(32, 48), static_weight=False)
+    x = torch.randn(4, 8, 32, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+    assert y.dtype == torch.bfloat16
+    activations = [t for t in saved if t.shape == (32, 32)]
+    assert activations and all(t.dtype == torch.bfloat16 for t in activations)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32
+
+
 def test_value_and_tangent_as_one_gemm_equal_two_calls_and_sum_their_weight_gradients():
     """``forward_with_tangent`` stacks the rows of x and ẋ into one GEMM: each row keeps its scale, so the values
     equal two calls bit for bit; its weight gradient, one GEMM over both sets of rows, equals the sum of the two
@@ -353,7 +369,7 @@ def test_gpu_fp8_gemm_equals_the_float64_product_of_the_dequantized_operands():
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         y = layer(x)
     assert y.dtype == torch.bfloat16
-    x_q, x_scale = rowwise_quantize(x.reshape(-1, 1152))
+    x_q, x_scale = rowwise_quantize(x.reshape(-1, 1152).bfloat16())  # the layer's input in the autocast dtype
     reference = dequantized(x_q, x_scale) @ dequantized(layer.weight_fp8, layer.weight_scale.T).T
     reference = reference + linear.bias.double()
     error = (y.reshape(-1, 4608).double() - reference).abs()

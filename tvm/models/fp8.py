@@ -151,10 +151,9 @@ class Fp8Linear(nn.Linear):
         self.weight_fp8, self.weight_scale = weight_fp8, scale.reshape(1, -1)
 
     def _gemm(self, x: torch.Tensor) -> torch.Tensor:
-        """``x Wᵀ`` for ``x`` ``[M, K]``, in the output dtype (no bias)."""
-        out_dtype = autocast_dtype(x.device.type) or x.dtype
+        """``x Wᵀ`` for rows ``x`` ``[M, K]`` (:meth:`_rows`), in their dtype (no bias)."""
         if not self.static_weight:
-            return Fp8Matmul.apply(x, self.weight, out_dtype)
+            return Fp8Matmul.apply(x, self.weight, x.dtype)
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "an FP8 linear layer for sampling has no backward; run it under torch.no_grad() or "
@@ -164,22 +163,27 @@ class Fp8Linear(nn.Linear):
         y = torch._scaled_mm(
             x_fp8, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale, out_dtype=torch.bfloat16
         )
-        return y.to(out_dtype)
+        return y.to(x.dtype)
 
     def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[..., K]`` as ``[M, K]`` rows in the compute dtype: the autocast dtype when autocast is on (as
+        ``nn.Linear`` casts its input; the training GEMM saves these rows for its backward), else ``x``'s."""
+        return x.reshape(-1, self.in_features).to(autocast_dtype(x.device.type) or x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``[..., K]`` → ``[..., N]``."""
-        y = self._add_bias(self._gemm(x.reshape(-1, self.in_features)))
+        y = self._add_bias(self._gemm(self._rows(x)))
         return y.view(*x.shape[:-1], self.out_features)
 
     def forward_with_tangent(self, x: torch.Tensor, dx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x Wᵀ + b, ẋ Wᵀ)`` (:func:`tvm.models.tangent.linear`) as one GEMM over the rows of ``x`` and ``ẋ``
         (``[..., K]`` each): the weights are quantized once, and in training the weight gradient of both is one
         GEMM. Each row keeps its own scale, so the values equal two separate calls'."""
-        rows = x.reshape(-1, self.in_features)
-        both = self._gemm(torch.cat([rows, dx.reshape(-1, self.in_features).to(rows.dtype)]))
+        rows = self._rows(x)
+        both = self._gemm(torch.cat([rows, self._rows(dx).to(rows.dtype)]))
         y, dy = both[: rows.shape[0]], both[rows.shape[0] :]
         shape = (*x.shape[:-1], self.out_features)
         return self._add_bias(y).view(shape), dy.view(shape)
