@@ -559,22 +559,34 @@ def prepare(
     return state.net
 
 
-def prepare_plain(state: RunState, kind: str, variant: str) -> torch.nn.Module:
-    """:func:`prepare` for a flow-matching or generation ``variant`` = ``how[+gelu|+fp8][+cdt][+pdl][:mode=M]``;
-    ``+gelu`` (generation only) runs each block's fc1 + GELU as one GEMM (``DiT.fuse_gelu_epilogue``), ``+fp8``
-    (generation only) the blocks' linear layers as FP8 GEMMs (``DiT.quantize_fp8``), ``+cdt`` and ``+pdl`` compile
-    with coordinate-descent tuning and programmatic dependent launch (:func:`prepare`)."""
+PLAIN_HOWS = ("eager", "compile", "blocks")
+GENERATION_OPTIONS = ("gelu", "fp8")  # plain variant options that replace GEMMs by ones without a backward
+
+
+def parse_plain(kind: str, variant: str) -> tuple[str, list[str], str | None]:
+    """``(how, options, mode)`` of a flow-matching or generation ``variant`` = ``how[+gelu|+fp8][+cdt][+pdl][:mode=M]``
+    (``how`` = eager | compile | blocks); ValueError for a malformed one, or a generation option on another kind."""
     how, _, mode = variant.partition(":mode=")
-    how, *extras = how.split("+")
-    if set(extras) - {"gelu", "fp8", *INDUCTOR_SWITCHES}:
-        raise ValueError(f"bad plain variant {variant!r}: how[+gelu|+fp8][+cdt][+pdl][:mode=M]")
+    how, *options = how.split("+")
+    if how not in PLAIN_HOWS or set(options) - {*GENERATION_OPTIONS, *INDUCTOR_SWITCHES}:
+        raise ValueError(f"bad plain variant {variant!r}: eager|compile|blocks[+gelu|+fp8][+cdt][+pdl][:mode=M]")
+    for option in set(options) & set(GENERATION_OPTIONS):
+        if kind != "gen":
+            raise ValueError(f"+{option} is a generation option (its GEMMs have no backward), not {kind}")
+    return how, options, mode or None
+
+
+def prepare_plain(state: RunState, kind: str, variant: str) -> torch.nn.Module:
+    """:func:`prepare` for a flow-matching or generation ``variant`` (:func:`parse_plain`); ``+gelu`` (generation
+    only) runs each block's fc1 + GELU as one GEMM (``DiT.fuse_gelu_epilogue``), ``+fp8`` (generation only) the
+    blocks' linear layers as FP8 GEMMs (``DiT.quantize_fp8``), ``+cdt`` and ``+pdl`` compile with coordinate-descent
+    tuning and programmatic dependent launch (:func:`prepare`)."""
+    how, options, mode = parse_plain(kind, variant)
     for option, switch in (("gelu", state.ema.model.fuse_gelu_epilogue), ("fp8", state.ema.model.quantize_fp8)):
-        if option in extras:
-            if kind != "gen":
-                raise ValueError(f"+{option} is a generation option (its GEMMs have no backward), not {kind}")
+        if option in options:
             switch()
-    switches = tuple(name for name in INDUCTOR_SWITCHES if name in extras)
-    return prepare(state, kind, how, mode=mode or None, switches=switches)
+    switches = tuple(name for name in INDUCTOR_SWITCHES if name in options)
+    return prepare(state, kind, how, mode=mode, switches=switches)
 
 
 def tvm_state(cfg, resolution: int, variant: str, recompute: str) -> tuple[RunState, torch.nn.Module, Variant]:
@@ -747,6 +759,9 @@ def main() -> None:
         metavar="VARIANT",
         help="also time VARIANT (default %(const)s) with the attention launch plans on and off, alternating",
     )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="check the arguments (every variant parses) and exit before any GPU work"
+    )
     args = parser.parse_args()
     variants = [v for v in args.variants.split(",") if v]
     timed = variants + ([args.ab_fast_launch] if args.ab_fast_launch is not None else [])
@@ -757,6 +772,24 @@ def main() -> None:
             raise SystemExit(f"variant {v!r}: its rounds do not divide the batch {args.batch}")
         if Variant.parse(v).graph and (v not in variants or args.warmup < 3):
             raise SystemExit(f"variant {v!r}: graph=1 times --variants rows only, with --warmup >= 3")
+    plain = [
+        (kind, how.removeprefix(f"{kind}:"))
+        for kind in ("fm", "gen")
+        for how in args.plain.split(",")
+        if how and (how.split(":")[0] == kind or how.split(":")[0] not in ("fm", "gen"))
+    ]
+    profiled_plain = [("gen", args.profile.removeprefix("gen:"))] if args.profile.startswith("gen:") else []
+    for kind, variant in plain + profiled_plain:
+        try:
+            parse_plain(kind, variant)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+    if args.dry_run:
+        print(
+            f"# dry run: {len(variants)} timed, {len(checked)} checked, {len(plain)} flow-matching or generation "
+            f"variants{', a profile' if args.profile else ''}: all parse"
+        )
+        return
 
     # Every shape gets its own static graph, as in training (fixed per-GPU batch): otherwise the
     # check's batch-4 compile makes Dynamo recompile the timed batch with a dynamic batch size,
@@ -786,12 +819,6 @@ def main() -> None:
     if args.ab_fast_launch is not None:
         rows += ab_fast_launch(args.ab_fast_launch, cfg, R, x, labels, args)
         release("the A/B")
-    plain = [
-        (kind, how.removeprefix(f"{kind}:"))
-        for kind in ("fm", "gen")
-        for how in args.plain.split(",")
-        if how and (how.split(":")[0] == kind or how.split(":")[0] not in ("fm", "gen"))
-    ]
     for kind, variant in [("tvm", v) for v in variants] + plain:
         try:
             rows += measure(kind, variant, cfg, R, x, labels, args)

@@ -169,3 +169,25 @@ def test_step_benchmark_kernel_categories():
         "elementwise / normalisation (ATen)"
     )
     assert kernel_category("cudnn_generated_fort_native_sdpa_sm90_flash_bprop") == "attention (SDPA)"
+
+
+def test_step_benchmark_plain_variants_are_checked_before_any_gpu_work(monkeypatch, capsys):
+    """Flow-matching and generation variants (and a generation profile) parse in main() before the GPU is touched;
+    ``--dry-run`` stops there."""
+    from bench.step import main, parse_plain
+
+    assert parse_plain("gen", "compile+fp8+pdl:mode=max-autotune") == ("compile", ["fp8", "pdl"], "max-autotune")
+    assert parse_plain("fm", "blocks") == ("blocks", [], None)
+    for argv, match in (
+        (["--plain", "fm:blocks+gelu"], r"\+gelu is a generation option .* not fm"),
+        (["--plain", "gen:compiled"], "bad plain variant 'compiled'"),
+        (["--profile", "gen:compile+fp16"], "bad plain variant 'compile\\+fp16'"),
+    ):
+        monkeypatch.setattr("sys.argv", ["step.py", "--variants", "", *argv])
+        with pytest.raises(SystemExit, match=match):
+            main()
+    monkeypatch.setattr(
+        "sys.argv", ["step.py", "--variants", "explicit:triton:fp8=1", "--plain", "gen:compile", "--dry-run"]
+    )
+    main()
+    assert "1 timed, 1 checked, 1 flow-matching or generation variants: all parse" in capsys.readouterr().out
