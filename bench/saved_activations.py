@@ -1,7 +1,7 @@
 """Bytes kept for the backward by one TVM loss forward, per ``network.recompute`` mode (CPU proxy).
 
     PYTHONPATH=. python bench/saved_activations.py [--variant DiT-XL/2-18h] [--resolution 32] [--batch 1]
-        [--budgets 1.0,0.7,0.5] [--lift-bans]
+        [--budgets 1.0,0.7,0.5] [--lift-bans] [--fp8]
         [--saved-values]
 
 Runs the loss forward (explicit-tangent JVP with math attention, teacher, flow-matching branch)
@@ -131,6 +131,11 @@ def main() -> None:
         help="also budget-1 rows with each of the partitioner's recompute bans lifted (BANS), alone and in pairs",
     )
     parser.add_argument(
+        "--fp8",
+        action="store_true",
+        help="the blocks' linear layers as FP8 GEMMs in training (network.fp8; DiT.quantize_fp8(static_weight=False))",
+    )
+    parser.add_argument(
         "--saved-values",
         action="store_true",
         help="also list, per compiled row and graph, the values the partitioner saves (op, shape, MiB)",
@@ -141,10 +146,12 @@ def main() -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
+    if args.fp8:
+        model.quantize_fp8(static_weight=False)
     teacher = TVMWrapper(copy.deepcopy(model), data_type="fp32").eval().requires_grad_(False)
     print(
-        f"| {args.variant}, latent {args.resolution}, batch {args.batch} | saved GiB | vs eager | backward GFLOP "
-        "| terminal term's pass GiB | flow-matching term's pass GiB |"
+        f"| {args.variant}{', FP8 GEMMs' if args.fp8 else ''}, latent {args.resolution}, batch {args.batch} "
+        "| saved GiB | vs eager | backward GFLOP | terminal term's pass GiB | flow-matching term's pass GiB |"
     )
     print("|---|---|---|---|---|---|")
     rows: list[tuple[str, str, float | None, tuple[str, ...]]] = [
