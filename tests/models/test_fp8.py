@@ -272,7 +272,8 @@ def test_value_and_tangent_as_one_gemm_equal_two_calls_and_sum_their_weight_grad
     layer = Fp8Linear.from_linear(linear, static_weight=False)
     x, dx = torch.randn(2, 8, 64), torch.randn(2, 8, 64) * 1e-2  # tangents of another scale
     y, dy = layer.forward_with_tangent(x, dx)
-    assert torch.equal(y, layer(x)) and torch.equal(dy, layer(dx) - linear.bias)
+    assert torch.equal(y, layer(x))
+    assert torch.equal(dy, Fp8Matmul.apply(dx.reshape(-1, 64), linear.weight, torch.float32).view_as(dy))
     gy, gdy = torch.randn_like(y), torch.randn_like(dy)
     (y * gy + dy * gdy).sum().backward()
     joint = linear.weight.grad.clone()
@@ -318,7 +319,7 @@ def test_fp8_training_dit_deviates_from_fp32_by_the_e4m3_rounding_against_bf16s(
     """The DiT with its blocks' linear layers trained in FP8 against the fp32 network, with bf16 autocast as the
     yardstick: to first order a rounding error scales with the unit roundoff, and e4m3's (2⁻⁴) is 16× bf16's
     (2⁻⁸), so the value's, the tangent's and the gradients' deviations lie above bf16's and below 16× them.
-    (This network, on a CPU: value 4.3%, tangent 17%, median gradient 7.4%, 4–5× bf16's.)"""
+    (This network, on a CPU: value 4.3%, tangent 17%, median gradient 7.4%, 4.1–5.3× bf16's.)"""
     inputs, gap_tangent = tangent_inputs()
     results = {}
     for mode in ("fp32", "bf16", "fp8"):
@@ -435,6 +436,6 @@ def test_gpu_compiled_fp8_training_blocks_have_the_eager_gradients():
         results[mode] = [out, dout, *grads]
     torch._dynamo.reset()
     rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()  # noqa: E731
-    compiled = [rel(a, b) for a, b in zip(results["fp8 compiled"], results["fp8"])]
-    assert compiled[0] < 2e-2 and compiled[1] < 5e-2 and max(compiled[2:]) < 0.1
+    value, tangent, *grads = (rel(a, b) for a, b in zip(results["fp8 compiled"], results["fp8"]))
+    assert value < 2e-2 and tangent < 5e-2 and sorted(grads)[len(grads) // 2] < 3e-2 and max(grads) < 0.2
     assert rel(results["fp8"][0], results["bf16"][0]) > 5e-3
