@@ -7,7 +7,7 @@
 #
 # PART: profile | full | full-check | full-graphs | autotune | autotune-check | rows | split | split-graphs | split-more |
 #   split-profile | split-order | graph-test | graph | graph-order | headroom | headroom-high | estimator | launch-ab | plain | gen-profile |
-#   gen-autotune | gen-gelu | gen-gelu-autotune | cdt | one-pass | one-pass-256 | layout | layout-ab | round14 | round14-check | pdl | fp8 | round16 | round16-more | round17 | round17-more | ema | levers | 512 | coldstart | fsdp2 | attention
+#   gen-autotune | gen-gelu | gen-gelu-autotune | cdt | one-pass | one-pass-256 | layout | layout-ab | round14 | round14-check | pdl | fp8 | round16 | round16-more | round17 | round17-more | round17-aten | ema | levers | 512 | coldstart | fsdp2 | attention
 #
 # Run from the repository root on the GPU machine. Wheels the machine lacks (hydra-core, omegaconf,
 # antlr4-python3-runtime) are installed from .whl/ when that folder exists (docs/benchmarks.md,
@@ -16,7 +16,7 @@
 # the call limit still returns what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?usage: bash bench/device_calls.sh profile|full|full-check|full-graphs|autotune|autotune-check|rows|split|split-graphs|split-more|split-profile|split-order|graph-test|graph|graph-order|headroom|headroom-high|estimator|launch-ab|plain|gen-profile|gen-autotune|gen-gelu|gen-gelu-autotune|cdt|one-pass|one-pass-256|layout|layout-ab|round14|round14-check|pdl|fp8|round16|round16-more|round17|round17-more|ema|levers|512|coldstart|fsdp2|attention}"
+part="${1:?usage: bash bench/device_calls.sh profile|full|full-check|full-graphs|autotune|autotune-check|rows|split|split-graphs|split-more|split-profile|split-order|graph-test|graph|graph-order|headroom|headroom-high|estimator|launch-ab|plain|gen-profile|gen-autotune|gen-gelu|gen-gelu-autotune|cdt|one-pass|one-pass-256|layout|layout-ab|round14|round14-check|pdl|fp8|round16|round16-more|round17|round17-more|round17-aten|ema|levers|512|coldstart|fsdp2|attention}"
 if [ -d .whl ] && ! python3 -c "import hydra" 2>/dev/null; then
     site="$(mktemp -d)"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
@@ -175,6 +175,12 @@ round17) # FP8 GEMMs in training (Round 17, network.fp8=true, bench option fp8=1
     # graph, and the fp8=1 step's check against torch.func.jvp with math attention (about 8 minutes)
     gpu_tests tests/models/test_fp8.py
     step --variants "$default:graph=1,$default:fp8=1:graph=1" --check "$default:fp8=1" --plain '' ;;
+round17-aten) # round17's FP8 rows with Inductor's GEMM choices restricted to ATen (no Triton scaled-mm templates): the
+    # GPU tests and the fp8=1 step with its check (2026-12-08: with the templates allowed, the compiled FP8 gradients
+    # were wrong on the GPU)
+    export TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS=ATEN
+    gpu_tests tests/models/test_fp8.py -k gpu
+    step --variants "$default:fp8=1:graph=1" --check "$default:fp8=1" --plain '' ;;
 round17-more) # the same pair at 512 px, batch 8
     step --resolution 512 --batch 8 --variants "$default:graph=1,$default:fp8=1:graph=1" --check '' --plain '' ;;
 ema) # the EMA kernel (Round 13): its GPU tests (bits against torch.lerp), then the default step with the per-tensor

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from helpers import QUICK_TINY
 from tvm.config import compose_config
-from tvm.runtime.build import build_network, train_in_fp8
+from tvm.runtime.build import build_network, check_fp8_training_supported, train_in_fp8
 from tvm.runtime.checkpoint import CheckpointManager, load_checkpoint
 from tvm.train.loop import run
 from tvm.train.startup import PHASES, PREFIX, parse_startup_line
@@ -169,6 +169,11 @@ def test_fp8_training_refuses_what_it_cannot_run_with():
     cfg = quick_config(Path("unused"), "network.fp8=true", "network.sharding=fsdp2")
     with pytest.raises(ValueError, match="network.fp8=true runs with network.sharding=ddp only"):
         train_in_fp8(build_network(cfg.network, 8, 1, 10), cfg.network)
+    compiled = quick_config(Path("unused"), "network.fp8=true", "network.compile=true").network
+    with pytest.raises(ValueError, match="network.fp8=true with network.compile=true gave wrong gradients on the GPU"):
+        check_fp8_training_supported(compiled, torch.device("cuda"))
+    check_fp8_training_supported(compiled, torch.device("cpu"))  # the CPU's compiled gradients are right (tests)
+    check_fp8_training_supported(quick_config(Path("unused"), "network.fp8=true").network, torch.device("cuda"))
 
 
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch):

@@ -31,6 +31,8 @@ amount measured only at small scale (docs/benchmarks.md, Round 17).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 
@@ -40,9 +42,27 @@ E4M3_MAX = 448.0  # largest finite float8 e4m3fn value
 SCALE_FLOOR = 1e-12  # smallest row maximum: an all-zero row gets a finite scale and quantizes to zeros
 
 
+@functools.cache
+def cpu_takes_rowwise_scales() -> bool:
+    """Whether this PyTorch's CPU ``torch._scaled_mm`` takes row-wise scales (torch 2.13 does; 2.11's CPU kernel takes
+    one scale per tensor only)."""
+    ones = torch.ones(16, 16).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(ones, ones.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except RuntimeError:
+        return False
+    return True
+
+
 def check_fp8_device(device: torch.device) -> None:
-    """ValueError unless ``device`` runs FP8 GEMMs: a CPU, or a GPU of compute capability ≥ 8.9 (Ada, Hopper
-    and later; an A100 has no FP8 tensor cores)."""
+    """ValueError unless ``device`` runs FP8 GEMMs with row-wise scales: a CPU whose PyTorch takes them
+    (:func:`cpu_takes_rowwise_scales`), or a GPU of compute capability ≥ 8.9 (Ada, Hopper and later; an A100 has
+    no FP8 tensor cores)."""
+    if device.type == "cpu" and not cpu_takes_rowwise_scales():
+        raise ValueError(
+            f"this PyTorch's ({torch.__version__}) CPU torch._scaled_mm takes one scale per tensor only; the FP8 "
+            "layers need row-wise scales (torch 2.13 or later on a CPU, or a GPU of compute capability 8.9 or higher)"
+        )
     if device.type != "cuda":
         return
     major, minor = torch.cuda.get_device_capability(device)

@@ -164,6 +164,17 @@ def train_in_fp8(net: TVMWrapper, cfg: DictConfig) -> None:
     net.model.quantize_fp8(static_weight=False)
 
 
+def check_fp8_training_supported(cfg: DictConfig, device: torch.device) -> None:
+    """ValueError for ``network.fp8=true`` with compiled blocks on a GPU: measured on an H100 (2026-12-08,
+    docs/benchmarks.md Round 17), their gradients were wrong (the compiled step's gradients 83% off
+    ``torch.func.jvp``'s, against 2e-3 in bf16), and the step was slower than bf16's."""
+    if cfg.fp8 and cfg.compile and device.type == "cuda":
+        raise ValueError(
+            "network.fp8=true with network.compile=true gave wrong gradients on the GPU (docs/benchmarks.md, "
+            "Round 17); set network.compile=false to train with FP8 GEMMs eagerly, or network.fp8=false"
+        )
+
+
 def time_sampling(cfg: DictConfig) -> TimeSampling:
     """The loss config's time sampler (docs/method.md §2)."""
     _lookup(LOSSES, cfg.class_name, "loss.class_name")

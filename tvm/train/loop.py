@@ -50,6 +50,7 @@ from tvm.runtime import distributed
 from tvm.runtime.build import (
     build_dataset,
     build_network,
+    check_fp8_training_supported,
     encoder_from_config,
     guidance,
     time_sampling,
@@ -139,6 +140,7 @@ def _run(cfg: DictConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         dist.distributed,
         ncfg.compile_mode,
     )
+    check_fp8_training_supported(ncfg, device)
     if tcfg.cuda_graph:
         check_cuda_graph_supported(device, dist.distributed, ncfg.sharding, ncfg.compile, ncfg.compile_mode)
     ckpts = CheckpointManager(
