@@ -39,6 +39,11 @@ def cpu_rowwise_scales(request):
         pytest.skip(f"torch {torch.__version__}'s CPU _scaled_mm takes per-tensor scales only")
 
 
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
 def dequantized(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.double() * scale.double()
 
@@ -97,8 +102,7 @@ def test_fp8_layer_is_within_the_e4m3_rounding_bound_of_the_exact_linear_map():
         y = Fp8Linear.from_linear(linear)(x).double()
     bound = (2 * 2.0**-4 + 2.0**-8) * (x.double().abs() @ linear.weight.double().abs().T) + 2.0**-8 * exact.abs()
     assert ((y - exact).abs() <= bound).all()
-    relative = ((y - exact).norm() / exact.norm()).item()
-    assert 1e-3 < relative < 4e-2  # quantized (not the fp32 map), and close
+    assert 1e-3 < relative(y, exact) < 4e-2  # quantized (not the fp32 map), and close
 
 
 def test_fp8_layer_shares_the_parameters_and_requantizes_on_load():
@@ -184,8 +188,7 @@ def test_quantized_dit_stays_close_to_the_fp32_network_on_a_cpu():
         fp32 = net(*args)
         net.quantize_fp8()
         quantized = net(*args)
-    relative = ((quantized - fp32).norm() / fp32.norm()).item()
-    assert 1e-3 < relative < 8e-2
+    assert 1e-3 < relative(quantized, fp32) < 8e-2
 
 
 def test_compiled_quantized_dit_traces_the_fp8_layers_on_a_cpu():
@@ -240,8 +243,7 @@ def test_fp8_matmul_gradients_are_the_fp8_gemms_of_the_gradient_and_stay_near_th
     assert torch.equal(weight.grad, fp8_matmul(grad.t(), x.detach()).float())
     exact = {"x": grad.double() @ weight.double(), "W": grad.double().T @ x.double()}
     for name, got in (("x", x.grad), ("W", weight.grad)):
-        relative = ((got.double() - exact[name]).norm() / exact[name].norm()).item()
-        assert 1e-3 < relative < 4e-2, name
+        assert 1e-3 < relative(got, exact[name]) < 4e-2, name
 
 
 def test_training_layer_quantizes_the_current_weights_at_every_call():
@@ -346,10 +348,9 @@ def test_fp8_training_dit_deviates_from_fp32_by_the_e4m3_rounding_against_bf16s(
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16"):
             out, dout, grads = dit_gradients(net, inputs, gap_tangent)
         results[mode] = [out, dout, *grads]
-    rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()  # noqa: E731
 
     def deviations(mode: str) -> list[float]:
-        value, tangent, *grads = (rel(a, b) for a, b in zip(results[mode], results["fp32"]))
+        value, tangent, *grads = (relative(a, b) for a, b in zip(results[mode], results["fp32"]))
         return [value, tangent, sorted(grads)[len(grads) // 2]]
 
     assert len(results["fp8"]) == len(results["fp32"]) > 20
@@ -372,9 +373,8 @@ def test_compiled_fp8_training_blocks_have_the_eager_gradients():
         results.append(dit_gradients(net, inputs, gap_tangent))
     torch._dynamo.reset()
     (out, dout, grads), (out_c, dout_c, grads_c) = results
-    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
-    assert rel(out_c, out) < 2e-2 and rel(dout_c, dout) < 2e-2
-    assert len(grads_c) == len(grads) and max(rel(a, b) for a, b in zip(grads_c, grads)) < 5e-2
+    assert relative(out_c, out) < 2e-2 and relative(dout_c, dout) < 2e-2
+    assert len(grads_c) == len(grads) and max(relative(a, b) for a, b in zip(grads_c, grads)) < 5e-2
 
 
 @needs_fp8_gpu
@@ -451,10 +451,9 @@ def test_gpu_compiled_fp8_training_blocks_have_the_eager_gradients():
             out, dout, grads = dit_gradients(net, inputs, gap_tangent.cuda())
         results[mode] = [out, dout, *grads]
     torch._dynamo.reset()
-    rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()  # noqa: E731
-    value, tangent, *grads = (rel(a, b) for a, b in zip(results["fp8 compiled"], results["fp8"]))
+    value, tangent, *grads = (relative(a, b) for a, b in zip(results["fp8 compiled"], results["fp8"]))
     assert value < 2e-2 and tangent < 5e-2 and sorted(grads)[len(grads) // 2] < 3e-2 and max(grads) < 0.2
-    assert rel(results["fp8"][0], results["bf16"][0]) > 5e-3
+    assert relative(results["fp8"][0], results["bf16"][0]) > 5e-3
 
 
 def test_a_cpu_whose_pytorch_takes_per_tensor_scales_only_is_refused(monkeypatch):
